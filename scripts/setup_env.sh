@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the Python environment and link it at ./.venv.
+# The environment is cached per requirements.txt hash under ~/.cache/raddiag so that CI
+# and later checkouts reuse it; `raddiagseg` is installed editable from this checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+hash=$(cat requirements.txt | sha1sum | cut -c1-12)
+venv=${RADDIAG_VENV:-$HOME/.cache/raddiag/venv-$hash}
+if [ ! -f "$venv/.complete" ]; then
+  echo "[setup] creating $venv (first time: several minutes)"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  "$PY" -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -r requirements.txt
+  touch "$venv/.complete"
+fi
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e trainer
+if [ ! -e .venv ] || [ "$(readlink .venv)" != "$venv" ]; then
+  rm -rf .venv
+  ln -s "$venv" .venv
+fi
+echo "[setup] environment ready: .venv -> $venv"

@@ -1,0 +1,5 @@
+import sys
+
+from raddiagseg.cli import main
+
+sys.exit(main())

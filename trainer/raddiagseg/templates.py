@@ -1,0 +1,117 @@
+"""Question and answer templates and the target vocabulary (paper 001, Figures 3, 9, 10).
+
+One place that data building, training, the model's demo tokenizer corpus, the scorer and
+the app all read, so that what the model is taught is exactly what the others parse.
+"""
+
+import functools
+import json
+import random
+from importlib import resources
+
+NUM_SEG_TOKENS = 16
+SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(NUM_SEG_TOKENS))
+IMAGE_TOKEN = "<image>"
+
+MODALITY_NAMES = {"ct": "CT scan", "xray": "chest X-ray", "mri": "MRI scan"}
+
+DEFAULT_QUESTION = (
+    "Please analyze the image and answer the following:\n"
+    "1. Is there any abnormality present?\n"
+    "2. If yes, what is the diagnosis?\n"
+    "3. If yes, provide segmentation masks of the organ and abnormality."
+)
+
+NEGATIVE_ANSWER = "1. No"
+
+REFSEG_QUESTION = "Please segment {target} in the {modality}."
+REFSEG_ANSWER = "Here is the mask for {target} {seg}."
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary():
+    """The parsed `resources/vocabulary.json`: targets (names, synonyms, roles, colours, codes) and diagnoses."""
+    text = resources.files("raddiagseg").joinpath("resources/vocabulary.json").read_text()
+    return json.loads(text)
+
+
+def targets():
+    """Canonical target name -> its vocabulary entry."""
+    return {t["name"]: t for t in vocabulary()["targets"]}
+
+
+def target_names(name):
+    """All names (canonical first, then synonyms) that refer to target `name`."""
+    entry = targets().get(name)
+    return [name] + list(entry["synonyms"]) if entry else [name]
+
+
+def canonical_target(text):
+    """Map label text (a name or synonym, any case, surrounding punctuation ignored) to its canonical target name, or None.
+
+    A synonym shared by several targets (e.g. "tumour") maps to None: callers that know the
+    candidate targets should use `matches_target` instead.
+    """
+    key = normalise_label(text)
+    hits = {t["name"] for t in vocabulary()["targets"] if key in (normalise_label(n) for n in [t["name"], *t["synonyms"]])}
+    return hits.pop() if len(hits) == 1 else None
+
+
+def matches_target(text, name):
+    """True when label text names target `name` by its canonical name or one of its synonyms."""
+    key = normalise_label(text)
+    return any(key == normalise_label(n) for n in target_names(name))
+
+
+def normalise_label(text):
+    return " ".join(text.lower().replace("-", " ").strip(" \t\n:,;.-*•").split())
+
+
+def seg_token(i):
+    if not 0 <= i < NUM_SEG_TOKENS:
+        raise ValueError(f"at most {NUM_SEG_TOKENS} seg tokens per answer, asked for index {i}")
+    return SEG_TOKENS[i]
+
+
+def vqaseg_answer(detection, diagnosis=None, target_labels=()):
+    """The 3-step answer. Positive: detection, diagnosis and one line `- <label> <segNNN>` per target, in order."""
+    if not detection:
+        return NEGATIVE_ANSWER
+    lines = ["1. Yes", f"2. {diagnosis}"]
+    if target_labels:
+        lines.append("3. Segmentation masks:" if len(target_labels) > 1 else "3. Segmentation mask:")
+        lines += [f"- {label} {seg_token(i)}" for i, label in enumerate(target_labels)]
+    return "\n".join(lines)
+
+
+def refseg_question(target_label, modality):
+    return REFSEG_QUESTION.format(target=target_label, modality=MODALITY_NAMES.get(modality, modality))
+
+
+def refseg_answer(target_label):
+    return REFSEG_ANSWER.format(target=target_label, seg=seg_token(0))
+
+
+def sample_label(name, rng: random.Random, synonym_prob=0.3):
+    """A name for target `name`: the canonical one, or with probability `synonym_prob` a random synonym."""
+    names = target_names(name)
+    if len(names) > 1 and rng.random() < synonym_prob:
+        return rng.choice(names[1:])
+    return name
+
+
+def template_corpus():
+    """Every text the templates can produce, for training the demo tokenizer offline."""
+    texts = [DEFAULT_QUESTION, NEGATIVE_ANSWER]
+    vocab = vocabulary()
+    for t in vocab["targets"]:
+        for label in target_names(t["name"]):
+            for modality in MODALITY_NAMES:
+                texts.append(refseg_question(label, modality))
+            texts.append(refseg_answer(label))
+    for d in vocab["diagnoses"]:
+        organ, abn = d["organ"], d["abnormality"]
+        labels = [organ] + ([abn] if abn else [])
+        texts.append(vqaseg_answer(True, d["label"], labels))
+        texts += [d["label"], *d["synonyms"]]
+    return texts
