@@ -1,0 +1,79 @@
+"""The answer panel's HTML: the model's text escaped, detection and diagnosis highlighted.
+
+Model output is untrusted text; it is always HTML-escaped before any markup is added. Seg
+tokens become the name of the segment they produced, in its colour.
+"""
+
+import html
+import re
+
+SEG_TOKEN_RE = re.compile(r"&lt;seg(\d{3})&gt;")
+POSITIVE = "#c0392b"
+NEGATIVE = "#1e8449"
+
+
+def _token_chip(index, specs):
+    # seg token i is the i-th target of the answer = the segment with label value i+1 (server contract)
+    spec = next((s for s in specs if s.label_value == index + 1), None)
+    if spec is None:
+        return f"&lt;seg{index:03d}&gt;"
+    r, g, b = spec.color
+    return (f'<span style="background-color:rgb({r},{g},{b}); color:black; padding:0 3px;">'
+            f"&#9632; {html.escape(spec.name)}</span>")
+
+
+def _detection_text(detection):
+    if detection is True:
+        return f'<b style="color:{POSITIVE}">Abnormality detected</b>'
+    if detection is False:
+        return f'<b style="color:{NEGATIVE}">No abnormality detected</b>'
+    return "<b>Detection: not stated</b>"
+
+
+def answer_lines_html(answer, specs=()):
+    """Escaped answer with step 1 (detection) and step 2 (diagnosis) lines highlighted."""
+    out = []
+    for line in (answer or "").splitlines():
+        text = html.escape(line)
+        text = SEG_TOKEN_RE.sub(lambda m: _token_chip(int(m.group(1)), specs), text)
+        stripped = line.strip()
+        if stripped.startswith("1."):
+            colour = POSITIVE if "yes" in stripped.lower() else NEGATIVE
+            text = f'<span style="color:{colour}; font-weight:bold">{text}</span>'
+        elif stripped.startswith("2."):
+            text = f'<span style="background-color:#fff3b0; font-weight:bold">{text}</span>'
+        out.append(text)
+    return "<br>".join(out)
+
+
+def _slice_rows(slices):
+    if isinstance(slices, dict):
+        for key in ("per_slice", "slices", "items"):
+            if isinstance(slices.get(key), list):
+                return slices[key], slices.get("summary")
+        rows = [dict(v, slice=k) if isinstance(v, dict) else {"slice": k, "answer": v} for k, v in slices.items()
+                if k != "summary"]
+        return rows, slices.get("summary")
+    return list(slices or []), None
+
+
+def answer_html(params, specs=()):
+    """Full answer panel for an /infer response: summary, highlighted answer, per-slice table."""
+    parts = [_detection_text(params.get("detection"))]
+    if params.get("diagnosis"):
+        parts.append(f'Diagnosis: <b style="background-color:#fff3b0">{html.escape(str(params["diagnosis"]))}</b>')
+    parts.append("<hr>" + (answer_lines_html(params.get("answer", ""), specs) or "<i>(empty answer)</i>"))
+    rows, summary = _slice_rows(params.get("slices"))
+    if summary and isinstance(summary, str):
+        parts.append(f"<p><i>{html.escape(summary)}</i></p>")
+    if rows:
+        table = ['<table border="1" cellspacing="0" cellpadding="2"><tr><th>Slice</th><th>Answer</th></tr>']
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            index = row.get("slice", row.get("index", "?"))
+            answer = answer_lines_html(row.get("answer", ""), specs)
+            table.append(f"<tr><td>{html.escape(str(index))}</td><td>{answer}</td></tr>")
+        table.append("</table>")
+        parts.append("Per-slice answers:" + "".join(table))
+    return "<br>".join(parts)

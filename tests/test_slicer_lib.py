@@ -1,0 +1,267 @@
+"""RadDiagLib without a server: parsing, segment specs, label maps, label info, consent, jobs."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from RadDiagLib import (DEFAULT_QUESTION, BackgroundJob, DictSettings, UploadConsent, UrlHistory, answer_html,
+                        build_label_info, export_order, segment_specs, training_progress)
+from RadDiagLib.labelinfo import compose_answer
+from RadDiagLib.labelmap import (LabelMapError, nrrd_geometry, present_label_values, read_nrrd, seg_nrrd_segments,
+                                 write_nrrd)
+from RadDiagLib.multipart import MultipartError, parse_multipart, split_infer_response
+from RadDiagLib.segments import SegmentSpec, terminology_string
+
+templates = pytest.importorskip("raddiagseg.templates")
+
+LIVER_RESPONSE = {
+    "answer": "1. Yes\n2. Liver tumour\n3. Segmentation masks:\n- liver <seg000>\n- liver tumour <seg001>",
+    "detection": True, "diagnosis": "Liver tumour",
+    "segments": [
+        {"name": "liver tumour", "role": "abnormality", "label_value": 2, "color": [240, 60, 60],
+         "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                         "type": ["SCT", "108369006", "Neoplasm"]}},
+        {"name": "liver", "role": "organ", "label_value": 1, "color": [221, 130, 101],
+         "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}},
+    ],
+    "label_names": {"liver": 1, "liver tumour": 2},
+}
+
+
+def test_default_question_is_the_models():
+    assert DEFAULT_QUESTION == templates.DEFAULT_QUESTION
+
+
+def test_composed_answer_matches_training_template():
+    for detection, diagnosis, names in [(True, "Liver tumour", ["liver", "liver tumour"]),
+                                        (True, "COVID-19", ["lung"]), (False, None, [])]:
+        assert compose_answer(detection, diagnosis, names) == templates.vqaseg_answer(detection, diagnosis, names)
+
+
+def test_multipart_response_from_monailabel_encoder():
+    from requests_toolbelt import MultipartEncoder  # what MONAI Label's /infer uses to build the response
+
+    payload = bytes(range(256)) * 3  # binary label bytes, including CR/LF and boundary-like bytes
+    encoder = MultipartEncoder(fields={"params": (None, json.dumps(LIVER_RESPONSE), "application/json"),
+                                       "image": ("label_x.nii.gz", payload, "application/gzip")})
+    params, filename, data = split_infer_response(encoder.content_type, encoder.to_string())
+    assert params == LIVER_RESPONSE
+    assert filename == "label_x.nii.gz"
+    assert data == payload
+
+
+def test_json_only_response_and_bad_multipart():
+    params, filename, data = split_infer_response("application/json", json.dumps({"answer": "1. No"}).encode())
+    assert params == {"answer": "1. No"} and filename is None and data is None
+    with pytest.raises(MultipartError):
+        parse_multipart("text/html", b"<html>")
+    with pytest.raises(MultipartError):
+        parse_multipart("multipart/form-data", b"--x\r\n")
+
+
+def test_segment_specs_names_values_colours_terminology():
+    slicerio = pytest.importorskip("slicerio.segmentation") and __import__("slicerio")
+    specs = segment_specs(LIVER_RESPONSE)
+    assert [(s.name, s.label_value, s.role) for s in specs] == [("liver", 1, "organ"), ("liver tumour", 2, "abnormality")]
+    assert specs[0].color == (221, 130, 101)
+    assert specs[0].color_float == pytest.approx((221 / 255, 130 / 255, 101 / 255))
+    entry = slicerio.segmentation.terminology_entry_from_string(specs[0].terminology)
+    assert entry["contextName"] == "Segmentation category and type - 3D Slicer General Anatomy list"
+    assert entry["type"] == ["SCT", "10200004", "Liver"]
+    assert entry["category"] == ["SCT", "123037004", "Anatomical Structure"]
+
+
+def test_code_slicer_lacks_gets_our_terminology_context():
+    slicerio = pytest.importorskip("slicerio.segmentation") and __import__("slicerio")
+    term = terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                               "type": ["DCM", "112120", "Ground glass opacity"]})
+    entry = slicerio.segmentation.terminology_entry_from_string(term)
+    assert entry["contextName"] == "Segmentation category and type - RadDiag"
+    assert entry["type"] == ["DCM", "112120", "Ground glass opacity"]
+    # an entry string from the server is kept as is
+    assert terminology_string(term) == term
+    with pytest.raises(ValueError):
+        terminology_string("Liver")
+
+
+def test_segment_specs_fallbacks_and_errors():
+    specs = segment_specs({"label_names": {"background": 0, "lung": 1, "infection": 2}})
+    assert [(s.name, s.label_value) for s in specs] == [("lung", 1), ("infection", 2)]
+    assert specs[0].color != specs[1].color  # fallback colours differ
+    assert segment_specs({"segments": [{"name": "lung", "label_value": 1, "color": [0.5, 0.25, 1.0]}]})[0].color == (128, 64, 255)
+    dup = segment_specs({"segments": [{"name": "lung", "label_value": 1}, {"name": "lung", "label_value": 2}]})
+    assert [s.name for s in dup] == ["lung", "lung 2"]
+    with pytest.raises(ValueError, match="two segments"):
+        segment_specs({"segments": [{"name": "a", "label_value": 1}, {"name": "b", "label_value": 1}]})
+    with pytest.raises(ValueError, match="positive"):
+        segment_specs({"segments": [{"name": "a", "label_value": 0}]})
+    assert segment_specs({"answer": "1. No", "segments": []}) == []
+
+
+def test_export_order_puts_organs_first():
+    specs = [SegmentSpec("tumour", 1, "abnormality"), SegmentSpec("other", 2, ""), SegmentSpec("liver", 3, "organ")]
+    assert [s.name for s in export_order(specs)] == ["liver", "tumour", "other"]
+
+
+def test_label_info_for_edited_diagnosis():
+    specs = segment_specs(LIVER_RESPONSE)
+    specs[1].name = "hepatic lesion"  # the user renamed the segment
+    info = build_label_info(list(reversed(specs)), True, "Liver cyst", slice_index=7, model="raddiagseg")
+    assert info["answer"] == "1. Yes\n2. Liver cyst\n3. Segmentation masks:\n- liver <seg000>\n- hepatic lesion <seg001>"
+    assert info["diagnosis"] == "Liver cyst" and info["detection"] is True and info["slice"] == 7
+    assert info["label_names"] == {"liver": 1, "hepatic lesion": 2}
+    assert [(s["name"], s["label_value"], s["role"]) for s in info["segments"]] == [
+        ("liver", 1, "organ"), ("hepatic lesion", 2, "abnormality")]
+    assert info["question"] == DEFAULT_QUESTION
+    json.dumps(info)  # it is sent as a JSON form field
+    # the user's own edited text is kept verbatim; a negative drops the diagnosis
+    assert build_label_info(specs, True, "x", answer=" my text ")["answer"] == "my text"
+    negative = build_label_info([], False, "ignored")
+    assert negative["answer"] == "1. No" and negative["diagnosis"] is None
+    with pytest.raises(ValueError, match="diagnosis"):
+        build_label_info(specs, True, " ")
+
+
+def test_nrrd_round_trip_against_slicerio(tmp_path):
+    slicerio = pytest.importorskip("slicerio.segmentation") and __import__("slicerio")
+    labels = np.zeros((5, 4, 3), np.uint8)
+    labels[1:3, 1:3, 1] = 1
+    labels[2, 2, 1] = 2
+    direction = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float)
+    path = str(tmp_path / "label.nrrd")
+    write_nrrd(path, labels, spacing=(0.7, 0.8, 2.5), origin=(10, -5, 3), directions=direction)
+    volume = slicerio.read_volume(path)
+    assert np.array_equal(volume["voxels"], labels)
+    ijk_to_lps = np.asarray(volume["ijkToLPS"])
+    assert np.allclose(ijk_to_lps[:3, :3], direction * [0.7, 0.8, 2.5])
+    assert np.allclose(ijk_to_lps[:3, 3], [10, -5, 3])
+    array, header = read_nrrd(path)
+    assert np.array_equal(array, labels)
+    origin, matrix = nrrd_geometry(header)
+    assert np.allclose(matrix, direction * [0.7, 0.8, 2.5]) and np.allclose(origin, [10, -5, 3])
+    assert present_label_values(path) == {1, 2}
+    raw = str(tmp_path / "raw.nrrd")
+    write_nrrd(raw, labels.astype(np.int16), compress=False)
+    assert np.array_equal(read_nrrd(raw)[0], labels)
+    (tmp_path / "bad.nrrd").write_bytes(b"P5\n")
+    with pytest.raises(LabelMapError):
+        read_nrrd(str(tmp_path / "bad.nrrd"))
+
+
+def test_seg_nrrd_segments_written_by_slicerio(tmp_path):
+    slicerio = pytest.importorskip("slicerio.segmentation") and __import__("slicerio")
+    seg = slicerio.create_segmentation((6, 6, 2), np.eye(4))
+    liver = np.zeros((6, 6, 2), np.uint8)
+    liver[1:5, 1:5, 0] = 1
+    term = terminology_string(LIVER_RESPONSE["segments"][1]["terminology"])
+    slicerio.add_segment(seg, liver, {"name": "liver", "color": [221 / 255, 130 / 255, 101 / 255], "labelValue": 1,
+                                      "terminology": slicerio.segmentation.terminology_entry_from_string(term)})
+    slicerio.add_segment(seg, np.zeros_like(liver), {"name": "liver tumour", "labelValue": 2,
+                                                     "color": [240 / 255, 60 / 255, 60 / 255]})
+    path = str(tmp_path / "result.seg.nrrd")
+    slicerio.write_segmentation(path, seg)
+    _, header = read_nrrd(path)
+    found = seg_nrrd_segments(header)
+    assert [(s.name, s.label_value) for s, _ in found] == [("liver", 1), ("liver tumour", 2)]
+    assert found[0][0].color == (221, 130, 101)
+    assert slicerio.segmentation.terminology_entry_from_string(found[0][0].terminology)["type"] == ["SCT", "10200004", "Liver"]
+    assert present_label_values(path) == {1}  # the tumour segment is empty
+
+
+def test_answer_html_escapes_and_highlights():
+    specs = segment_specs(LIVER_RESPONSE)
+    params = dict(LIVER_RESPONSE, answer=LIVER_RESPONSE["answer"] + "\n<script>alert(1)</script>",
+                  slices=[{"slice": 3, "answer": "1. No"}, {"slice": 4, "answer": "1. Yes\n2. Liver tumour"}])
+    text = answer_html(params, specs)
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    assert "Abnormality detected" in text
+    assert "rgb(221,130,101)" in text and "liver tumour" in text and "&lt;seg000&gt;" not in text
+    assert "<td>3</td>" in text and "<td>4</td>" in text
+    assert "No abnormality detected" in answer_html({"answer": "1. No", "detection": False})
+
+
+def test_consent_asked_once_and_remembered():
+    asked = []
+
+    def ask(url):
+        asked.append(url)
+        return answers.pop(0)
+
+    settings = DictSettings()
+    answers = [(True, False)]
+    consent = UploadConsent(settings, ask)
+    assert consent.allowed("http://a:8000") and consent.allowed("http://a:8000/")
+    assert asked == ["http://a:8000"]  # once per session
+    answers = [(False, True)]
+    assert not consent.allowed("http://b:8000")
+    fresh = UploadConsent(settings, ask)  # a new Slicer session
+    assert not fresh.allowed("http://b:8000")  # "don't ask again" remembered the refusal
+    answers = [(True, True)]
+    assert fresh.allowed("http://a:8000")  # not remembered for a: asked again
+    assert UploadConsent(settings, lambda url: pytest.fail("asked")).allowed("http://a:8000")
+    fresh.forget("http://a:8000")
+    answers = [(False, False)]
+    assert not UploadConsent(settings, ask).allowed("http://a:8000")
+
+
+def test_url_history():
+    history = UrlHistory(DictSettings(), limit=3)
+    assert history.urls() == ["http://127.0.0.1:8000"]
+    for url in ["http://a", "http://b", "http://a/", "http://c", "http://d"]:
+        history.add(url)
+    assert history.urls() == ["http://d", "http://c", "http://a"]
+
+
+def test_job_runs_reports_progress_and_result():
+    def work(ctx):
+        for i in range(3):
+            ctx.progress(i / 3, f"step {i}")
+        return 42
+
+    job = BackgroundJob(work).start()
+    assert job.wait(5)
+    assert job.state == "done" and job.result == 42
+    assert [m for _, m in job.poll()] == ["step 0", "step 1", "step 2"]
+
+
+def test_job_cancel_and_failure():
+    started = threading.Event()
+
+    def slow(ctx):
+        started.set()
+        while True:
+            ctx.wait(0.01)
+
+    job = BackgroundJob(slow).start()
+    started.wait(2)
+    t0 = time.monotonic()
+    job.cancel()
+    assert job.wait(2) and job.state == "cancelled" and time.monotonic() - t0 < 1
+
+    def late(ctx):  # work that does not check: finishes, but its result is dropped
+        started.wait(2)
+        return "stale"
+
+    started.clear()
+    job = BackgroundJob(late).start()
+    job.cancel()
+    started.set()
+    assert job.wait(2) and job.state == "cancelled" and job.result is None
+
+    job = BackgroundJob(lambda ctx: 1 / 0).start()
+    assert job.wait(2) and job.state == "failed" and isinstance(job.error, ZeroDivisionError)
+
+
+def test_training_progress_messages():
+    running = training_progress({"id": "t1", "status": "RUNNING"}, {"step": 5, "total_steps": 20, "loss": 0.5})
+    assert running.state == "running" and running.fraction == 0.25 and "step 5/20" in running.message
+    done = training_progress({"status": "DONE"}, {"step": 20, "total_steps": 20, "published": True})
+    assert done.finished and done.published and "new model is live" in done.message
+    kept = training_progress({"status": "DONE"}, {"published": False})
+    assert kept.published is False and "old model stays live" in kept.message
+    failed = training_progress({"status": "ERROR", "details": ["CUDA out of memory"]}, {})
+    assert failed.state == "failed" and "CUDA out of memory" in failed.message
+    assert training_progress(None, {}).state == "idle"
