@@ -238,6 +238,7 @@ class RadDiagClient:
         label_path = None
         if payload is not None:
             result_dir = result_dir or tempfile.mkdtemp(prefix="raddiag_")
+            os.makedirs(result_dir, exist_ok=True)
             name = os.path.basename(filename or "label.nii.gz") or "label.nii.gz"
             label_path = os.path.join(result_dir, name)
             with open(label_path, "wb") as f:
