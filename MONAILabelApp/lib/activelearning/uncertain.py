@@ -1,0 +1,111 @@
+"""Active learning strategy `uncertain`: the unlabeled image whose sampled answers and masks disagree most.
+
+For each candidate the served model answers the default question `n_samples` times with
+sampling on (image features are encoded once and cached); the score is the mean pairwise
+disagreement of (detection, diagnosis) and of the masks named alike (1 - Dice). Scores are
+stored in the image info (`raddiag_uncertainty`, with the model version) and reused until a
+new model is published. Volumes are scored on three axial slices (25/50/75 %).
+"""
+
+import itertools
+import logging
+import time
+
+import numpy as np
+from monailabel.interfaces.tasks.strategy import Strategy
+from raddiagseg import templates
+from raddiagseg.imaging import to_unit_range
+
+from lib import image_io, response
+
+logger = logging.getLogger(__name__)
+
+INFO_KEY = "raddiag_uncertainty"
+
+
+def _dice(a, b):
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def disagreement(samples):
+    """Mean pairwise disagreement of sampled results of one image: 0 = all agree, 1 = all differ."""
+    views = []
+    for result in samples:
+        summary, named = response.slice_summary(result)
+        masks = {}
+        for name, mask, _ in named:
+            masks[name] = masks[name] | mask if name in masks else mask
+        diagnosis = templates.normalise_label(summary["diagnosis"] or "")
+        views.append(((summary["detection"], diagnosis), masks))
+    pairs = list(itertools.combinations(views, 2))
+    if not pairs:
+        return 0.0
+    scores = []
+    for (text_a, masks_a), (text_b, masks_b) in pairs:
+        text = 0.0 if text_a == text_b else 1.0
+        names = set(masks_a) | set(masks_b)
+        mask = (
+            np.mean([1.0 - _dice(masks_a[n], masks_b[n]) if n in masks_a and n in masks_b else 1.0 for n in names])
+            if names
+            else 0.0
+        )
+        scores.append(0.5 * text + 0.5 * float(mask))
+    return float(np.mean(scores))
+
+
+def scoring_slices(image):
+    array = image_io.image_array(image)
+    modality = image_io.infer_modality(image, array)
+    if image.GetDimension() == 2:
+        return [to_unit_range(array.astype("float32"), modality)]
+    volume = image_io.VolumeView.of(image).to_view(array)
+    n = volume.shape[0]
+    picks = sorted({int(n * f) for f in (0.25, 0.5, 0.75)})
+    return [to_unit_range(volume[k].astype("float32"), modality) for k in picks]
+
+
+class Uncertain(Strategy):
+    def __init__(self, store, runner, n_samples=3, max_candidates=16, max_new_tokens=64):
+        super().__init__("Unlabeled image with the most disagreement between sampled answers and masks")
+        self.store = store
+        self.runner = runner
+        self.n_samples = n_samples
+        self.max_candidates = max_candidates
+        self.max_new_tokens = max_new_tokens
+
+    def score(self, image_path):
+        slices = scoring_slices(image_io.read_image(image_path))
+        options = {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": 1.0}
+        per_slice = []
+        for unit in slices:
+            results, _ = self.runner.answer([unit] * self.n_samples, [templates.DEFAULT_QUESTION] * self.n_samples,
+                                            options, batch_size=self.n_samples)
+            per_slice.append(disagreement(results))
+        return float(np.mean(per_slice))
+
+    def __call__(self, request, datastore):
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        if not images:
+            return None
+        _, version = self.store.get()
+        scored = []
+        for image_id in images:
+            cached = datastore.get_image_info(image_id).get(INFO_KEY) or {}
+            if cached.get("model_version") == version:
+                scored.append((cached["score"], image_id))
+        fresh = [i for i in images if i not in {s[1] for s in scored}][: self.max_candidates]
+        for image_id in fresh:
+            try:
+                value = self.score(datastore.get_image_uri(image_id))
+            except image_io.InputError as error:
+                logger.warning("uncertain: cannot score %s: %s", image_id, error)
+                continue
+            datastore.update_image_info(image_id, {INFO_KEY: {"score": value, "model_version": version, "ts": int(time.time())}})
+            scored.append((value, image_id))
+        if not scored:
+            return None
+        scored.sort(key=lambda s: s[1])  # ties: the first id
+        best_score, best = max(scored, key=lambda s: s[0])
+        logger.info("uncertain: selected %s (score %.3f of %d scored)", best, best_score, len(scored))
+        return {"id": best, "score": best_score}

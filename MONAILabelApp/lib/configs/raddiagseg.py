@@ -1,0 +1,70 @@
+"""Configuration of the `raddiagseg` model for this app: where the model and work files live, and its tasks.
+
+`--conf` keys (all optional):
+
+    model_path          base model folder (default: MONAILabelApp/model/raddiagseg-demo, the shipped demo)
+    work_dir            published models, training runs, train_stats.json
+                        (default: <studies>/.raddiag for a local datastore, else ~/.cache/raddiag/monailabel/<hash>)
+    feature_cache_size  slices whose image features are kept in memory (default 64; 0 disables)
+    device              cpu | cuda | cuda:N (default: cuda when available)
+    uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning.uncertain import Uncertain
+from lib.feature_cache import FeatureCache
+from lib.infers.raddiagseg import RadDiagSegInfer
+from lib.model_runner import ModelRunner
+from lib.model_store import ModelStore
+from lib.trainers.raddiagseg import RadDiagSegTrain
+
+
+def _positive_int(conf, key, default):
+    value = conf.get(key, default)
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--conf {key} must be an integer, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"--conf {key} must be >= 0, got {value}")
+    return value
+
+
+def default_work_dir(studies):
+    if studies and not str(studies).startswith(("http://", "https://")) and os.path.isdir(studies):
+        return Path(studies) / ".raddiag"
+    digest = hashlib.sha1(str(studies).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "raddiag" / "monailabel" / digest
+
+
+class RadDiagSegConfig:
+    name = "raddiagseg"
+
+    def __init__(self, app_dir, studies, conf):
+        self.model_path = Path(conf.get("model_path") or Path(app_dir) / "model" / "raddiagseg-demo").expanduser()
+        self.work_dir = Path(conf.get("work_dir") or default_work_dir(studies)).expanduser()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = FeatureCache(_positive_int(conf, "feature_cache_size", 64))
+        self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None)
+        self.store.on_change.append(lambda version: self.cache.clear())
+        self.runner = ModelRunner(self.store, self.cache)
+        self.uncertain_samples = max(2, _positive_int(conf, "uncertain_samples", 3))
+
+    def infer(self):
+        return RadDiagSegInfer(self.store, self.runner)
+
+    def trainer(self):
+        return RadDiagSegTrain(self.store, self.work_dir)
+
+    def strategies(self):
+        return {
+            "uncertain": Uncertain(self.store, self.runner, n_samples=self.uncertain_samples),
+            "random": Random(),
+            "first": First(),
+        }

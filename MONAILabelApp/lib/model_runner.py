@@ -1,0 +1,67 @@
+"""Running the served model on slices, reusing cached image features and batching whole volumes.
+
+`encode_images` results are cached per slice (see `feature_cache`); only slices not seen
+before with this model go through the image encoders. Decoding is batched with
+`generate_batch` (one `generate` call for a single slice).
+"""
+
+import time
+
+from tqdm import tqdm
+
+from lib.feature_cache import feature_key
+
+
+def join_features(model, features):
+    """One batch ImageFeatures from per-image ones (the model knows how to concatenate its own)."""
+    if len(features) == 1:
+        return features[0]
+    return type(features[0]).concat(features)
+
+
+class ModelRunner:
+    def __init__(self, store, cache):
+        self.store = store
+        self.cache = cache
+        self.encoded_images = 0  # how many slices went through the encoders in this process
+
+    def features(self, model, version, images):
+        """Per-image features, from the cache or encoded now; returns (features, n_encoded, seconds)."""
+        keys = [feature_key(version, image) for image in images]
+        features = [self.cache.get(key) for key in keys]
+        missing = [i for i, f in enumerate(features) if f is None]
+        start = time.perf_counter()
+        if missing:
+            encoded = model.encode_images([images[i] for i in missing])
+            for j, i in enumerate(missing):
+                features[i] = encoded[j]
+                self.cache.put(keys[i], encoded[j])
+            self.encoded_images += len(missing)
+        return features, len(missing), time.perf_counter() - start
+
+    def answer(self, images, questions, options, batch_size=8, show_progress=False):
+        """GenerationResults for each (image, question), and stage timings summed over batches."""
+        model, version = self.store.get()
+        results = []
+        timings = {"encode": 0.0, "generate": 0.0}
+        counts = {"encoded": 0, "cached": 0}
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
+            batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
+            features, n_encoded, seconds = self.features(model, version, batch)
+            timings["encode"] += seconds
+            counts["encoded"] += n_encoded
+            counts["cached"] += len(batch) - n_encoded
+            t0 = time.perf_counter()
+            if len(batch) == 1:
+                results.append(model.generate(batch[0], batch_questions[0], features=features[0], **options))
+            else:
+                results.extend(
+                    model.generate_batch(batch, batch_questions, features=join_features(model, features), **options)
+                )
+            timings["generate"] += time.perf_counter() - t0
+        model_stages = {}
+        for result in results:
+            for stage, seconds in (result.latencies or {}).items():
+                model_stages[stage] = model_stages.get(stage, 0.0) + float(seconds)
+        return results, {"timings": timings, "model": model_stages, "counts": counts, "version": version}

@@ -1,0 +1,115 @@
+"""Which model folder is served, loading it lazily, and publishing retrained models atomically.
+
+Layout under the app's work dir:
+
+    models/v0001-20261123T031500/   published checkpoints (config.json + safetensors + tokenizer)
+    models/CURRENT                  name of the served one (replaced atomically)
+
+Without a published model the base model (`--conf model_path`, default the shipped demo) is
+served. Every request checks `CURRENT` and the served folder's file times, so a model the train
+task (a separate process) publishes, or a model folder replaced on disk, is picked up without a
+restart. Older versions are kept (the last `keep` plus the served one) so a bad model can be
+rolled back by editing `CURRENT`.
+"""
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("config.json", "model.safetensors")
+
+
+def is_model_dir(path):
+    return path is not None and (Path(path) / "config.json").is_file()
+
+
+class ModelStore:
+    def __init__(self, base_model_dir, work_dir, device=None, keep=3):
+        self.base_model_dir = Path(base_model_dir) if base_model_dir else None
+        self.models_dir = Path(work_dir) / "models"
+        self.device = device
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._model = None
+        self._version = None
+        self.loads = 0
+        self.on_change = []  # callbacks(version) run after a new model is loaded
+
+    # which folder -------------------------------------------------------------------------
+    def current_dir(self):
+        """The folder that should be served now."""
+        pointer = self.models_dir / "CURRENT"
+        try:
+            name = pointer.read_text().strip()
+        except OSError:
+            name = ""
+        if name and is_model_dir(self.models_dir / name):
+            return self.models_dir / name
+        return self.base_model_dir
+
+    def version(self, folder=None):
+        """A string that changes whenever the served folder or its weights change."""
+        folder = Path(folder or self.current_dir())
+        stamps = []
+        for name in WEIGHT_FILES:
+            try:
+                stamps.append(str((folder / name).stat().st_mtime_ns))
+            except OSError:
+                stamps.append("-")
+        return f"{folder.name}@{'.'.join(stamps)}"
+
+    def available(self):
+        return is_model_dir(self.current_dir())
+
+    # loading ------------------------------------------------------------------------------
+    def get(self):
+        """(model, version), loading or reloading the served folder when it changed."""
+        folder = self.current_dir()
+        if not is_model_dir(folder):
+            raise FileNotFoundError(
+                f"no model folder at {folder}: pass --conf model_path DIR (a folder written by save_pretrained)"
+            )
+        version = self.version(folder)
+        with self._lock:
+            if self._model is None or version != self._version:
+                from raddiagseg import load_model
+
+                logger.info("Loading model %s (version %s)", folder, version)
+                model = load_model(str(folder), device=self.device)
+                model.eval()
+                self._model, self._version = model, version
+                self.loads += 1
+                for callback in self.on_change:
+                    callback(version)
+            return self._model, self._version
+
+    # publishing ---------------------------------------------------------------------------
+    def publish(self, checkpoint_dir):
+        """Copy a checkpoint into models/ and make it the served one; return its folder."""
+        if not is_model_dir(checkpoint_dir):
+            raise FileNotFoundError(f"{checkpoint_dir} is not a model folder (no config.json)")
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(p.name for p in self.models_dir.glob("v[0-9]*") if p.is_dir())
+        number = int(existing[-1][1:5]) + 1 if existing else 1
+        name = f"v{number:04d}-{time.strftime('%Y%m%dT%H%M%S')}"
+        staging = self.models_dir / f".tmp-{uuid.uuid4().hex}"
+        shutil.copytree(checkpoint_dir, staging)
+        os.replace(staging, self.models_dir / name)  # the folder appears complete or not at all
+        pointer_tmp = self.models_dir / f".CURRENT-{uuid.uuid4().hex}"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, self.models_dir / "CURRENT")
+        self._prune(keep_name=name)
+        logger.info("Published model %s", name)
+        return self.models_dir / name
+
+    def _prune(self, keep_name):
+        versions = sorted(p for p in self.models_dir.glob("v[0-9]*") if p.is_dir())
+        for old in versions[: -self.keep]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""From the label texts a model writes before its seg tokens to named, coloured, coded segments.
+
+The vocabulary (`raddiagseg/resources/vocabulary.json`) is the single source of names, roles,
+colours and SNOMED CT / DICOM codes, so the app, the trainer and the Slicer extension agree.
+"""
+
+from slicerio.segmentation import terminology_entry_to_string
+from raddiagseg import templates
+
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79)]
+
+
+def label_names():
+    """Every canonical target name the model can emit, in vocabulary order."""
+    return [t["name"] for t in templates.vocabulary()["targets"]]
+
+
+def diagnosis_entry(diagnosis):
+    """The vocabulary diagnosis named by free text (label or synonym, any case), or None."""
+    if not diagnosis:
+        return None
+    key = templates.normalise_label(diagnosis)
+    for entry in templates.vocabulary()["diagnoses"]:
+        names = [entry["label"], *entry.get("synonyms", [])]
+        if any(templates.normalise_label(n) == key for n in names):
+            return entry
+    for entry in templates.vocabulary()["diagnoses"]:  # e.g. "Liver tumour, likely HCC"
+        if templates.normalise_label(entry["label"]) in key:
+            return entry
+    return None
+
+
+def canonical_name(label_text, diagnosis=None):
+    """Canonical target name for label text; ambiguous synonyms ("tumour") are resolved by the diagnosis."""
+    name = templates.canonical_target(label_text)
+    if name:
+        return name
+    entry = diagnosis_entry(diagnosis)
+    if entry:
+        for candidate in (entry.get("abnormality"), entry.get("organ")):
+            if candidate and templates.matches_target(label_text, candidate):
+                return candidate
+    return templates.normalise_label(label_text) or "segment"
+
+
+def terminology(name):
+    """Coded terminology of a target: {category, type, slicer} (slicer = Slicer's TerminologyEntry string), or None."""
+    entry = templates.targets().get(name)
+    if not entry or "terminology" not in entry:
+        return None
+    coded = {"contextName": TERMINOLOGY_CONTEXT, **entry["terminology"]}
+    return {
+        "category": list(entry["terminology"]["category"]),
+        "type": list(entry["terminology"]["type"]),
+        "slicer": terminology_entry_to_string(coded),
+    }
+
+
+def describe(name, label_value):
+    """JSON description of one output segment."""
+    entry = templates.targets().get(name)
+    color = entry["color"] if entry else FALLBACK_COLORS[(label_value - 1) % len(FALLBACK_COLORS)]
+    return {
+        "name": name,
+        "role": entry["role"] if entry else "unknown",
+        "label_value": label_value,
+        "color": [int(c) for c in color],
+        "terminology": terminology(name),
+    }
+
+
+def assign(names_in_order):
+    """Segment descriptions with contiguous label values 1..N in order of first appearance."""
+    unique = list(dict.fromkeys(names_in_order))
+    return [describe(name, i + 1) for i, name in enumerate(unique)]
+
+
+def paint_order(segments):
+    """Segments ordered so abnormalities are painted after (on top of) the organs that contain them."""
+    rank = {"organ": 0, "unknown": 1, "abnormality": 2}
+    return sorted(segments, key=lambda s: (rank.get(s["role"], 1), s["label_value"]))

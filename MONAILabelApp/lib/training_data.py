@@ -1,0 +1,156 @@
+"""A training manifest (docs/INTERFACES.md format) from the datastore's final labels and their label info.
+
+Per corrected slice: one `vqaseg` sample (answer written with `templates.vqaseg_answer` from the
+corrected detection / diagnosis and the segments that have voxels in that slice, organs first)
+and one `refseg` sample per segment with voxels. 3D labels without a `slice` in their info give
+a sample for every slice that has label voxels; such a slice is positive when the volume is and
+an abnormality segment has voxels in it (or the volume's diagnosis has no abnormality mask).
+
+Validation: with at least `min_images_for_holdout` labelled images every 5th image (sorted ids)
+is held out; with fewer, the training samples double as the validation set (`val_on_train`),
+which only checks that the model learnt the corrections, not that it generalises.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from raddiagseg import templates
+from raddiagseg.data import io as data_io
+from raddiagseg.imaging import CT_WINDOW
+
+from lib import image_io, label_info
+
+logger = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+def _safe(text):
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:80]
+
+
+def _write_image(path_base, array, modality):
+    if modality == "xray":
+        if array.dtype != np.uint8:
+            low, high = float(array.min()), float(array.max())
+            array = np.zeros_like(array, dtype=np.uint8) if high <= low else ((array - low) / (high - low) * 255).round()
+        path = path_base.with_suffix(".png")
+        data_io.write_png(path, array.astype(np.uint8))
+    else:
+        path = Path(str(path_base) + ".nii.gz")
+        data_io.write_nifti_slice(path, np.asarray(array, dtype=np.float32), np.eye(4))
+    return path
+
+
+def _slices(image, labels, info):
+    """[(file slice index or None, image slice, label slice)] in the model's view."""
+    if image.GetDimension() == 2:
+        return [(None, image_io.image_array(image), labels)]
+    view = image_io.VolumeView.of(image)
+    volume, label_volume = view.to_view(image_io.image_array(image)), view.to_view(labels)
+    n = volume.shape[0]
+    if info.slice is not None:
+        if info.slice >= n:
+            raise label_info.LabelInfoError(f"slice {info.slice} is outside the volume ({n} slices)")
+        wanted = [info.slice]
+    else:
+        wanted = [k for k in range(n) if label_volume[view.view_index(k, n)].any()]
+    return [(k, volume[view.view_index(k, n)], label_volume[view.view_index(k, n)]) for k in wanted]
+
+
+def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
+    """Manifest rows (without split) for one labelled image; files are written under out_dir."""
+    info = label_info.parse(info_dict)
+    image = image_io.read_image(image_path)
+    labels_image = sitk.ReadImage(str(label_path))
+    if tuple(labels_image.GetSize()) != tuple(image.GetSize()) and not (
+        image.GetDimension() == 2 and tuple(labels_image.GetSize())[:2] == tuple(image.GetSize())
+    ):
+        raise label_info.LabelInfoError(f"label size {labels_image.GetSize()} differs from image size {image.GetSize()}")
+    labels = np.asarray(sitk.GetArrayFromImage(labels_image)).reshape(tuple(reversed(image.GetSize())))
+    if not info.segments:
+        values = sorted(int(v) for v in np.unique(labels) if v)
+        if values:
+            raise label_info.LabelInfoError("label info names no segments: send segments or label_names with the label")
+    modality = info.modality or image_io.infer_modality(image, image_io.image_array(image))
+    has_abnormality_segment = any(role == "abnormality" for _, _, role in info.segments)
+    volume_detection = info.detection
+    if volume_detection is None:
+        volume_detection = bool(any(role == "abnormality" and (labels == v).any() for _, v, role in info.segments))
+
+    rows = []
+    for k, image2d, label2d in _slices(image, labels, info):
+        present = [(name, value, role) for name, value, role in info.segments if (label2d == value).any()]
+        present.sort(key=lambda s: 0 if s[2] == "organ" else 1)
+        if info.slice is not None or image.GetDimension() == 2 or not has_abnormality_segment:
+            detection = volume_detection
+        else:
+            detection = volume_detection and any(role == "abnormality" for _, _, role in present)
+        stem = _safe(f"{image_id}_s{k}" if k is not None else image_id)
+        image_file = _write_image(out_dir / "images" / stem, image2d, modality)
+        window = list(CT_WINDOW) if modality == "ct" else None
+        base = {"source": "monailabel", "modality": modality, "image": str(image_file.relative_to(out_dir)),
+                "window": window, "volume": image_id, "slice": k}
+        masks = {}
+        for name, value, _ in present:
+            masks[name] = _write_image(out_dir / "masks" / f"{stem}_{_safe(name)}", (label2d == value).astype(np.uint8), modality)
+        if detection and not info.diagnosis:
+            logger.warning("%s: positive label without a diagnosis: no vqaseg sample for slice %s", image_id, k)
+        else:
+            names = [name for name, _, _ in present] if detection else []
+            rows.append({
+                **base, "id": f"{stem}_vqaseg", "task": "vqaseg", "question": info.question,
+                "answer": templates.vqaseg_answer(detection, info.diagnosis, names),
+                "detection": bool(detection), "diagnosis": info.diagnosis if detection else None,
+                "targets": [{"name": n, "role": r, "mask": str(masks[n].relative_to(out_dir))} for n, _, r in present]
+                if detection else [],
+            })
+        for name, _, role in present:
+            rows.append({
+                **base, "id": f"{stem}_refseg_{_safe(name)}", "task": "refseg",
+                "question": templates.refseg_question(name, modality), "answer": templates.refseg_answer(name),
+                "detection": None, "diagnosis": None,
+                "targets": [{"name": name, "role": role, "mask": str(masks[name].relative_to(out_dir))}],
+            })
+    return rows
+
+
+def build(datastore, out_dir, min_images_for_holdout=5):
+    """Write out_dir/manifest.jsonl; returns a summary dict (counts, skipped images with reasons)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_ids = sorted(datastore.get_labeled_images(FINAL))
+    holdout = len(image_ids) >= min_images_for_holdout
+    rows, skipped = [], []
+    for index, image_id in enumerate(image_ids):
+        try:
+            image_rows = samples_for_image(
+                image_id,
+                datastore.get_image_uri(image_id),
+                datastore.get_label_uri(image_id, FINAL),
+                datastore.get_label_info(image_id, FINAL) or {},
+                out_dir,
+            )
+        except (label_info.LabelInfoError, image_io.InputError, RuntimeError) as error:
+            skipped.append({"image": image_id, "reason": str(error)})
+            logger.warning("Skipping %s: %s", image_id, error)
+            continue
+        split = "val" if holdout and index % 5 == 4 else "train"
+        rows += [{**row, "split": split} for row in image_rows]
+    if not holdout:
+        rows += [{**row, "id": row["id"] + "_val", "split": "val"} for row in rows]
+    manifest = out_dir / "manifest.jsonl"
+    with open(manifest, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return {
+        "manifest": str(manifest),
+        "images": len(image_ids) - len(skipped),
+        "train_samples": sum(r["split"] == "train" for r in rows),
+        "val_samples": sum(r["split"] == "val" for r in rows),
+        "val_on_train": not holdout,
+        "skipped": skipped,
+    }
