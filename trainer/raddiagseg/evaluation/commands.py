@@ -1,0 +1,124 @@
+"""`raddiagseg score` and `raddiagseg predict`: the RadDiagSeg-D benchmark on the command line.
+
+torch and the model are imported inside `predict` only, so `score` runs without them.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PRED_FORMAT = """\
+PRED.jsonl, one JSON object per line:
+  {"id": ..., "answer": "1. Yes\\n2. Liver tumour\\n3. Segmentation masks:\\n- liver <seg000>\\n- liver tumour <seg001>",
+   "masks": {"<seg000>": "masks/ID_seg000.png", "<seg001>": "masks/ID_seg001.png"}}
+mask paths relative to PRED's folder, PNG or NIfTI, same size as the GT mask.
+With --amputated (models that cannot follow the 3-step format), 3-step samples instead carry
+  {"id": ..., "answers": {"detection": "...", "diagnosis": "...", "segmentation": "... liver <seg000> ..."},
+   "masks": {...}}
+the answers to three separate questions (detection yes/no; diagnosis; diagnosis + segmentation),
+the masks belonging to the seg tokens of the "segmentation" answer. Ref-Seg and VQA lines keep "answer".
+"""
+
+
+def register(subparsers):
+    score = subparsers.add_parser(
+        "score",
+        help="score predictions against a manifest (RadDiagSeg-D, Ref-Seg, VQA); no model needed",
+        description="Score PRED.jsonl against a manifest: detection F1, diagnosis F1/accuracy (paper 001),\n"
+        "Dice-Org/Dice-Abn over true-positive valid predictions, Ref-Seg Dice, gIoU/cIoU (paper 003),\n"
+        "VQA F1/recall/accuracy. Writes report.json (per modality + overall), report.md (paper 001\n"
+        "Table 3 layout), report.csv (every parse decision per sample), report_dice.png (box plot).",
+        epilog=PRED_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("--pred", required=True, type=Path, help="PRED.jsonl written by `predict` or by any model")
+    score.add_argument("--data", required=True, type=Path, help="manifest.jsonl with the ground truth")
+    score.add_argument("--split", default=None, help="score only this manifest split (default: every row with a prediction)")
+    score.add_argument("--out", type=Path, default=None, help="report JSON (default: report.json next to PRED)")
+    score.add_argument("--md", type=Path, default=None, help="markdown table (default: the report path with .md)")
+    score.add_argument("--name", default=None, help="model name in the table (default: PRED's folder name)")
+    score.add_argument("--amputated", action="store_true", help="3-step samples were asked as three separate questions (see below)")
+    score.add_argument(
+        "--strict-diagnosis",
+        action="store_true",
+        help="paper rule only: the GT diagnosis label must appear in the predicted text "
+        "(default also accepts the label's vocabulary synonyms, e.g. 'hepatic tumour' for 'Liver tumour')",
+    )
+    score.set_defaults(func=run_score)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="run a model over a manifest and write PRED.jsonl + mask PNGs (batched, resumable)",
+        description="Run a checkpoint over the rows of one split and write PRED.jsonl (masks as PNG under\n"
+        "masks/ next to it). Re-running with the same --out skips ids already written.",
+        epilog=PRED_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + model.safetensors)")
+    predict.add_argument("--data", required=True, type=Path, help="manifest.jsonl")
+    predict.add_argument("--out", required=True, type=Path, help="PRED.jsonl to write (appended to when it exists)")
+    predict.add_argument("--split", default="test", help="manifest split to predict (default: test)")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    predict.add_argument("--max-new-tokens", type=int, default=128)
+    predict.add_argument("--max-samples", type=int, default=None, help="predict an evenly spread subset of this size")
+    predict.add_argument("--tasks", nargs="+", choices=("vqaseg", "refseg", "vqa"), default=None, help="only these tasks")
+    predict.add_argument("--amputated", action="store_true", help="ask 3-step samples as three separate questions")
+    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    predict.set_defaults(func=run_predict)
+
+
+def _user_errors():
+    from raddiagseg.cli import CommandError
+    from raddiagseg.evaluation.files import BenchmarkInputError
+
+    return CommandError, BenchmarkInputError
+
+
+def run_score(args):
+    from raddiagseg.evaluation import report as reports
+    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.evaluation.predictions import read_predictions
+    from raddiagseg.evaluation.scoring import score
+
+    CommandError, BenchmarkInputError = _user_errors()
+    try:
+        rows = read_manifest(args.data, args.split)
+        predictions = read_predictions(args.pred, {row["id"] for row in rows})
+        report, records = score(rows, predictions, args.pred.parent, synonyms=not args.strict_diagnosis,
+                                amputated=args.amputated, progress=True)
+    except BenchmarkInputError as exc:
+        raise CommandError(str(exc)) from None
+    if not records:
+        raise CommandError(f"no prediction in {args.pred} matches a scorable row of {args.data}")
+    out = args.out or args.pred.parent / "report.json"
+    md = args.md or out.with_suffix(".md")
+    name = args.name or args.pred.parent.name or args.pred.stem
+    written = reports.write_all(report, records, out, md, name)
+    overall = report["overall"]
+    if overall["n_missing"]:
+        log.warning("%d manifest rows have no prediction and were not scored", overall["n_missing"])
+    unreadable = sum(r.get("unreadable_masks", 0) for r in records)
+    if unreadable:
+        log.warning("%d masks could not be read and were scored as missing; see the notes column of %s",
+                    unreadable, out.with_suffix(".csv"))
+    print(reports.markdown(report, name).split("\n\n## All metrics")[0])
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def run_predict(args):
+    from raddiagseg.evaluation.predict import predict
+
+    CommandError, BenchmarkInputError = _user_errors()
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be at least 1")
+    try:
+        written, skipped = predict(args.model, args.data, args.out, split=args.split, batch_size=args.batch_size,
+                                   amputated=args.amputated, max_new_tokens=args.max_new_tokens, tasks=args.tasks,
+                                   max_samples=args.max_samples, device=args.device)
+    except BenchmarkInputError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"wrote {written} predictions to {args.out} ({skipped} already there)")
+    return 0
