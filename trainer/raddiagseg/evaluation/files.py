@@ -38,8 +38,13 @@ def read_jsonl(path, what="file"):
 
 
 def read_manifest(path, split=None):
-    """Manifest rows (dicts), optionally only one split. Each row gets `_base` = the manifest's folder."""
+    """Manifest rows (dicts), optionally only one split. Each row gets `_base` = the manifest's folder.
+
+    `path` may also be the dataset folder holding `manifest.jsonl`.
+    """
     path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
     rows = []
     for number, row in read_jsonl(path, "manifest"):
         missing = [key for key in ("id", "task") if key not in row]
