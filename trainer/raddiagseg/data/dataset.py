@@ -1,0 +1,179 @@
+"""PyTorch Dataset over a RadDiagSeg-D manifest, and a sampler that mixes tasks by ratio.
+
+Why: the trainer needs training samples in the contract of docs/INTERFACES.md (image in [0, 1],
+question, answer with seg tokens, one mask per token) with target synonyms sampled at load
+time and augmentations applied jointly to image and masks; and a task mix (paper 001
+fine-tuning: VQA-Seg 0.6 : VQA 0.4) that is reproducible across epochs and ranks.
+"""
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from raddiagseg import imaging, templates
+from raddiagseg.data import io
+from raddiagseg.data.records import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def load_image(row, root):
+    """The row's image as the model's float32 (H, W) input in [0, 1].
+
+    HU slices (NIfTI, CT) are windowed with the row's `window`; 8-bit rasters (X-ray PNG, VQA
+    images, Ref-Seg PNGs) are min-max scaled whatever their modality.
+    """
+    array = io.read_slice(Path(root) / row["image"])
+    if io.is_nifti(row["image"]) and row.get("modality") == "ct":
+        return imaging.to_unit_range(array, "ct", row.get("window"))
+    return imaging.to_unit_range(array, "xray")
+
+
+def load_masks(row, root, shape=None):
+    """The row's target masks (uint8 0/1, in target order); raises if one differs in shape from the image."""
+    masks = []
+    for target in row.get("targets", []):
+        mask = (io.read_slice(Path(root) / target["mask"]) > 0).astype(np.uint8)
+        if shape is not None and mask.shape != tuple(shape):
+            raise ValueError(f"mask {target['mask']} has shape {mask.shape}, image has {tuple(shape)}")
+        masks.append(mask)
+    return masks
+
+
+def _augmenter():
+    """MONAI dictionary transforms applied jointly to image and masks; no flips (anatomy is lateralised)."""
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
+                                  RandScaleIntensityd, RandShiftIntensityd)
+
+    return Compose([
+        RandAffined(keys=("image", "masks"), prob=0.7, rotate_range=0.12, scale_range=(0.1, 0.1),
+                    translate_range=(12, 12), mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
+                    allow_missing_keys=True),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+        RandGaussianNoised(keys="image", std=0.02, prob=0.4),
+    ])
+
+
+class ManifestDataset(Dataset):
+    """Training samples from `manifest` (a manifest.jsonl or its folder) for one split and some tasks.
+
+    synonym_prob: chance that each target is named by a random vocabulary synonym, written
+    consistently into the question (refseg) and the answer. Randomness (synonyms, augmentation)
+    is a pure function of (seed, epoch, index).
+    """
+
+    def __init__(self, manifest, split="train", tasks=None, augment=False, seed=0, synonym_prob=0.3):
+        path = Path(manifest)
+        self.manifest_path = path / "manifest.jsonl" if path.is_dir() else path
+        self.root = self.manifest_path.parent
+        rows = read_manifest(self.manifest_path)
+        wanted = set(tasks) if tasks else None
+        self.rows = [r for r in rows if (split is None or r["split"] == split) and (wanted is None or r["task"] in wanted)]
+        self.split, self.augment, self.seed, self.synonym_prob = split, augment, seed, synonym_prob
+        self.epoch = 0
+        self._transform = _augmenter() if augment else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def tasks(self):
+        """Task name of every index, for samplers."""
+        return [r["task"] for r in self.rows]
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        image = load_image(row, self.root)
+        masks = load_masks(row, self.root, image.shape)
+        question, answer = self._texts(row, rng)
+        if self._transform is not None:
+            image, masks = self._augment(image, masks, rng)
+        return {"id": row["id"], "task": row["task"], "modality": row["modality"], "image": image,
+                "question": question, "answer": answer, "masks": masks}
+
+    def _texts(self, row, rng):
+        if row["task"] == "refseg":
+            label = templates.sample_label(row["targets"][0]["name"], rng, self.synonym_prob)
+            return templates.refseg_question(label, row["modality"]), templates.refseg_answer(label)
+        if row["task"] == "vqaseg" and row.get("detection"):
+            labels = [templates.sample_label(t["name"], rng, self.synonym_prob) for t in row["targets"]]
+            return row["question"], templates.vqaseg_answer(True, row["diagnosis"], labels)
+        return row["question"], row["answer"]
+
+    def _augment(self, image, masks, rng):
+        self._transform.set_random_state(seed=rng.randrange(2**31))
+        data = {"image": image[None]}
+        if masks:
+            data["masks"] = np.stack(masks).astype(np.float32)
+        out = self._transform(data)
+        image = np.clip(np.asarray(torch.as_tensor(out["image"]))[0], 0.0, 1.0).astype(np.float32)
+        if masks:
+            masks = [(m > 0.5).astype(np.uint8) for m in np.asarray(torch.as_tensor(out["masks"]))]
+        return image, masks
+
+
+class TaskRatioSampler(Sampler):
+    """Indices mixing tasks by `ratios`, the same order for the same (seed, epoch); rank r takes every world_size-th.
+
+    Each task contributes round(ratio * num_samples) draws, cycling through fresh permutations of
+    its samples (so every sample is seen before any repeats). Tasks in `ratios` that the dataset
+    lacks are dropped and the rest renormalised, with a warning; tasks absent from `ratios` are
+    not sampled.
+    """
+
+    def __init__(self, dataset, ratios=None, num_samples=None, seed=0, rank=0, world_size=1):
+        ratios = dict(ratios or {"vqaseg": 0.6, "vqa": 0.4})
+        tasks = dataset.tasks if hasattr(dataset, "tasks") else [dataset[i]["task"] for i in range(len(dataset))]
+        self.by_task = {}
+        for i, task in enumerate(tasks):
+            self.by_task.setdefault(task, []).append(i)
+        missing = [t for t in ratios if t not in self.by_task]
+        if missing:
+            log.warning("tasks %s are not in the dataset; their ratio is dropped and the rest renormalised", missing)
+        ratios = {t: float(r) for t, r in ratios.items() if t in self.by_task and r > 0}
+        if not ratios:
+            raise ValueError(f"none of the requested tasks is in the dataset (it has {sorted(self.by_task)})")
+        total = sum(ratios.values())
+        self.ratios = {t: r / total for t, r in ratios.items()}
+        self.num_samples = int(num_samples if num_samples is not None else len(tasks))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def _counts(self):
+        names = sorted(self.ratios)
+        raw = [self.ratios[t] * self.num_samples for t in names]
+        counts = [int(np.floor(x)) for x in raw]
+        for i in np.argsort([-(x - np.floor(x)) for x in raw])[: self.num_samples - sum(counts)]:
+            counts[i] += 1
+        return dict(zip(names, counts))
+
+    def global_order(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        picks = []
+        for task, count in self._counts().items():
+            pool = np.asarray(self.by_task[task])
+            drawn = []
+            while len(drawn) < count:
+                drawn.extend(rng.permutation(pool).tolist())
+            picks.extend(drawn[:count])
+        return [picks[i] for i in rng.permutation(len(picks))]
+
+    def __iter__(self):
+        return iter(self.global_order()[self.rank::self.world_size])
+
+    def __len__(self):
+        return len(range(self.rank, self.num_samples, self.world_size))

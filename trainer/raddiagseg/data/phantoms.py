@@ -1,0 +1,311 @@
+"""Synthetic abdominal CT volumes and chest X-rays with their masks, drawn from simple anatomy.
+
+Why: the public datasets cannot be downloaded here, and tests, the demo model and the
+benchmarks need images whose classes are visually separable yet look like the real thing.
+`layouts.py` writes them in the public datasets' layouts so the converters run end to end.
+
+CT volumes are generated in *display* layout `(z, row, col)`: z towards the head, rows from
+anterior to posterior, columns from the patient's right to left (radiological convention).
+Label values follow the MSD: 0 background, 1 organ, 2 tumour. X-rays are 8-bit images with a
+lung mask and an infection mask, like COVID-QU-Ex.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+CT_TASKS = ("liver", "pancreas")
+XRAY_CLASSES = ("COVID-19", "Non-COVID", "Normal")
+
+
+@dataclass
+class CTPhantom:
+    task: str  # "liver" | "pancreas"
+    hu: np.ndarray  # (z, row, col) int16 Hounsfield units
+    label: np.ndarray  # (z, row, col) uint8: 0 background, 1 organ, 2 tumour
+    spacing: tuple  # (slice thickness, row spacing, col spacing) in mm
+    n_tumours: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class XrayPhantom:
+    kind: str  # one of XRAY_CLASSES
+    image: np.ndarray  # (H, W) uint8
+    lung: np.ndarray  # (H, W) uint8 0/1
+    infection: np.ndarray  # (H, W) uint8 0/1 (empty unless COVID-19, as in COVID-QU-Ex)
+    opacity: np.ndarray = None  # (H, W) uint8 0/1: where an opacity was drawn (Non-COVID consolidation too)
+
+
+def _blob(X, Y, cx, cy, a, b, angle=0.0, harmonics=()):
+    """Normalised radius of an ellipse with a wobbly outline: < 1 inside."""
+    c, s = np.cos(angle), np.sin(angle)
+    u = (X - cx) * c + (Y - cy) * s
+    v = -(X - cx) * s + (Y - cy) * c
+    rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+    if harmonics:
+        phi = np.arctan2(v / b, u / a)
+        wobble = 1.0 + sum(h * np.cos(k * phi + p) for k, h, p in harmonics)
+        rho = rho / wobble
+    return rho
+
+
+def _harmonics(rng, strength=0.08, orders=(2, 3, 4)):
+    return tuple((k, rng.uniform(0, strength) / (1 + 0.5 * i), rng.uniform(0, 2 * np.pi)) for i, k in enumerate(orders))
+
+
+def _smooth_noise(rng, shape, sigma):
+    field_ = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field_ / (field_.std() + 1e-6)
+
+
+def _organ_profile(t, start, end, power=0.6):
+    """Cross-section scale of an organ along the body axis: 0 outside [start, end], 1 in the middle."""
+    x = (t - start) / (end - start)
+    return np.where((x > 0) & (x < 1), np.sin(np.pi * np.clip(x, 0, 1)) ** power, 0.0)
+
+
+def generate_ct(rng, task, size=None, slices=None, tumours=None):
+    """One abdominal CT phantom for MSD task `task` ('liver' or 'pancreas').
+
+    size: in-plane pixels (default random 192-320); slices: number of slices (default 24-64);
+    tumours: number of tumours (default: none for ~15 % of volumes, else 1-3).
+    """
+    if task not in CT_TASKS:
+        raise ValueError(f"unknown CT phantom task {task!r}; expected one of {CT_TASKS}")
+    n = int(size or rng.integers(192, 321))
+    nz = int(slices or rng.integers(24, 65))
+    px = float(rng.uniform(0.6, 1.0))
+    sz = float(np.round(rng.uniform(2.0, 5.0) * 2) / 2)
+    if tumours is None:
+        tumours = 0 if rng.random() < 0.15 else int(rng.integers(1, 4))
+
+    # Body-axis coverage t in [0, 1] (0 = iliac crest, 1 = liver dome); the slab covers part of it.
+    if task == "liver":
+        t0, t1 = rng.uniform(0.30, 0.45), rng.uniform(0.93, 1.0)
+    else:
+        t0, t1 = rng.uniform(0.28, 0.38), rng.uniform(0.70, 0.78)
+    ts = np.linspace(t0, t1, nz)
+
+    coords = (np.arange(n, dtype=np.float32) - n / 2 + 0.5) / (n / 2)
+    Y0, X0 = np.meshgrid(coords, coords, indexing="ij")  # Y: anterior(-) to posterior(+), X: right(-) to left(+)
+    rot = rng.uniform(-0.08, 0.08)
+    shift = rng.uniform(-0.05, 0.05, size=2)
+    zoom = rng.uniform(0.9, 1.05)
+    X = ((X0 - shift[0]) * np.cos(rot) + (Y0 - shift[1]) * np.sin(rot)) / zoom
+    Y = (-(X0 - shift[0]) * np.sin(rot) + (Y0 - shift[1]) * np.cos(rot)) / zoom
+
+    body_a, body_b = rng.uniform(0.80, 0.90), rng.uniform(0.58, 0.68)
+    body_h = _harmonics(rng, 0.03)
+    liver_c = np.array([rng.uniform(-0.34, -0.24), rng.uniform(-0.08, 0.02)])
+    liver_ab = np.array([rng.uniform(0.36, 0.44), rng.uniform(0.36, 0.44)])
+    liver_h = _harmonics(rng, 0.12)
+    liver_lobe = rng.uniform(0.10, 0.22)  # left lobe reaching across the midline
+    spleen_c = np.array([rng.uniform(0.38, 0.48), rng.uniform(0.05, 0.18)])
+    kidney_dx, kidney_y = rng.uniform(0.26, 0.33), rng.uniform(0.30, 0.40)
+    stomach_c = np.array([rng.uniform(0.12, 0.28), rng.uniform(-0.32, -0.2)])
+    hu_liver = rng.uniform(55, 70)
+    hu_pancreas = rng.uniform(35, 48)
+    hu_spleen = rng.uniform(45, 55)
+    hu_fat = rng.uniform(-110, -85)
+    hu_vessel = rng.uniform(130, 180)
+
+    # Pancreas: a curved band from the head (near the duodenum, right) to the tail (at the spleen, left).
+    p0 = np.array([rng.uniform(-0.16, -0.10), rng.uniform(0.06, 0.12)])
+    p1 = np.array([rng.uniform(0.05, 0.15), rng.uniform(-0.10, -0.02)])
+    p2 = np.array([rng.uniform(0.32, 0.40), rng.uniform(0.02, 0.10)])
+    s = np.linspace(0, 1, 48)[:, None]
+    centre = (1 - s) ** 2 * p0 + 2 * (1 - s) * s * p1 + s**2 * p2
+    d2 = (X[None] - centre[:, 0, None, None]) ** 2 + (Y[None] - centre[:, 1, None, None]) ** 2
+    nearest = d2.argmin(0)
+    pan_dist = np.sqrt(d2.min(0))
+    pan_s = s[nearest, 0]
+    pan_thick = 0.095 - 0.04 * pan_s  # head thicker than the tail
+    pan_zc = 0.48 + 0.10 * pan_s  # the tail lies higher than the head
+    del d2
+
+    vessels = [(rng.uniform(-0.45, -0.1), rng.uniform(-0.3, 0.2), rng.uniform(0.012, 0.025)) for _ in range(6)]
+
+    texture = _smooth_noise(rng, (nz, max(n // 4, 8), max(n // 4, 8)), (0.7, 1.5, 1.5))
+    texture = ndimage.zoom(texture, (1, n / texture.shape[1], n / texture.shape[2]), order=1)[:, :n, :n]
+
+    hu = np.empty((nz, n, n), np.float32)
+    organ = np.zeros((nz, n, n), bool)
+    cavity = np.zeros((nz, n, n), bool)
+    for z, t in enumerate(ts):
+        body = _blob(X, Y, 0, 0, body_a, body_b, 0, body_h)
+        sl = np.full((n, n), -1000.0, np.float32)
+        sl[body < 1] = hu_fat
+        sl[(body < 0.93) & (body >= 0.86)] = 45.0  # abdominal wall muscle
+        cav = body < 0.86
+        cavity[z] = cav
+        bowel = cav & (texture[z] > 0.3)
+        sl[bowel] = 25.0
+        sl[cav & (texture[z] > 2.2)] = -850.0  # gas in bowel loops
+        for sx in (-1, 1):  # paraspinal muscles
+            sl[_blob(X, Y, sx * 0.17, 0.56, 0.12, 0.10, sx * 0.3) < 1] = 50.0
+        vert = _blob(X, Y, 0, 0.38, 0.105, 0.095)
+        sl[vert < 1] = 700.0
+        sl[vert < 0.82] = 230.0
+        arch = _blob(X, Y, 0, 0.53, 0.075, 0.065)
+        sl[arch < 1] = 600.0
+        sl[arch < 0.6] = 15.0  # spinal canal
+        sl[_blob(X, Y, 0, 0.66, 0.025, 0.075) < 1] = 600.0
+        for side in (-1, 1):
+            scale = _organ_profile(t, 0.05 + 0.07 * (side < 0), 0.55 + 0.07 * (side < 0))
+            if scale > 0.05:
+                k = _blob(X, Y, side * kidney_dx, kidney_y, 0.085 * scale, 0.12 * scale, side * 0.5)
+                sl[k < 1] = 155.0
+                sl[k < 0.55] = 95.0
+        sl[_blob(X, Y, 0.05, 0.22, 0.04, 0.04) < 1] = hu_vessel  # aorta
+        sl[_blob(X, Y, -0.11, 0.2, 0.05, 0.035) < 1] = hu_vessel - 25  # IVC
+        scale = _organ_profile(t, 0.52, 0.92)
+        if scale > 0.05:
+            sl[cav & (_blob(X, Y, spleen_c[0], spleen_c[1], 0.09 * scale + 0.02, 0.15 * scale + 0.02, -0.5) < 1)] = hu_spleen
+        scale = _organ_profile(t, 0.6, 1.02)
+        if scale > 0.05:
+            st = _blob(X, Y, stomach_c[0], stomach_c[1], 0.15 * scale, 0.11 * scale, 0.3)
+            sl[cav & (st < 1)] = 40.0
+            sl[cav & (st < 0.85)] = 10.0
+            sl[cav & (st < 0.85) & (Y < stomach_c[1] - 0.04 * scale)] = -900.0
+        pan_scale = np.clip(1 - ((t - pan_zc) / 0.11) ** 2, 0, None)
+        pancreas = cav & (pan_dist < pan_thick * np.sqrt(pan_scale))
+        sl[pancreas] = hu_pancreas
+        scale = _organ_profile(t, 0.42, 1.0, 0.5)
+        liver = np.zeros((n, n), bool)
+        if scale > 0.05:
+            rho = _blob(X, Y, liver_c[0], liver_c[1], liver_ab[0] * (0.3 + 0.7 * scale), liver_ab[1] * (0.3 + 0.7 * scale), 0.2, liver_h)
+            lobe = _blob(X, Y, liver_c[0] + 0.3, liver_c[1] - 0.12, 0.2 + liver_lobe * scale, 0.1 * scale + 0.02, -0.25)
+            liver = cav & ((rho < 1) | (lobe < 1)) & (_blob(X, Y, 0, 0.38, 0.13, 0.12) > 1)
+            sl[liver] = hu_liver
+            for vx, vy, vr in vessels:
+                sl[liver & (_blob(X, Y, vx, vy, vr, vr) < 1)] = hu_liver + 60
+        organ[z] = liver if task == "liver" else pancreas
+        hu[z] = sl
+
+    label = organ.astype(np.uint8)
+    placed = _add_tumours(rng, task, tumours, hu, label, cavity, n, px, sz)
+    hu = ndimage.gaussian_filter(hu, (0, 0.6, 0.6))
+    noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), (0, 0.5, 0.5))
+    hu += noise / noise.std() * rng.uniform(10, 16)
+    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    return CTPhantom(task, hu, label, (sz, px, px), placed)
+
+
+def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
+    """Hypodense ellipsoids centred inside the organ; they may bulge it. Edits `hu` and `label` in place."""
+    organ = label > 0
+    if count == 0 or not organ.any():
+        return 0
+    depth = np.stack([ndimage.distance_transform_edt(o) if o.any() else np.zeros(o.shape) for o in organ])
+    lo, hi = (0.06, 0.16) if task == "liver" else (0.055, 0.09)
+    zz, yy, xx = np.ogrid[: hu.shape[0], : n, : n]
+    placed = 0
+    for _ in range(count):
+        r = rng.uniform(lo, hi) * n / 2  # in-plane radius, pixels
+        candidates = np.argwhere(depth >= max(2.0, 0.5 * r))
+        if len(candidates) == 0:
+            continue
+        cz, cy, cx = candidates[rng.integers(len(candidates))]
+        rz = max(1.5, r * px / sz * rng.uniform(0.8, 1.2))
+        ry, rx = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2)
+        rho = np.sqrt(((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+        inside = cavity & (rho < 0.85)
+        weight = np.clip((1.0 - rho) / 0.3, 0, 1) * cavity
+        base = np.median(hu[label > 0]) if (label > 0).any() else 50.0
+        # Tumour replaces whatever was there with organ tissue minus 25-45 HU, with a soft edge.
+        target = base - rng.uniform(25, 45)
+        hu[:] = np.where(weight > 0, (1 - weight) * hu + weight * target, hu)
+        label[inside] = 2
+        placed += 1
+    return placed
+
+
+def generate_xray(rng, kind, size=256):
+    """One 8-bit chest radiograph: 'COVID-19' (bilateral peripheral patchy ground glass),
+    'Non-COVID' (focal lobar consolidation in one lung) or 'Normal' (clear lungs)."""
+    if kind not in XRAY_CLASSES:
+        raise ValueError(f"unknown X-ray class {kind!r}; expected one of {XRAY_CLASSES}")
+    n = int(size)
+    coords = (np.arange(n, dtype=np.float32) - n / 2 + 0.5) / (n / 2)
+    Y0, X0 = np.meshgrid(coords, coords, indexing="ij")
+    rot, zoom = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.08)
+    shift = rng.uniform(-0.06, 0.06, size=2)
+    X = ((X0 - shift[0]) * np.cos(rot) + (Y0 - shift[1]) * np.sin(rot)) / zoom
+    Y = (-(X0 - shift[0]) * np.sin(rot) + (Y0 - shift[1]) * np.cos(rot)) / zoom
+
+    att = np.zeros((n, n), np.float32)  # attenuation: bright = dense
+    torso = _blob(X, Y, 0, 0.3, rng.uniform(0.92, 1.02), 1.35, 0, _harmonics(rng, 0.02))
+    att += 0.45 * np.clip((1.05 - torso) / 0.1, 0, 1)
+    att += 0.12 * np.clip((Y - 0.55) / 0.3, 0, 1)  # abdomen below the diaphragm
+    att += 0.25 * np.clip(1 - np.abs(X) / 0.09, 0, 1)  # spine
+    lungs = np.zeros((n, n), bool)
+    lung_fields = []
+    for side in (-1, 1):  # side -1: image left = patient's right lung
+        cx = side * rng.uniform(0.36, 0.44)
+        a, b = rng.uniform(0.24, 0.30) * (1.0 if side < 0 else 0.93), rng.uniform(0.58, 0.68)
+        cy = rng.uniform(-0.08, 0.02)
+        rho = _blob(X, Y, cx, cy, a, b, side * 0.08, _harmonics(rng, 0.04))
+        field_ = (rho < 1) & (Y < cy + b * 0.85 - 0.15 * np.abs(X - cx) / a)  # flat-ish diaphragm
+        lungs |= field_
+        lung_fields.append((field_, cx, cy, a, b))
+    heart = _blob(X, Y, rng.uniform(0.06, 0.14), rng.uniform(0.25, 0.35), rng.uniform(0.24, 0.3), rng.uniform(0.2, 0.26), 0.3)
+    heart_mask = heart < 1
+    lungs &= ~heart_mask
+    mediastinum = (np.abs(X - 0.02) < 0.12) & (Y < 0.2)
+    lungs &= ~mediastinum
+    lung_soft = ndimage.gaussian_filter(lungs.astype(np.float32), 1.5)
+    att -= 0.32 * lung_soft
+    att += 0.22 * np.clip((1.1 - heart) / 0.25, 0, 1)
+    att += 0.15 * ndimage.gaussian_filter(mediastinum.astype(np.float32), 2)
+    # ribs: arcs across each lung, faintly brighter; clavicles near the apex
+    for side in (-1, 1):
+        for k in range(9):
+            y0 = -0.55 + k * rng.uniform(0.12, 0.15)
+            curve = y0 + 0.8 * (np.abs(X) - 0.45) ** 2 - 0.1
+            band = np.abs(Y - curve) < 0.02
+            att += 0.06 * (band & (np.sign(X) == side) & (np.abs(X) > 0.06) & (np.abs(X) < 0.82))
+        clav = np.abs(Y - (-0.66 + 0.2 * np.abs(X - side * 0.3))) < 0.03
+        att += 0.12 * (clav & (np.sign(X) == side) & (np.abs(X) > 0.1) & (np.abs(X) < 0.7))
+    att += 0.06 * _smooth_noise(rng, (n, n), n / 40) * lung_soft  # vascular markings
+
+    infection = np.zeros((n, n), bool)
+    opacity = np.zeros((n, n), bool)
+    if kind == "COVID-19":
+        for field_, cx, cy, a, b in lung_fields:  # bilateral, peripheral, lower zones, patchy
+            patches = np.zeros((n, n), np.float32)
+            for _ in range(int(rng.integers(2, 5))):
+                px_ = cx + np.sign(cx) * a * rng.uniform(0.35, 0.8)
+                py_ = cy + b * rng.uniform(-0.1, 0.7)
+                r = rng.uniform(0.1, 0.18)
+                patches = np.maximum(patches, np.clip(1 - _blob(X, Y, px_, py_, r, r * 1.3, 0, _harmonics(rng, 0.2)), 0, 1))
+            mottle = np.clip(0.6 + 0.5 * _smooth_noise(rng, (n, n), n / 60), 0, 1)
+            patch = ndimage.gaussian_filter(patches, 2.0) * mottle * field_
+            att += rng.uniform(0.2, 0.28) * np.clip(patch * 2.5, 0, 1)
+            infection |= (patch > 0.12) & field_
+        opacity = infection
+    elif kind == "Non-COVID":
+        side = int(rng.integers(2))
+        field_, cx, cy, a, b = lung_fields[side]
+        lower = rng.random() < 0.7
+        ly = cy + (b * 0.45 if lower else -b * 0.35)
+        lobe = _blob(X, Y, cx + rng.uniform(-0.05, 0.05), ly, a * rng.uniform(0.7, 0.9), b * rng.uniform(0.3, 0.42), 0, _harmonics(rng, 0.1))
+        cons = field_ & (lobe < 1)
+        att += rng.uniform(0.3, 0.38) * ndimage.gaussian_filter(cons.astype(np.float32), 1.2)
+        opacity = cons
+
+    att = ndimage.gaussian_filter(att, 0.8)
+    gamma = rng.uniform(0.85, 1.2)
+    img = np.clip((att - att.min()) / (np.ptp(att) + 1e-6), 0, 1) ** gamma
+    img = img * rng.uniform(0.8, 0.95) + rng.uniform(0.02, 0.08)
+    img += rng.normal(0, rng.uniform(0.01, 0.025), img.shape)
+    image = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return XrayPhantom(kind, image, lungs.astype(np.uint8), infection.astype(np.uint8), opacity.astype(np.uint8))
+
+
+def window_to_uint8(hu_slice, window=(40.0, 400.0)):
+    """Render an HU slice with a window as an 8-bit image (how VQA-RAD/SLAKE ship CT images)."""
+    level, width = window
+    low = level - width / 2
+    return np.clip((np.asarray(hu_slice, np.float32) - low) / width * 255, 0, 255).astype(np.uint8)

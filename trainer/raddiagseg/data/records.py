@@ -1,0 +1,115 @@
+"""Manifest rows: constructors for the three tasks, split assignment, the skip report, and manifest I/O.
+
+Why: every converter must emit exactly the manifest contract of docs/INTERFACES.md; building
+rows here keeps the questions and answers coming from `templates.py` only.
+"""
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raddiagseg import templates
+
+log = logging.getLogger(__name__)
+
+TASKS = ("vqaseg", "refseg", "vqa")
+SPLITS = ("train", "val", "test")
+MODALITIES = ("ct", "xray", "mri")
+
+
+@dataclass
+class BuildReport:
+    """What was skipped and why, so that one bad file never stops a build."""
+
+    skipped: list = field(default_factory=list)  # (path, reason)
+
+    def skip(self, path, reason):
+        self.skipped.append((str(path), reason))
+        log.warning("skipped %s: %s", path, reason)
+
+    def summary(self, limit=20):
+        if not self.skipped:
+            return "nothing skipped"
+        lines = [f"skipped {len(self.skipped)} item(s):"]
+        lines += [f"  {path}: {reason}" for path, reason in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more")
+        return "\n".join(lines)
+
+
+def diagnosis_for(organ, abnormality):
+    """The vocabulary diagnosis label for (organ, abnormality), or None."""
+    for d in templates.vocabulary()["diagnoses"]:
+        if d["organ"] == organ and d["abnormality"] == abnormality:
+            return d["label"]
+    return None
+
+
+def vqaseg_row(base, detection, diagnosis=None, targets=()):
+    """A VQA-Seg row: positives name the targets in seg-token order; negatives have no targets."""
+    targets = list(targets) if detection else []
+    answer = templates.vqaseg_answer(detection, diagnosis, [t["name"] for t in targets])
+    return {**base, "task": "vqaseg", "question": templates.DEFAULT_QUESTION, "answer": answer,
+            "detection": bool(detection), "diagnosis": diagnosis if detection else None, "targets": targets}
+
+
+def refseg_row(base, target):
+    return {**base, "task": "refseg", "question": templates.refseg_question(target["name"], base["modality"]),
+            "answer": templates.refseg_answer(target["name"]), "detection": None, "diagnosis": None,
+            "targets": [target]}
+
+
+def vqa_row(base, question, answer, answer_type):
+    if answer_type not in ("closed", "open"):
+        raise ValueError(f"answer_type must be closed or open, got {answer_type!r}")
+    return {**base, "task": "vqa", "question": question, "answer": answer, "detection": None, "diagnosis": None,
+            "targets": [], "answer_type": answer_type}
+
+
+def assign_splits(groups, seed, name, fractions=(0.7, 0.15, 0.15)):
+    """Map each group id (a volume, an image) to train/val/test; a pure function of (ids, seed, name).
+
+    With three or more groups, val and test each get at least one, so small phantom runs still
+    have held-out volumes.
+    """
+    ids = sorted(set(groups))
+    random.Random(f"{seed}:{name}").shuffle(ids)
+    n = len(ids)
+    n_test = round(n * fractions[2])
+    n_val = round(n * fractions[1])
+    if n >= 3:
+        n_test = max(1, n_test) if fractions[2] > 0 else 0
+        n_val = max(1, n_val) if fractions[1] > 0 else 0
+    test, val = ids[:n_test], ids[n_test:n_test + n_val]
+    return {g: ("test" if g in test else "val" if g in val else "train") for g in ids}
+
+
+def read_manifest(path):
+    """Rows of a manifest.jsonl (blank lines ignored); a clear error names the bad line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}")
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def write_manifest(path, rows):
+    """Write rows as JSONL atomically (a crash never leaves a half-written manifest)."""
+    path = Path(path)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
