@@ -85,8 +85,11 @@ def monailabel_command(args):
     return [sys.executable, "-m", "monailabel.main", "start_server", *args]
 
 
-def start_server(app_dir, studies_dir, conf=None, env=None, timeout=180, port=None, command=monailabel_command):
-    """Start a server and wait until GET /info/ answers 200; raise RuntimeError with its log if it does not."""
+def start_server(app_dir, studies_dir, conf=None, env=None, timeout=180, port=None, command=monailabel_command,
+                 headers=None):
+    """Start a server and wait until GET /info/ answers 200; raise RuntimeError with its log if it does not.
+
+    `headers` go with the readiness poll (e.g. an Authorization header for a server that requires a token)."""
     port = port or free_port()
     args = ["--app", str(app_dir), "--studies", str(studies_dir), "--host", "127.0.0.1", "--port", str(port)]
     for key, value in (conf or {}).items():
@@ -103,7 +106,7 @@ def start_server(app_dir, studies_dir, conf=None, env=None, timeout=180, port=No
         if not handle.alive():
             raise RuntimeError(f"monailabel server exited with code {process.returncode}:\n{handle.log()}")
         try:
-            if requests.get(handle.url + "/info/", timeout=5).status_code == 200:
+            if requests.get(handle.url + "/info/", timeout=5, headers=headers).status_code == 200:
                 return handle
         except requests.RequestException:
             pass

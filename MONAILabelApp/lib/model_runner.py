@@ -16,7 +16,7 @@ def join_features(model, features):
     """One batch ImageFeatures from per-image ones (the model knows how to concatenate its own)."""
     if len(features) == 1:
         return features[0]
-    return type(features[0]).concat(features)
+    return type(features[0]).cat(features)
 
 
 class ModelRunner:
@@ -41,6 +41,12 @@ class ModelRunner:
 
     def answer(self, images, questions, options, batch_size=8, show_progress=False):
         """GenerationResults for each (image, question), and stage timings summed over batches."""
+        import torch
+
+        with torch.inference_mode():
+            return self._answer(images, questions, options, batch_size, show_progress)
+
+    def _answer(self, images, questions, options, batch_size, show_progress):
         model, version = self.store.get()
         results = []
         timings = {"encode": 0.0, "generate": 0.0}

@@ -1,0 +1,158 @@
+"""Integration tests of the MONAI Label app against a real `monailabel start_server` on 127.0.0.1.
+
+A randomly initialised demo-preset model is served (its answers are gibberish, but geometry,
+JSON shape, label files, caching and errors are all real); behaviour that needs real answers
+is in test_app_demo_model.py and runs when the trained demo model is present.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from app_studies import APP_DIR, random_model_dir, write_studies
+from live_server import server_factory  # noqa: F401  (fixture)
+
+requests_toolbelt = pytest.importorskip("requests_toolbelt.multipart.decoder")
+
+
+@pytest.fixture(scope="module")
+def served(server_factory, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("app")
+    studies = write_studies(root / "studies")
+    model_dir = random_model_dir(root / "model")
+    server = server_factory(APP_DIR, root / "studies", {"model_path": model_dir, "work_dir": root / "work"})
+    return {"server": server, "studies": studies, "root": root}
+
+
+def infer(server, image_id, params=None, tmp_path=None, expect=200):
+    reply = requests.post(
+        f"{server.url}/infer/raddiagseg",
+        params={"image": image_id, "output": "all"},
+        data={"params": json.dumps(params or {})},
+        timeout=300,
+    )
+    assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
+    if expect != 200:
+        return reply.json(), None
+    parts = requests_toolbelt.MultipartDecoder.from_response(reply).parts
+    result, label = None, None
+    for part in parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            result = json.loads(part.text)
+        else:
+            name = disposition.split("filename=")[-1].strip('"')
+            suffix = ".seg.nrrd" if name.endswith(".seg.nrrd") else "".join(
+                s for s in (".nii.gz", ".nii", ".nrrd", ".png") if name.endswith(s))[:7]
+            label = tmp_path / f"label_{image_id}_{len(list(tmp_path.iterdir()))}{suffix}"
+            label.write_bytes(part.content)
+    return result, label
+
+
+def assert_same_geometry(label_path, image):
+    label = sitk.ReadImage(str(label_path))
+    assert label.GetSize() == image.GetSize()
+    assert np.allclose(label.GetSpacing(), image.GetSpacing())
+    assert np.allclose(label.GetOrigin(), image.GetOrigin())
+    assert np.allclose(label.GetDirection(), image.GetDirection())
+    return sitk.GetArrayFromImage(label)
+
+
+def assert_response_shape(result):
+    for key in ("answer", "detection", "diagnosis", "segments", "label_names", "slices", "latencies"):
+        assert key in result, key
+    values = [s["label_value"] for s in result["segments"]]
+    assert values == list(range(1, len(values) + 1))
+    assert result["label_names"] == {s["name"]: s["label_value"] for s in result["segments"]}
+    for segment in result["segments"]:
+        assert len(segment["color"]) == 3 and segment["role"] in ("organ", "abnormality", "unknown")
+
+
+def test_info_lists_model_trainer_strategies_and_labels(served):
+    info = requests.get(served["server"].url + "/info/", timeout=10).json()
+    assert "raddiagseg" in info["models"] and "raddiagseg" in info["trainers"]
+    assert {"uncertain", "random", "first"} <= set(info["strategies"])
+    for name in ("liver", "liver tumour", "pancreas", "pancreas tumour", "lung", "infection"):
+        assert name in info["models"]["raddiagseg"]["labels"]
+        assert name in info["labels"]
+
+
+def test_ct_slice_label_has_input_geometry_and_only_that_slice(served, tmp_path):
+    image = served["studies"]["ct_liver"][0]
+    result, label_path = infer(served["server"], "ct_liver", {"slice": 4}, tmp_path)
+    assert_response_shape(result)
+    assert [s["slice"] for s in result["slices"]] == [4] and result["volume"] is None
+    assert result["modality"] == "ct"
+    labels = assert_same_geometry(label_path, image)
+    assert labels.max() <= len(result["segments"])
+    outside = np.delete(labels, 4, axis=0)  # k = 4 is numpy axis 0 of the (K, J, I) array
+    assert not outside.any()
+
+
+def test_second_question_on_same_slice_reuses_image_features(served, tmp_path):
+    first, _ = infer(served["server"], "ct_liver", {"slice": 7}, tmp_path)
+    second, _ = infer(served["server"], "ct_liver", {"slice": 7, "question": "Please segment liver in the CT scan."}, tmp_path)
+    assert first["feature_cache"]["encoded"] == 1
+    assert second["feature_cache"]["encoded"] == 0 and second["feature_cache"]["cached"] == 1
+    assert second["feature_cache"]["hits"] > first["feature_cache"]["hits"]
+
+
+def test_whole_volume_answers_every_slice_in_file_order(served, tmp_path):
+    image = served["studies"]["ct_liver"][0]
+    result, label_path = infer(served["server"], "ct_liver", {"batch_size": 4, "max_new_tokens": 24}, tmp_path)
+    assert_response_shape(result)
+    n = image.GetSize()[2]
+    assert [s["slice"] for s in result["slices"]] == list(range(n))
+    assert result["volume"]["n_slices"] == n
+    assert result["detection"] == bool(result["volume"]["positive_slices"])
+    assert_same_geometry(label_path, image)
+
+
+def test_xray_png_gives_2d_label_of_the_same_size(served, tmp_path):
+    result, label_path = infer(served["server"], "cxr_covid", {}, tmp_path)
+    assert_response_shape(result)
+    assert result["modality"] == "xray" and result["slices"] == []
+    label = sitk.ReadImage(str(label_path))
+    assert label.GetSize()[:2] == served["studies"]["cxr_covid"][0].shape[::-1]
+
+
+def test_seg_nrrd_result_reads_back_with_slicerio(served, tmp_path):
+    slicerio = pytest.importorskip("slicerio")
+    result, path = infer(served["server"], "ct_liver", {"slice": 2, "result_extension": ".seg.nrrd"}, tmp_path)
+    segmentation = slicerio.read_segmentation(str(path))
+    assert slicerio.segment_names(segmentation) == [s["name"] for s in result["segments"]]
+    image = served["studies"]["ct_liver"][0]
+    from lib.image_io import ijk_to_lps  # noqa: E402  (app module, on sys.path via test_app_files' import)
+
+    assert np.allclose(segmentation["ijkToLPS"], ijk_to_lps(image))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"slice": 99}, "outside the volume"),
+        ({"result_extension": ".exe"}, "result_extension"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"question": "x" * 5000}, "too long"),
+        ({"modality": "pet"}, "modality"),
+    ],
+)
+def test_bad_parameters_are_4xx_with_a_message(served, params, message):
+    body, _ = infer(served["server"], "ct_liver", params, expect=400)
+    assert message in body["detail"]
+    assert requests.get(served["server"].url + "/info/", timeout=10).status_code == 200
+
+
+def test_uncertain_strategy_scores_and_caches_in_image_info(served):
+    url = served["server"].url
+    reply = requests.post(url + "/activelearning/uncertain", json={}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    chosen = reply.json()
+    assert chosen["id"] in ("ct_liver", "cxr_covid") and 0.0 <= chosen["score"] <= 1.0
+    datastore = requests.get(url + "/datastore/?output=all", timeout=10).json()
+    infos = {k: v["image"]["info"] for k, v in datastore["objects"].items()}
+    assert all("raddiag_uncertainty" in info for info in infos.values())
+    for strategy in ("random", "first"):
+        assert requests.post(f"{url}/activelearning/{strategy}", json={}, timeout=30).json()["id"] in infos
