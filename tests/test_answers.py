@@ -24,6 +24,7 @@ def test_template_answer_round_trips():
         ("  1.   YES  \n\n 2.  Liver tumour", True),
         ("(1) No.", False),
         ("Step 1: no", False),
+        ("**1. Yes**\n**2. Liver tumour**", True),
         ("Yes, there is a lesion in the liver.", True),
         ("No abnormality is seen.", False),
         ("There is no evidence of abnormality.", False),
@@ -45,6 +46,11 @@ def test_inline_answer_with_bullets():
     parsed = parse_answer("1. Yes 2. COVID-19 infection 3. Segmentation masks: - lung <seg000> - ground-glass opacity <seg001>")
     assert parsed.diagnosis == "COVID-19 infection"
     assert parsed.segments == [("lung", "<seg000>"), ("ground-glass opacity", "<seg001>")]
+
+
+def test_markdown_bold_steps():
+    parsed = parse_answer("**1. Yes**\n**2. Liver tumour**\n**3.** - liver <seg000>")
+    assert (parsed.detection, parsed.diagnosis, parsed.segments) == (True, "Liver tumour", [("liver", "<seg000>")])
 
 
 def test_segments_with_commas_and_and():

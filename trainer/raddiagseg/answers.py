@@ -12,8 +12,8 @@ import re
 
 SEG_TOKEN_RE = re.compile(r"<seg\d{3}>")
 
-# A step number: "1." "1)" "(1)" "1:" "Step 1:" at the start of the text or after white space / punctuation.
-_STEP_RE = re.compile(r"(?:^|(?<=[\s.;,:!?]))(?:step\s*)?\(?([123])\s*[.):](?=\s|$)", re.IGNORECASE)
+# A step number: "1." "1)" "(1)" "1:" "Step 1:" "**1.**" at the start of the text or after white space / punctuation.
+_STEP_RE = re.compile(r"(?:^|(?<=[\s.;,:!?*#]))(?:step\s*)?\(?([123])\s*[.):](?=[\s*]|$)", re.IGNORECASE)
 
 _YES_WORDS = ("yes", "true", "positive", "present", "abnormal", "abnormality", "abnormalities", "y")
 _NO_WORDS = ("no", "false", "negative", "absent", "normal", "none", "nothing", "n")
@@ -120,7 +120,7 @@ def clean_diagnosis(text, notes=None):
         body = body[: cut.start()]
         notes.append("diagnosis cut where the mask list starts")
     body = _DIAGNOSIS_PREFIX_RE.sub("", body.strip())
-    body = " ".join(body.split()).strip(" .,;:-")
+    body = " ".join(body.split()).strip(" .,;:-*_#`")
     return body or None
 
 
