@@ -1,0 +1,91 @@
+"""`raddiagseg train` (one stage) and `raddiagseg demo` (phantoms -> both stages -> score -> shipped model folder)."""
+
+from raddiagseg.cli import CommandError
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "train", help="train one stage (pretrain: Ref-Seg + VQA, finetune: VQA-Seg + VQA); works under torchrun",
+        description="Train one stage of RadDiagSeg-M. Under `torchrun --nproc_per_node K` it runs DDP with the same "
+                    "effective batch (--batch-size x --grad-accum) as one process.")
+    p.add_argument("--data", required=True, help="folder with manifest.jsonl (from `raddiagseg build`) or the manifest")
+    p.add_argument("--stage", required=True, choices=("pretrain", "finetune"))
+    p.add_argument("--preset", default="demo", choices=("demo", "paper"))
+    p.add_argument("--init", help="checkpoint folder to start from (e.g. the pretrain run's best/)")
+    p.add_argument("--out", required=True, help="run folder (best/, last/, metrics.csv, tb/, loss_curves.png)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: from the preset)")
+    p.add_argument("--epochs", type=float, help="epochs over the training split, when --max-steps is not given")
+    p.add_argument("--batch-size", type=int, help="micro-batch size (effective batch = batch size x grad accum)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=float, help="warmup steps (>= 1) or fraction of the steps (< 1)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ratio", help="task mix, e.g. 0.6:0.4 (finetune vqaseg:vqa, pretrain refseg:vqa) or vqaseg=0.6,vqa=0.4")
+    p.add_argument("--val-every", type=int, help="validate (and keep the best checkpoint) every N steps")
+    p.add_argument("--val-samples", type=int, default=64, help="validation subset size (0 = the whole val split)")
+    p.add_argument("--save-every", type=int, help="write the resumable last/ checkpoint every N steps (default: --val-every)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on a GPU that supports it, fp32 on CPU")
+    p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"), help="deepspeed = ZeRO-2 (needs deepspeed)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the best/ model folder")
+    p.set_defaults(func=run_train)
+
+    d = subparsers.add_parser(
+        "demo", help="build the demo model: phantoms -> build -> pretrain -> finetune -> predict + score -> model folder")
+    d.add_argument("--out", default="MONAILabelApp/model/raddiagseg-demo", help="model folder to write")
+    d.add_argument("--work", help="working folder for data and runs (default: OUT/../.raddiagseg-demo-work)")
+    d.add_argument("--train-seed", type=int, default=1234, help="phantom seed of the training data")
+    d.add_argument("--test-seed", type=int, default=98765, help="phantom seed of the held-out evaluation data")
+    d.add_argument("--pretrain-steps", type=int)
+    d.add_argument("--finetune-steps", type=int)
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    d.add_argument("--num-workers", type=int, default=0)
+    d.add_argument("--resume", action="store_true", help="reuse finished steps in --work and resume unfinished runs")
+    d.set_defaults(func=run_demo)
+
+
+def config_from_args(args):
+    from raddiagseg.training.config import TrainConfig, parse_ratio_text
+
+    ratio = parse_ratio_text(args.ratio, args.stage) if args.ratio else None
+    return TrainConfig(
+        data=args.data, out=args.out, stage=args.stage, preset=args.preset, init=args.init,
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, ratio=ratio, val_every=args.val_every,
+        val_samples=args.val_samples or None, save_every=args.save_every, seed=args.seed,
+        num_workers=args.num_workers, precision=args.precision, engine=args.engine, device=args.device,
+        resume=args.resume, augment=not args.no_augment, save_dtype=args.save_dtype,
+    )
+
+
+def run_train(args):
+    config = config_from_args(args)
+    try:
+        config = config.resolved()
+    except (ValueError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from None
+    from raddiagseg.training import train
+
+    result = train(config)
+    print(f"best checkpoint: {result.best_checkpoint} ({result.metric_name} = {result.best_metric}, step {result.best_step})")
+    return 0
+
+
+def run_demo(args):
+    from raddiagseg.training.demo import DemoSettings, build_demo
+
+    settings = DemoSettings(
+        out=args.out, work=args.work, train_seed=args.train_seed, test_seed=args.test_seed,
+        pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+        precision=args.precision, num_workers=args.num_workers, resume=args.resume,
+    )
+    card = build_demo(settings)
+    print(f"demo model written: {card.parent} (card: {card})")
+    return 0
