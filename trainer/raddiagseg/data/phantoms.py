@@ -283,7 +283,7 @@ def generate_xray(rng, kind, size=256):
             mottle = np.clip(0.6 + 0.5 * _smooth_noise(rng, (n, n), n / 60), 0, 1)
             patch = ndimage.gaussian_filter(patches, 2.0) * mottle * field_
             att += rng.uniform(0.2, 0.28) * np.clip(patch * 2.5, 0, 1)
-            infection |= (patch > 0.12) & field_
+            infection |= (patch > 0.12) & lungs
         opacity = infection
     elif kind == "Non-COVID":
         side = int(rng.integers(2))
@@ -291,7 +291,7 @@ def generate_xray(rng, kind, size=256):
         lower = rng.random() < 0.7
         ly = cy + (b * 0.45 if lower else -b * 0.35)
         lobe = _blob(X, Y, cx + rng.uniform(-0.05, 0.05), ly, a * rng.uniform(0.7, 0.9), b * rng.uniform(0.3, 0.42), 0, _harmonics(rng, 0.1))
-        cons = field_ & (lobe < 1)
+        cons = lungs & field_ & (lobe < 1)
         att += rng.uniform(0.3, 0.38) * ndimage.gaussian_filter(cons.astype(np.float32), 1.2)
         opacity = cons
 
