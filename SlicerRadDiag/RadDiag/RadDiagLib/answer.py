@@ -10,6 +10,7 @@ import re
 SEG_TOKEN_RE = re.compile(r"&lt;seg(\d{3})&gt;")
 POSITIVE = "#c0392b"
 NEGATIVE = "#1e8449"
+MAX_SLICE_ROWS = 40
 
 
 def _token_chip(index, specs):
@@ -66,6 +67,17 @@ def answer_html(params, specs=()):
     rows, summary = _slice_rows(params.get("slices"))
     if summary and isinstance(summary, str):
         parts.append(f"<p><i>{html.escape(summary)}</i></p>")
+    volume = params.get("volume")
+    if isinstance(volume, dict) and volume.get("n_slices"):
+        positives = volume.get("positive_slices") or []
+        parts.append(f"Abnormal on {len(positives)} of {int(volume['n_slices'])} slices"
+                     + (": " + html.escape(", ".join(str(p) for p in positives[:50])) if positives else "")
+                     + (" …" if len(positives) > 50 else ""))
+    hidden = 0
+    if len(rows) > MAX_SLICE_ROWS:  # long volumes: list the slices that say something
+        kept = [r for r in rows if not isinstance(r, dict) or r.get("detection") is not False]
+        hidden = len(rows) - len(kept)
+        rows = kept[:MAX_SLICE_ROWS]
     if rows:
         table = ['<table border="1" cellspacing="0" cellpadding="2"><tr><th>Slice</th><th>Answer</th></tr>']
         for row in rows:
@@ -75,5 +87,7 @@ def answer_html(params, specs=()):
             answer = answer_lines_html(row.get("answer", ""), specs)
             table.append(f"<tr><td>{html.escape(str(index))}</td><td>{answer}</td></tr>")
         table.append("</table>")
+        if hidden:
+            table.append(f"<i>{hidden} other slices: no abnormality.</i>")
         parts.append("Per-slice answers:" + "".join(table))
     return "<br>".join(parts)

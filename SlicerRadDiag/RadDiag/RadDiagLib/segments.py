@@ -84,6 +84,8 @@ def terminology_string(terminology):
     """
     if not terminology:
         return ""
+    if isinstance(terminology, dict) and "type" not in terminology and terminology.get("slicer"):
+        terminology = terminology["slicer"]
     if isinstance(terminology, str):
         if terminology.count("~") < 2:
             raise ValueError(f"not a Slicer terminology entry string: {terminology!r}")
@@ -149,3 +151,15 @@ def empty_segments(specs, present_values):
     """Specs whose label value has no voxel in the returned label map (to create as empty segments)."""
     present = {int(v) for v in present_values}
     return [s for s in specs if s.label_value not in present]
+
+
+def import_segment_ids(specs):
+    """Segment IDs for Slicer's ImportLabelmapToSegmentationNode, which maps label value i+1 to ids[i].
+
+    Label values the specs do not name get placeholder IDs (`unnamed_<value>`) so the mapping
+    stays aligned; the module removes such segments after import.
+    """
+    if not specs:
+        return []
+    by_value = {s.label_value: s.name for s in specs}
+    return [by_value.get(v, f"unnamed_{v}") for v in range(1, max(by_value) + 1)]

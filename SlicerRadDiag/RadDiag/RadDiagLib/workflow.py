@@ -5,7 +5,6 @@ node handling itself; the acceptance test calls the same functions against a liv
 """
 
 import hashlib
-import os
 import re
 import time
 
