@@ -1,0 +1,47 @@
+"""The extension's files: what Slicer's build installs, and what RadDiagLib may import."""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+EXT = Path(__file__).resolve().parents[1] / "SlicerRadDiag"
+MODULE = EXT / "RadDiag"
+
+
+def test_module_cmakelists_lists_every_script_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "RadDiag")
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|json))\s*$", text, re.M))
+    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*")
+               if p.is_file() and p.suffix in (".py", ".png", ".ui", ".json") and "__pycache__" not in p.parts}
+    assert listed == on_disk  # a file missing here would not be installed with the extension
+
+
+def test_raddiaglib_is_slicer_free_and_python39():
+    for path in (MODULE / "RadDiagLib").glob("*.py"):
+        tree = ast.parse(path.read_text(), feature_version=(3, 9))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("slicer", "qt", "ctk", "vtk", "raddiagseg"), (path.name, name)
+
+
+def test_extension_metadata_and_index_entry():
+    top = (EXT / "CMakeLists.txt").read_text()
+    assert "project(RadDiag)" in top and "add_subdirectory(RadDiag)" in top
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} \S", top), key
+    entry = json.loads((EXT / "RadDiag.json").read_text())
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    # the index schema forbids anything but these keys
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_type", "scm_url", "tier", "enabled"}
+
+
+def test_terminology_file_adds_ground_glass_opacity():
+    term = json.loads((MODULE / "Resources" / "Terminology" / "RadDiag.term.json").read_text())
+    types = [t for c in term["SegmentationCodes"]["Category"] for t in c["Type"]]
+    assert ("DCM", "112120") in {(t["CodingSchemeDesignator"], t["CodeValue"]) for t in types}
+    assert term["SegmentationCategoryTypeContextName"]
