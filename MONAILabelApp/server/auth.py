@@ -1,0 +1,111 @@
+"""Per-user bearer tokens with roles, read from an admin-owned JSON file.
+
+Only SHA-256 hashes of tokens are stored: tokens are long random strings (``secrets``), so a
+fast hash is enough and a leaked config file does not leak credentials. Lookups compare every
+stored hash in constant time so timing does not reveal which prefix matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("user", "annotator", "admin")
+ROLE_LEVEL = {name: level for level, name in enumerate(ROLES)}
+
+
+class AuthConfigError(ValueError):
+    """The auth config file is missing, unreadable or malformed."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    role: str
+
+    def has(self, required: str) -> bool:
+        return ROLE_LEVEL[self.role] >= ROLE_LEVEL[required]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """Maps a presented bearer token to an :class:`Identity` (or ``None``)."""
+
+    def __init__(self, entries: list[tuple[str, str, str]]):
+        self._entries = [(bytes.fromhex(h), Identity(name, role)) for name, role, h in entries]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TokenStore":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AuthConfigError(f"auth config {path} does not exist; create it with `serve.py add-user`")
+        except (OSError, json.JSONDecodeError) as e:
+            raise AuthConfigError(f"auth config {path} is not valid JSON: {e}")
+        users = data.get("users") if isinstance(data, dict) else None
+        if not isinstance(users, list) or not users:
+            raise AuthConfigError(f"auth config {path} needs a non-empty 'users' list")
+        entries, names = [], set()
+        for i, u in enumerate(users):
+            if not isinstance(u, dict):
+                raise AuthConfigError(f"auth config {path}: users[{i}] must be an object")
+            name, role, digest = u.get("name"), u.get("role"), u.get("token_sha256")
+            if not isinstance(name, str) or not name:
+                raise AuthConfigError(f"auth config {path}: users[{i}] needs a 'name'")
+            if role not in ROLE_LEVEL:
+                raise AuthConfigError(f"auth config {path}: user {name!r} has role {role!r}; use one of {', '.join(ROLES)}")
+            if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise AuthConfigError(f"auth config {path}: user {name!r} needs 'token_sha256' (64 lowercase hex digits)")
+            if name in names:
+                raise AuthConfigError(f"auth config {path}: user {name!r} is listed twice")
+            names.add(name)
+            entries.append((name, role, digest))
+        return cls(entries)
+
+    def identify(self, token: str | None) -> Identity | None:
+        if not token:
+            return None
+        presented = hashlib.sha256(token.encode("utf-8")).digest()
+        found = None
+        for digest, identity in self._entries:  # no early exit: constant work per request
+            if hmac.compare_digest(presented, digest):
+                found = identity
+        return found
+
+
+def add_user(path: str | os.PathLike, name: str, role: str) -> str:
+    """Create (or replace) ``name`` with a new random token; returns the token, stores only its hash."""
+    if role not in ROLE_LEVEL:
+        raise AuthConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if not name or any(c.isspace() for c in name):
+        raise AuthConfigError("user name must be non-empty without spaces")
+    path = Path(path)
+    data = {"users": []}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise AuthConfigError(f"auth config {path} is not valid JSON: {e}")
+    users = [u for u in data.get("users", []) if u.get("name") != name]
+    token = secrets.token_urlsafe(32)
+    users.append({"name": name, "role": role, "token_sha256": hash_token(token)})
+    data["users"] = users
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
