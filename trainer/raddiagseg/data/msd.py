@@ -3,9 +3,11 @@
 Reads `dataset.json` (label names), `imagesTr/*.nii.gz` and `labelsTr/*.nii.gz`; reorients every
 volume to LPS so slices look the same whatever the file's direction cosines; keeps only slices
 where the organ is present (≥ `min_organ_pixels`). The organ mask includes the tumour (the
-organ's full extent, as radiologists outline it). A slice is positive when its tumour covers ≥
-`min_tumour_pixels`; slices with a smaller tumour fragment are left out of vqaseg (and of the
-tumour refseg) rather than mislabeled as negative. Volumes never cross splits.
+organ's full extent, as radiologists outline it). A slice is positive when its tumour covers at
+least max(`min_tumour_pixels`, 0.1 % of the slice) — about 66 px on a 256² slice, so that a
+positive stays visible (≥ ~3 px across) after the model's resize to 112-256 px; slices with a
+smaller tumour fragment are left out of vqaseg (and of the tumour refseg) rather than
+mislabeled as negative. Volumes never cross splits.
 """
 
 import json
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 ABNORMALITY_WORDS = {"cancer", "tumour", "tumor", "tumours", "tumors", "lesion", "mass", "neoplasm"}
 MIN_ORGAN_PIXELS = 100
 MIN_TUMOUR_PIXELS = 20
+MIN_TUMOUR_FRACTION = 0.001  # of the slice area
 
 
 def read_task(task_dir, report):
@@ -139,7 +142,8 @@ def _convert_volume(image_path, label_path, out, report, source, organ, abnormal
         base = {"id": f"{source}_{stem}", "source": source, "modality": "ct", "split": split, "image": image_rel,
                 "window": list(imaging.CT_WINDOW), "volume": vol, "slice": k}
         rows.append(refseg_row({**base, "id": f"{base['id']}_ref_{organ.replace(' ', '_')}"}, organ_target))
-        positive = abnormality is not None and tumour_px >= min_tumour_pixels
+        threshold = max(min_tumour_pixels, MIN_TUMOUR_FRACTION * organ_slice.size)
+        positive = abnormality is not None and tumour_px >= threshold
         if positive:
             abn_target = {"name": abnormality, "role": "abnormality",
                           "mask": f"masks/{source}/{stem}_{abnormality.replace(' ', '_')}.nii.gz"}

@@ -214,8 +214,9 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
         inside = cavity & (rho < 0.85)
         weight = np.clip((1.0 - rho) / 0.3, 0, 1) * cavity
         base = np.median(hu[label > 0]) if (label > 0).any() else 50.0
-        # Tumour replaces whatever was there with organ tissue minus 25-45 HU, with a soft edge.
-        target = base - rng.uniform(25, 45)
+        # Tumour replaces whatever was there with organ tissue minus 35-60 HU (hypodense lesion in the
+        # portal venous phase), with a soft edge.
+        target = base - rng.uniform(35, 60)
         hu[:] = np.where(weight > 0, (1 - weight) * hu + weight * target, hu)
         label[inside] = 2
         placed += 1
