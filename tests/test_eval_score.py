@@ -191,6 +191,7 @@ def test_csv_markdown_and_plot_are_written(bench):
     assert "<seg000> ('liver tumour') scored against GT target 'liver tumour'" in rows["ct_swapped"]["notes"]
     assert rows["ct_no_masks"]["dice_per_target"] == "liver=0.0000; liver tumour=0.0000"
     assert float(rows["ct_ok"]["dice_abn"]) == pytest.approx(2 / 3)
+    assert float(rows["ct_ref"]["refseg_dice"]) == pytest.approx(2 / 3) and rows["ct_ref"]["dice_org"] == ""
     table = out.with_suffix(".md").read_text()
     header = table.splitlines()[2]
     assert header.startswith("| Model | X-ray Detection F1 | X-ray Diagnosis F1 | X-ray Dice-Org | X-ray Dice-Abn | CT Detection F1")

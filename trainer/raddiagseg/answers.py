@@ -127,7 +127,7 @@ def clean_diagnosis(text, notes=None):
 def read_segments(text, notes=None):
     """[(label, token)] for every seg token, the label being the words written just before it."""
     notes = [] if notes is None else notes
-    segments, seen, previous_end = [], set(), 0
+    segments, repeats, previous_end = [], {}, 0
     for match in SEG_TOKEN_RE.finditer(text):
         token = match.group(0)
         before = text[previous_end : match.start()]
@@ -136,15 +136,18 @@ def read_segments(text, notes=None):
         label = before[boundaries[-1].end() :] if boundaries else before
         label = _LABEL_PREFIX_RE.sub("", label.strip())
         label = " ".join(label.split()).strip(" .,;:-*")
-        if token in seen:
-            notes.append(f"{token} appears again (label {_quote(label)}): the first one is used")
+        if token in repeats:
+            repeats[token] += 1
             continue
-        seen.add(token)
+        repeats[token] = 0
         if not label:
             notes.append(f"{token} has no label text before it")
         else:
             notes.append(f"{token} labelled {_quote(label)}")
         segments.append((label, token))
+    for token, count in repeats.items():
+        if count:
+            notes.append(f"{token} appears {count} more time(s): the first one is used")
     return segments
 
 

@@ -1,16 +1,14 @@
 """Reading and writing the benchmark's files: JSONL manifests and prediction files, 2D masks and slices.
 
-Masks and slices are PNG (X-ray, predictions) or 2D NIfTI (CT, HU). Arrays keep the layout the
-file stores (NIfTI: array as stored, PNG: rows × columns) so a mask written from a model's output
-for a slice read here lands on the same pixels.
+Masks and slices are PNG (X-ray, predictions) or 2D NIfTI (CT, HU), read through the data
+package's `read_slice` so that a mask written from the model's output for a slice lands on the
+same pixels as the GT mask the dataset reads.
 """
 
 import json
 from pathlib import Path
 
 import numpy as np
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class BenchmarkInputError(ValueError):
@@ -56,34 +54,16 @@ def read_manifest(path, split=None):
     return rows
 
 
-def _is_nifti(path):
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
 def read_array(path):
-    """A 2D array from a PNG or a 2D NIfTI file (trailing singleton dimensions dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkInputError(f"{path} not found")
+    """A 2D array from a PNG or a 2D NIfTI file, read the way the dataset reads it (`data.io.read_slice`)."""
+    from raddiagseg.data.io import read_slice
+
     try:
-        if _is_nifti(path):
-            import nibabel
-
-            array = np.asanyarray(nibabel.load(str(path)).dataobj)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("L") if image.mode not in ("L", "I", "I;16", "F", "1") else image)
-    except BenchmarkInputError:
-        raise
-    except Exception as exc:  # a corrupt or foreign file: say which one
-        raise BenchmarkInputError(f"cannot read {path}: {exc}") from None
-    while array.ndim > 2 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise BenchmarkInputError(f"{path} is not a 2D image (shape {array.shape})")
-    return array
+        return read_slice(path)
+    except FileNotFoundError:
+        raise BenchmarkInputError(f"{path} not found") from None
+    except ValueError as exc:
+        raise BenchmarkInputError(str(exc)) from None
 
 
 def read_mask(path):

@@ -12,20 +12,22 @@ import numpy as np
 
 from raddiagseg import templates
 from raddiagseg.evaluation import scoring
-from raddiagseg.evaluation.files import BenchmarkInputError, read_array, read_manifest
+from raddiagseg.evaluation.files import BenchmarkInputError, read_manifest
 from raddiagseg.evaluation.predictions import AMPUTATED_QUESTIONS, PredictionWriter
-from raddiagseg.imaging import to_unit_range
 
 log = logging.getLogger(__name__)
 
 
 def sample_image(row):
-    """The model input of a manifest row: its slice read from disk and scaled to [0, 1]."""
+    """The model input of a manifest row, normalised exactly as in training (`data.dataset.load_image`)."""
+    from raddiagseg.data.dataset import load_image
+
     if not row.get("image"):
         raise BenchmarkInputError(f"manifest row {row['id']!r} has no image")
-    array = read_array(Path(row["_base"]) / row["image"])
-    window = row.get("window")
-    return to_unit_range(array, row.get("modality") or "ct", tuple(window) if window else None)
+    try:
+        return load_image(row, row["_base"])
+    except FileNotFoundError as exc:
+        raise BenchmarkInputError(f"manifest row {row['id']!r}: {exc}") from None
 
 
 def sample_question(row):

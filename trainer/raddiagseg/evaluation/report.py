@@ -11,7 +11,7 @@ MODALITY_ORDER = ("xray", "ct", "mri")
 TABLE3_COLUMNS = (("Detection F1", "detection_f1"), ("Diagnosis F1", "diagnosis_f1"), ("Dice-Org", "dice_org"), ("Dice-Abn", "dice_abn"))
 CSV_COLUMNS = (
     "id", "task", "modality", "source", "gt_detection", "pred_detection", "detection_correct", "gt_diagnosis",
-    "pred_diagnosis", "c", "dice_org", "dice_abn", "dice_per_target", "iou", "answer_type", "vqa_recall", "vqa_f1",
+    "pred_diagnosis", "c", "dice_org", "dice_abn", "refseg_dice", "dice_per_target", "iou", "answer_type", "vqa_recall", "vqa_f1",
     "closed_correct", "notes", "answer",
 )
 
@@ -88,9 +88,8 @@ def csv_rows(records):
         ious = [(o[0] / (o[1] + o[2] - o[0]) if o[1] + o[2] - o[0] else 1.0) for o in overlaps]
         row = {key: r.get(key) for key in CSV_COLUMNS}
         row["dice_org"] = _role_mean(r, "organ")
-        row["dice_abn"] = _role_mean(r, "abnormality" if r["task"] == "vqaseg" else "refseg")
-        if r["task"] == "refseg":
-            row["dice_org"] = None
+        row["dice_abn"] = _role_mean(r, "abnormality")
+        row["refseg_dice"] = _role_mean(r, "refseg")
         row["dice_per_target"] = "; ".join(f"{name}={d:.4f}" for name, _, d in r.get("dice", []))
         row["iou"] = "; ".join(f"{v:.4f}" for v in ious)
         row["notes"] = " | ".join(r.get("notes", []))
