@@ -1,0 +1,155 @@
+"""The same served app on an Orthanc DICOMweb datastore: store a CT study in Orthanc, infer on it
+through serve.py, save a label (written back to Orthanc as DICOM SEG), train on it.
+
+Orthanc comes from Debian's `orthanc` + `orthanc-dicomweb` packages (scripts/install_system_deps.sh);
+the test starts its own instance on free ports with storage in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from live_server import free_port, wait_for_training  # noqa: E402
+from serving_helpers import bearer, make_users, start_serve, write_stub_app  # noqa: E402
+
+PLUGIN_DIRS = ["/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins"]
+
+
+def _dicomweb_plugin():
+    for d in PLUGIN_DIRS:
+        path = Path(d) / "libOrthancDicomWeb.so"
+        if path.exists():
+            return path
+    return None
+
+
+def _segmentation_tool():
+    return shutil.which("itkimage2segimage") or shutil.which("itkimage2segimage", path=os.path.dirname(sys.executable))
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc is not installed (run scripts/install_system_deps.sh)"),
+    pytest.mark.skipif(_dicomweb_plugin() is None, reason="orthanc-dicomweb plugin is not installed"),
+    pytest.mark.skipif(_segmentation_tool() is None, reason="itkimage2segimage (pip dcmqi) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    base = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {
+        "Name": "raddiag-test", "StorageDirectory": str(base / "db"), "IndexDirectory": str(base / "db"),
+        "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Plugins": [str(_dicomweb_plugin())], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (base / "orthanc.json").write_text(json.dumps(config))
+    log = open(base / "orthanc.log", "wb")
+    process = subprocess.Popen(["Orthanc", str(base / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/system", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("Orthanc did not start: " + (base / "orthanc.log").read_text(errors="replace")[-2000:])
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+    log.close()
+
+
+def ct_series(folder: Path, n=6, rows=32, cols=28):
+    """Write a small CT series (one DICOM file per slice, real geometry) and return its SeriesInstanceUID."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.PatientName, ds.Modality, ds.StudyID = "RD001", "Phantom^One", "CT", "1"
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.StudyDate, ds.StudyTime, ds.Manufacturer = "20260101", "120000", "RadDiag tests"
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.8, 0.8], 2.5
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        pixels = rng.integers(-100, 100, (rows, cols)).astype(np.int16)
+        pixels[8:20, 6:18] += 500
+        ds.PixelData = pixels.tobytes()
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(folder / f"{k}.dcm"), write_like_original=False)
+    return series
+
+
+def test_orthanc_datastore_store_infer_save_label_train(orthanc, tmp_path):
+    # store a study in Orthanc
+    series = ct_series(tmp_path / "dicom")
+    for f in sorted((tmp_path / "dicom").glob("*.dcm")):
+        assert requests.post(orthanc + "/instances", data=f.read_bytes(), timeout=30).status_code == 200
+
+    app = write_stub_app(tmp_path / "app")
+    tokens = make_users(tmp_path / "auth.json")
+    server = start_serve(app, orthanc + "/dicom-web", tmp_path / "auth.json", tokens["user"],
+                         env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+    try:
+        url, user, admin = server.url, bearer(tokens["user"]), bearer(tokens["admin"])
+        # ids are checked against Orthanc's series list
+        reply = requests.post(url + "/infer/raddiagseg?image=1.2.3.4.5&output=json", headers=user, timeout=60)
+        assert reply.status_code == 404 and "not in the datastore" in reply.json()["detail"]
+
+        # infer on the Orthanc series by its id
+        reply = requests.post(url + f"/infer/raddiagseg?image={series}&output=image", headers=user, timeout=120)
+        assert reply.status_code == 200, server.log()
+        (tmp_path / "pred.nii.gz").write_bytes(reply.content)
+        pred = sitk.ReadImage(str(tmp_path / "pred.nii.gz"))
+        assert pred.GetSize() == (28, 32, 6)
+        assert 0 < sitk.GetArrayFromImage(pred).sum() < 28 * 32 * 6
+
+        # save the (corrected) label: it goes back to Orthanc as a DICOM SEG
+        with open(tmp_path / "pred.nii.gz", "rb") as f:
+            reply = requests.put(url + f"/datastore/label?image={series}", headers=bearer(tokens["annotator"]),
+                                 files={"label": ("label.nii.gz", f)},
+                                 data={"params": json.dumps({"label_info": [{"name": "liver"}]})}, timeout=120)
+        assert reply.status_code == 200, server.log()
+        found = requests.post(orthanc + "/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
+                              timeout=30).json()
+        assert len(found) == 1
+
+        # train on it (admin only)
+        assert requests.post(url + "/train/raddiagseg", headers=user, json={}, timeout=30).status_code == 403
+        reply = requests.post(url + "/train/raddiagseg", headers=admin, json={"steps": 1}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        status = wait_for_training(url, timeout=180, headers=admin)
+        assert status["status"] == "DONE", server.log()
+        model = json.loads((app / "model" / "model.json").read_text())
+        assert model["labels"] == 1
+    finally:
+        server.stop()
