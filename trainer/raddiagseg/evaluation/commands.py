@@ -35,7 +35,8 @@ def register(subparsers):
     )
     score.add_argument("--pred", required=True, type=Path, help="PRED.jsonl written by `predict` or by any model")
     score.add_argument("--data", required=True, type=Path, help="manifest.jsonl with the ground truth")
-    score.add_argument("--split", default=None, help="score only this manifest split (default: every row with a prediction)")
+    score.add_argument("--split", default=None,
+                       help="score this manifest split (default: the split(s) the predictions belong to)")
     score.add_argument("--out", type=Path, default=None, help="report JSON (default: report.json next to PRED)")
     score.add_argument("--md", type=Path, default=None, help="markdown table (default: the report path with .md)")
     score.add_argument("--name", default=None, help="model name in the table (default: PRED's folder name)")
@@ -86,6 +87,10 @@ def run_score(args):
     try:
         rows = read_manifest(args.data, args.split)
         predictions = read_predictions(args.pred, {row["id"] for row in rows})
+        if args.split is None:  # count missing predictions only in the splits that were predicted
+            splits = {row.get("split") for row in rows if row["id"] in predictions}
+            rows = [row for row in rows if row.get("split") in splits]
+            log.info("scoring split(s) %s", ", ".join(sorted(map(str, splits))))
         report, records = score(rows, predictions, args.pred.parent, synonyms=not args.strict_diagnosis,
                                 amputated=args.amputated, progress=True)
     except BenchmarkInputError as exc:
