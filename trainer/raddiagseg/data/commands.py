@@ -26,7 +26,7 @@ def register(sub):
     p.add_argument("--out", required=True, help="output folder (manifest.jsonl, images/, masks/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the volume → split assignment")
     p.add_argument("--min-organ-pixels", type=int, default=None, help="CT slices need this much organ (default 100)")
-    p.add_argument("--min-tumour-pixels", type=int, default=None, help="CT positives need max(this, 0.1%% of the slice) tumour pixels (default 20)")
+    p.add_argument("--min-tumour-pixels", type=int, default=None, help="CT positives need max(this, 0.15%% of the slice) tumour pixels (default 20)")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("stats", help="counts per task, modality, diagnosis and split of a built dataset (+ PNG chart)")

@@ -68,7 +68,7 @@ def write_msd(out, task, count, rng, size=None, slices=None, start_index=0):
     training, made = [], []
     for k in tqdm(range(start_index, start_index + count), desc=f"CT {task}", unit="vol", leave=False):
         # Every 7th volume is tumour-free (MSD has such cases); small runs keep tumours in every split.
-        tumours = 0 if k % 7 == 6 else int(rng.integers(1, 4))
+        tumours = 0 if k % 7 == 6 else int(rng.integers(1, 5) if task == "liver" else rng.integers(1, 3))
         phantom = phantoms.generate_ct(rng, task, size=size, slices=slices, tumours=tumours)
         name = f"{task}_{k}.nii.gz"
         orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]

@@ -4,8 +4,8 @@ Reads `dataset.json` (label names), `imagesTr/*.nii.gz` and `labelsTr/*.nii.gz`;
 volume to LPS so slices look the same whatever the file's direction cosines; keeps only slices
 where the organ is present (≥ `min_organ_pixels`). The organ mask includes the tumour (the
 organ's full extent, as radiologists outline it). A slice is positive when its tumour covers at
-least max(`min_tumour_pixels`, 0.1 % of the slice) — about 66 px on a 256² slice, so that a
-positive stays visible (≥ ~3 px across) after the model's resize to 112-256 px; slices with a
+least max(`min_tumour_pixels`, 0.15 % of the slice) — about 100 px on a 256² slice, so that a
+positive stays visible (≥ ~5 px across) after the model's resize to 112-256 px; slices with a
 smaller tumour fragment are left out of vqaseg (and of the tumour refseg) rather than
 mislabeled as negative. Volumes never cross splits.
 """
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ABNORMALITY_WORDS = {"cancer", "tumour", "tumor", "tumours", "tumors", "lesion", "mass", "neoplasm"}
 MIN_ORGAN_PIXELS = 100
 MIN_TUMOUR_PIXELS = 20
-MIN_TUMOUR_FRACTION = 0.001  # of the slice area
+MIN_TUMOUR_FRACTION = 0.0015  # of the slice area
 
 
 def read_task(task_dir, report):

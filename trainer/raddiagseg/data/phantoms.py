@@ -194,13 +194,18 @@ def generate_ct(rng, task, size=None, slices=None, tumours=None):
 
 
 def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
-    """Hypodense ellipsoids centred inside the organ; they may bulge it. Edits `hu` and `label` in place."""
+    """Hypodense ellipsoids centred inside the organ. They may bulge the organ's outline by half
+    their radius in-plane but never float outside it (no tumour on a slice without organ).
+    Edits `hu` and `label` in place; returns how many were placed."""
     organ = label > 0
     if count == 0 or not organ.any():
         return 0
     depth = np.stack([ndimage.distance_transform_edt(o) if o.any() else np.zeros(o.shape) for o in organ])
-    lo, hi = (0.06, 0.16) if task == "liver" else (0.055, 0.09)
+    lo, hi = (0.08, 0.2) if task == "liver" else (0.07, 0.12)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
     zz, yy, xx = np.ogrid[: hu.shape[0], : n, : n]
+    base = float(np.median(hu[organ]))
     placed = 0
     for _ in range(count):
         r = rng.uniform(lo, hi) * n / 2  # in-plane radius, pixels
@@ -208,17 +213,15 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
         if len(candidates) == 0:
             continue
         cz, cy, cx = candidates[rng.integers(len(candidates))]
-        rz = max(1.5, r * px / sz * rng.uniform(0.8, 1.2))
+        rz = max(1.5, r * px / sz * rng.uniform(0.9, 1.4))
         ry, rx = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2)
         rho = np.sqrt(((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-        inside = cavity & (rho < 0.85)
-        weight = np.clip((1.0 - rho) / 0.3, 0, 1) * cavity
-        base = np.median(hu[label > 0]) if (label > 0).any() else 50.0
-        # Tumour replaces whatever was there with organ tissue minus 35-60 HU (hypodense lesion in the
-        # portal venous phase), with a soft edge.
+        allowed = cavity & ndimage.binary_dilation(organ, in_plane, iterations=max(1, int(0.5 * r)))
+        weight = np.clip((1.0 - rho) / 0.2, 0, 1) * allowed
+        # Tumour tissue: the organ's HU minus 35-60 (hypodense lesion, portal venous phase), soft edge.
         target = base - rng.uniform(35, 60)
         hu[:] = np.where(weight > 0, (1 - weight) * hu + weight * target, hu)
-        label[inside] = 2
+        label[allowed & (rho < 0.85)] = 2
         placed += 1
     return placed
 
@@ -276,14 +279,14 @@ def generate_xray(rng, kind, size=256):
     if kind == "COVID-19":
         for field_, cx, cy, a, b in lung_fields:  # bilateral, peripheral, lower zones, patchy
             patches = np.zeros((n, n), np.float32)
-            for _ in range(int(rng.integers(2, 5))):
+            for _ in range(int(rng.integers(3, 6))):
                 px_ = cx + np.sign(cx) * a * rng.uniform(0.35, 0.8)
-                py_ = cy + b * rng.uniform(-0.1, 0.7)
-                r = rng.uniform(0.1, 0.18)
+                py_ = cy + b * rng.uniform(-0.2, 0.7)
+                r = rng.uniform(0.11, 0.2)
                 patches = np.maximum(patches, np.clip(1 - _blob(X, Y, px_, py_, r, r * 1.3, 0, _harmonics(rng, 0.2)), 0, 1))
             mottle = np.clip(0.6 + 0.5 * _smooth_noise(rng, (n, n), n / 60), 0, 1)
             patch = ndimage.gaussian_filter(patches, 2.0) * mottle * field_
-            att += rng.uniform(0.2, 0.28) * np.clip(patch * 2.5, 0, 1)
+            att += rng.uniform(0.28, 0.36) * np.clip(patch * 2.5, 0, 1)
             infection |= (patch > 0.12) & lungs
         opacity = infection
     elif kind == "Non-COVID":
