@@ -65,7 +65,9 @@ class ManifestDataset(Dataset):
 
     synonym_prob: chance that each target is named by a random vocabulary synonym, written
     consistently into the question (refseg) and the answer. Randomness (synonyms, augmentation)
-    is a pure function of (seed, epoch, index).
+    is a pure function of (seed, epoch, index, visit), where visit counts how often this dataset
+    object has served that index since the last `set_epoch`: repeated reads get fresh draws even
+    when the caller never sets the epoch, and a fresh dataset replays the same sequence.
     """
 
     def __init__(self, manifest, split="train", tasks=None, augment=False, seed=0, synonym_prob=0.3):
@@ -77,6 +79,7 @@ class ManifestDataset(Dataset):
         self.rows = [r for r in rows if (split is None or r["split"] == split) and (wanted is None or r["task"] in wanted)]
         self.split, self.augment, self.seed, self.synonym_prob = split, augment, seed, synonym_prob
         self.epoch = 0
+        self._visits = {}
         self._transform = _augmenter() if augment else None
 
     def __len__(self):
@@ -89,10 +92,13 @@ class ManifestDataset(Dataset):
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
+        self._visits = {}
 
     def __getitem__(self, index):
         row = self.rows[index]
-        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        visit = self._visits.get(index, 0)
+        self._visits[index] = visit + 1
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{visit}")
         image = load_image(row, self.root)
         masks = load_masks(row, self.root, image.shape)
         question, answer = self._texts(row, rng)
