@@ -260,8 +260,10 @@ def test_training_progress_messages():
     assert running.state == "running" and running.fraction == 0.25 and "step 5/20" in running.message
     done = training_progress({"status": "DONE"}, {"step": 20, "total_steps": 20, "published": True})
     assert done.finished and done.published and "new model is live" in done.message
-    kept = training_progress({"status": "DONE"}, {"published": False})
-    assert kept.published is False and "old model stays live" in kept.message
+    kept = training_progress({"status": "DONE"}, {"published": False, "reason": "validation 0.4 is worse than 0.5"})
+    assert kept.published is False and "old model stays live" in kept.message and "0.4 is worse" in kept.message
+    error = training_progress({"status": "ERROR"}, {"error": "ValueError: no usable corrected labels"})
+    assert "no usable corrected labels" in error.message
     failed = training_progress({"status": "ERROR", "details": ["CUDA out of memory"]}, {})
     assert failed.state == "failed" and "CUDA out of memory" in failed.message
     assert training_progress(None, {}).state == "idle"

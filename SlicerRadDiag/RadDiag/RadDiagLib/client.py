@@ -4,7 +4,6 @@ One `requests.Session` per client so connections and the bearer token are reused
 failure becomes a `ServerError` whose message says what the user should do about it.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -53,14 +52,6 @@ def normalise_url(url):
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ServerError(f"'{url}' is not a server URL: use the form http://host:port.")
     return url
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _detail(response):
@@ -185,13 +176,15 @@ class RadDiagClient:
         self.set_token(token)
         return token
 
-    def image_exists(self, image_id, path=None):
-        """HEAD /datastore/image: True when the datastore has `image_id` (with the same content as `path`)."""
-        params = {"image": image_id}
-        if path:
-            params["check_sum"] = file_sha256(path)  # bare digest = SHA256 on the server
+    def image_exists(self, image_id):
+        """HEAD /datastore/image: True when the datastore has `image_id`.
+
+        No `check_sum` is sent: MONAI Label 0.8.5 compares it against "SHA256:<hex>" after
+        stripping characters, so it never matches. Content identity comes from the id instead
+        (`workflow.image_id_for` puts a content hash in it).
+        """
         try:
-            self._request("HEAD", "/datastore/image", "check the image in the datastore", params=params)
+            self._request("HEAD", "/datastore/image", "check the image in the datastore", params={"image": image_id})
         except ServerError as e:
             if e.status == 404:
                 return False
@@ -208,8 +201,8 @@ class RadDiagClient:
         return body.get("image", image_id)
 
     def ensure_image(self, path, image_id):
-        """Upload `path` as `image_id` unless the datastore already has the same content."""
-        if not self.image_exists(image_id, path):
+        """Upload `path` as `image_id` unless the datastore already has that id (ids carry a content hash)."""
+        if not self.image_exists(image_id):
             image_id = self.upload_image(path, image_id)
         return image_id
 

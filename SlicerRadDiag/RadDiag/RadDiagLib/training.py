@@ -56,15 +56,15 @@ def training_progress(task, stats):
         return TrainingProgress("running", fraction, "Training… " + (detail or "starting"))
     if status == "DONE":
         if published is False:
-            reason = stats.get("publish_reason") or "its validation was worse than the served model's"
+            reason = stats.get("reason") or "its validation was not better than the served model's"
             return TrainingProgress("done", 1.0, f"Training finished; the old model stays live ({reason}). {detail}".strip(),
                                     published=False)
         return TrainingProgress("done", 1.0, f"Training finished: the new model is live. {detail}".strip(), published=True)
     if status in ("STOPPED", "CANCELLED"):
         return TrainingProgress("stopped", fraction, "Training was stopped; the previous model stays live.")
-    last = ""
+    last = str(stats.get("error") or "").strip()[-300:]
     details = (task or {}).get("details") or []
-    if details:
+    if details and not last:
         last = str(details[-1]).strip()[-300:]
     return TrainingProgress("failed", fraction, f"Training failed ({status or 'unknown status'}); the previous model stays live. "
                                                 + (f"Last server message: {last}" if last else "See the server log."))
