@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from raddiagseg.data.covidqu import convert_covidqu
-from raddiagseg.data.msd import MIN_ORGAN_PIXELS, MIN_TUMOUR_PIXELS, convert_msd
+from raddiagseg.data.msd import MIN_ORGAN_PIXELS, convert_msd
 from raddiagseg.data.records import BuildReport, write_manifest
 from raddiagseg.data.refseg_folders import convert_refseg
 from raddiagseg.data.vqa_sets import convert_slake, convert_vqarad
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def build_dataset(out, msd=(), covidqu=None, vqarad=None, slake=None, refseg=None, seed=0,
-                  min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=MIN_TUMOUR_PIXELS):
+                  min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=None):
     """Convert the given sources into `out`; returns (rows, BuildReport). Nothing is raised for bad files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

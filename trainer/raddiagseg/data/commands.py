@@ -26,7 +26,7 @@ def register(sub):
     p.add_argument("--out", required=True, help="output folder (manifest.jsonl, images/, masks/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the volume → split assignment")
     p.add_argument("--min-organ-pixels", type=int, default=None, help="CT slices need this much organ (default 100)")
-    p.add_argument("--min-tumour-pixels", type=int, default=None, help="CT positives need max(this, 0.15%% of the slice) tumour pixels (default 20)")
+    p.add_argument("--min-tumour-pixels", type=int, default=None, help="tumour pixels a CT positive needs (default: max(20, 0.15%% of the slice))")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("stats", help="counts per task, modality, diagnosis and split of a built dataset (+ PNG chart)")
@@ -63,7 +63,7 @@ def run_phantoms(args):
 def run_build(args):
     from raddiagseg.cli import CommandError
     from raddiagseg.data.builder import build_dataset
-    from raddiagseg.data.msd import MIN_ORGAN_PIXELS, MIN_TUMOUR_PIXELS
+    from raddiagseg.data.msd import MIN_ORGAN_PIXELS
     from raddiagseg.data.stats import dataset_stats, format_table
 
     if not (args.msd or args.covidqu or args.vqarad or args.slake or args.refseg):
@@ -78,7 +78,7 @@ def run_build(args):
         args.out, msd=args.msd, covidqu=args.covidqu, vqarad=args.vqarad, slake=args.slake, refseg=args.refseg,
         seed=args.seed,
         min_organ_pixels=MIN_ORGAN_PIXELS if args.min_organ_pixels is None else args.min_organ_pixels,
-        min_tumour_pixels=MIN_TUMOUR_PIXELS if args.min_tumour_pixels is None else args.min_tumour_pixels)
+        min_tumour_pixels=args.min_tumour_pixels)
     print(format_table(dataset_stats(rows)))
     print(report.summary())
     if not rows:

@@ -4,8 +4,8 @@ Reads `dataset.json` (label names), `imagesTr/*.nii.gz` and `labelsTr/*.nii.gz`;
 volume to LPS so slices look the same whatever the file's direction cosines; keeps only slices
 where the organ is present (≥ `min_organ_pixels`). The organ mask includes the tumour (the
 organ's full extent, as radiologists outline it). A slice is positive when its tumour covers at
-least max(`min_tumour_pixels`, 0.15 % of the slice) — about 100 px on a 256² slice, so that a
-positive stays visible (≥ ~5 px across) after the model's resize to 112-256 px; slices with a
+least `min_tumour_pixels`; by default (None) max(20 px, 0.15 % of the slice) — about 100 px on a
+256² slice, so that a positive stays visible (≥ ~5 px across) after the model's resize to 112-256 px; slices with a
 smaller tumour fragment are left out of vqaseg (and of the tumour refseg) rather than
 mislabeled as negative. Volumes never cross splits.
 """
@@ -78,7 +78,7 @@ def volume_id(path):
     return Path(path).stem
 
 
-def convert_msd(task_dir, out, report, seed=0, min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=MIN_TUMOUR_PIXELS):
+def convert_msd(task_dir, out, report, seed=0, min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=None):
     """Rows for one MSD task folder; image and mask files are written under `out`."""
     task = read_task(task_dir, report)
     if task is None:
@@ -142,7 +142,8 @@ def _convert_volume(image_path, label_path, out, report, source, organ, abnormal
         base = {"id": f"{source}_{stem}", "source": source, "modality": "ct", "split": split, "image": image_rel,
                 "window": list(imaging.CT_WINDOW), "volume": vol, "slice": k}
         rows.append(refseg_row({**base, "id": f"{base['id']}_ref_{organ.replace(' ', '_')}"}, organ_target))
-        threshold = max(min_tumour_pixels, MIN_TUMOUR_FRACTION * organ_slice.size)
+        threshold = (max(MIN_TUMOUR_PIXELS, MIN_TUMOUR_FRACTION * organ_slice.size)
+                     if min_tumour_pixels is None else min_tumour_pixels)
         positive = abnormality is not None and tumour_px >= threshold
         if positive:
             abn_target = {"name": abnormality, "role": "abnormality",
