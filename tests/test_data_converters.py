@@ -222,7 +222,8 @@ def test_biomedparse_style_refseg_folder(tmp_path):
     Image.fromarray(np.full((24, 24), 100, np.uint8)).save(root / "train" / "liver_3_slice_042_CT_abdomen.png")
     mask = np.zeros((24, 24), np.uint8)
     mask[5:15, 5:15] = 255
-    Image.fromarray(mask).save(root / "train_mask" / "liver_3_slice_042_CT_abdomen_liver.png")
+    rgba = np.dstack([mask, mask, mask, np.full_like(mask, 255)])  # as matplotlib's imsave writes masks
+    Image.fromarray(rgba).save(root / "train_mask" / "liver_3_slice_042_CT_abdomen_liver.png")
     Image.fromarray(mask).save(root / "train_mask" / "liver_3_slice_042_CT_abdomen_liver+tumor.png")
     Image.fromarray(np.zeros((24, 24), np.uint8)).save(root / "train" / "case_7_abdomen.png")
     rows = convert_refseg(root, tmp_path / "out", report := BuildReport())

@@ -7,6 +7,7 @@ Target text is mapped to the vocabulary's canonical name when it names a known t
 targets keep their own (lower-case) name. 10 % of the training images become val.
 """
 
+import bisect
 import logging
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def _modality(stem):
     return None
 
 
+def _masks_of(stem, sorted_names, folder):
+    """Mask files named `<stem>_<target>.png` (a sorted-name prefix scan: no glob, so brackets in names are safe)."""
+    prefix, found = stem + "_", []
+    for name in sorted_names[bisect.bisect_left(sorted_names, prefix):]:
+        if not name.startswith(prefix):
+            break
+        found.append(folder / name)
+    return found
+
+
 def convert_refseg(directory, out, report, seed=0):
     directory = Path(directory)
     rows = []
@@ -51,6 +62,7 @@ def convert_refseg(directory, out, report, seed=0):
             report.skip(masks_dir, "missing mask folder")
             continue
         images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
+        mask_names = sorted(p.name for p in masks_dir.iterdir() if p.suffix.lower() == ".png")
         splits = ({p.stem: "test" for p in images} if split_name == "test"
                   else assign_splits([p.stem for p in images], seed, "refseg", fractions=(0.9, 0.1, 0.0)))
         for path in tqdm(images, desc=f"refseg {split_name}", unit="img", leave=False):
@@ -58,7 +70,7 @@ def convert_refseg(directory, out, report, seed=0):
             if modality is None:
                 report.skip(path, "no modality token (CT, MRI, X-Ray) in the file name")
                 continue
-            masks = sorted(masks_dir.glob(f"{path.stem}_*.png"))
+            masks = _masks_of(path.stem, mask_names, masks_dir)
             if not masks:
                 report.skip(path, f"no masks named {path.stem}_<target>.png in {masks_dir}")
                 continue
