@@ -270,6 +270,19 @@ def test_unreadable_mask_scores_as_missing_with_a_note(bench):
     assert json.loads(out.read_text())["ct"]["dice_abn"] == pytest.approx((0 + 1 + 0) / 3)
 
 
+def test_mask_entry_that_is_not_a_path_is_noted(bench):
+    manifest, pred = bench
+    lines = [json.loads(line) for line in pred.read_text().splitlines()]
+    for line in lines:
+        if line["id"] == "ct_ok":
+            line["masks"]["<seg000>"] = 3
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, out = run_score(manifest, pred)
+    assert rc == 0
+    rows = {r["id"]: r for r in csv.DictReader(out.with_suffix(".csv").open())}
+    assert "neither a file path nor an array" in rows["ct_ok"]["notes"] and float(rows["ct_ok"]["dice_org"]) == 0.0
+
+
 def test_missing_predictions_are_counted_not_scored(bench):
     manifest, pred = bench
     lines = [line for line in pred.read_text().splitlines() if '"ct_ok"' not in line]

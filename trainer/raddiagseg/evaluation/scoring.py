@@ -114,14 +114,23 @@ class PredictedMasks:
                 self.unreadable += 1
                 return None
             where = str(path)
-        else:
+        elif hasattr(value, "shape"):
             mask, where = np.asarray(value, bool), f"in-memory mask {token}"
+        else:
+            notes.append(f"mask for {token} is neither a file path nor an array ({value!r}): scored as missing")
+            self.unreadable += 1
+            return None
         if mask.shape != tuple(shape):
             raise BenchmarkInputError(
-                f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the GT mask "
-                f"{shape[1]}x{shape[0]}; write masks at the image's size"
+                f"{where}: mask size {_size(mask.shape)} differs from the GT mask {_size(shape)}; "
+                "write masks at the image's size"
             )
         return mask
+
+
+def _size(shape):
+    """'W x H' as image viewers print it."""
+    return "x".join(str(n) for n in reversed(tuple(shape)))
 
 
 def _gt_mask(row, target):
