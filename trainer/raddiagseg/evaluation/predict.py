@@ -133,7 +133,8 @@ def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_
     """Predict and score in memory; returns a dict shaped like report.json ({modality: metrics, "overall": metrics}).
 
     Used by the trainer (validation, best checkpoint) and the app (comparing models). `max_samples`
-    scores an evenly spread subset for speed.
+    scores an evenly spread subset for speed. Each sample is scored as soon as it is predicted and
+    its masks dropped, so memory stays flat on large splits.
     """
     import torch
 
@@ -143,18 +144,18 @@ def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_
     model = _load(model_or_dir, device)
     was_training = getattr(model, "training", False)
     model.eval()
-    predictions = {}
+    records = []
     try:
         with torch.inference_mode():
             for row, output in run_model(model, rows, batch_size, amputated, max_new_tokens, progress):
-                record = {"id": row["id"], "masks": dict(output["segments"])}
+                prediction = {"id": row["id"], "masks": dict(output["segments"])}
                 if "answers" in output:
-                    record["answers"] = output["answers"]
+                    prediction["answers"] = output["answers"]
                 else:
-                    record["answer"] = output["answer"]
-                predictions[row["id"]] = record
+                    prediction["answer"] = output["answer"]
+                records.append(scoring.score_sample(row, prediction, Path(row["_base"]), synonyms, amputated))
     finally:
         if was_training:
             model.train()
-    report, records = scoring.score(rows, predictions, Path(manifest).parent, synonyms=synonyms, amputated=amputated)
+    report = scoring.build_report(records, scoring.run_settings(synonyms=synonyms, amputated=amputated))
     return (report, records) if return_records else report

@@ -379,10 +379,14 @@ def score(rows, predictions, root, synonyms=True, amputated=False, progress=Fals
             skipped += 1
             continue
         records.append(scored)
-    settings = {
+    return build_report(records, run_settings(missing, skipped, synonyms, amputated)), records
+
+
+def run_settings(missing=0, skipped=0, synonyms=True, amputated=False):
+    """The `overall` entries that say how a report was made."""
+    return {
         "n_missing": missing,
         "n_skipped": skipped,
         "diagnosis_rule": "label or vocabulary synonym" if synonyms else "label (paper)",
         "amputated": bool(amputated),
     }
-    return build_report(records, settings), records
