@@ -204,7 +204,6 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
     lo, hi = (0.08, 0.2) if task == "liver" else (0.07, 0.12)
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    zz, yy, xx = np.ogrid[: hu.shape[0], : n, : n]
     base = float(np.median(hu[organ]))
     placed = 0
     for _ in range(count):
@@ -215,13 +214,20 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
         cz, cy, cx = candidates[rng.integers(len(candidates))]
         rz = max(1.5, r * px / sz * rng.uniform(0.9, 1.4))
         ry, rx = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2)
+        grow = max(1, int(0.5 * r))
+        # Work in the tumour's bounding box (plus the dilation margin) only.
+        z0, z1 = max(0, int(cz - rz) - 1), min(hu.shape[0], int(cz + rz) + 2)
+        y0, y1 = max(0, int(cy - ry) - grow - 1), min(n, int(cy + ry) + grow + 2)
+        x0, x1 = max(0, int(cx - rx) - grow - 1), min(n, int(cx + rx) + grow + 2)
+        box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+        zz, yy, xx = np.ogrid[z0:z1, y0:y1, x0:x1]
         rho = np.sqrt(((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-        allowed = cavity & ndimage.binary_dilation(organ, in_plane, iterations=max(1, int(0.5 * r)))
+        allowed = cavity[box] & ndimage.binary_dilation(organ[box], in_plane, iterations=grow)
         weight = np.clip((1.0 - rho) / 0.2, 0, 1) * allowed
         # Tumour tissue: the organ's HU minus 35-60 (hypodense lesion, portal venous phase), soft edge.
         target = base - rng.uniform(35, 60)
-        hu[:] = np.where(weight > 0, (1 - weight) * hu + weight * target, hu)
-        label[allowed & (rho < 0.85)] = 2
+        hu[box] = (1 - weight) * hu[box] + weight * target
+        label[box][allowed & (rho < 0.85)] = 2
         placed += 1
     return placed
 
