@@ -30,6 +30,10 @@ def test_template_answer_round_trips():
         ("There is no evidence of abnormality.", False),
         ("1. Is there any abnormality present? Yes\n2. Liver tumour", True),
         ("1. Abnormal", True),
+        ("1. Abnormality present: No", False),
+        ("1. **Abnormality:** yes, a hypodense lesion", True),
+        ("1. **Yes**, there is an abnormality.", True),
+        ("1. There is an abnormality in the liver.", True),
         ("1. Maybe\n2. Liver tumour", None),
         ("The image shows the abdomen.", None),
         ("", None),
@@ -80,3 +84,4 @@ def test_repeated_token_keeps_first_and_notes_it():
 def test_diagnosis_ignores_echoed_question_and_prefix():
     parsed = parse_answer("1. Yes\n2. If yes, what is the diagnosis? Diagnosis: Liver tumour.")
     assert parsed.diagnosis == "Liver tumour"
+    assert parse_answer("1. **Yes**\n2. **Diagnosis:** Liver tumour").diagnosis == "Liver tumour"

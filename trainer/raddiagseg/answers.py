@@ -15,7 +15,7 @@ SEG_TOKEN_RE = re.compile(r"<seg\d{3}>")
 # A step number: "1." "1)" "(1)" "1:" "Step 1:" "**1.**" at the start of the text or after white space / punctuation.
 _STEP_RE = re.compile(r"(?:^|(?<=[\s.;,:!?*#]))(?:step\s*)?\(?([123])\s*[.):](?=[\s*]|$)", re.IGNORECASE)
 
-_YES_WORDS = ("yes", "true", "positive", "present", "abnormal", "abnormality", "abnormalities", "y")
+_YES_WORDS = ("yes", "true", "positive", "present", "abnormal", "y")
 _NO_WORDS = ("no", "false", "negative", "absent", "normal", "none", "nothing", "n")
 _FIRST_WORD_RE = re.compile(r"^[\W_]*([a-z]+)\b")
 # Sentences that say yes or no without starting with the word itself.
@@ -88,6 +88,13 @@ def read_yes_no(text, notes=None):
         notes.append("step 1 repeats the question: read the text after its '?'")
     low = body.lower()
     match = _FIRST_WORD_RE.match(low)
+    head, colon, tail = low.partition(":")
+    if colon and len(head) <= 40 and (not match or match.group(1) not in _YES_WORDS + _NO_WORDS):
+        after = _FIRST_WORD_RE.match(tail)  # "Abnormality present: No"
+        if after and after.group(1) in _YES_WORDS + _NO_WORDS:
+            notes.append(f"step 1 is labelled {head.strip()!r}: read the word after its ':'")
+            body, low = body[len(head) + 1 :].strip(), tail.strip()
+            match = _FIRST_WORD_RE.match(low)
     if match:
         word = match.group(1)
         rest = body[match.end() :].strip(" \t\n.,;:!-")
@@ -119,7 +126,7 @@ def clean_diagnosis(text, notes=None):
     if cut and cut.start() > 0:
         body = body[: cut.start()]
         notes.append("diagnosis cut where the mask list starts")
-    body = _DIAGNOSIS_PREFIX_RE.sub("", body.strip())
+    body = _DIAGNOSIS_PREFIX_RE.sub("", body.strip().lstrip("*_#` "))
     body = " ".join(body.split()).strip(" .,;:-*_#`")
     return body or None
 
