@@ -223,8 +223,9 @@ def test_amputated_predictions(bench, tmp_path):
     assert ct["n"] == 3
     # TP ct_ok, TN ct_neg_no, FN ct_unreadable ("Liver tumour." is not yes/no)
     assert ct["detection_f1"] == pytest.approx(2 / 3)
-    assert ct["diagnosis_acc"] == pytest.approx(2 / 3)
+    assert ct["diagnosis_acc"] == pytest.approx(2 / 3) and ct["diagnosis_f1"] == pytest.approx(0.8)
     assert ct["dice_org"] == pytest.approx(1.0) and ct["dice_abn"] == pytest.approx(1.0)
+    assert "| amp\\* | 0.667 | 0.800 | 1.000 | 1.000 |" in out.with_suffix(".md").read_text()
     # a standard-format line under --amputated is a clear error
     rc, _ = run_score(*bench, "--amputated")
     assert rc == 2

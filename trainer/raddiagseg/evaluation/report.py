@@ -42,11 +42,15 @@ def _fmt(value):
 def markdown(report, name="model"):
     """Table 3 layout (per modality: Detection F1, Diagnosis F1, Dice-Org, Dice-Abn), then counts and the other metrics."""
     mods = [m for m in _modalities(report) if report[m].get("n")] or _modalities(report)
+    amputated = bool(report["overall"].get("amputated"))
+    name = f"{name}\\*" if amputated else name
     lines = ["## RadDiagSeg-D", ""]
     header = ["Model"] + [f"{MODALITY_TITLES.get(m, m)} {title}" for m in mods for title, _ in TABLE3_COLUMNS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines.append("| " + " | ".join([name] + [_fmt(report[m].get(key)) for m in mods for _, key in TABLE3_COLUMNS]) + " |")
+    if amputated:
+        lines += ["", "\\*Amputated: detection, diagnosis and diagnosis + segmentation asked as separate questions."]
     lines += ["", "Samples: " + "; ".join(
         f"{MODALITY_TITLES.get(m, m)} n = {report[m]['n']} ({report[m].get('n_positive', 0)} positive, "
         f"{report[m].get('n_unreadable', 0)} unreadable step 1), Dice over {report[m]['n_dice_org']} organ / "
