@@ -136,6 +136,8 @@ def test_predict_amputated_asks_three_questions(manifest, tmp_path):
     assert lines["ref"]["answer"].startswith("Here is the mask") and lines["vqa"]["answer"] == "yes"
     asked = {q for kind, qs in model.calls if kind == "generate" for q in qs}
     assert set(AMPUTATED_QUESTIONS.values()) <= asked and templates.DEFAULT_QUESTION not in asked
+    with pytest.raises(ValueError, match="already holds amputated predictions"):  # formats are never mixed in one file
+        predict(StandInModel(), manifest, out, split="test", progress=False)
     assert main(["score", "--pred", str(out), "--data", str(manifest), "--amputated"]) == 0
     report = json.loads((out.parent / "report.json").read_text())["ct"]
     assert report["detection_f1"] == 1.0 and report["diagnosis_f1"] == 1.0 and report["dice_org"] == pytest.approx(1.0)

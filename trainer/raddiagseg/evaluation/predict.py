@@ -111,6 +111,13 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
     writer = PredictionWriter(out)
     try:
+        mixed = [r["id"] for r in rows if r["task"] == "vqaseg" and r["id"] in writer.done
+                 and (r["id"] in writer.amputated_ids) != bool(amputated)]
+        if mixed:
+            raise BenchmarkInputError(
+                f"{out} already holds {'standard' if amputated else 'amputated'} predictions (e.g. {mixed[0]!r}); "
+                f"write {'--amputated' if amputated else 'standard'} predictions to another --out"
+            )
         todo = [r for r in rows if r["id"] not in writer.done]
         skipped = len(rows) - len(todo)
         if skipped:

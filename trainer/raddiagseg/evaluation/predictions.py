@@ -66,6 +66,7 @@ class PredictionWriter:
         self.path = Path(path)
         self.mask_dir = self.path.parent / "masks"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.amputated_ids = set()  # ids whose existing line is in the amputated format
         self.done = self._recover()
         self._handle = self.path.open("a", encoding="utf-8")
 
@@ -88,6 +89,8 @@ class PredictionWriter:
                 log.warning("%s: dropping an incomplete last line left by an interrupted run", self.path)
                 break
             done.add(record["id"])
+            if "answers" in record:
+                self.amputated_ids.add(record["id"])
             keep += len(line)
         if keep < len(data):
             with self.path.open("r+b") as handle:
