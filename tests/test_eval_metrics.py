@@ -63,3 +63,13 @@ def test_vqa_token_recall_and_f1():
 )
 def test_diagnosis_named(gt, text, synonyms, expected):
     assert diagnosis_named(gt, text, synonyms)[0] is expected
+
+
+def test_closed_vqa_correctness():
+    from raddiagseg.evaluation.scoring import score_vqa
+
+    def closed(gt, pred):
+        return score_vqa({"id": "q", "task": "vqa", "answer": gt, "answer_type": "closed"}, {"answer": pred})["closed_correct"]
+
+    assert closed("yes", "Yes, it is.") and not closed("yes", "No.") and not closed("no", "maybe")
+    assert closed("No", "no") and closed("left", "The left side") and not closed("left", "right")

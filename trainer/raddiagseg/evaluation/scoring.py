@@ -272,9 +272,13 @@ def score_vqa(row, record):
     recall, f1 = metrics.token_recall_f1(pred, gt)
     out.update(vqa_recall=recall, vqa_f1=f1)
     if answer_type == "closed":
-        gt_yes, _ = read_yes_no(gt, [])
-        pred_yes, _ = read_yes_no(pred or "", notes)
-        out["closed_correct"] = pred_yes is not None and pred_yes == gt_yes
+        gt_yes, _ = read_yes_no(gt, []) if gt.strip().lower().strip(".") in ("yes", "no") else (None, "")
+        if gt_yes is not None:  # yes/no question: the answer's yes/no decides
+            pred_yes, _ = read_yes_no(pred or "", notes)
+            out["closed_correct"] = pred_yes is not None and pred_yes == gt_yes
+        else:  # a choice ("left", "CT"): every GT word must be in the answer
+            out["closed_correct"] = recall == 1.0
+            notes.append("closed question with a non-yes/no answer: right when every GT word is in the answer")
     notes.append(f"token recall {recall:.3f}, F1 {f1:.3f} against {gt!r}")
     out["notes"] = notes
     return out
