@@ -202,6 +202,16 @@ def test_csv_markdown_and_plot_are_written(bench):
         assert image.size[0] > 300
 
 
+def test_comparison_table_keeps_one_row_per_model(bench, tmp_path):
+    manifest, pred = bench
+    table = tmp_path / "table3.md"
+    for name in ("model-a", "model-b", "model-a"):
+        assert main(["score", "--pred", str(pred), "--data", str(manifest), "--name", name, "--table", str(table)]) == 0
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| model-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| model-a", "| model-b"]
+    assert rows[0].endswith("| 0.800 | 0.500 | 1.000 | 0.000 | 0.800 | 0.727 | 0.667 | 0.556 |")
+
+
 def test_amputated_predictions(bench, tmp_path):
     manifest, _ = bench
     run = tmp_path / "amp"

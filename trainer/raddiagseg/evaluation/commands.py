@@ -40,6 +40,8 @@ def register(subparsers):
     score.add_argument("--out", type=Path, default=None, help="report JSON (default: report.json next to PRED)")
     score.add_argument("--md", type=Path, default=None, help="markdown table (default: the report path with .md)")
     score.add_argument("--name", default=None, help="model name in the table (default: PRED's folder name)")
+    score.add_argument("--table", type=Path, default=None,
+                       help="also add this model's row to a comparison table TABLE.md (rows kept in TABLE.json)")
     score.add_argument("--amputated", action="store_true", help="3-step samples were asked as three separate questions (see below)")
     score.add_argument(
         "--strict-diagnosis",
@@ -101,6 +103,8 @@ def run_score(args):
     md = args.md or out.with_suffix(".md")
     name = args.name or args.pred.parent.name or args.pred.stem
     written = reports.write_all(report, records, out, md, name)
+    if args.table:
+        written.append(reports.update_comparison(args.table, name, report))
     overall = report["overall"]
     if overall["n_missing"]:
         log.warning("%d manifest rows have no prediction and were not scored", overall["n_missing"])

@@ -39,18 +39,34 @@ def _fmt(value):
     return "–" if value is None else f"{value:.3f}"
 
 
+def _scored_modalities(report):
+    return [m for m in _modalities(report) if report[m].get("n")] or _modalities(report)
+
+
+def table3(entries):
+    """Markdown lines of paper 001 Table 3 for [(model name, report)]: one row per model, '–' where a model has no value."""
+    mods = []
+    for _, report in entries:
+        mods += [m for m in _scored_modalities(report) if m not in mods]
+    mods = [m for m in MODALITY_ORDER if m in mods] + [m for m in mods if m not in MODALITY_ORDER]
+    header = ["Model"] + [f"{MODALITY_TITLES.get(m, m)} {title}" for m in mods for title, _ in TABLE3_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    any_amputated = False
+    for name, report in entries:
+        amputated = bool(report["overall"].get("amputated"))
+        any_amputated |= amputated
+        cells = [f"{name}\\*" if amputated else name]
+        cells += [_fmt(report.get(m, {}).get(key)) for m in mods for _, key in TABLE3_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any_amputated:
+        lines += ["", "\\*Amputated: detection, diagnosis and diagnosis + segmentation asked as separate questions."]
+    return lines
+
+
 def markdown(report, name="model"):
     """Table 3 layout (per modality: Detection F1, Diagnosis F1, Dice-Org, Dice-Abn), then counts and the other metrics."""
-    mods = [m for m in _modalities(report) if report[m].get("n")] or _modalities(report)
-    amputated = bool(report["overall"].get("amputated"))
-    name = f"{name}\\*" if amputated else name
-    lines = ["## RadDiagSeg-D", ""]
-    header = ["Model"] + [f"{MODALITY_TITLES.get(m, m)} {title}" for m in mods for title, _ in TABLE3_COLUMNS]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines.append("| " + " | ".join([name] + [_fmt(report[m].get(key)) for m in mods for _, key in TABLE3_COLUMNS]) + " |")
-    if amputated:
-        lines += ["", "\\*Amputated: detection, diagnosis and diagnosis + segmentation asked as separate questions."]
+    mods = _scored_modalities(report)
+    lines = ["## RadDiagSeg-D", ""] + table3([(name, report)])
     lines += ["", "Samples: " + "; ".join(
         f"{MODALITY_TITLES.get(m, m)} n = {report[m]['n']} ({report[m].get('n_positive', 0)} positive, "
         f"{report[m].get('n_unreadable', 0)} unreadable step 1), Dice over {report[m]['n_dice_org']} organ / "
@@ -79,6 +95,19 @@ def markdown(report, name="model"):
 
 def write_markdown(report, path, name="model"):
     _atomic_write_text(path, markdown(report, name))
+
+
+def update_comparison(path, name, report):
+    """Add (or replace) model `name` in a comparison table: PATH.md (Table 3, one row per model) + PATH.json (the reports)."""
+    path = Path(path)
+    store = path.with_suffix(".json")
+    entries = json.loads(store.read_text()) if store.exists() else {}
+    if not isinstance(entries, dict):
+        raise ValueError(f"{store} is not a comparison table store (expected a JSON object name -> report)")
+    entries[name] = report
+    _atomic_write_text(store, json.dumps(entries, indent=2) + "\n")
+    _atomic_write_text(path, "\n".join(["## RadDiagSeg-D", ""] + table3(list(entries.items()))) + "\n")
+    return path
 
 
 def _role_mean(record, role):
