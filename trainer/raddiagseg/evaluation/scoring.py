@@ -209,8 +209,11 @@ def score_vqaseg(row, record, root, synonyms=True, amputated=False):
     elif detection is not True:
         c = False
         notes.append("c = 0: GT positive, detection not yes (evaluation stops)")
+    elif not gt_diagnosis:
+        c = True
+        notes.append("c = 1: GT positive without a diagnosis label, so detection alone decides")
     else:
-        c, how = diagnosis_named(gt_diagnosis or "", diagnosis_text, synonyms)
+        c, how = diagnosis_named(gt_diagnosis, diagnosis_text, synonyms)
         notes.append(f"c = {int(c)}: {how}")
     out["c"] = int(c)
 
