@@ -1,0 +1,68 @@
+"""RadDiagSeg-M demo preset end to end: overfit 4 phantom-like samples, then generate, batch, cache and reload.
+
+Loss parts, collate validation and checkpoint errors (training behaviour: test_model_overfit.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from model_helpers import dice, phantom_sample
+
+MAX_STEPS = 300
+SHORT_QUESTION = "Is there an abnormality? If yes, diagnose and segment it."
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # 2 OpenMP threads on 2 cores shared with other jobs thrash (10x slower); one thread is steady.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [
+        phantom_sample("liver", size=96, seed=0, question=SHORT_QUESTION),
+        phantom_sample("pancreas", size=96, seed=1, question=SHORT_QUESTION),
+        phantom_sample("liver", size=80, seed=2, question=SHORT_QUESTION),
+        phantom_sample("pancreas", size=112, seed=3, question=SHORT_QUESTION),
+    ]
+
+
+def test_forward_reports_each_loss_part(single_thread, samples):
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    model = build_model("demo")
+    negative = dict(samples[0], answer="1. No", masks=[])
+    out = model(model.processor.collate([samples[0], negative, samples[1]]))
+    assert set(out) == {"loss", "loss_text", "loss_bce", "loss_dice", "n_masks"}
+    assert int(out["n_masks"]) == 4
+    assert out["loss"].requires_grad
+    w = model.config.loss
+    expected = w.text * out["loss_text"] + w.seg * (w.bce * out["loss_bce"] + w.dice * out["loss_dice"])
+    assert torch.allclose(out["loss"], expected)
+    # a batch without any mask still trains the text
+    out = model(model.processor.collate([negative]))
+    assert int(out["n_masks"]) == 0 and float(out["loss_bce"]) == 0.0 and out["loss"].requires_grad
+
+
+def test_collate_rejects_masks_that_do_not_match_the_answer(samples):
+    from raddiagseg import build_model
+
+    model = build_model("demo")
+    with pytest.raises(ValueError, match="2 seg tokens but 1 masks"):
+        model.processor.collate([dict(samples[0], masks=samples[0]["masks"][:1])])
+    with pytest.raises(ValueError, match="mask shape"):
+        model.processor.collate([dict(samples[0], masks=[m[:-1] for m in samples[0]["masks"]])])
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    from raddiagseg import load_model
+
+    with pytest.raises(FileNotFoundError, match="not a RadDiagSeg checkpoint"):
+        load_model(tmp_path)
+

@@ -1,0 +1,91 @@
+"""Language model: transformers' Gemma-2 decoder (PaliGemma2's LM) with optional peft LoRA.
+
+Image tokens enter as input embeddings; the LM's last-layer (post-norm) hidden states are
+returned so that seg-token states can prompt the mask decoder.
+"""
+
+import torch
+from torch import nn
+
+
+def gemma2_config(config, vocab_size, special_ids):
+    from transformers import Gemma2Config
+
+    lm = config
+    gc = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.intermediate_size,
+        num_hidden_layers=lm.num_hidden_layers,
+        num_attention_heads=lm.num_attention_heads,
+        num_key_value_heads=lm.num_key_value_heads,
+        head_dim=lm.head_dim,
+        query_pre_attn_scalar=lm.query_pre_attn_scalar,
+        sliding_window=lm.sliding_window,
+        max_position_embeddings=lm.max_position_embeddings,
+        final_logit_softcapping=lm.final_logit_softcapping,
+        attn_logit_softcapping=lm.attn_logit_softcapping,
+        rms_norm_eps=lm.rms_norm_eps,
+        pad_token_id=special_ids["pad"],
+        bos_token_id=special_ids["bos"],
+        eos_token_id=special_ids["eos"],
+        tie_word_embeddings=True,
+    )
+    gc._attn_implementation = lm.attn_implementation
+    return gc
+
+
+class LanguageModel(nn.Module):
+    """Gemma2ForCausalLM, optionally wrapped by peft (LoRA on q/k/v/o/gate/up/down_proj + trainable seg-token rows)."""
+
+    def __init__(self, config, vocab_size, special_ids):
+        super().__init__()
+        from transformers import Gemma2ForCausalLM
+
+        self.config = config
+        self.seg_ids = list(special_ids["seg"])
+        self.lm = Gemma2ForCausalLM(gemma2_config(config, vocab_size, special_ids))
+
+    @property
+    def causal_lm(self):
+        """The Gemma2ForCausalLM inside (LoRA layers, if any, are injected in place)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def add_lora(self):
+        """Wrap the LM with LoRA adapters and trainable seg-token embedding rows (call after loading base weights)."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config
+        targets = "|".join(cfg.lora_targets)
+        peft_config = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=rf".*\.layers\.\d+\.(self_attn|mlp)\.({targets})$",
+            trainable_token_indices={"embed_tokens": self.seg_ids},
+            bias="none",
+        )
+        self.lm = get_peft_model(self.lm, peft_config)
+
+    def embed(self, input_ids):
+        return self.causal_lm.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        """-> (last hidden states (B, L, D) after the final norm, cache)."""
+        out = self.causal_lm.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden):
+        """LM head + Gemma-2's final logit softcapping, on any subset of hidden states."""
+        lm = self.causal_lm
+        logits = lm.lm_head(hidden)
+        cap = lm.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,56 @@
+"""Mask decoder: SAM `PromptEncoder` + `MaskDecoder`, prompted by LM hidden states of seg tokens."""
+
+import torch
+from torch import nn
+
+
+class SegMaskDecoder(nn.Module):
+    """LM hidden states of seg tokens + one image embedding -> one low-res mask logit map per token.
+
+    A linear layer maps each hidden state to a sparse prompt embedding; the dense prompt is SAM's
+    "no mask" embedding. SAM's `MaskDecoder` handles one image per call (DESIGN §9), so
+    `forward` loops over images and batches the prompts that belong to each image.
+    """
+
+    def __init__(self, lm_hidden_size, vision_config, config):
+        super().__init__()
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        dim = vision_config.out_chans
+        grid = vision_config.embedding_size
+        self.text_to_prompt = nn.Linear(lm_hidden_size, dim)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(vision_config.image_size, vision_config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(
+                depth=config.transformer_depth, embedding_dim=dim, mlp_dim=config.transformer_mlp_dim, num_heads=config.transformer_heads
+            ),
+            num_multimask_outputs=config.num_multimask_outputs,
+            iou_head_depth=3,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        )
+
+    def forward(self, image_embeddings, hidden_states, image_index):
+        """image_embeddings (B, C, h, w); hidden_states (K, D_lm); image_index (K,) long -> (K, 4h, 4w) logits."""
+        prompts = self.text_to_prompt(hidden_states.to(self.text_to_prompt.weight.dtype))
+        out = prompts.new_empty((prompts.shape[0], 4 * image_embeddings.shape[-2], 4 * image_embeddings.shape[-1]))
+        image_pe = self.prompt_encoder.get_dense_pe().to(prompts.dtype)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        for b in torch.unique(image_index).tolist():
+            select = (image_index == b).nonzero(as_tuple=True)[0]
+            sparse = prompts[select].unsqueeze(1)
+            dense = no_mask.expand(len(select), -1, *image_embeddings.shape[-2:]).to(prompts.dtype)
+            low_res, _ = self.mask_decoder(
+                image_embeddings=image_embeddings[b : b + 1].to(prompts.dtype),
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            out = out.index_put((select,), low_res[:, 0])
+        return out

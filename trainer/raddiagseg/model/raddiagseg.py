@@ -1,0 +1,384 @@
+"""RadDiagSeg-M: vision backbone + multimodal LM (CLIP encoder, projector, Gemma-2) + seg-token mask decoder.
+
+Follows paper 001 and LISA's recipe: the last-layer hidden state that *predicts* a seg token
+(teacher forcing: the position before it; generation: the step that produced it) is projected
+to a SAM prompt and decoded into one mask for that token.
+"""
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raddiagseg.model.clip_encoder import ClipEncoder
+from raddiagseg.model.config import RadDiagSegConfig
+from raddiagseg.model.language_model import LanguageModel
+from raddiagseg.model.mask_decoder import SegMaskDecoder
+from raddiagseg.model.outputs import GenerationResult, ImageFeatures, SegmentResult
+from raddiagseg.model.processor import IGNORE_INDEX, RadDiagSegProcessor
+from raddiagseg.model.projector import Projector
+from raddiagseg.model.tokenizer import build_demo_tokenizer, load_tokenizer, special_token_ids
+from raddiagseg.model.vision_backbone import VisionBackbone
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+COMPONENTS = ("vision_backbone", "clip_encoder", "projector", "language_model", "mask_decoder")
+LABEL_STRIP = " \t-*•:,;.·"
+
+
+class RadDiagSegModel(nn.Module):
+    def __init__(self, config: RadDiagSegConfig, tokenizer=None):
+        super().__init__()
+        from raddiagseg.model import weights
+
+        self.config = config
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.lm_dir) if config.lm_dir else build_demo_tokenizer(config.num_seg_tokens)
+        ids = special_token_ids(tokenizer, config.num_seg_tokens)
+        vocab_size = config.language.vocab_size or len(tokenizer)
+        if vocab_size < len(tokenizer):
+            raise ValueError(f"LM vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        config.language.vocab_size = vocab_size
+        self.processor = RadDiagSegProcessor(tokenizer, config)
+
+        self.vision_backbone = VisionBackbone(config.vision)
+        self.clip_encoder = ClipEncoder(config.clip)
+        self.projector = Projector(config.clip.embed_dim, config.language.hidden_size, config.projector.num_queries, config.projector.num_heads)
+        self.language_model = LanguageModel(config.language, vocab_size, ids)
+        self.mask_decoder = SegMaskDecoder(config.language.hidden_size, config.vision, config.mask_decoder)
+
+        if config.sam_checkpoint:
+            weights.load_sam_checkpoint(config.sam_checkpoint, self.vision_backbone, self.mask_decoder)
+        if config.clip_dir:
+            weights.load_clip_folder(config.clip_dir, self.clip_encoder)
+        if config.lm_dir:
+            weights.load_language_model_folder(config.lm_dir, self.language_model)
+        if config.trainable.lm == "lora" and config.language.lora_rank > 0:
+            self.language_model.add_lora()
+        self._apply_trainable()
+        self.mask_decoder_calls = 0  # counted so callers/tests can see that no seg token means no decoder call
+
+    # --- parameters -------------------------------------------------------------------------
+    def _apply_trainable(self):
+        t = self.config.trainable
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for module, on in ((self.vision_backbone, t.vision), (self.clip_encoder, t.clip), (self.projector, t.projector)):
+            module.requires_grad_(on)
+        self.mask_decoder.mask_decoder.requires_grad_(t.mask_decoder)
+        self.mask_decoder.text_to_prompt.requires_grad_(t.mask_decoder)
+        self.mask_decoder.prompt_encoder.requires_grad_(t.prompt_encoder)
+        if t.lm == "full":
+            self.language_model.requires_grad_(True)
+        elif t.lm == "lora":
+            for name, p in self.language_model.named_parameters():
+                p.requires_grad_("lora_" in name or "trainable_tokens_delta" in name)
+        elif t.lm != "frozen":
+            raise ValueError(f"trainable.lm must be 'lora', 'full' or 'frozen', not {t.lm!r}")
+
+    def trainable_parameters(self):
+        """Parameters the optimiser should update (per `config.trainable`)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self):
+        """{component: (total, trainable)}; LoRA and seg-token deltas count under the language model."""
+        counts = {}
+        for name in COMPONENTS:
+            params = list(getattr(self, name).parameters())
+            counts[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+        return counts
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return self.projector.queries.dtype
+
+    # --- shared pieces ----------------------------------------------------------------------
+    def _encode(self, vision_pixels, clip_pixels, latencies=None):
+        t0 = time.perf_counter()
+        vision = self.vision_backbone(self.vision_backbone.preprocess(vision_pixels.to(self.device, self.dtype)).to(self.dtype))
+        t1 = time.perf_counter()
+        patches = self.clip_encoder(self.clip_encoder.preprocess(clip_pixels.to(self.device, self.dtype)).to(self.dtype))
+        image_embeds = self.projector(patches)
+        if latencies is not None:
+            latencies["vision"] = t1 - t0
+            latencies["clip"] = time.perf_counter() - t1
+        return vision, image_embeds
+
+    def _input_embeds(self, input_ids, image_embeds):
+        embeds = self.language_model.embed(input_ids)
+        is_image = input_ids == self.processor.ids["image"]
+        per_row = is_image.sum(1)
+        if not torch.all(per_row == image_embeds.shape[1]):
+            raise ValueError(f"each prompt needs exactly {image_embeds.shape[1]} image tokens, got {per_row.tolist()}")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    # --- training ---------------------------------------------------------------------------
+    def forward(self, batch):
+        """Teacher-forced loss on a `processor.collate` batch -> {"loss", "loss_text", "loss_bce", "loss_dice", "n_masks"}."""
+        from monai.losses import DiceLoss
+
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)
+        labels = batch["labels"].to(dev)
+        attention = batch["attention_mask"].to(dev)
+        vision, image_embeds = self._encode(batch["vision"], batch["clip"])
+        hidden, _ = self.language_model(self._input_embeds(input_ids, image_embeds), attention_mask=attention)
+
+        # text: the state at t predicts label t+1
+        targets = labels[:, 1:]
+        predict = targets != IGNORE_INDEX
+        logits = self.language_model.logits(hidden[:, :-1][predict])
+        loss_text = F.cross_entropy(logits.float(), targets[predict])
+
+        # masks: the state that predicts each seg token, in answer order, sample by sample
+        is_seg = torch.isin(targets, torch.tensor(self.processor.ids["seg"], device=dev)) & predict
+        b_index, t_index = is_seg.nonzero(as_tuple=True)
+        gt = batch["masks"].to(dev).float()
+        n_masks = int(b_index.numel())
+        if n_masks != gt.shape[0]:
+            raise ValueError(f"batch has {n_masks} seg tokens but {gt.shape[0]} masks")
+        if n_masks:
+            mask_index = batch["mask_image_index"].to(dev)
+            if not torch.equal(mask_index, b_index):
+                raise ValueError("masks are not in seg-token order (mask_image_index disagrees with the answers)")
+            self.mask_decoder_calls += 1
+            low_res = self.mask_decoder(vision, hidden[b_index, t_index], b_index)
+            pred = F.interpolate(low_res[:, None].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+            loss_bce = F.binary_cross_entropy_with_logits(pred[:, 0], gt, reduction="none").mean(dim=(1, 2)).mean()
+            dice = DiceLoss(sigmoid=True, reduction="none")(pred, gt[:, None])
+            loss_dice = dice.reshape(n_masks).mean()
+        else:
+            loss_bce = loss_dice = loss_text.new_zeros(())
+        w = self.config.loss
+        loss = w.text * loss_text + w.seg * (w.bce * loss_bce + w.dice * loss_dice)
+        return {"loss": loss, "loss_text": loss_text, "loss_bce": loss_bce, "loss_dice": loss_dice, "n_masks": torch.tensor(n_masks)}
+
+    # --- inference --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, images):
+        """list of (H, W) arrays in [0, 1] -> ImageFeatures; pass it back via `features=` to skip the encoders."""
+        t0 = time.perf_counter()
+        pixels = self.processor.images(list(images))
+        latencies = {"preprocess": time.perf_counter() - t0}
+        with _eval_mode(self):
+            vision, image_embeds = self._encode(pixels["vision"], pixels["clip"], latencies)
+        return ImageFeatures(vision, image_embeds, [tuple(s) for s in pixels["image_sizes"].tolist()], latencies)
+
+    def generate(self, image, question, max_new_tokens=128, features=None, do_sample=False, temperature=1.0, seed=None):
+        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult."""
+        images = None if image is None else [image]
+        if features is not None and len(features) != 1:
+            raise ValueError(f"generate takes features of one image, got {len(features)}")
+        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None):
+        """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult]."""
+        latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
+        if features is None:
+            if not images:
+                raise ValueError("give images or precomputed features")
+            features = self.encode_images(images)
+            latencies.update(features.latencies)
+        elif not isinstance(features, ImageFeatures):
+            features = ImageFeatures.cat(features)
+        if isinstance(questions, str):
+            questions = [questions] * len(features)
+        if len(questions) != len(features):
+            raise ValueError(f"{len(questions)} questions for {len(features)} images")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        features = features.to(self.device, self.dtype)
+        with _eval_mode(self):
+            ids, states, t_prefill, t_decode = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)
+            latencies["prefill"], latencies["decode"] = t_prefill, t_decode
+            t0 = time.perf_counter()
+            masks = self._masks(features, ids, states)
+            latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
+        return [self._result(i, ids[i], masks.get(i, []), latencies) for i in range(len(ids))]
+
+    def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed):
+        """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced each."""
+        proc = self.processor
+        prompts = [proc.prompt_ids(q) for q in questions]
+        batch, length = len(prompts), max(len(p) for p in prompts)
+        dev = self.device
+        input_ids = torch.full((batch, length), proc.ids["pad"], dtype=torch.long, device=dev)
+        attention = torch.zeros((batch, length), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):  # left padding
+            input_ids[b, length - len(p) :] = torch.tensor(p, device=dev)
+            attention[b, length - len(p) :] = 1
+        position_ids = (attention.cumsum(1) - 1).clamp_min(0)
+        generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+
+        t0 = time.perf_counter()
+        hidden, cache = self.language_model(
+            self._input_embeds(input_ids, features.image_embeds), attention_mask=attention, position_ids=position_ids, use_cache=True
+        )
+        t_prefill = time.perf_counter() - t0
+        last = hidden[:, -1]
+        position = position_ids[:, -1:]
+        tokens, states = [[] for _ in range(batch)], [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        eos = proc.ids["eos"]
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            logits = self.language_model.logits(last).float()
+            if do_sample:
+                probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            for b in range(batch):
+                if not done[b]:
+                    if next_ids[b].item() == eos:
+                        done[b] = True
+                    else:
+                        tokens[b].append(next_ids[b].item())
+                        states[b].append(last[b])
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            next_ids = torch.where(done, torch.full_like(next_ids, proc.ids["pad"]), next_ids)
+            attention = torch.cat([attention, (~done).long()[:, None]], dim=1)
+            position = position + 1
+            hidden, cache = self.language_model(
+                self.language_model.embed(next_ids[:, None]), attention_mask=attention, position_ids=position, past_key_values=cache, use_cache=True
+            )
+            last = hidden[:, -1]
+        return tokens, states, t_prefill, time.perf_counter() - t0
+
+    def _masks(self, features, ids, states):
+        """One bool mask per generated seg token at its image's original size; no decoder call without seg tokens."""
+        seg = self.processor.seg_id_to_index
+        picks = [(b, k) for b, row in enumerate(ids) for k, t in enumerate(row) if t in seg]
+        if not picks:
+            return {}
+        self.mask_decoder_calls += 1
+        hidden = torch.stack([states[b][k] for b, k in picks])
+        image_index = torch.tensor([b for b, _ in picks], device=self.device)
+        low_res = self.mask_decoder(features.vision, hidden, image_index).float()
+        out = {}
+        for j, (b, _) in enumerate(picks):
+            h, w = features.image_sizes[b]
+            prob = torch.sigmoid(F.interpolate(low_res[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0])
+            mask = prob > self.config.mask_threshold
+            score = float(prob[mask].mean()) if bool(mask.any()) else 0.0
+            out.setdefault(b, []).append((mask.cpu().numpy(), score))
+        return out
+
+    def _result(self, b, ids, masks, latencies):
+        proc = self.processor
+        hidden_ids = {proc.ids["bos"], proc.ids["pad"], proc.ids["image"]}
+        kept = [t for t in ids if t not in hidden_ids]
+        text = proc.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        segments = []
+        matches = list(re.finditer("|".join(re.escape(t) for t in proc.seg_tokens), text))
+        if len(matches) != len(masks):
+            log.warning("answer text has %d seg tokens but %d were generated", len(matches), len(masks))
+        for match, (mask, score) in zip(matches, masks):
+            segments.append(SegmentResult(label=label_before(text, match.start()), token=match.group(0), mask=mask, score=score))
+        return GenerationResult(answer=text, segments=segments, latencies=dict(latencies), token_ids=list(ids))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save_pretrained(self, path, dtype=None):
+        """Write a checkpoint folder: config.json + model.safetensors (optionally cast, e.g. torch.float16) + tokenizer."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = _dedupe_tied(self.state_dict())
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
+        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)}))
+        config = {"model_type": "raddiagseg", "format_version": FORMAT_VERSION, **self.config.to_dict()}
+        _atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        self.processor.tokenizer.save_pretrained(str(path))
+        counts = self.parameter_counts()
+        card = [f"# RadDiagSeg-M ({self.config.preset} preset)", "", "| component | parameters |", "|---|---|"]
+        card += [f"| {name} | {total:,} |" for name, (total, _) in counts.items()]
+        card += ["", "Load with `raddiagseg.load_model(path)`."]
+        _atomic_write(path / "MODEL_CARD.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a RadDiagSeg checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        data = json.loads((path / CONFIG_FILE).read_text())
+        if data.pop("model_type", None) != "raddiagseg":
+            raise ValueError(f"{path / CONFIG_FILE} is not a RadDiagSeg config (model_type != 'raddiagseg')")
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {version} is newer than this raddiagseg understands ({FORMAT_VERSION})")
+        config = RadDiagSegConfig.from_dict(data)
+        model = cls(config, tokenizer=load_tokenizer(path))
+        state = load_file(str(path / WEIGHTS_FILE))
+        expected = model.state_dict()
+        tied = set(expected) - set(_dedupe_tied(expected))
+        from raddiagseg.model.weights import check_state_dict
+
+        check_state_dict({k: v for k, v in expected.items() if k not in tied}, state, source=str(path / WEIGHTS_FILE))
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+        model.to(device=device, dtype=dtype)
+        model.eval()
+        return model
+
+
+def label_before(text, index):
+    """The label a seg token refers to: the text on its line before it (after any earlier seg token), bullets stripped."""
+    line = text[:index].rsplit("\n", 1)[-1]
+    line = re.split(r"<seg\d{3}>", line)[-1]
+    line = re.sub(r"^\s*(\d+[.)]\s*)?", "", line)
+    return line.strip(LABEL_STRIP)
+
+
+def _dedupe_tied(state):
+    """Drop tensors that share storage with an earlier key (tied LM head), so safetensors can save them."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        ident = (value.device.type, value.untyped_storage().data_ptr() if value.device.type != "meta" else id(value), value.storage_offset(), tuple(value.shape))
+        if value.device.type != "meta" and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = value
+    return out
+
+
+def _atomic_write(target, write):
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _eval_mode:
+    """Context manager: eval mode inside, the previous train/eval mode restored after."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)

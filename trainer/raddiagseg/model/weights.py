@@ -1,0 +1,184 @@
+"""Loading pretrained weights from local files: MedSAM/SAM .pth, BiomedCLIP open_clip folder, PaliGemma2 HF folder.
+
+Every loader maps the file's keys onto our modules and checks them strictly (no missing, no
+unexpected, same shapes) before copying, so a wrong file fails with one line naming the first
+mismatches instead of silently leaving random weights.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAM_PARTS = {"image_encoder.": "vision", "prompt_encoder.": "prompt", "mask_decoder.": "decoder"}
+LM_PREFIXES = ("language_model.model.", "model.language_model.")  # PaliGemma layouts (hub files / transformers 5)
+LM_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim",
+)
+
+
+def check_state_dict(expected, found, source, first=3):
+    """Raise ValueError (one line) unless `found` has exactly `expected`'s keys with the same shapes."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:first])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:first])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:first])})")
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def _copy_into(module, state):
+    expected = module.state_dict()
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False, assign=expected_is_meta(expected))
+
+
+def expected_is_meta(state):
+    return any(v.device.type == "meta" for v in state.values())
+
+
+def _torch_load(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, non-tensor objects...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a readable PyTorch weights file ({reason[:200]})") from None
+
+
+def unwrap_state_dict(obj, source):
+    """A plain state dict from a checkpoint that may wrap it ({"model": ...}, {"state_dict": ...}) with "module." prefixes."""
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source} does not hold a state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def load_sam_checkpoint(path, vision_backbone, seg_mask_decoder):
+    """MedSAM/SAM `.pth` -> SAM image encoder (vision backbone) + prompt encoder + mask decoder."""
+    state = unwrap_state_dict(_torch_load(path), str(path))
+    targets = {
+        "image_encoder.": vision_backbone.image_encoder,
+        "prompt_encoder.": seg_mask_decoder.prompt_encoder,
+        "mask_decoder.": seg_mask_decoder.mask_decoder,
+    }
+    expected = {f"{prefix}{k}": v for prefix, module in targets.items() for k, v in module.state_dict().items()}
+    check_state_dict(expected, state, source=f"SAM checkpoint {path}")
+    for prefix, module in targets.items():
+        _copy_into(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    log.info("loaded SAM/MedSAM weights from %s (%d tensors)", path, len(state))
+
+
+def load_clip_folder(folder, clip_encoder):
+    """BiomedCLIP open_clip folder (open_clip_config.json + open_clip_pytorch_model.bin) -> the ViT trunk."""
+    folder = Path(folder)
+    config_file = folder / "open_clip_config.json"
+    weight_files = [folder / "open_clip_pytorch_model.bin", folder / "open_clip_model.safetensors"]
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not an open_clip folder: {config_file.name} is missing")
+    weights = next((f for f in weight_files if f.is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} has no open_clip_pytorch_model.bin (or open_clip_model.safetensors)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON ({exc})") from None
+    vision_cfg = cfg.get("model_cfg", {}).get("vision_cfg", {})
+    size = vision_cfg.get("image_size")
+    if size is not None and int(size if not isinstance(size, (list, tuple)) else size[0]) != clip_encoder.config.image_size:
+        raise ValueError(f"{config_file}: image_size {size} but the model's CLIP encoder expects {clip_encoder.config.image_size}")
+    pre = cfg.get("preprocess_cfg", {})
+    if "mean" in pre and "std" in pre:  # use the folder's normalisation (BiomedCLIP: OpenAI CLIP's)
+        clip_encoder.config.mean, clip_encoder.config.std = tuple(pre["mean"]), tuple(pre["std"])
+        clip_encoder.mean.copy_(torch.tensor(pre["mean"]).view(1, 3, 1, 1))
+        clip_encoder.std.copy_(torch.tensor(pre["std"]).view(1, 3, 1, 1))
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(weights))
+    else:
+        raw = unwrap_state_dict(_torch_load(weights), str(weights))
+    prefix = "visual.trunk."
+    state = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{weights} has no vision trunk weights (keys visual.trunk.*)")
+    check_state_dict(clip_encoder.trunk.state_dict(), state, source=f"CLIP weights {weights}")
+    _copy_into(clip_encoder.trunk, state)
+    log.info("loaded BiomedCLIP vision trunk from %s (%d tensors)", weights, len(state))
+
+
+def _lm_text_config(folder):
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+    cfg = json.loads(config_file.read_text())
+    text = dict(cfg.get("text_config") or cfg)
+    if "vocab_size" not in text and "vocab_size" in cfg:
+        text["vocab_size"] = cfg["vocab_size"]
+    return text
+
+
+def _read_safetensors(folder, keep):
+    """Tensors of the folder's safetensors file(s) (single or sharded via the index) whose key passes `keep`."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
+    out = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():
+                if keep(key):
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def load_language_model_folder(folder, language_model):
+    """Gemma-2 LM weights of a PaliGemma2 (or plain Gemma-2) HF folder -> our Gemma2ForCausalLM (before LoRA)."""
+    folder = Path(folder)
+    text_cfg = _lm_text_config(folder)
+    ours = language_model.config
+    wrong = [f"{k} {text_cfg[k]} vs model {getattr(ours, k)}" for k in LM_CONFIG_FIELDS if k in text_cfg and text_cfg[k] != getattr(ours, k)]
+    if wrong:
+        raise ValueError(f"{folder / 'config.json'} does not match the model's LM config: {'; '.join(wrong[:3])}")
+
+    def lm_key(key):
+        for prefix in LM_PREFIXES:
+            if key.startswith(prefix):
+                return "model." + key[len(prefix):]
+        if key.startswith("model.") and not key.startswith(("model.vision_tower", "model.multi_modal_projector")):
+            return key  # a plain Gemma-2 folder
+        return None
+
+    raw = _read_safetensors(folder, lambda k: lm_key(k) is not None)
+    state = {lm_key(k): v for k, v in raw.items()}
+    if not state:
+        raise ValueError(f"{folder} has no Gemma-2 LM weights (keys language_model.model.*)")
+    lm = language_model.causal_lm
+    expected = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}  # tied to embed_tokens
+    check_state_dict(expected, state, source=f"LM weights in {folder}")
+    _copy_into(lm, state)
+    log.info("loaded Gemma-2 LM weights from %s (%d tensors)", folder, len(state))
