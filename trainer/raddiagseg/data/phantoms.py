@@ -201,7 +201,7 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
     if count == 0 or not organ.any():
         return 0
     depth = np.stack([ndimage.distance_transform_edt(o) if o.any() else np.zeros(o.shape) for o in organ])
-    lo, hi = (0.08, 0.2) if task == "liver" else (0.07, 0.12)
+    lo, hi = (0.08, 0.2) if task == "liver" else (0.08, 0.13)
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     base = float(np.median(hu[organ]))
@@ -224,8 +224,9 @@ def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
         rho = np.sqrt(((zz - cz) / rz) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
         allowed = cavity[box] & ndimage.binary_dilation(organ[box], in_plane, iterations=grow)
         weight = np.clip((1.0 - rho) / 0.2, 0, 1) * allowed
-        # Tumour tissue: the organ's HU minus 35-60 (hypodense lesion, portal venous phase), soft edge.
-        target = base - rng.uniform(35, 60)
+        # Tumour tissue: the organ's HU minus 45-75 (hypodense, partly necrotic lesion in the portal
+        # venous phase), soft edge.
+        target = base - rng.uniform(45, 75)
         hu[box] = (1 - weight) * hu[box] + weight * target
         label[box][allowed & (rho < 0.85)] = 2
         placed += 1
