@@ -26,10 +26,10 @@ def built(tmp_path_factory):
     """8 CT volumes (reduced size) + 60 X-rays + small VQA sets, built once for this module."""
     root = tmp_path_factory.mktemp("phantom_build")
     paths = write_phantoms(root / "src", ct_volumes=8, xrays=60, seed=3, ct_size=128, ct_slices=16, xray_size=128,
-                           vqa_images=10)
+                           vqa_images=10, refseg_images=6)
     out = root / "built"
     rows, report = build_dataset(out, msd=paths["msd"], covidqu=paths["covidqu"], vqarad=paths["vqarad"],
-                                 slake=paths["slake"], seed=0)
+                                 slake=paths["slake"], refseg=paths["refseg"], seed=0)
     return {"out": out, "rows": rows, "report": report, "paths": paths}
 
 
@@ -43,13 +43,15 @@ def test_build_writes_all_three_tasks_with_contract_fields(built):
         assert REQUIRED <= set(row), row["id"]
         assert row["modality"] in ("ct", "xray", "mri") and row["split"] in ("train", "val", "test")
         assert not Path(row["image"]).is_absolute() and (built["out"] / row["image"]).is_file()
-        if row["modality"] == "ct" and row["task"] != "vqa":
+        if row["source"].startswith("msd_"):
             assert row["window"] == [40.0, 400.0] and row["volume"] and isinstance(row["slice"], int)
         if row["task"] == "vqa":
             assert row["answer_type"] in ("closed", "open") and row["targets"] == []
         if row["task"] == "refseg":
             (target,) = row["targets"]
             assert row["answer"] == templates.refseg_answer(target["name"])
+    refseg_targets = {r["targets"][0]["name"] for r in rows if r["source"] == "refseg"}
+    assert {"liver", "pancreas", "spleen", "kidney"} <= refseg_targets  # BiomedParse-style folder, other organs too
     vqa_sources = Counter(r["source"] for r in rows if r["task"] == "vqa")
     assert set(vqa_sources) == {"vqarad", "slake"}
     slake_questions = [r["question"] for r in rows if r["source"] == "slake"]

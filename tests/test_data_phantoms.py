@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,8 @@ def test_phantoms_are_deterministic_per_seed_and_written_in_public_layouts(tmp_p
     assert (tmp_path / "a" / "VQA_RAD" / "VQA_RAD Image Folder").is_dir()
     assert (tmp_path / "a" / "SLAKE" / "imgs" / "xmlab0" / "source.jpg").is_file()
     assert {p.name for p in (tmp_path / "a" / "SLAKE").glob("*.json")} == {"train.json", "validate.json", "test.json"}
+    biomedparse = sorted(p.name for p in (a["refseg"] / "train_mask").iterdir())
+    assert biomedparse and all(re.fullmatch(r"phantom\d+_\d+_CT_abdomen_[a-z+]+\.png", n) for n in biomedparse)
 
 
 def test_phantoms_command_rejects_bad_counts(tmp_path):

@@ -11,6 +11,7 @@ def register(sub):
     p.add_argument("--ct-volumes", type=int, default=8, help="CT volumes, split between the liver and pancreas tasks")
     p.add_argument("--xrays", type=int, default=60, help="chest X-rays, split between COVID-19 / Non-COVID / Normal")
     p.add_argument("--vqa-images", type=int, default=None, help="images in each VQA set (default: a third of the others, ≥ 10)")
+    p.add_argument("--refseg-images", type=int, default=None, help="CT slices in the BiomedParse-style Ref-Seg folder (default: max(6, CT volumes))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ct-size", type=int, default=None, help="in-plane CT size in pixels (default random 192-320)")
     p.add_argument("--ct-slices", type=int, default=None, help="slices per CT volume (default random 24-64)")
@@ -42,18 +43,22 @@ def run_phantoms(args):
 
     if args.ct_volumes < 0 or args.xrays < 0 or (args.ct_volumes == 0 and args.xrays == 0):
         raise CommandError("--ct-volumes and --xrays must be ≥ 0 and not both 0")
+    for name in ("vqa_images", "refseg_images"):
+        if (getattr(args, name) or 0) < 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be ≥ 0")
     if args.ct_size is not None and not 64 <= args.ct_size <= 1024:
         raise CommandError("--ct-size must be between 64 and 1024")
     if args.ct_slices is not None and not 4 <= args.ct_slices <= 512:
         raise CommandError("--ct-slices must be between 4 and 512")
     start = time.perf_counter()
     paths = write_phantoms(args.out, args.ct_volumes, args.xrays, seed=args.seed, ct_size=args.ct_size,
-                           ct_slices=args.ct_slices, xray_size=args.xray_size, vqa_images=args.vqa_images)
+                           ct_slices=args.ct_slices, xray_size=args.xray_size, vqa_images=args.vqa_images,
+                           refseg_images=args.refseg_images)
     print(f"wrote phantoms to {args.out} in {time.perf_counter() - start:.1f} s; build them with:")
     cmd = ["raddiagseg build", "--out OUT"]
     if paths["msd"]:
         cmd.append("--msd " + " ".join(f"'{p}'" for p in paths["msd"]))
-    for key in ("covidqu", "vqarad", "slake"):
+    for key in ("covidqu", "vqarad", "slake", "refseg"):
         if paths[key]:
             cmd.append(f"--{key} '{paths[key]}'")
     print("  " + " ".join(cmd))

@@ -209,13 +209,36 @@ def write_slake(out, count, rng, ct_size=None):
     return root
 
 
-def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None, xray_size=256, vqa_images=None):
+def write_biomedparse(out, count, rng, ct_size=None):
+    """BiomedParse-style Ref-Seg folder: `train|test/<case>_CT_abdomen.png` + one mask per target in
+    `train_mask|test_mask/<case>_CT_abdomen_<target+words>.png` (liver, pancreas, spleen, kidney, tumours).
+    The last fifth of the images go to test."""
+    root = Path(out) / "BiomedParse"
+    for i in range(count):
+        task = phantoms.CT_TASKS[i % 2]
+        ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=7, tumours=int(rng.integers(0, 3)))
+        z = int(np.argmax((ct.label > 0).sum((1, 2))))
+        split = "test" if i >= count * 0.8 else "train"
+        stem = f"phantom{i}_{z}_CT_abdomen"
+        masks = {task: ct.label[z] > 0, f"{task}+tumor": ct.label[z] == 2,
+                 **{name.replace(" ", "+"): m[z] > 0 for name, m in ct.others.items()}}
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_mask").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(phantoms.window_to_uint8(ct.hu[z])).save(root / split / f"{stem}.png")
+        for target, mask in masks.items():
+            if mask.sum() >= 20:
+                Image.fromarray(mask.astype(np.uint8) * 255).save(root / f"{split}_mask" / f"{stem}_{target}.png")
+    return root
+
+
+def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None, xray_size=256, vqa_images=None,
+                   refseg_images=None):
     """Everything `raddiagseg phantoms` writes. Returns a dict of the source paths for `build`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_liver = (ct_volumes + 1) // 2
-    paths = {"msd": [], "covidqu": None, "vqarad": None, "slake": None}
+    paths = {"msd": [], "covidqu": None, "vqarad": None, "slake": None, "refseg": None}
     for task, count in (("liver", n_liver), ("pancreas", ct_volumes - n_liver)):
         if count:
             write_msd(out, task, count, rng, size=ct_size, slices=ct_slices)
@@ -227,4 +250,7 @@ def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None,
     if n_vqa:
         paths["vqarad"] = write_vqarad(out, n_vqa, rng, ct_size)
         paths["slake"] = write_slake(out, n_vqa, rng, ct_size)
+    n_refseg = refseg_images if refseg_images is not None else max(6, ct_volumes)
+    if n_refseg:
+        paths["refseg"] = write_biomedparse(out, n_refseg, rng, ct_size)
     return paths

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 CT_TASKS = ("liver", "pancreas")
+OWNER_CODES = {"kidney": 1, "spleen": 2, "pancreas": 3, "liver": 4}
 XRAY_CLASSES = ("COVID-19", "Non-COVID", "Normal")
 
 
@@ -26,7 +27,7 @@ class CTPhantom:
     label: np.ndarray  # (z, row, col) uint8: 0 background, 1 organ, 2 tumour
     spacing: tuple  # (slice thickness, row spacing, col spacing) in mm
     n_tumours: int = 0
-    extras: dict = field(default_factory=dict)
+    others: dict = field(default_factory=dict)  # name → (z, row, col) uint8 mask of the other drawn organs
 
 
 @dataclass
@@ -131,7 +132,7 @@ def generate_ct(rng, task, size=None, slices=None, tumours=None):
     texture = ndimage.zoom(texture, (1, n / texture.shape[1], n / texture.shape[2]), order=1)[:, :n, :n]
 
     hu = np.empty((nz, n, n), np.float32)
-    organ = np.zeros((nz, n, n), bool)
+    owner = np.zeros((nz, n, n), np.uint8)  # which labelled organ a voxel shows, see OWNER_CODES
     cavity = np.zeros((nz, n, n), bool)
     for z, t in enumerate(ts):
         body = _blob(X, Y, 0, 0, body_a, body_b, 0, body_h)
@@ -158,20 +159,25 @@ def generate_ct(rng, task, size=None, slices=None, tumours=None):
                 k = _blob(X, Y, side * kidney_dx, kidney_y, 0.085 * scale, 0.12 * scale, side * 0.5)
                 sl[k < 1] = 155.0
                 sl[k < 0.55] = 95.0
+                owner[z][k < 1] = OWNER_CODES["kidney"]
         sl[_blob(X, Y, 0.05, 0.22, 0.04, 0.04) < 1] = hu_vessel  # aorta
         sl[_blob(X, Y, -0.11, 0.2, 0.05, 0.035) < 1] = hu_vessel - 25  # IVC
         scale = _organ_profile(t, 0.52, 0.92)
         if scale > 0.05:
-            sl[cav & (_blob(X, Y, spleen_c[0], spleen_c[1], 0.09 * scale + 0.02, 0.15 * scale + 0.02, -0.5) < 1)] = hu_spleen
+            spleen = cav & (_blob(X, Y, spleen_c[0], spleen_c[1], 0.09 * scale + 0.02, 0.15 * scale + 0.02, -0.5) < 1)
+            sl[spleen] = hu_spleen
+            owner[z][spleen] = OWNER_CODES["spleen"]
         scale = _organ_profile(t, 0.6, 1.02)
         if scale > 0.05:
             st = _blob(X, Y, stomach_c[0], stomach_c[1], 0.15 * scale, 0.11 * scale, 0.3)
             sl[cav & (st < 1)] = 40.0
+            owner[z][cav & (st < 1)] = 0
             sl[cav & (st < 0.85)] = 10.0
             sl[cav & (st < 0.85) & (Y < stomach_c[1] - 0.04 * scale)] = -900.0
         pan_scale = np.clip(1 - ((t - pan_zc) / 0.11) ** 2, 0, None)
         pancreas = cav & (pan_dist < pan_thick * np.sqrt(pan_scale))
         sl[pancreas] = hu_pancreas
+        owner[z][pancreas] = OWNER_CODES["pancreas"]
         scale = _organ_profile(t, 0.42, 1.0, 0.5)
         liver = np.zeros((n, n), bool)
         if scale > 0.05:
@@ -179,18 +185,20 @@ def generate_ct(rng, task, size=None, slices=None, tumours=None):
             lobe = _blob(X, Y, liver_c[0] + 0.3, liver_c[1] - 0.12, 0.2 + liver_lobe * scale, 0.1 * scale + 0.02, -0.25)
             liver = cav & ((rho < 1) | (lobe < 1)) & (_blob(X, Y, 0, 0.38, 0.13, 0.12) > 1)
             sl[liver] = hu_liver
+            owner[z][liver] = OWNER_CODES["liver"]
             for vx, vy, vr in vessels:
                 sl[liver & (_blob(X, Y, vx, vy, vr, vr) < 1)] = hu_liver + 60
-        organ[z] = liver if task == "liver" else pancreas
         hu[z] = sl
 
-    label = organ.astype(np.uint8)
+    label = (owner == OWNER_CODES[task]).astype(np.uint8)
     placed = _add_tumours(rng, task, tumours, hu, label, cavity, n, px, sz)
+    # Masks of the other organs as they appear in the image (painted last wins; tumours excluded).
+    others = {name: ((owner == code) & (label == 0)).astype(np.uint8) for name, code in OWNER_CODES.items() if name != task}
     hu = ndimage.gaussian_filter(hu, (0, 0.6, 0.6))
     noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), (0, 0.5, 0.5))
     hu += noise / noise.std() * rng.uniform(10, 16)
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    return CTPhantom(task, hu, label, (sz, px, px), placed)
+    return CTPhantom(task, hu, label, (sz, px, px), placed, others)
 
 
 def _add_tumours(rng, task, count, hu, label, cavity, n, px, sz):
