@@ -66,3 +66,27 @@ def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a RadDiagSeg checkpoint"):
         load_model(tmp_path)
 
+
+
+def test_describe_paper_builds_on_meta_with_the_real_component_sizes():
+    from raddiagseg.model.describe import describe_preset
+
+    info = describe_preset("paper")
+    c = info["components"]
+    lm_base = c["language_model"]["parameters"] - c["language_model"]["trainable"]
+    assert 2.55e9 < lm_base < 2.70e9  # Gemma-2 LM of PaliGemma2-3b (2.62 B incl. embeddings)
+    assert 88e6 < c["vision_backbone"]["parameters"] < 91e6  # SAM ViT-B image encoder (89.7 M)
+    assert 85e6 < c["clip_encoder"]["parameters"] < 87e6  # ViT-B/16 trunk (85.8 M)
+    assert c["vision_backbone"]["trainable"] == 0 and c["clip_encoder"]["trainable"] == 0
+    assert 0 < c["language_model"]["trainable"] < 0.01 * lm_base  # LoRA + seg-token rows only
+    assert info["image_tokens"] == 256 and info["vocab_size"] == 257216
+
+
+def test_describe_command_prints_components(capsys):
+    from raddiagseg.cli import main
+
+    assert main(["describe", "--preset", "demo"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vision_backbone", "clip_encoder", "projector", "language_model", "mask_decoder", "total"):
+        assert name in out
+    assert main(["describe", "--checkpoint", "/nonexistent/ckpt"]) == 2

@@ -17,7 +17,7 @@ SAM_PARTS = {"image_encoder.": "vision", "prompt_encoder.": "prompt", "mask_deco
 LM_PREFIXES = ("language_model.model.", "model.language_model.")  # PaliGemma layouts (hub files / transformers 5)
 LM_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim",
+    "num_key_value_heads", "head_dim", "query_pre_attn_scalar",
 )
 
 

@@ -1,0 +1,85 @@
+"""Seg tokens in a generated answer -> one mask each, tied to the label text before it; no token -> no decoder call.
+
+The LM's next-token choice is scripted (its logits are replaced by a one-hot on a fixed answer),
+so the test exercises the real generation path: KV-cached decoding, seg-token hidden states,
+the mask decoder and label extraction.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from raddiagseg.model.raddiagseg import label_before
+
+
+@pytest.fixture(scope="module")
+def model():
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    return build_model("demo").eval()
+
+
+def scripted(model, answer):
+    """Make the LM 'write' `answer` then eos, whatever the image; returns the restore function."""
+    proc = model.processor
+    script = proc.answer_ids(answer)
+    original = model.language_model.logits
+    position = {"step": 0}
+
+    vocab = model.language_model.causal_lm.lm_head.out_features
+
+    def logits(hidden):
+        out = torch.full((*hidden.shape[:-1], vocab), -1e4)
+        out[..., script[min(position["step"], len(script) - 1)]] = 1e4
+        position["step"] += 1
+        return out
+
+    model.language_model.logits = logits
+    return lambda: setattr(model.language_model, "logits", original)
+
+
+def test_three_seg_tokens_give_three_masks_tied_to_three_labels(model):
+    answer = "1. Yes\n2. Liver tumour\n3. Segmentation masks:\n- liver <seg000>\n* liver tumour: <seg001>\n- spleen <seg002>"
+    restore = scripted(model, answer)
+    try:
+        image = np.random.default_rng(0).random((70, 90), dtype=np.float32)
+        calls = model.mask_decoder_calls
+        res = model.generate(image, "Segment everything.", max_new_tokens=64)
+    finally:
+        restore()
+    assert res.answer == answer
+    assert [s.label for s in res.segments] == ["liver", "liver tumour", "spleen"]
+    assert [s.token for s in res.segments] == ["<seg000>", "<seg001>", "<seg002>"]
+    assert all(s.mask.shape == (70, 90) and s.mask.dtype == bool for s in res.segments)
+    assert model.mask_decoder_calls == calls + 1
+    assert res.latencies["mask_decoder"] > 0
+
+
+def test_answer_without_seg_tokens_gives_no_mask_and_no_decoder_call(model):
+    restore = scripted(model, "1. No")
+    try:
+        calls = model.mask_decoder_calls
+        res = model.generate(np.zeros((32, 32), np.float32), "Is there an abnormality?", max_new_tokens=16)
+    finally:
+        restore()
+    assert res.answer == "1. No"
+    assert res.segments == [] and model.mask_decoder_calls == calls
+    assert res.latencies["mask_decoder"] == 0.0
+
+
+def test_label_text_is_the_text_before_the_token_on_its_line():
+    text = "3. liver <seg000>, tumour <seg001>\n- hepatic lesion: <seg002>\n<seg003>"
+    starts = [text.index(f"<seg00{i}>") for i in range(4)]
+    assert [label_before(text, s) for s in starts] == ["liver", "tumour", "hepatic lesion", ""]
+
+
+def test_bad_inputs_are_refused_clearly(model):
+    with pytest.raises(ValueError, match="2D image"):
+        model.generate(np.zeros((4, 4, 3), np.float32), "question")
+    with pytest.raises(ValueError, match="NaN"):
+        model.generate(np.full((8, 8), np.nan, np.float32), "question")
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate(np.zeros((8, 8), np.float32), "  ")
+    with pytest.raises(ValueError, match="2 questions for 1 images"):
+        model.generate_batch([np.zeros((8, 8), np.float32)], ["a", "b"])
