@@ -267,3 +267,16 @@ def test_training_progress_messages():
     failed = training_progress({"status": "ERROR", "details": ["CUDA out of memory"]}, {})
     assert failed.state == "failed" and "CUDA out of memory" in failed.message
     assert training_progress(None, {}).state == "idle"
+
+
+def test_slice_index_and_modality_hint():
+    from RadDiagLib.geometry import modality_hint, slice_index_at, through_plane_axis
+
+    ijk_to_ras = [[-0.7, 0, 0, 50], [0, -0.7, 0, 60], [0, 0, 2.0, -30], [0, 0, 0, 1]]
+    assert through_plane_axis(ijk_to_ras) == 2
+    assert slice_index_at(ijk_to_ras, (100, 100, 12), (0, 0, -30 + 2.0 * 7 + 0.6)) == 7
+    with pytest.raises(ValueError, match="outside the volume"):
+        slice_index_at(ijk_to_ras, (100, 100, 12), (0, 0, 100))
+    assert modality_hint((512, 512, 1), (0, 255)) == "xray"
+    assert modality_hint((512, 512, 1), (-1024, 3000)) is None
+    assert modality_hint((512, 512, 40), (0, 255)) is None

@@ -115,6 +115,7 @@ class Node:
         self.path = None
         self.ijk_to_ras = np.eye(4)
         self.dims = (8, 8, 5)
+        self.scalar_range = (-1000.0, 400.0)
 
     def GetName(self):
         return self.name
@@ -138,7 +139,7 @@ class Node:
         return self.segmentation
 
     def GetImageData(self):
-        return types.SimpleNamespace(GetDimensions=lambda: self.dims)
+        return types.SimpleNamespace(GetDimensions=lambda: self.dims, GetScalarRange=lambda: self.scalar_range)
 
     def GetIJKToRASMatrix(self, matrix):
         matrix.array = self.ijk_to_ras.copy()
@@ -286,8 +287,8 @@ def test_module_metadata(env):
 def test_diagnosis_asks_consent_then_runs_raddiaglib(env, monkeypatch):
     calls = []
 
-    def fake_diagnose(client, model, path, image_id, question, slice_index, ctx, result_dir):
-        calls.append((client, model, path, image_id, question, slice_index))
+    def fake_diagnose(client, model, path, image_id, question, slice_index, ctx, result_dir, options):
+        calls.append((client, model, path, image_id, question, slice_index, options))
         ctx.progress(0.5, "half")
         return "result"
 
@@ -301,14 +302,17 @@ def test_diagnosis_asks_consent_then_runs_raddiaglib(env, monkeypatch):
     logic.consent = env.module.UploadConsent(logic.settings, logic.consent.ask)  # next session
     job = logic.startDiagnosis(volume, "  ", "raddiagseg", sliceIndex=3)
     assert job.wait(5) and job.result == "result"
-    client, model, path, image_id, question, slice_index = calls[0]
-    assert client is logic.client and model == "raddiagseg" and slice_index == 3
+    client, model, path, image_id, question, slice_index, options = calls[0]
+    assert client is logic.client and model == "raddiagseg" and slice_index == 3 and options == {}
     assert question == env.module.DEFAULT_QUESTION  # empty box -> the default 3-step question
     assert path == env.saved[0][1] and image_id.startswith("CT_chest_")
     assert job.poll() == [(0.5, "half")]
     assert asked == ["http://srv:8000", "http://srv:8000"]
-    logic.startDiagnosis(volume, "Q", "raddiagseg").wait(5)
+    xray = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "cxr")
+    xray.dims, xray.scalar_range = (64, 64, 1), (0.0, 255.0)
+    logic.startDiagnosis(xray, "Q", "raddiagseg").wait(5)
     assert len(asked) == 2  # "don't ask again" remembered
+    assert calls[-1][6] == {"modality": "xray"}  # a one-slice 8-bit image is an X-ray, not a thin CT
 
 
 def test_current_slice_index_uses_the_axial_voxel_axis(env):

@@ -19,7 +19,8 @@ from slicer.util import VTKObservationMixin
 import RadDiagLib
 from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, BackgroundJob, RadDiagClient, ServerError,
                         UploadConsent, UrlHistory, answer_html, export_order)
-from RadDiagLib.geometry import slice_index_at
+from RadDiagLib.client import normalise_url
+from RadDiagLib.geometry import modality_hint, slice_index_at
 from RadDiagLib.labelmap import seg_nrrd_segments, read_nrrd
 from RadDiagLib.segments import SegmentSpec, import_segment_ids
 from RadDiagLib.workflow import diagnose, image_id_for, retrain, submit_correction
@@ -120,7 +121,7 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         return client.models(info)
 
     def requireClient(self, serverUrl, token=""):
-        if self.client is None or self.client.server_url != serverUrl.strip().rstrip("/") or (
+        if self.client is None or self.client.server_url != normalise_url(serverUrl) or (
                 (token or None) != self.client.token):
             self.connect(serverUrl, token)
         return self.client
@@ -164,8 +165,11 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         path, imageId = self.exportVolume(volumeNode)
         resultDir = tempfile.mkdtemp(dir=self.workDir)
         question = (question or "").strip() or DEFAULT_QUESTION
-        return BackgroundJob(lambda ctx: diagnose(client, model, path, imageId, question, sliceIndex, ctx, resultDir),
-                             name="diagnose").start()
+        imageData = volumeNode.GetImageData()
+        modality = modality_hint(imageData.GetDimensions(), imageData.GetScalarRange())
+        options = {"modality": modality} if modality else {}
+        return BackgroundJob(lambda ctx: diagnose(client, model, path, imageId, question, sliceIndex, ctx, resultDir,
+                                                  options), name="diagnose").start()
 
     def loadResult(self, result, volumeNode, name=None):
         """Create one segmentation node for a DiagnosisResult: named, coloured, coded segments."""

@@ -11,7 +11,7 @@ import urllib.parse
 
 import requests
 
-from .constants import CONNECT_TIMEOUT, READ_TIMEOUT
+from .constants import CONNECT_TIMEOUT, QUICK_TIMEOUT, READ_TIMEOUT
 from .multipart import MultipartError, split_infer_response
 
 
@@ -90,6 +90,12 @@ class RadDiagClient:
         else:
             self.session.headers.pop("Authorization", None)
 
+    def _quick(self):
+        """Timeout for calls that should answer at once (the server answers /info/ while it works)."""
+        if isinstance(self.timeout, tuple):
+            return (self.timeout[0], min(self.timeout[1], QUICK_TIMEOUT))
+        return min(self.timeout, QUICK_TIMEOUT)
+
     def _url(self, path):
         return self.server_url + path
 
@@ -107,7 +113,8 @@ class RadDiagClient:
             raise ServerError(f"Could not connect to {self.server_url} while trying to {action}: "
                               "check the URL / is the server running?") from e
         except requests.exceptions.Timeout as e:
-            read = self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+            limit = timeout or self.timeout
+            read = limit[1] if isinstance(limit, tuple) else limit
             raise ServerError(f"The server did not answer within {read:.0f} s while trying to {action}: it may be busy "
                               "(training, or a large volume); try again, ask about the current slice, or raise the timeout.") from e
         except requests.exceptions.RequestException as e:
@@ -149,7 +156,7 @@ class RadDiagClient:
     # ------------------------------------------------------------------ endpoints
     def info(self):
         """GET /info/: models, trainers, labels, train_stats."""
-        return self._request("GET", "/info/", "read the server info").json()
+        return self._request("GET", "/info/", "read the server info", timeout=self._quick()).json()
 
     def models(self, info=None):
         """Names of the inference models the server offers."""
@@ -159,7 +166,7 @@ class RadDiagClient:
     def auth_enabled(self):
         """Whether the server asks for a token (GET /auth/; False for servers without that endpoint)."""
         try:
-            body = self._request("GET", "/auth/", "check authentication").json()
+            body = self._request("GET", "/auth/", "check authentication", timeout=self._quick()).json()
         except ServerError as e:
             if e.status == 404:
                 return False
@@ -184,7 +191,8 @@ class RadDiagClient:
         (`workflow.image_id_for` puts a content hash in it).
         """
         try:
-            self._request("HEAD", "/datastore/image", "check the image in the datastore", params={"image": image_id})
+            self._request("HEAD", "/datastore/image", "check the image in the datastore", params={"image": image_id},
+                          timeout=self._quick())
         except ServerError as e:
             if e.status == 404:
                 return False
@@ -255,7 +263,7 @@ class RadDiagClient:
     def training_status(self, all_tasks=False):
         """GET /train/: the latest training task ({status, details, ...}) or None when there never was one."""
         try:
-            return self._request("GET", "/train/", "read the training status",
+            return self._request("GET", "/train/", "read the training status", timeout=self._quick(),
                                  params={"all": "true" if all_tasks else "false"}).json()
         except ServerError as e:
             if e.status == 404:

@@ -17,3 +17,4 @@ DEFAULT_QUESTION = (
 # Seconds: (connect, read). Inference on a whole CT volume on a CPU server can take minutes.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 600.0
+QUICK_TIMEOUT = 30.0  # /info/, status and existence checks

@@ -29,3 +29,15 @@ def slice_index_at(ijk_to_ras, dimensions, ras_point):
         raise ValueError(f"the current slice is outside the volume (slice {index} of 0..{count - 1}): "
                          "scroll the red view into the volume or choose 'Whole volume'")
     return index
+
+
+def modality_hint(dimensions, scalar_range):
+    """"xray" for a single-slice image with 8-bit values, else None (the server decides).
+
+    Slicer holds a loaded PNG/JPEG X-ray as a one-slice volume; sent as NRRD it would look like
+    a thin CT to the server, so the module says what it is.
+    """
+    if 1 not in tuple(int(d) for d in dimensions):
+        return None
+    low, high = float(scalar_range[0]), float(scalar_range[1])
+    return "xray" if 0.0 <= low and high <= 255.0 else None
