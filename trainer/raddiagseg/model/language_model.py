@@ -4,6 +4,8 @@ Image tokens enter as input embeddings; the LM's last-layer (post-norm) hidden s
 returned so that seg-token states can prompt the mask decoder.
 """
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -65,7 +67,9 @@ class LanguageModel(nn.Module):
             trainable_token_indices={"embed_tokens": self.seg_ids},
             bias="none",
         )
-        self.lm = get_peft_model(self.lm, peft_config)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.lm = get_peft_model(self.lm, peft_config)
 
     def embed(self, input_ids):
         return self.causal_lm.get_input_embeddings()(input_ids)
