@@ -90,3 +90,26 @@ def test_describe_command_prints_components(capsys):
     for name in ("vision_backbone", "clip_encoder", "projector", "language_model", "mask_decoder", "total"):
         assert name in out
     assert main(["describe", "--checkpoint", "/nonexistent/ckpt"]) == 2
+
+
+def test_demo_model_can_switch_to_paper_style_fine_tuning_and_reload(single_thread, samples, tmp_path):
+    from raddiagseg import build_model, load_model
+
+    torch.manual_seed(0)
+    model = build_model("demo").eval()
+    batch = model.processor.collate(samples[:2])
+    with torch.no_grad():
+        before = float(model(batch)["loss"])
+    model.set_trainable(lm="lora", vision=False, clip=False, prompt_encoder=False)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any("trainable_tokens" in n for n in names)
+    assert not any(n.startswith(("vision_backbone.", "clip_encoder.", "mask_decoder.prompt_encoder.")) for n in names)
+    assert not any(n.startswith("language_model.") and "lora_" not in n and "trainable_tokens" not in n for n in names)
+    with torch.no_grad():
+        assert abs(float(model(batch)["loss"]) - before) < 1e-4  # adapters start as identity
+    with pytest.raises(ValueError, match="unknown trainable flags"):
+        model.set_trainable(everything=True)
+    loaded = load_model(model.save_pretrained(tmp_path / "lora"))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
+    with torch.no_grad():
+        assert abs(float(loaded(batch)["loss"]) - before) < 1e-4

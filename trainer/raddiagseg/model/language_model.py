@@ -53,6 +53,10 @@ class LanguageModel(nn.Module):
         """The Gemma2ForCausalLM inside (LoRA layers, if any, are injected in place)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    @property
+    def has_lora(self):
+        return hasattr(self.lm, "get_base_model")
+
     def add_lora(self):
         """Wrap the LM with LoRA adapters and trainable seg-token embedding rows (call after loading base weights)."""
         from peft import LoraConfig, get_peft_model

@@ -86,6 +86,26 @@ class RadDiagSegModel(nn.Module):
         elif t.lm != "frozen":
             raise ValueError(f"trainable.lm must be 'lora', 'full' or 'frozen', not {t.lm!r}")
 
+    def set_trainable(self, **flags):
+        """Change what trains (fields of `TrainableConfig`, e.g. lm="lora", vision=False); saved with the config.
+
+        Asking for lm="lora" on a model without adapters (the demo preset) adds LoRA now, rank
+        `config.language.lora_rank` or 8, so a shipped demo model can be fine-tuned the paper's way.
+        """
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(self.config.trainable)}
+        unknown = set(flags) - known
+        if unknown:
+            raise ValueError(f"unknown trainable flags {sorted(unknown)}; known: {sorted(known)}")
+        trainable = dataclasses.replace(self.config.trainable, **flags)
+        if trainable.lm == "lora" and not self.language_model.has_lora:
+            if self.config.language.lora_rank <= 0:
+                self.config.language.lora_rank = 8
+            self.language_model.add_lora()
+        self.config.trainable = trainable
+        self._apply_trainable()
+
     def trainable_parameters(self):
         """Parameters the optimiser should update (per `config.trainable`)."""
         return [p for p in self.parameters() if p.requires_grad]
