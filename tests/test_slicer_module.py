@@ -215,6 +215,9 @@ def install_stubs(monkeypatch, tmp_path):
         def getParameterNode(self):
             return None
 
+        def setup(self):
+            pass
+
     status_calls = []
 
     class SegLogicStatics:
@@ -233,7 +236,9 @@ def install_stubs(monkeypatch, tmp_path):
     util = types.ModuleType("slicer.util")
     util.saveNode = save_node
     util.loadLabelVolume = load_label_volume
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None,
+                                                                "addObserver": lambda self, *a: None,
+                                                                "removeObservers": lambda self: None})
     util.mainWindow = lambda: None
     slicer.util = util
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
@@ -418,3 +423,146 @@ def test_connect_and_retrain_use_the_client(env, monkeypatch):
     monkeypatch.setattr(env.module, "retrain", lambda client, model, ctx: seen.append((client, model)) or "done")
     job = logic.startRetraining("raddiagseg")
     assert job.wait(5) and job.result == "done" and seen == [(created[0], "raddiagseg")]
+
+
+# ----------------------------------------------------------------------------- the widget, with mock Qt widgets
+class ParameterNode:
+    def __init__(self):
+        self.params, self.refs = {}, {}
+
+    def GetParameter(self, key):
+        return self.params.get(key, "")
+
+    def SetParameter(self, key, value):
+        self.params[key] = value
+
+    def GetNodeReference(self, key):
+        return self.refs.get(key)
+
+    def SetNodeReferenceID(self, key, node_id):
+        self.refs[key] = node_id
+
+
+def widget_env(env, monkeypatch, volume):
+    from contextlib import contextmanager
+    from unittest import mock
+
+    slicer = sys.modules["slicer"]
+    ui = types.SimpleNamespace()
+    names = ["serverUrlComboBox", "connectButton", "tokenLineEdit", "modelComboBox", "connectionStatusLabel",
+             "inputVolumeSelector", "questionTextEdit", "currentSliceRadioButton", "wholeVolumeRadioButton",
+             "resetQuestionButton", "diagnoseButton", "progressBar", "statusLabel", "answerBrowser",
+             "openSegmentEditorButton", "segmentEditorWidget", "detectionCheckBox", "diagnosisLineEdit",
+             "customAnswerCheckBox", "answerTextEdit", "submitButton", "retrainButton", "trainingProgressBar",
+             "trainingStatusLabel", "resetConsentButton"]
+    for name in names:
+        setattr(ui, name, mock.MagicMock(name=name))
+    ui.serverUrlComboBox.currentText = "http://srv:8000"
+    ui.tokenLineEdit.text = ""
+    ui.modelComboBox.currentText = "raddiagseg"
+    ui.currentSliceRadioButton.checked = True
+    ui.customAnswerCheckBox.checked = False
+    ui.detectionCheckBox.checked = True
+    ui.diagnosisLineEdit.text = "Liver cyst"
+    ui.questionTextEdit.toPlainText.return_value = "Is there a tumour?"
+    ui.inputVolumeSelector.currentNode.return_value = volume
+
+    @contextmanager
+    def try_with_error_display(message, waitCursor=False):
+        yield
+
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: mock.MagicMock(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
+    scene = env.scene
+    scene.StartCloseEvent = "StartCloseEvent"
+    scene.GetSingletonNode = lambda tag, cls: None
+    scene.CreateNodeByClass = lambda cls: mock.MagicMock()
+    scene.AddNode = lambda node: node
+    scene.GetFirstNodeByClass = lambda cls: volume
+    qt = sys.modules["qt"]
+    qt.QTimer = mock.MagicMock
+    parameter_node = ParameterNode()
+    module = env.module
+    module.RadDiagLogic.getParameterNode = lambda self: parameter_node
+    module.RadDiagWidget.resourcePath = lambda self, path: path
+    monkeypatch.setattr(module, "QSettingsStore", DictSettings)
+    widget = module.RadDiagWidget()
+    widget.layout = mock.MagicMock()
+    widget.setup()
+    return widget, ui, parameter_node
+
+
+def test_widget_diagnose_cancel_answer_and_submit(env, monkeypatch, tmp_path):
+    from RadDiagLib import BackgroundJob
+
+    volume = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    widget, ui, parameter_node = widget_env(env, monkeypatch, volume)
+    ui.questionTextEdit.setPlainText.assert_called_with(env.module.DEFAULT_QUESTION)
+    assert parameter_node.params["Question"] == env.module.DEFAULT_QUESTION
+
+    labels = np.zeros((8, 8, 5), np.uint8)
+    labels[2:6, 2:6, 2] = 1
+    path = str(tmp_path / "label.nrrd")
+    write_nrrd(path, labels)
+    result = DiagnosisResult("ct_1", dict(RESPONSE, latencies={"total": 1.5}), segment_specs(RESPONSE), path, {1}, 2)
+    release = __import__("threading").Event()
+    started = {}
+
+    def start_diagnosis(volume_node, question, model, slice_index, url, token):
+        started.update(question=question, model=model, slice=slice_index, url=url)
+        return BackgroundJob(lambda ctx: (release.wait(5), ctx.progress(0.5, "Asking the model…"), result)[2]).start()
+
+    monkeypatch.setattr(widget.logic, "currentSliceIndex", lambda node: 2)
+    monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
+    widget.onDiagnoseOrCancel()
+    assert started == {"question": "Is there a tumour?", "model": "raddiagseg", "slice": 2, "url": "http://srv:8000"}
+    ui.diagnoseButton.setText.assert_called_with("Cancel")
+    widget.pollJob()  # still running: nothing finished
+    ui.answerBrowser.setHtml.assert_not_called()
+    release.set()
+    widget.job.wait(5)
+    widget.pollJob()
+    ui.diagnoseButton.setText.assert_called_with("Diagnose and segment")
+    html = ui.answerBrowser.setHtml.call_args[0][0]
+    assert "Abnormality detected" in html and "Liver tumour" in html
+    ui.diagnosisLineEdit.setText.assert_called_with("Liver tumour")
+    ui.detectionCheckBox.setChecked.assert_called_with(True)
+    ui.segmentEditorWidget.setSegmentationNode.assert_called_with(widget.segmentationNode)
+    assert set(widget.segmentationNode.segmentation.segments) == {"liver", "liver tumour"}
+    assert "No voxels for: liver tumour" in ui.statusLabel.setText.call_args[0][0]
+
+    submitted = {}
+
+    def start_submission(seg_node, volume_node, model, detection, diagnosis, answer, question, slice_index):
+        submitted.update(detection=detection, diagnosis=diagnosis, answer=answer, slice=slice_index, seg=seg_node)
+        return BackgroundJob(lambda ctx: ({"segments": [1, 2]}, {})).start()
+
+    monkeypatch.setattr(widget.logic, "startSubmission", start_submission)
+    widget.onSubmit()
+    assert submitted == {"detection": True, "diagnosis": "Liver cyst", "answer": None, "slice": 2,
+                         "seg": widget.segmentationNode}
+    widget.job.wait(5)
+    widget.pollJob()
+    assert "Correction saved" in ui.statusLabel.setText.call_args[0][0]
+
+
+def test_widget_cancel_discards_the_answer(env, monkeypatch):
+    from RadDiagLib import BackgroundJob
+
+    volume = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    widget, ui, _ = widget_env(env, monkeypatch, volume)
+    ui.currentSliceRadioButton.checked = False  # whole volume
+
+    def start_diagnosis(volume_node, question, model, slice_index, url, token):
+        assert slice_index is None
+        return BackgroundJob(lambda ctx: [ctx.wait(0.01) for _ in iter(int, 1)]).start()
+
+    monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
+    widget.onDiagnoseOrCancel()
+    widget.onDiagnoseOrCancel()  # the button now says Cancel
+    widget.job.wait(5)
+    widget.pollJob()
+    ui.statusLabel.setText.assert_called_with("Cancelled.")
+    ui.answerBrowser.setHtml.assert_not_called()
+    assert widget.segmentationNode is None

@@ -374,6 +374,10 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volume:
                 self._parameterNode.SetNodeReferenceID("InputVolume", volume.GetID())
         self.ui.serverUrlComboBox.setCurrentText(self._parameterNode.GetParameter("ServerUrl"))
+        self.ui.questionTextEdit.setPlainText(self._parameterNode.GetParameter("Question") or DEFAULT_QUESTION)
+        wholeVolume = self._parameterNode.GetParameter("Scope") == "volume"
+        self.ui.wholeVolumeRadioButton.setChecked(wholeVolume)
+        self.ui.currentSliceRadioButton.setChecked(not wholeVolume)
         self.ui.inputVolumeSelector.setCurrentNode(self._parameterNode.GetNodeReference("InputVolume"))
 
     def updateParameterNodeFromGUI(self, *args):
@@ -595,7 +599,9 @@ class RadDiagTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Export the correction in a fixed order")
         correction, ordered = logic.exportCorrection(segmentationNode, volumeNode)
-        self.assertEqual([s.name for s in ordered], ["liver", "lesion", "liver tumour"])
+        # organs first, then abnormalities by their label value; positions become the exported values
+        self.assertEqual([s.name for s in ordered], ["liver", "liver tumour", "lesion"])
         exported = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(correction))
-        self.assertEqual(set(np.unique(exported)), {0, 1, 2})
+        self.assertEqual(set(int(v) for v in np.unique(exported)), {0, 1, 3})  # the tumour segment is empty
+        self.assertEqual(int((exported == 3).sum()), 16)
         self.delayDisplay("Test passed")
