@@ -54,7 +54,7 @@ def test_roles_and_upload_limit_are_explained(team, tmp_path):
                     str(big))  # uncompressed, ~330 kB > 0.2 MB
     with pytest.raises(ServerError) as err:
         RadDiagClient(server.url, token=tokens["annotator"]).upload_image(str(big), "big")
-    assert err.value.status == 413 and "too large" in str(err.value) and "current slice" in str(err.value)
+    assert err.value.status == 413 and "too large" in str(err.value) and "crop" in str(err.value)
 
 
 def test_annotator_asks_and_admin_retrains_with_tokens(team, tmp_path):

@@ -137,8 +137,8 @@ class RadDiagClient:
         elif status == 404:
             message = f"Not found while trying to {action}: check the model name and that the server runs the RadDiag app."
         elif status == 413:
-            message = (f"The upload is too large for the server ({action}). "
-                       "Ask about the current slice instead of the whole volume, or ask the admin to raise the size limit.")
+            message = (f"The upload is too large for the server's limit ({action}): crop the image first "
+                       "(Crop Volume module) or ask the server admin to raise the upload limit.")
         elif status == 422:
             message = f"The server rejected the request to {action} as invalid."
         elif status == 429:
