@@ -398,6 +398,10 @@ def test_submission_needs_a_raddiag_segmentation(env):
     node = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(ValueError, match="Diagnose and segment first"):
         logic.startSubmission(node, None, "raddiagseg", True, "x")
+    node.SetAttribute("RadDiag.ImageId", "ct_1")
+    with pytest.raises(ValueError, match="needs a diagnosis"):
+        logic.startSubmission(node, None, "raddiagseg", True, "  ")
+    assert not env.seg_logic.calls  # nothing exported
 
 
 def test_connect_and_retrain_use_the_client(env, monkeypatch):

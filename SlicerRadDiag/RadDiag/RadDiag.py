@@ -290,6 +290,8 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         imageId = segmentationNode.GetAttribute("RadDiag.ImageId")
         if not imageId:
             raise ValueError("This segmentation did not come from RadDiag: run Diagnose and segment first.")
+        if detection and not (diagnosis or "").strip():
+            raise ValueError("A positive finding needs a diagnosis: type it in the Diagnosis box.")
         if not self.consent.allowed(self.client.server_url):
             return None
         path, specs = self.exportCorrection(segmentationNode, volumeNode)
