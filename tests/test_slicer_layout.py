@@ -45,3 +45,12 @@ def test_terminology_file_adds_ground_glass_opacity():
     types = [t for c in term["SegmentationCodes"]["Category"] for t in c["Type"]]
     assert ("DCM", "112120") in {(t["CodingSchemeDesignator"], t["CodeValue"]) for t in types}
     assert term["SegmentationCategoryTypeContextName"]
+
+
+def test_every_widget_the_module_uses_is_in_the_ui_file():
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(MODULE / "Resources" / "UI" / "RadDiag.ui")
+    in_ui = {w.get("name") for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "RadDiag.py").read_text()))
+    assert used and used <= in_ui, used - in_ui
