@@ -1,6 +1,8 @@
 """Phantom-like samples drawn with numpy for the model tests (no files, no downloads)."""
 
 import numpy as np
+import pytest
+import torch
 
 from raddiagseg import templates
 
@@ -39,3 +41,12 @@ def dice(a, b):
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread: on 2 cores shared with other jobs, 2 OpenMP threads thrash (steps up to 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

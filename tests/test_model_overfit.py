@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from model_helpers import dice, phantom_sample
+from model_helpers import dice, phantom_sample, single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MAX_STEPS = 300
 SHORT_QUESTION = "Is there an abnormality? If yes, diagnose and segment it."
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    # 2 OpenMP threads on 2 cores shared with other jobs thrash (10x slower); one thread is steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,11 @@ import json
 import pytest
 import torch
 
+from model_helpers import single_thread  # noqa: F401 (fixture)
+
 from raddiagseg.model.config import demo_config, paper_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sam_sized_like(vision, decoder):

@@ -40,13 +40,20 @@ def gemma2_config(config, vocab_size, special_ids):
 class LanguageModel(nn.Module):
     """Gemma2ForCausalLM, optionally wrapped by peft (LoRA on q/k/v/o/gate/up/down_proj + trainable seg-token rows)."""
 
-    def __init__(self, config, vocab_size, special_ids):
+    def __init__(self, config, vocab_size, special_ids, weights_dir=None):
+        """`weights_dir`: a local PaliGemma2/Gemma-2 folder to load the base weights from (checked strictly)."""
         super().__init__()
         from transformers import Gemma2ForCausalLM
 
         self.config = config
         self.seg_ids = list(special_ids["seg"])
-        self.lm = Gemma2ForCausalLM(gemma2_config(config, vocab_size, special_ids))
+        gc = gemma2_config(config, vocab_size, special_ids)
+        if weights_dir:
+            from raddiagseg.model.weights import load_gemma2_folder
+
+            self.lm = load_gemma2_folder(weights_dir, gc)
+        else:
+            self.lm = Gemma2ForCausalLM(gc)
 
     @property
     def causal_lm(self):

@@ -54,15 +54,13 @@ class RadDiagSegModel(nn.Module):
         self.vision_backbone = VisionBackbone(config.vision)
         self.clip_encoder = ClipEncoder(config.clip)
         self.projector = Projector(config.clip.embed_dim, config.language.hidden_size, config.projector.num_queries, config.projector.num_heads)
-        self.language_model = LanguageModel(config.language, vocab_size, ids)
+        self.language_model = LanguageModel(config.language, vocab_size, ids, weights_dir=config.lm_dir)
         self.mask_decoder = SegMaskDecoder(config.language.hidden_size, config.vision, config.mask_decoder)
 
         if config.sam_checkpoint:
             weights.load_sam_checkpoint(config.sam_checkpoint, self.vision_backbone, self.mask_decoder)
         if config.clip_dir:
             weights.load_clip_folder(config.clip_dir, self.clip_encoder)
-        if config.lm_dir:
-            weights.load_language_model_folder(config.lm_dir, self.language_model)
         if config.trainable.lm == "lora" and config.language.lora_rank > 0:
             self.language_model.add_lora()
         self._apply_trainable()
@@ -209,19 +207,22 @@ class RadDiagSegModel(nn.Module):
     def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None):
         """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult]."""
         latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
+        if features is not None and not isinstance(features, ImageFeatures):
+            features = ImageFeatures.cat(features)  # a list of cached per-image features
+        n_images = len(features) if features is not None else len(images or [])
+        if isinstance(questions, str):
+            questions = [questions] * n_images
+        if len(questions) != n_images:
+            raise ValueError(f"{len(questions)} questions for {n_images} images")
+        for q in questions:
+            self.processor.prompt_ids(q)  # refuse bad questions before any encoder runs
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
         if features is None:
             if not images:
                 raise ValueError("give images or precomputed features")
             features = self.encode_images(images)
             latencies.update(features.latencies)
-        elif not isinstance(features, ImageFeatures):
-            features = ImageFeatures.cat(features)
-        if isinstance(questions, str):
-            questions = [questions] * len(features)
-        if len(questions) != len(features):
-            raise ValueError(f"{len(questions)} questions for {len(features)} images")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
         features = features.to(self.device, self.dtype)
         with _eval_mode(self):
             ids, states, t_prefill, t_decode = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)

@@ -22,13 +22,16 @@ LM_CONFIG_FIELDS = (
 
 
 def check_state_dict(expected, found, source, first=3):
-    """Raise ValueError (one line) unless `found` has exactly `expected`'s keys with the same shapes."""
+    """Raise ValueError (one line) unless `found` (tensors or shapes) has exactly `expected`'s keys and shapes."""
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [
-        f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k} {shape(found[k])} vs model {shape(expected[k])}"
         for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+        if k in found and shape(found[k]) != shape(expected[k])
     ]
     problems = []
     if missing:
@@ -136,49 +139,82 @@ def _lm_text_config(folder):
     return text
 
 
-def _read_safetensors(folder, keep):
-    """Tensors of the folder's safetensors file(s) (single or sharded via the index) whose key passes `keep`."""
-    from safetensors import safe_open
-
+def _safetensors_files(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
-    out = {}
-    for name in files:
-        with safe_open(str(folder / name), framework="pt") as f:
-            for key in f.keys():
-                if keep(key):
-                    out[key] = f.get_tensor(key)
-    return out
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or model.safetensors.index.json)")
 
 
-def load_language_model_folder(folder, language_model):
-    """Gemma-2 LM weights of a PaliGemma2 (or plain Gemma-2) HF folder -> our Gemma2ForCausalLM (before LoRA)."""
+def _safetensors_shapes(folder):
+    """{key: shape} of every tensor in the folder's safetensors file(s), read from the headers only."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in _safetensors_files(folder):
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:
+            raise ValueError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    return shapes
+
+
+def _lm_key(key):
+    """Our Gemma2ForCausalLM key for a key of a PaliGemma (either layout) or plain Gemma-2 file; None for other parts."""
+    for prefix in LM_PREFIXES:
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    if key.startswith("model.") and not key.startswith(("model.vision_tower", "model.multi_modal_projector")):
+        return key
+    return None
+
+
+def load_gemma2_folder(folder, gemma2_config):
+    """Gemma-2 LM of a PaliGemma2 (or plain Gemma-2) HF folder as a Gemma2ForCausalLM, fp32.
+
+    The folder's LM sizes and every key/shape (safetensors headers) are checked against
+    `gemma2_config` first; the weights then load through transformers without a random init
+    of the 2.6 B parameters (its SigLIP tower and projector are skipped).
+    """
+    from transformers import Gemma2ForCausalLM
+
     folder = Path(folder)
     text_cfg = _lm_text_config(folder)
-    ours = language_model.config
-    wrong = [f"{k} {text_cfg[k]} vs model {getattr(ours, k)}" for k in LM_CONFIG_FIELDS if k in text_cfg and text_cfg[k] != getattr(ours, k)]
+    wrong = [f"{k} {text_cfg[k]} vs model {getattr(gemma2_config, k)}" for k in LM_CONFIG_FIELDS
+             if k in text_cfg and text_cfg[k] != getattr(gemma2_config, k)]
     if wrong:
         raise ValueError(f"{folder / 'config.json'} does not match the model's LM config: {'; '.join(wrong[:3])}")
-
-    def lm_key(key):
-        for prefix in LM_PREFIXES:
-            if key.startswith(prefix):
-                return "model." + key[len(prefix):]
-        if key.startswith("model.") and not key.startswith(("model.vision_tower", "model.multi_modal_projector")):
-            return key  # a plain Gemma-2 folder
-        return None
-
-    raw = _read_safetensors(folder, lambda k: lm_key(k) is not None)
-    state = {lm_key(k): v for k, v in raw.items()}
-    if not state:
+    shapes = {_lm_key(k): v for k, v in _safetensors_shapes(folder).items() if _lm_key(k) is not None}
+    if not shapes:
         raise ValueError(f"{folder} has no Gemma-2 LM weights (keys language_model.model.*)")
-    lm = language_model.causal_lm
-    expected = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}  # tied to embed_tokens
-    check_state_dict(expected, state, source=f"LM weights in {folder}")
-    _copy_into(lm, state)
-    log.info("loaded Gemma-2 LM weights from %s (%d tensors)", folder, len(state))
+    shapes.pop("lm_head.weight", None)  # tied to embed_tokens
+    with torch.device("meta"):
+        expected = {k: v for k, v in Gemma2ForCausalLM(gemma2_config).state_dict().items() if k != "lm_head.weight"}
+    check_state_dict(expected, shapes, source=f"LM weights in {folder}")
+    mapping = {rf"^{prefix.replace('.', chr(92) + '.')}": "model." for prefix in LM_PREFIXES}
+    with _quiet_transformers():
+        lm = Gemma2ForCausalLM.from_pretrained(
+            str(folder), config=gemma2_config, key_mapping=mapping, dtype=torch.float32, local_files_only=True,
+            attn_implementation=gemma2_config._attn_implementation,
+        )
+    log.info("loaded Gemma-2 LM weights from %s (%d tensors)", folder, len(shapes))
+    return lm
+
+
+class _quiet_transformers:
+    """Silence transformers' report of the PaliGemma vision keys it skips (we checked the LM keys ourselves)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self.level)
