@@ -76,6 +76,8 @@ def test_label_text_is_the_text_before_the_token_on_its_line():
     text = "3. liver <seg000>, tumour <seg001>\n- hepatic lesion: <seg002>\n<seg003>"
     starts = [text.index(f"<seg00{i}>") for i in range(4)]
     assert [label_before(text, s) for s in starts] == ["liver", "tumour", "hepatic lesion", ""]
+    refseg = "Here is the mask for left kidney <seg000>."
+    assert label_before(refseg, refseg.index("<seg000>")) == "left kidney"
 
 
 def test_bad_inputs_are_refused_clearly(model):
@@ -87,3 +89,17 @@ def test_bad_inputs_are_refused_clearly(model):
         model.generate(np.zeros((8, 8), np.float32), "  ")
     with pytest.raises(ValueError, match="2 questions for 1 images"):
         model.generate_batch([np.zeros((8, 8), np.float32)], ["a", "b"])
+
+
+def test_bfloat16_model_generates_masks():
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    half = build_model("demo").to(torch.bfloat16).eval()
+    restore = scripted(half, "Here is the mask for liver <seg000>.")
+    try:
+        res = half.generate(np.random.default_rng(1).random((40, 50), dtype=np.float32), "Please segment liver.")
+    finally:
+        restore()
+    assert [s.label for s in res.segments] == ["liver"]
+    assert res.segments[0].mask.shape == (40, 50)

@@ -35,11 +35,23 @@ class SegMaskDecoder(nn.Module):
             iou_head_hidden_dim=config.iou_head_hidden_dim,
         )
 
+    def dense_pe(self):
+        """SAM's dense positional encoding; computed in fp32 even when the model is bf16/fp16 (SAM's grid is fp32)."""
+        pe_layer = self.prompt_encoder.pe_layer
+        gaussian = pe_layer.positional_encoding_gaussian_matrix
+        if gaussian.dtype == torch.float32:
+            return self.prompt_encoder.get_dense_pe()
+        pe_layer.positional_encoding_gaussian_matrix = gaussian.float()
+        try:
+            return self.prompt_encoder.get_dense_pe()
+        finally:
+            pe_layer.positional_encoding_gaussian_matrix = gaussian
+
     def forward(self, image_embeddings, hidden_states, image_index):
         """image_embeddings (B, C, h, w); hidden_states (K, D_lm); image_index (K,) long -> (K, 4h, 4w) logits."""
         prompts = self.text_to_prompt(hidden_states.to(self.text_to_prompt.weight.dtype))
         out = prompts.new_empty((prompts.shape[0], 4 * image_embeddings.shape[-2], 4 * image_embeddings.shape[-1]))
-        image_pe = self.prompt_encoder.get_dense_pe().to(prompts.dtype)
+        image_pe = self.dense_pe().to(prompts.dtype)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         for b in torch.unique(image_index).tolist():
             select = (image_index == b).nonzero(as_tuple=True)[0]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raddiagseg import templates
 from raddiagseg.model.clip_encoder import ClipEncoder
 from raddiagseg.model.config import RadDiagSegConfig
 from raddiagseg.model.language_model import LanguageModel
@@ -362,10 +363,14 @@ class RadDiagSegModel(nn.Module):
 
 
 def label_before(text, index):
-    """The label a seg token refers to: the text on its line before it (after any earlier seg token), bullets stripped."""
+    """The label a seg token refers to: the text on its line before it (after any earlier seg token), bullets,
+    numbering and the Ref-Seg template's "Here is the mask for" stripped."""
     line = text[:index].rsplit("\n", 1)[-1]
     line = re.split(r"<seg\d{3}>", line)[-1]
     line = re.sub(r"^\s*(\d+[.)]\s*)?", "", line)
+    refseg_prefix = templates.REFSEG_ANSWER.split("{target}")[0]  # "Here is the mask for "
+    if line.lower().startswith(refseg_prefix.lower()):
+        line = line[len(refseg_prefix):]
     return line.strip(LABEL_STRIP)
 
 
