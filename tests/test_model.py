@@ -106,3 +106,24 @@ def test_demo_model_can_switch_to_paper_style_fine_tuning_and_reload(single_thre
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
     with torch.no_grad():
         assert abs(float(loaded(batch)["loss"]) - before) < 1e-4
+
+
+def test_prefix_lm_attention_is_bidirectional_on_the_prompt_and_causal_on_the_answer():
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    lm = build_model("demo").language_model.eval()
+    assert lm.config.prefix_attention
+    embeds = torch.randn(1, 10, lm.config.hidden_size)
+    prefix = torch.tensor([[True] * 6 + [False] * 4])
+    with torch.no_grad():
+        base, _ = lm(embeds, prefix_mask=prefix)
+        later_prompt = embeds.clone()
+        later_prompt[0, 5] += 1.0
+        changed, _ = lm(later_prompt, prefix_mask=prefix)
+        later_answer = embeds.clone()
+        later_answer[0, 8] += 1.0
+        answer_changed, _ = lm(later_answer, prefix_mask=prefix)
+    assert not torch.allclose(changed[0, 0], base[0, 0], atol=1e-4)  # prompt token 0 sees prompt token 5
+    assert torch.allclose(answer_changed[0, :8], base[0, :8], atol=1e-5)  # nothing sees a later answer token
+    assert not torch.allclose(answer_changed[0, 8], base[0, 8], atol=1e-4)

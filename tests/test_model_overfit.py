@@ -101,7 +101,9 @@ def test_kv_cached_decoding_matches_a_full_forward(trained, samples):
     with torch.no_grad():
         feats = model.encode_images([s["image"]])
         embeds = model._input_embeds(torch.tensor([ids]), feats.image_embeds)
-        hidden, _ = model.language_model(embeds)
+        prompt = torch.zeros(1, len(ids), dtype=torch.bool)
+        prompt[0, : len(ids) - len(res.token_ids)] = True
+        hidden, _ = model.language_model(embeds, prefix_mask=prompt)
         greedy = model.language_model.logits(hidden[0, len(ids) - len(res.token_ids) - 1 : -1]).argmax(-1)
     assert greedy.tolist() == res.token_ids
 

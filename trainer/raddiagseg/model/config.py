@@ -74,6 +74,7 @@ class LanguageConfig:
     final_logit_softcapping: float = 30.0
     attn_logit_softcapping: float = 50.0
     rms_norm_eps: float = 1e-6
+    prefix_attention: bool = False  # PaliGemma's prefix-LM: image + question attend bidirectionally; answer causal
     attn_implementation: str = "eager"  # transformers supports only eager (or flash/flex) for Gemma-2
     lora_rank: int = 8  # 0 = no LoRA adapters
     lora_alpha: int = 16
@@ -184,7 +185,7 @@ def demo_config():
             hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=1024,
             max_position_embeddings=1024, final_logit_softcapping=30.0, attn_logit_softcapping=None,
-            attn_implementation="eager", lora_rank=0,
+            attn_implementation="eager", lora_rank=0, prefix_attention=True,
         ),
         mask_decoder=MaskDecoderConfig(transformer_depth=2, transformer_mlp_dim=512, transformer_heads=8, iou_head_hidden_dim=128),
         trainable=TrainableConfig(vision=True, clip=True, lm="full", projector=True, mask_decoder=True, prompt_encoder=True),
@@ -196,7 +197,7 @@ def demo_config():
 
 def paper_config():
     """RadDiagSeg-M as in paper 001: MedSAM ViT-B 1024, BiomedCLIP ViT-B/16 224, PaliGemma2-3b-pt-224 LM, 256 image tokens."""
-    return RadDiagSegConfig(preset="paper")
+    return RadDiagSegConfig(preset="paper", language=LanguageConfig(prefix_attention=True))
 
 
 PRESETS = {"demo": demo_config, "paper": paper_config}

@@ -85,16 +85,44 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids):
         return self.causal_lm.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        """-> (last hidden states (B, L, D) after the final norm, cache)."""
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False, prefix_mask=None):
+        """-> (last hidden states (B, L, D) after the final norm, cache).
+
+        `prefix_mask` (B, L) bool marks image + question tokens; with `config.prefix_attention` they
+        attend to each other bidirectionally (PaliGemma's prefix-LM) when the whole sequence is given.
+        """
+        mask = attention_mask
+        if self.config.prefix_attention and prefix_mask is not None:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("prefix attention is built for a full sequence, not on top of a cache")
+            mask = self.prefix_lm_masks(attention_mask, prefix_mask, inputs_embeds.dtype)
         out = self.causal_lm.model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
         return out.last_hidden_state, out.past_key_values
+
+    def prefix_lm_masks(self, attention_mask, prefix_mask, dtype):
+        """Additive (B, 1, L, L) masks for Gemma-2's full and sliding layers: causal, plus prefix<->prefix, minus padding."""
+        batch, length = prefix_mask.shape
+        device = prefix_mask.device
+        valid = torch.ones_like(prefix_mask) if attention_mask is None else attention_mask.bool()
+        q = torch.arange(length, device=device)[:, None]
+        k = torch.arange(length, device=device)[None, :]
+        causal = (k <= q)[None]
+        both_prefix = prefix_mask[:, :, None] & prefix_mask[:, None, :]
+        allowed = (causal | both_prefix) & valid[:, None, :]
+        window = self.causal_lm.config.sliding_window or length
+        sliding = allowed & ((q - k) < window)[None]
+        low = torch.finfo(dtype).min
+
+        def additive(a):
+            return torch.zeros(a.shape, dtype=dtype, device=device).masked_fill(~a, low)[:, None]
+
+        return {"full_attention": additive(allowed), "sliding_attention": additive(sliding)}
 
     def logits(self, hidden):
         """LM head + Gemma-2's final logit softcapping, on any subset of hidden states."""

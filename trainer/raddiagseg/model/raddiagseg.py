@@ -155,7 +155,8 @@ class RadDiagSegModel(nn.Module):
         labels = batch["labels"].to(dev)
         attention = batch["attention_mask"].to(dev)
         vision, image_embeds = self._encode(batch["vision"], batch["clip"])
-        hidden, _ = self.language_model(self._input_embeds(input_ids, image_embeds), attention_mask=attention)
+        prefix = (labels == IGNORE_INDEX) & attention.bool()  # image + question (answer and padding excluded)
+        hidden, _ = self.language_model(self._input_embeds(input_ids, image_embeds), attention_mask=attention, prefix_mask=prefix)
 
         # text: the state at t predicts label t+1
         targets = labels[:, 1:]
@@ -249,7 +250,8 @@ class RadDiagSegModel(nn.Module):
 
         t0 = time.perf_counter()
         hidden, cache = self.language_model(
-            self._input_embeds(input_ids, features.image_embeds), attention_mask=attention, position_ids=position_ids, use_cache=True
+            self._input_embeds(input_ids, features.image_embeds), attention_mask=attention, position_ids=position_ids, use_cache=True,
+            prefix_mask=attention.bool(),  # the whole prompt is the prefix
         )
         t_prefill = time.perf_counter() - t0
         last = hidden[:, -1]
