@@ -130,3 +130,12 @@ def test_save_and_load_round_trip_gives_identical_outputs(trained, samples, tmp_
     res = reloaded.generate(samples[0]["image"], samples[0]["question"], max_new_tokens=48)
     assert res.answer == samples[0]["answer"]
 
+
+
+def test_test_time_scaling_agrees_with_a_confident_model(trained, samples):
+    model, _ = trained
+    s = samples[1]
+    res = model.generate_tts(s["image"], s["question"], num_answers=3, num_masks=3, max_new_tokens=48)
+    assert res.answer == s["answer"] and res.agreement["answer"] == 1.0
+    assert min(res.agreement["masks"]) > 0.8
+    assert np.mean([dice(seg.mask, gt) for seg, gt in zip(res.segments, s["masks"])]) > 0.9

@@ -25,10 +25,9 @@ def model():
 
 
 def scripted(model, answer):
-    """Make the LM 'write' `answer` then eos, whatever the image; returns the restore function."""
+    """Make the LM 'write' `answer` then eos in every decoding pass (every row of a batch); returns the restore function."""
     proc = model.processor
     script = proc.answer_ids(answer)
-    original = model.language_model.logits
     position = {"step": 0}
 
     vocab = model.language_model.causal_lm.lm_head.out_features
@@ -39,8 +38,21 @@ def scripted(model, answer):
         position["step"] += 1
         return out
 
+    forward = model.language_model.forward
+
+    def forward_restarting_script(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:  # a prefill: a new decoding pass starts the script again
+            position["step"] = 0
+        return forward(*args, **kwargs)
+
     model.language_model.logits = logits
-    return lambda: setattr(model.language_model, "logits", original)
+    model.language_model.forward = forward_restarting_script
+
+    def restore():
+        del model.language_model.logits
+        del model.language_model.forward
+
+    return restore
 
 
 def test_three_seg_tokens_give_three_masks_tied_to_three_labels(model):
@@ -103,3 +115,32 @@ def test_bfloat16_model_generates_masks():
         restore()
     assert [s.label for s in res.segments] == ["liver"]
     assert res.segments[0].mask.shape == (40, 50)
+
+
+def test_test_time_scaling_votes_answers_and_picks_the_consensus_mask():
+    from raddiagseg.model.tts import consensus_index, majority_answer
+
+    index, members, share = majority_answer(["1. No", "1. Yes\n2. Liver tumour", "1.  yes\n2. liver tumour", "1. No"], prefer=1)
+    assert (index, members, share) == (1, [1, 2], 0.5)  # tie broken toward the greedy path
+    assert majority_answer(["a", "b", "b"], prefer=0)[:2] == (1, [1, 2])
+    square = np.zeros((20, 20), bool)
+    square[5:15, 5:15] = True
+    shifted = np.roll(square, 1, axis=1)
+    outlier = np.zeros((20, 20), bool)
+    outlier[0:3, 0:3] = True
+    best, agreement = consensus_index([outlier, shifted, square, np.roll(square, 1, axis=0)])
+    assert best == 2 and 0.5 < agreement < 1.0
+
+
+def test_test_time_scaling_runs_the_full_path(model):
+    restore = scripted(model, "1. Yes\n2. Liver tumour\n3. Segmentation masks:\n- liver <seg000>\n- liver tumour <seg001>")
+    try:
+        res = model.generate_tts(np.random.default_rng(2).random((48, 64), dtype=np.float32), "Diagnose.",
+                                 num_answers=3, num_masks=3, max_new_tokens=48)
+    finally:
+        restore()
+    # the scripted LM gives every path the same answer; each token's mask is one of 3 paths x 3 prompts
+    assert res.agreement["answer"] == 1.0 and res.agreement["paths"] == 3
+    assert len(res.agreement["masks"]) == 2 and all(0.0 <= a <= 1.0 for a in res.agreement["masks"])
+    assert [s.label for s in res.segments] == ["liver", "liver tumour"]
+    assert res.segments[0].mask.shape == (48, 64)

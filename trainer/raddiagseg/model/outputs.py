@@ -61,3 +61,4 @@ class GenerationResult:
     segments: list
     latencies: dict
     token_ids: list = field(default_factory=list)
+    agreement: dict = field(default_factory=dict)  # test-time scaling only: share of paths agreeing, mask consensus IoU

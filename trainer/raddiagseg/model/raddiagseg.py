@@ -234,6 +234,14 @@ class RadDiagSegModel(nn.Module):
             latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
         return [self._result(i, ids[i], masks.get(i, []), latencies) for i in range(len(ids))]
 
+    def generate_tts(self, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
+                     max_new_tokens=128, features=None, seed=0):
+        """Test-time scaling (paper 003): majority answer of `num_answers` paths, consensus mask of the
+        perturbed prompts; `result.agreement` says how much they agreed. See `raddiagseg.model.tts`."""
+        from raddiagseg.model.tts import generate_tts
+
+        return generate_tts(self, image, question, num_answers, num_masks, temperature, prompt_noise, max_new_tokens, features, seed)
+
     def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed):
         """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced each."""
         proc = self.processor
@@ -304,11 +312,16 @@ class RadDiagSegModel(nn.Module):
             out.setdefault(b, []).append((mask.cpu().numpy(), score))
         return out
 
-    def _result(self, b, ids, masks, latencies):
+    def _decode_text(self, ids):
+        """Answer text of generated ids, seg tokens kept verbatim (bos/pad/image placeholders dropped)."""
         proc = self.processor
         hidden_ids = {proc.ids["bos"], proc.ids["pad"], proc.ids["image"]}
         kept = [t for t in ids if t not in hidden_ids]
-        text = proc.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return proc.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _result(self, b, ids, masks, latencies):
+        proc = self.processor
+        text = self._decode_text(ids)
         segments = []
         matches = list(re.finditer("|".join(re.escape(t) for t in proc.seg_tokens), text))
         if len(matches) != len(masks):
