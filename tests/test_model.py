@@ -127,3 +127,23 @@ def test_prefix_lm_attention_is_bidirectional_on_the_prompt_and_causal_on_the_an
     assert not torch.allclose(changed[0, 0], base[0, 0], atol=1e-4)  # prompt token 0 sees prompt token 5
     assert torch.allclose(answer_changed[0, :8], base[0, :8], atol=1e-5)  # nothing sees a later answer token
     assert not torch.allclose(answer_changed[0, 8], base[0, 8], atol=1e-4)
+
+
+def test_only_parameters_the_forward_uses_are_trainable_and_checkpointing_keeps_the_loss(samples):
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    model = build_model("demo")
+    batch = model.processor.collate(samples[:2])
+    out = model(batch)
+    out["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    again = model(batch)
+    again["loss"].backward()
+    assert torch.allclose(again["loss"], out["loss"], atol=1e-5)
+    name = "language_model.lm.model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(dict(model.named_parameters())[name].grad, grads[name], atol=1e-5)

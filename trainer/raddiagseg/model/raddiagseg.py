@@ -76,7 +76,10 @@ class RadDiagSegModel(nn.Module):
             module.requires_grad_(on)
         self.mask_decoder.mask_decoder.requires_grad_(t.mask_decoder)
         self.mask_decoder.text_to_prompt.requires_grad_(t.mask_decoder)
-        self.mask_decoder.prompt_encoder.requires_grad_(t.prompt_encoder)
+        # parameters our path never uses stay frozen (no dead optimiser state, no DDP "unused" surprises):
+        # SAM's IoU head (our score is the mean mask probability) and the point/box/mask prompt encoders
+        self.mask_decoder.mask_decoder.iou_prediction_head.requires_grad_(False)
+        self.mask_decoder.prompt_encoder.no_mask_embed.requires_grad_(t.prompt_encoder)
         if t.lm == "full":
             self.language_model.requires_grad_(True)
         elif t.lm == "lora":
@@ -104,6 +107,10 @@ class RadDiagSegModel(nn.Module):
             self.language_model.add_lora()
         self.config.trainable = trainable
         self._apply_trainable()
+
+    def enable_gradient_checkpointing(self):
+        """Recompute the LM's layer activations in backward (transformers' checkpointing): less memory, ~30 % slower."""
+        self.language_model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def trainable_parameters(self):
         """Parameters the optimiser should update (per `config.trainable`)."""
