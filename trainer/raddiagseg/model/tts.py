@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raddiagseg.model.outputs import GenerationResult, ImageFeatures, SegmentResult
+from raddiagseg.model.outputs import ImageFeatures
 
 
 def answer_key(text):

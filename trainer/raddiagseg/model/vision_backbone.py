@@ -2,7 +2,6 @@
 
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
