@@ -45,11 +45,12 @@ def test_step_plan_shards_the_one_process_micro_batches_between_ranks():
         one = single.rank_micro_batches(step)
         assert sorted(map(tuple, one)) == sorted(tuple(b) for r in ranks for b in r.rank_micro_batches(step))
     # the stream crosses epoch boundaries without dropping or repeating samples
-    seen = [i for b in single for i in b]
+    seen = [i for b in single for _, i in b]
     assert seen == list(range(20))
     # resuming at step 3 yields exactly what an uninterrupted run yields from step 3 on
     resumed = StepBatchPlan(order, micro_batch=2, grad_accum=2, world_size=1, start_step=3, max_steps=5)
-    assert [i for b in resumed for i in b] == seen[12:]
+    assert [i for b in resumed for _, i in b] == seen[12:]
+    assert [e for b in resumed for e, _ in b] == [1] * 8  # samples carry their epoch (per-epoch augmentation)
     assert resumed.position(3) == (1, 2)
 
 

@@ -62,7 +62,7 @@ def register(subparsers):
     predict.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + model.safetensors)")
     predict.add_argument("--data", required=True, type=Path, help="manifest.jsonl")
     predict.add_argument("--out", required=True, type=Path, help="PRED.jsonl to write (appended to when it exists)")
-    predict.add_argument("--split", default="test", help="manifest split to predict (default: test)")
+    predict.add_argument("--split", default="test", help="manifest split to predict, or all (default: test)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     predict.add_argument("--max-new-tokens", type=int, default=128)
     predict.add_argument("--max-samples", type=int, default=None, help="predict an evenly spread subset of this size")

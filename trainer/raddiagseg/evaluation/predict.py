@@ -106,7 +106,7 @@ def _select(rows, tasks=None, max_samples=None):
 def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=False, max_new_tokens=128,
             tasks=None, max_samples=None, device=None, progress=True):
     """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped)."""
-    rows = _select(read_manifest(manifest, split), tasks, max_samples)
+    rows = _select(read_manifest(manifest, None if split == "all" else split), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
     writer = PredictionWriter(out)

@@ -11,8 +11,25 @@ effective batch (epoch = position // epoch length, offset = position % epoch len
 import torch.utils.data
 
 
+class EpochIndexed(torch.utils.data.Dataset):
+    """Dataset view indexed by (epoch, index): sets the epoch first, so per-sample randomness
+    (synonyms, augmentation: a function of seed, epoch and index) is right in every worker process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 class StepBatchPlan(torch.utils.data.Sampler):
-    """Batch sampler yielding this rank's micro-batches (lists of indices) from `start_step` to `max_steps`."""
+    """Batch sampler yielding this rank's micro-batches (lists of (epoch, index)) from `start_step` to `max_steps`."""
 
     def __init__(self, epoch_order, micro_batch, grad_accum, world_size=1, rank=0, start_step=0, max_steps=1):
         self.epoch_order = epoch_order  # epoch -> list of dataset indices (one epoch of the ratio sampler)
@@ -45,13 +62,13 @@ class StepBatchPlan(torch.utils.data.Sampler):
         return consumed // length, consumed % length
 
     def step_indices(self, step):
-        """All indices of optimizer step `step`, over all ranks, in stream order."""
+        """All (epoch, index) pairs of optimizer step `step`, over all ranks, in stream order."""
         epoch, offset = self.position(step)
         out = []
         while len(out) < self.step_size:
             order = self._epoch(epoch)
             take = order[offset : offset + self.step_size - len(out)]
-            out += take
+            out += [(epoch, i) for i in take]
             epoch, offset = epoch + 1, 0
         return out
 

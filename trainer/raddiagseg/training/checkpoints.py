@@ -62,6 +62,11 @@ def save_model(model, folder, dtype=None):
         model.save_pretrained(folder)
         return
     import copy
+    import inspect
+
+    if "dtype" in inspect.signature(model.save_pretrained).parameters:
+        model.save_pretrained(folder, dtype=dtype)
+        return
 
     half = copy.deepcopy(model).to(dtype)
     half.save_pretrained(folder)

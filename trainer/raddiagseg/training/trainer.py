@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raddiagseg.training import checkpoints, distributed
-from raddiagseg.training.batches import StepBatchPlan
+from raddiagseg.training.batches import EpochIndexed, StepBatchPlan
 from raddiagseg.training.config import TrainConfig
 from raddiagseg.training.metrics_log import MetricsLog
 
@@ -242,7 +242,7 @@ def _train(config, ctx, progress, model, dataset, epoch_order, collate, evaluate
 
     plan = StepBatchPlan(epoch_order, micro_batch, accum, ctx.world_size, ctx.rank, start_step, max_steps)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=plan, collate_fn=collate, num_workers=config.num_workers,
+        EpochIndexed(dataset), batch_sampler=plan, collate_fn=collate, num_workers=config.num_workers,
         persistent_workers=False, pin_memory=ctx.device.type == "cuda",
     )
 
@@ -343,7 +343,7 @@ def _train(config, ctx, progress, model, dataset, epoch_order, collate, evaluate
                 progress(dict(step=step, total_steps=max_steps, loss=parts["loss"], loss_text=parts["loss_text"],
                               loss_bce=parts["loss_bce"], loss_dice=parts["loss_dice"], n_masks=parts["n_masks"],
                               lr=scheduler.get_last_lr()[0], val_metric=val_metric, eta_s=eta, rank=ctx.rank,
-                              sample_indices=[i for b in plan.rank_micro_batches(step - 1) for i in b]))
+                              sample_indices=[i for b in plan.rank_micro_batches(step - 1) for _, i in b]))
     finally:
         if bar is not None:
             bar.close()

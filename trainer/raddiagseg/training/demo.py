@@ -1,0 +1,198 @@
+"""`raddiagseg demo`: the shipped demo model, end to end on one CPU.
+
+phantoms (train seed) -> build -> pretrain (Ref-Seg + VQA) -> finetune (VQA-Seg + VQA)
+-> phantoms (held-out seed) -> `raddiagseg predict` + `raddiagseg score` -> model folder with
+MODEL_CARD.md and the score report. Every step is skipped on `--resume` when its output exists,
+so an interrupted build continues where it stopped.
+"""
+
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+# Phantom data sizes. 40 CT volumes (20 liver + 20 pancreas) give enough distinct tumours to
+# generalise to a new seed; the held-out set is smaller, it only has to be scored.
+TRAIN_DATA = dict(ct_volumes=40, xrays=240, ct_slices=None)
+TEST_DATA = dict(ct_volumes=10, xrays=60, ct_slices=None)
+DEMO_STEPS = dict(pretrain=700, finetune=2300)
+# Model changes from the `demo` preset that the demo build uses (recorded in config.json).
+MODEL_OVERRIDES = {}
+
+
+@dataclass
+class DemoSettings:
+    out: str = "MONAILabelApp/model/raddiagseg-demo"
+    work: Optional[str] = None
+    train_seed: int = 1234
+    test_seed: int = 98765
+    pretrain_steps: Optional[int] = None
+    finetune_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    precision: str = "auto"
+    num_workers: int = 0
+    resume: bool = False
+    train_ct_volumes: int = TRAIN_DATA["ct_volumes"]
+    train_xrays: int = TRAIN_DATA["xrays"]
+    test_ct_volumes: int = TEST_DATA["ct_volumes"]
+    test_xrays: int = TEST_DATA["xrays"]
+
+
+def _phantoms(folder, ct_volumes, xrays, seed, resume):
+    from raddiagseg.data.builder import build_phantom_dataset
+
+    manifest = folder / "manifest.jsonl"
+    if resume and manifest.is_file():
+        log.info("reusing %s", manifest)
+        return manifest
+    if folder.exists():
+        shutil.rmtree(folder)
+    return build_phantom_dataset(folder, ct_volumes=ct_volumes, xrays=xrays, seed=seed)
+
+
+def _stage(stage, data, out, settings, init=None):
+    from raddiagseg.training import TrainConfig, train
+
+    steps = settings.pretrain_steps if stage == "pretrain" else settings.finetune_steps
+    steps = steps or DEMO_STEPS[stage]
+    done = out / "result.json"
+    if settings.resume and done.is_file():
+        result = json.loads(done.read_text())
+        log.info("reusing finished %s run %s", stage, out)
+        return Path(result["best_checkpoint"]), result
+    config = TrainConfig(
+        data=str(data), out=str(out), stage=stage, preset="demo", init=str(init) if init else None,
+        max_steps=steps, batch_size=settings.batch_size, precision=settings.precision,
+        num_workers=settings.num_workers, seed=settings.train_seed, resume=settings.resume and (out / "last").exists(),
+        model_overrides=dict(MODEL_OVERRIDES) if init is None else {}, val_every=max(1, steps // 4),
+    )
+    result = train(config)
+    summary = {"best_checkpoint": str(result.best_checkpoint), "best_metric": result.best_metric,
+               "metric_name": result.metric_name, "best_step": result.best_step, "steps": result.steps,
+               "wall_time_s": result.wall_time_s}
+    return result.best_checkpoint, summary
+
+
+def build_demo(settings: DemoSettings):
+    """Build the demo model folder `settings.out`; returns the path of its MODEL_CARD.md."""
+    from raddiagseg import cli
+    from raddiagseg.training.checkpoints import save_model
+    from raddiagseg.model import load_model
+
+    started = time.perf_counter()
+    out = Path(settings.out)
+    work = Path(settings.work) if settings.work else out.parent / ".raddiagseg-demo-work"
+    work.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    t = time.perf_counter()
+    train_data = _phantoms(work / "data-train", settings.train_ct_volumes, settings.train_xrays, settings.train_seed,
+                           settings.resume)
+    test_data = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays, settings.test_seed,
+                          settings.resume)
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pretrained, pre_summary = _stage("pretrain", train_data, work / "pretrain", settings)
+    timings["pretrain_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    finetuned, fine_summary = _stage("finetune", train_data, work / "finetune", settings, init=pretrained)
+    timings["finetune_s"] = time.perf_counter() - t
+
+    # Score on the held-out seed with the benchmark commands themselves, so the card's numbers are theirs.
+    t = time.perf_counter()
+    evaluation = work / "heldout-eval"
+    if evaluation.exists():
+        shutil.rmtree(evaluation)
+    evaluation.mkdir(parents=True)
+    pred = evaluation / "pred.jsonl"
+    report_json = evaluation / "report.json"
+    for argv in (["predict", "--model", str(finetuned), "--data", str(test_data), "--out", str(pred), "--split", "all"],
+                 ["score", "--pred", str(pred), "--data", str(test_data), "--out", str(report_json),
+                  "--name", "raddiagseg-demo"]):
+        code = cli.main(argv)
+        if code:
+            raise RuntimeError(f"`raddiagseg {' '.join(argv)}` failed with exit code {code}")
+    timings["evaluate_s"] = time.perf_counter() - t
+    report = json.loads(report_json.read_text())
+
+    # The shipped folder: fp16 weights (half the size), the score report, the card.
+    staging = out.parent / (out.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model = load_model(finetuned, device="cpu")
+    save_model(model, staging, dtype=__import__("torch").float16)
+    for name in ("report.json", "report.md"):
+        if (evaluation / name).is_file():
+            shutil.copy2(evaluation / name, staging / f"heldout_{name}")
+    timings["total_s"] = time.perf_counter() - started
+    card = staging / "MODEL_CARD.md"
+    card.write_text(model_card(settings, report, timings, pre_summary, fine_summary, test_data, train_data))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out / "MODEL_CARD.md"
+
+
+def _fmt(value):
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def model_card(settings, report, timings, pre, fine, test_data, train_data):
+    rows = []
+    for modality in ("ct", "xray", "overall"):
+        m = report.get(modality) or {}
+        rows.append(f"| {modality} | {_fmt(m.get('n'))} | {_fmt(m.get('detection_f1'))} | {_fmt(m.get('diagnosis_f1'))} "
+                    f"| {_fmt(m.get('diagnosis_acc'))} | {_fmt(m.get('dice_org'))} | {_fmt(m.get('dice_abn'))} "
+                    f"| {_fmt(m.get('refseg_dice'))} | {_fmt(m.get('vqa_closed_acc'))} |")
+    minutes = {k: f"{v / 60:.1f} min" for k, v in timings.items()}
+    config = {k: v for k, v in asdict(settings).items() if k not in ("out", "work")}
+    return f"""# RadDiagSeg-M demo model
+
+A small model of the RadDiagSeg-M architecture (`demo` preset: SAM image encoder, CLIP ViT, Perceiver
+projector, Gemma-2 decoder, SAM mask decoder; 16 seg tokens) trained from scratch on **synthetic
+phantoms only**. It exists so that the app, the Slicer extension and the tests work out of the box.
+**It is not a medical device and has never seen a real patient image: do not use it on real data.**
+
+## How it was made
+`raddiagseg demo` (this folder is its output), settings: `{json.dumps(config)}`
+
+- Training data: phantoms with seed {settings.train_seed} ({settings.train_ct_volumes} CT volumes in the MSD liver and
+  pancreas layouts, {settings.train_xrays} chest X-rays in the COVID-QU-Ex layout, VQA-RAD/SLAKE-style and Ref-Seg
+  phantoms), built with `raddiagseg build` into the RadDiagSeg-D tasks.
+- Stage 1 (pretrain, Ref-Seg + VQA): {pre['steps']} steps, best {pre['metric_name']} = {_fmt(pre['best_metric'])} at step {pre['best_step']}.
+- Stage 2 (finetune, VQA-Seg + VQA 0.6 : 0.4): {fine['steps']} steps, best {fine['metric_name']} = {_fmt(fine['best_metric'])} at step {fine['best_step']}.
+- Wall time on {platform.machine()} CPU ({_cpu_count()} cores): data {minutes['data_s']}, pretrain {minutes['pretrain_s']},
+  finetune {minutes['finetune_s']}, held-out evaluation {minutes['evaluate_s']}, total {minutes['total_s']}.
+- Weights stored in float16.
+
+## Held-out evaluation
+Phantoms from seed {settings.test_seed} (never used in training; {settings.test_ct_volumes} CT volumes, {settings.test_xrays}
+X-rays), all splits, scored by `raddiagseg predict --split all` then `raddiagseg score` (report: `heldout_report.json`,
+`heldout_report.md`). Dice values are over true-positive valid answers only (paper 001).
+
+| modality | n | detection F1 | diagnosis F1 | diagnosis acc | Dice-Org | Dice-Abn | Ref-Seg Dice | VQA closed acc |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Reproduce: `raddiagseg predict --model MONAILabelApp/model/raddiagseg-demo --data DATA/manifest.jsonl --out pred.jsonl --split all`
+then `raddiagseg score --pred pred.jsonl --data DATA/manifest.jsonl`, where DATA comes from
+`raddiagseg phantoms --seed {settings.test_seed} ...` + `raddiagseg build` (or `build_phantom_dataset(DATA,
+ct_volumes={settings.test_ct_volumes}, xrays={settings.test_xrays}, seed={settings.test_seed})`).
+
+## Limits
+Synthetic anatomy and lesions only; one axial 2D slice or one X-ray per question; answers follow the
+RadDiagSeg-D templates; the vocabulary is the one in `raddiagseg/resources/vocabulary.json`.
+"""
+
+
+def _cpu_count():
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
