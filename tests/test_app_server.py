@@ -2,7 +2,7 @@
 
 A randomly initialised demo-preset model is served (its answers are gibberish, but geometry,
 JSON shape, label files, caching and errors are all real); behaviour that needs real answers
-is in test_app_demo_model.py and runs when the trained demo model is present.
+is in test_app_demo_model.py and runs when the trained demo model is shipped.
 """
 
 import json
@@ -27,10 +27,11 @@ def served(server_factory, tmp_path_factory):  # noqa: F811
 
 
 def infer(server, image_id, params=None, tmp_path=None, expect=200):
+    params = {"max_new_tokens": 16, **(params or {})}  # random weights never stop early: keep answers short
     reply = requests.post(
         f"{server.url}/infer/raddiagseg",
         params={"image": image_id, "output": "all"},
-        data={"params": json.dumps(params or {})},
+        data={"params": json.dumps(params)},
         timeout=300,
     )
     assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
@@ -124,9 +125,9 @@ def test_seg_nrrd_result_reads_back_with_slicerio(served, tmp_path):
     segmentation = slicerio.read_segmentation(str(path))
     assert slicerio.segment_names(segmentation) == [s["name"] for s in result["segments"]]
     image = served["studies"]["ct_liver"][0]
-    from lib.image_io import ijk_to_lps  # noqa: E402  (app module, on sys.path via test_app_files' import)
-
-    assert np.allclose(segmentation["ijkToLPS"], ijk_to_lps(image))
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    assert np.allclose(segmentation["ijkToLPS"][:3, :3], direction @ np.diag(image.GetSpacing()))
+    assert np.allclose(segmentation["ijkToLPS"][:3, 3], image.GetOrigin())
 
 
 @pytest.mark.parametrize(
@@ -147,12 +148,14 @@ def test_bad_parameters_are_4xx_with_a_message(served, params, message):
 
 def test_uncertain_strategy_scores_and_caches_in_image_info(served):
     url = served["server"].url
-    reply = requests.post(url + "/activelearning/uncertain", json={}, timeout=300)
+    reply = requests.post(url + "/activelearning/uncertain", json={"max_new_tokens": 12}, timeout=300)
     assert reply.status_code == 200, reply.text
     chosen = reply.json()
     assert chosen["id"] in ("ct_liver", "cxr_covid") and 0.0 <= chosen["score"] <= 1.0
     datastore = requests.get(url + "/datastore/?output=all", timeout=10).json()
     infos = {k: v["image"]["info"] for k, v in datastore["objects"].items()}
     assert all("raddiag_uncertainty" in info for info in infos.values())
+    refused = requests.post(url + "/activelearning/uncertain", json={"max_new_tokens": 0}, timeout=30)
+    assert refused.status_code == 400 and "max_new_tokens" in refused.json()["detail"]
     for strategy in ("random", "first"):
         assert requests.post(f"{url}/activelearning/{strategy}", json={}, timeout=30).json()["id"] in infos

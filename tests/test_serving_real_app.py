@@ -88,6 +88,9 @@ def test_real_app_serves_with_tokens_and_stays_responsive_then_survives_faults(s
         assert isinstance(reply.json()["answer"], str)
         assert waits and max(waits) < 2.0, waits  # /info/ answered while the model ran
         assert infer(url, tokens["user"], "ct_liver", device="cuda:3").status_code == 400
+        refused = requests.post(url + "/activelearning/uncertain", headers=bearer(tokens["user"]),
+                                json={"max_new_tokens": 0}, timeout=30)  # the strategy's own 400 passes through
+        assert refused.status_code == 400 and "max_new_tokens" in refused.json()["detail"], refused.text
 
         saved = save_label(url, tokens["annotator"], setup)
         label_before = label_file(setup).read_bytes()

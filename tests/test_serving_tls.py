@@ -1,6 +1,6 @@
 """TLS: the shipped nginx reverse-proxy config (deploy/nginx-raddiag.conf) in front of serve.py,
-and serve.py's own --ssl-keyfile/--ssl-certfile, each checked with a self-signed certificate
-made in the test."""
+and serve.py's own --ssl-keyfile/--ssl-certfile (uvicorn's TLS), each checked with a self-signed
+certificate made in the test."""
 
 from __future__ import annotations
 
@@ -132,36 +132,53 @@ def test_nginx_tls_proxy_config_serves_the_api_over_https(backend):
         assert token not in log and token not in server.log_path.read_text()
 
 
-def test_uvicorn_tls_flags(backend):
-    tokens = backend["tokens"]
-    port = free_port()
-    extra = ["--ssl-keyfile", str(backend["key"]), "--ssl-certfile", str(backend["crt"])]
+def test_serve_py_ssl_flags_serve_https_only(backend):
+    """serve.py --ssl-keyfile/--ssl-certfile: the API answers over HTTPS with the given certificate,
+    plain HTTP on the same port gets no answer, and tokens stay out of the log."""
     import serving_helpers
-
-    def command(args):
-        return [sys.executable, str(serving_helpers.SERVE), *args, "--auth-config", str(backend["base"] / "auth.json"),
-                *extra]
-
     from live_server import ServerHandle
 
-    log = backend["base"] / "uvicorn-tls.log"
+    tokens, base = backend["tokens"], backend["base"]
+    port = free_port()
+    command = [sys.executable, str(serving_helpers.SERVE), "--app", str(backend["app"]), "--studies",
+               str(base / "studies"), "--port", str(port), "--auth-config", str(base / "auth.json"),
+               "--ssl-keyfile", str(backend["key"]), "--ssl-certfile", str(backend["crt"])]
+    log = base / "uvicorn-tls.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(command(["--app", str(backend["app"]), "--studies", str(backend["base"] / "studies"),
-                                            "--port", str(port)]), stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false"})
     handle = ServerHandle(url=f"https://127.0.0.1:{port}", process=process, log_path=log)
+    verify = str(backend["crt"])
     try:
         reply, deadline = None, time.time() + 120
-        while time.time() < deadline:
+        while reply is None and time.time() < deadline:
             try:
-                reply = requests.get(handle.url + "/info/", headers=bearer(tokens["user"]), verify=str(backend["crt"]),
-                                     timeout=2)
-                break
+                reply = requests.get(handle.url + "/info/", headers=bearer(tokens["user"]), verify=verify, timeout=5)
             except requests.RequestException:
                 assert handle.alive(), handle.log()
                 time.sleep(0.3)
         assert reply is not None and reply.status_code == 200, handle.log()
-        with pytest.raises(requests.exceptions.ConnectionError):
+        assert "raddiagseg" in reply.json()["models"]
+        assert requests.get(handle.url + "/info/", verify=verify, timeout=10).status_code == 401
+        with open(base / "studies" / "ct1.nii.gz", "rb") as f:
+            reply = requests.post(handle.url + "/infer/raddiagseg?output=json", headers=bearer(tokens["admin"]),
+                                  files={"file": ("ct.nii.gz", f)}, verify=verify, timeout=60)
+        assert reply.status_code == 200 and reply.json()["voxels"] > 0, reply.text
+        with pytest.raises(requests.exceptions.SSLError):  # an unknown certificate is refused by default
+            requests.get(handle.url + "/health", timeout=10)
+        with pytest.raises(requests.exceptions.ConnectionError):  # no plain-HTTP answer on the TLS port
             requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert handle.alive()
     finally:
         handle.stop()
+    text = log.read_text(errors="replace")
+    assert "POST /infer/raddiagseg" in text
+    for token in tokens.values():
+        assert token not in text
+
+
+def test_serve_py_needs_both_ssl_flags(backend):
+    only_key = subprocess.run([sys.executable, str(ROOT / "MONAILabelApp" / "serve.py"), "--studies",
+                               str(backend["base"] / "studies"), "--auth-config", str(backend["base"] / "auth.json"),
+                               "--ssl-keyfile", str(backend["key"])], capture_output=True, text=True, timeout=60)
+    assert only_key.returncode == 2 and "--ssl-certfile" in only_key.stderr

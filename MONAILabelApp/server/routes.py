@@ -240,12 +240,15 @@ class Overrides:
 
 async def _run_model(queue: ModelQueue, fn, *args):
     """Run on the model thread; map the app's own input complaints to 4xx, crashes to a 500 that says so."""
+    from fastapi import HTTPException
     from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
     try:
         return await queue.run(fn, *args)
     except (InputError, QueueFull):
         raise
+    except HTTPException as e:  # a task's own 4xx (e.g. a strategy refusing a param) keeps its status
+        raise InputError(e.status_code, str(e.detail))
     except MONAILabelException as e:
         status = 400 if e.error == MONAILabelError.INVALID_INPUT else 500
         logger.warning("model task failed: %s", e.msg)

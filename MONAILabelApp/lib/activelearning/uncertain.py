@@ -12,6 +12,7 @@ import logging
 import time
 
 import numpy as np
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
 from raddiagseg import templates
 from raddiagseg.imaging import to_unit_range
@@ -74,9 +75,9 @@ class Uncertain(Strategy):
         self.max_candidates = max_candidates
         self.max_new_tokens = max_new_tokens
 
-    def score(self, image_path):
+    def score(self, image_path, max_new_tokens=None):
         slices = scoring_slices(image_io.read_image(image_path))
-        options = {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": 1.0}
+        options = {"max_new_tokens": max_new_tokens or self.max_new_tokens, "do_sample": True, "temperature": 1.0}
         per_slice = []
         for unit in slices:
             results, _ = self.runner.answer([unit] * self.n_samples, [templates.DEFAULT_QUESTION] * self.n_samples,
@@ -85,6 +86,9 @@ class Uncertain(Strategy):
         return float(np.mean(per_slice))
 
     def __call__(self, request, datastore):
+        max_new_tokens = request.get("max_new_tokens")
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 512):
+            raise HTTPException(status_code=400, detail="max_new_tokens must be an integer between 1 and 512")
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         if not images:
             return None
@@ -97,7 +101,7 @@ class Uncertain(Strategy):
         fresh = [i for i in images if i not in {s[1] for s in scored}][: self.max_candidates]
         for image_id in fresh:
             try:
-                value = self.score(datastore.get_image_uri(image_id))
+                value = self.score(datastore.get_image_uri(image_id), max_new_tokens)
             except image_io.InputError as error:
                 logger.warning("uncertain: cannot score %s: %s", image_id, error)
                 continue

@@ -21,6 +21,7 @@ from lib import training_data
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("detection_acc", "diagnosis_acc", "dice_org", "dice_abn", "refseg_dice")
+TASK_RATIO = {"vqaseg": 0.7, "refseg": 0.3}  # corrected answers, and masks by name
 TRAIN_PARAMS = {"max_steps": (1, 20000, 60), "val_max_samples": (1, 10000, 200)}
 
 
@@ -111,7 +112,8 @@ class RadDiagSegTrain(TrainTask):
             write_json_atomic(self.stats_path, stats)
 
         wanted = {"data": data["manifest"], "stage": "finetune", "preset": _preset(served), "init": str(served),
-                  "out": str(run_dir / "run"), "max_steps": params["max_steps"]}
+                  "out": str(run_dir / "run"), "max_steps": params["max_steps"], "ratio": dict(TASK_RATIO),
+                  "warmup": 0.1, "val_every": params["max_steps"], "augment": False, "progress_bar": False}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress)
 
