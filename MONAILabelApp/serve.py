@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile, timeout_graceful_shutdown=5,
+        # keep idle connections longer than a client waits after a 503 (Retry-After) or between status polls;
+        # uvicorn's default of 5 s races clients that reuse a connection after a 5 s wait
+        timeout_keep_alive=75,
     )  # configures uvicorn's loggers; the filters go on afterwards
     redact = RedactingFilter()
     for name in ("uvicorn.access", "uvicorn.error", ""):

@@ -346,3 +346,30 @@ def test_launcher_add_user_and_refusals(tmp_path):
     cors = subprocess.run([sys.executable, str(SERVE), "--studies", str(tmp_path), "--auth-config", str(config),
                            "--cors-origin", "*"], capture_output=True, text=True, timeout=60)
     assert cors.returncode == 2 and "--cors-origin" in cors.stderr
+
+
+def test_queue_refuses_over_capacity_with_a_retry_estimate_from_recent_runs():
+    """Unit check of the bounded queue: capacity counts running + waiting; Retry-After follows the typical
+    run time (the median, so one slow model-loading run does not inflate it) times the runs ahead."""
+    import asyncio
+
+    from server.work_queue import ModelQueue, QueueFull
+
+    async def scenario():
+        queue = ModelQueue(capacity=2)
+        await queue.run(time.sleep, 1.2)  # a slow first run (model load)
+        for _ in range(4):
+            await queue.run(time.sleep, 0.3)
+        release = threading.Event()
+        running = [asyncio.ensure_future(queue.run(release.wait, 10)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert queue.depth == 2
+        with pytest.raises(QueueFull) as refused:
+            await queue.run(time.sleep, 0)
+        release.set()
+        assert await asyncio.gather(*running) == [True, True]
+        assert queue.depth == 0 and await queue.run(lambda: "served") == "served"
+        queue.shutdown()
+        return refused.value.retry_after
+
+    assert asyncio.run(scenario()) == 1  # median 0.3 s x 3 runs ahead -> 1 s, not 1.2 s x 3

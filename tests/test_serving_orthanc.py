@@ -1,5 +1,8 @@
-"""The same served app on an Orthanc DICOMweb datastore: store a CT study in Orthanc, infer on it
-through serve.py, save a label (written back to Orthanc as DICOM SEG), train on it.
+"""The served app on an Orthanc DICOMweb datastore: store a CT study in Orthanc, infer on it
+through serve.py, save a label (written back to Orthanc as DICOM SEG), train on it. Once with the
+fast stand-in app (datastore plumbing, roles) and once with the real RadDiag app (a randomly
+initialised demo-preset model): label geometry equals the DICOM series', its fine-tuning run
+builds its samples from the label saved through Orthanc.
 
 Orthanc comes from Debian's `orthanc` + `orthanc-dicomweb` packages (scripts/install_system_deps.sh);
 the test starts its own instance on free ports with storage in a temporary folder."""
@@ -45,8 +48,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def orthanc(tmp_path_factory):
+    """A fresh Orthanc (about a second to start) per test, so tests never see each other's series."""
     base = tmp_path_factory.mktemp("orthanc")
     port = free_port()
     config = {
@@ -75,7 +79,7 @@ def orthanc(tmp_path_factory):
     log.close()
 
 
-def ct_series(folder: Path, n=6, rows=32, cols=28):
+def ct_series(folder: Path, n=6, rows=32, cols=28, origin=(0.0, 0.0, 0.0)):
     """Write a small CT series (one DICOM file per slice, real geometry) and return its SeriesInstanceUID."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -95,7 +99,7 @@ def ct_series(folder: Path, n=6, rows=32, cols=28):
         ds.PatientID, ds.PatientName, ds.Modality, ds.StudyID = "RD001", "Phantom^One", "CT", "1"
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.StudyDate, ds.StudyTime, ds.Manufacturer = "20260101", "120000", "RadDiag tests"
-        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + 2.5 * k]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [0.8, 0.8], 2.5
         ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
@@ -151,5 +155,68 @@ def test_orthanc_datastore_store_infer_save_label_train(orthanc, tmp_path):
         assert status["status"] == "DONE", server.log()
         model = json.loads((app / "model" / "model.json").read_text())
         assert model["labels"] == 1
+    finally:
+        server.stop()
+
+
+def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orthanc, tmp_path):
+    app_studies = pytest.importorskip("app_studies")
+    pytest.importorskip("raddiagseg.training")
+    series = ct_series(tmp_path / "dicom", n=6, rows=40, cols=36, origin=(-50.0, 20.0, 100.0))
+    for f in sorted((tmp_path / "dicom").glob("*.dcm")):
+        assert requests.post(orthanc + "/instances", data=f.read_bytes(), timeout=30).status_code == 200
+    reader = sitk.ImageSeriesReader()
+    reference = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
+
+    model_dir = app_studies.random_model_dir(tmp_path / "model")
+    tokens = make_users(tmp_path / "auth.json")
+    server = start_serve(app_studies.APP_DIR, orthanc + "/dicom-web", tmp_path / "auth.json", tokens["user"],
+                         conf={"model_path": model_dir, "work_dir": tmp_path / "work"},
+                         env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}, timeout=300)
+    try:
+        url, user, admin = server.url, bearer(tokens["user"]), bearer(tokens["admin"])
+        params = {"params": json.dumps({"slice": 3, "max_new_tokens": 12})}
+        reply = requests.post(url + f"/infer/raddiagseg?image={series}&output=json", headers=user, data=params,
+                              timeout=300)
+        assert reply.status_code == 200, server.log()
+        result = reply.json()
+        assert result["modality"] == "ct" and [s["slice"] for s in result["slices"]] == [3]
+        reply = requests.post(url + f"/infer/raddiagseg?image={series}&output=image", headers=user, data=params,
+                              timeout=300)
+        assert reply.status_code == 200, server.log()
+        (tmp_path / "pred.nii.gz").write_bytes(reply.content)
+        pred = sitk.ReadImage(str(tmp_path / "pred.nii.gz"))
+        assert pred.GetSize() == reference.GetSize() == (36, 40, 6)
+        assert np.allclose(pred.GetSpacing(), reference.GetSpacing())
+        assert np.allclose(pred.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+        assert np.allclose(pred.GetDirection(), reference.GetDirection())
+
+        # a corrected label (liver with a tumour in slices 2-4) with its label info, saved through Orthanc
+        array = np.zeros((6, 40, 36), np.uint8)
+        array[1:5, 8:30, 6:26] = 1
+        array[2:5, 14:22, 10:18] = 2
+        label = sitk.GetImageFromArray(array)
+        label.CopyInformation(reference)
+        sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+        info = {"segments": [{"name": "liver", "label_value": 1}, {"name": "liver tumour", "label_value": 2}],
+                "detection": True, "diagnosis": "Liver tumour",
+                "label_info": [{"name": "liver"}, {"name": "liver tumour"}]}
+        with open(tmp_path / "label.nii.gz", "rb") as f:
+            reply = requests.put(url + f"/datastore/label?image={series}", headers=bearer(tokens["annotator"]),
+                                 files={"label": ("label.nii.gz", f)}, data={"params": json.dumps(info)}, timeout=300)
+        assert reply.status_code == 200, server.log()
+        segs = requests.post(orthanc + "/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
+                             timeout=30).json()
+        assert len(segs) == 1
+
+        reply = requests.post(url + "/train/raddiagseg", headers=admin, json={"max_steps": 3}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        status = wait_for_training(url, timeout=600, headers=admin)
+        stats = requests.get(url + "/info/", headers=user, timeout=30).json()["train_stats"]["raddiagseg"]
+        assert status["status"] == "DONE", f"{stats}\n{server.log()}"
+        assert stats["data"]["images"] == 1 and not stats["data"]["skipped"], stats["data"]
+        # slice 1: liver only (vqaseg + 1 refseg); slices 2-4: liver and tumour (vqaseg + 2 refseg each)
+        assert stats["data"]["train_samples"] == 2 + 3 * 3, stats["data"]
+        assert stats["step"] == 3
     finally:
         server.stop()

@@ -118,10 +118,29 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
     return rows
 
 
+def _label_path_function(datastore):
+    """image id -> path of its final label as a NIfTI file.
+
+    A DICOMweb datastore (Orthanc) keeps labels as DICOM SEG series on the server and a NIfTI copy
+    (with the label info the client saved) in its local cache; its own ``get_label_uri`` wants the
+    SEG series id, not the image id. So first pull every SEG into the cache (``datalist`` does that,
+    converting to NIfTI), then read the cached copy by image id."""
+    try:
+        from monailabel.datastore.dicom import DICOMWebDatastore
+        from monailabel.datastore.local import LocalDatastore
+    except ImportError:  # pragma: no cover - dicomweb extras missing: only local datastores exist
+        DICOMWebDatastore = None
+    if DICOMWebDatastore is not None and isinstance(datastore, DICOMWebDatastore):
+        datastore.datalist()
+        return lambda image_id: LocalDatastore.get_label_uri(datastore, image_id, FINAL)
+    return lambda image_id: datastore.get_label_uri(image_id, FINAL)
+
+
 def build(datastore, out_dir, min_images_for_holdout=5):
     """Write out_dir/manifest.jsonl; returns a summary dict (counts, skipped images with reasons)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    label_path = _label_path_function(datastore)
     image_ids = sorted(datastore.get_labeled_images(FINAL))
     holdout = len(image_ids) >= min_images_for_holdout
     rows, skipped = [], []
@@ -130,7 +149,7 @@ def build(datastore, out_dir, min_images_for_holdout=5):
             image_rows = samples_for_image(
                 image_id,
                 datastore.get_image_uri(image_id),
-                datastore.get_label_uri(image_id, FINAL),
+                label_path(image_id),
                 datastore.get_label_info(image_id, FINAL) or {},
                 out_dir,
             )

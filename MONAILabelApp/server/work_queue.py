@@ -3,14 +3,17 @@
 MONAI Label runs inference synchronously inside an async handler, which freezes the event loop
 (and so ``/info/`` and the datastore) for the whole run. Here the model runs in a dedicated
 thread; requests beyond ``capacity`` (running + waiting) are refused at once with a
-``Retry-After`` estimate instead of hanging.
+``Retry-After`` estimate instead of hanging. The estimate is the median of recent run times
+(robust to the one slow first run that loads the model) times the runs ahead of the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -28,7 +31,7 @@ class ModelQueue:
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model")
         self._in_system = 0  # touched only on the event loop thread
-        self._mean_s = 1.0
+        self._recent_s = deque(maxlen=20)  # run times of the last requests
 
     @property
     def depth(self) -> int:
@@ -36,7 +39,8 @@ class ModelQueue:
 
     def retry_after(self) -> int:
         waves = math.ceil((self._in_system + 1) / self.workers)
-        return int(min(600, max(1, math.ceil(self._mean_s * waves))))
+        typical = statistics.median(self._recent_s) if self._recent_s else 1.0
+        return int(min(600, max(1, math.ceil(typical * waves))))
 
     async def run(self, fn, *args, **kwargs):
         if self._in_system >= self.capacity:
@@ -49,7 +53,7 @@ class ModelQueue:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - start)
+                self._recent_s.append(time.perf_counter() - start)
 
         try:
             return await loop.run_in_executor(self._executor, timed)
