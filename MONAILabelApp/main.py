@@ -26,6 +26,10 @@ class RadDiagApp(MONAILabelApp):
             raise ValueError(f"--conf models: unknown model(s) {', '.join(unknown)}; available: {', '.join(MODELS)}")
         self.raddiag = RadDiagSegConfig(app_dir, studies, conf)
         logger.info("RadDiag: base model %s, work dir %s", self.raddiag.model_path, self.raddiag.work_dir)
+        if not self.raddiag.store.available():
+            logger.warning("RadDiag: no model folder at %s: model 'raddiagseg' is not served (absent from /info/) "
+                           "until one is there; pass --conf model_path DIR (a folder written by save_pretrained)",
+                           self.raddiag.store.current_dir())
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -144,7 +144,7 @@ def run_load(url, headers, image, clients, per_client, params, mode="cached", n_
                                          data={"params": json.dumps(sent)}, timeout=600)
                     if reply.status_code != 503:
                         break
-                    busy.append(reply.headers.get("Retry-After"))
+                    busy.append(int(reply.headers.get("Retry-After") or 0))
                     if not retry_busy:
                         break
                     time.sleep(float(reply.headers.get("Retry-After") or 1))

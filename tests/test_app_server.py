@@ -119,6 +119,18 @@ def test_xray_png_gives_2d_label_of_the_same_size(served, tmp_path):
     assert label.GetSize()[:2] == served["studies"]["cxr_covid"][0].shape[::-1]
 
 
+def test_test_time_scaling_reports_agreement(served, tmp_path):
+    plain, _ = infer(served["server"], "cxr_covid", {"max_new_tokens": 12}, tmp_path)
+    assert plain["agreement"] is None
+    result, label_path = infer(served["server"], "cxr_covid", {"tts": True, "max_new_tokens": 12}, tmp_path)
+    assert_response_shape(result)
+    agreement = result["agreement"]
+    assert agreement["paths"] == 4 and 0.0 < agreement["answer"] <= 1.0  # greedy + 3 sampled answers
+    assert all(0.0 <= m <= 1.0 for m in agreement["masks"])  # one consensus IoU per seg token of the chosen answer
+    ct, _ = infer(served["server"], "ct_liver", {"tts": True, "slice": 3, "max_new_tokens": 12}, tmp_path)
+    assert ct["slices"][0]["agreement"]["paths"] == 4 and ct["agreement"] == ct["slices"][0]["agreement"]
+
+
 def test_seg_nrrd_result_reads_back_with_slicerio(served, tmp_path):
     slicerio = pytest.importorskip("slicerio")
     result, path = infer(served["server"], "ct_liver", {"slice": 2, "result_extension": ".seg.nrrd"}, tmp_path)

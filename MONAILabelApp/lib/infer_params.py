@@ -21,6 +21,7 @@ DEFAULTS = {
     "temperature": 1.0,
     "batch_size": 8,
     "result_extension": ".nii.gz",
+    "tts": False,
 }
 
 
@@ -35,6 +36,7 @@ class InferParams:
     temperature: float
     batch_size: int
     result_extension: str
+    tts: bool = False  # test-time scaling: majority of sampled answers, consensus of perturbed masks
 
     def generation_options(self):
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
@@ -113,4 +115,5 @@ def parse(request):
         temperature=temperature,
         batch_size=_int(request, "batch_size", 1, 64, DEFAULTS["batch_size"]),
         result_extension=extension,
+        tts=_bool(request, "tts", DEFAULTS["tts"]),
     )

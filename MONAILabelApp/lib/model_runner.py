@@ -2,7 +2,9 @@
 
 `encode_images` results are cached per slice (see `feature_cache`); only slices not seen
 before with this model go through the image encoders. Decoding is batched with
-`generate_batch` (one `generate` call for a single slice).
+`generate_batch` (one `generate` call for a single slice). With `tts` every slice is answered
+with test-time scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a
+consensus mask over perturbed prompts; `result.agreement` says how much they agreed).
 """
 
 import time
@@ -39,14 +41,14 @@ class ModelRunner:
             self.encoded_images += len(missing)
         return features, len(missing), time.perf_counter() - start
 
-    def answer(self, images, questions, options, batch_size=8, show_progress=False):
+    def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False):
         """GenerationResults for each (image, question), and stage timings summed over batches."""
         import torch
 
         with torch.inference_mode():
-            return self._answer(images, questions, options, batch_size, show_progress)
+            return self._answer(images, questions, options, batch_size, show_progress, tts)
 
-    def _answer(self, images, questions, options, batch_size, show_progress):
+    def _answer(self, images, questions, options, batch_size, show_progress, tts=False):
         model, version = self.store.get()
         results = []
         timings = {"encode": 0.0, "generate": 0.0}
@@ -59,7 +61,12 @@ class ModelRunner:
             counts["encoded"] += n_encoded
             counts["cached"] += len(batch) - n_encoded
             t0 = time.perf_counter()
-            if len(batch) == 1:
+            if tts:
+                results.extend(
+                    model.generate_tts(image, question, max_new_tokens=options.get("max_new_tokens", 128), features=f)
+                    for image, question, f in zip(batch, batch_questions, features)
+                )
+            elif len(batch) == 1:
                 results.append(model.generate(batch[0], batch_questions[0], features=features[0], **options))
             else:
                 results.extend(

@@ -136,7 +136,9 @@ class Overrides:
             info = await asyncio.to_thread(instance.info)
             models = info.get("models", {})
             if model not in models:
-                raise InputError(404, f"model {model[:60]!r} is not served; available: {', '.join(sorted(models)) or 'none'}")
+                hint = "" if models else " (no model folder is loaded: see the server log, --conf model_path DIR)"
+                raise InputError(404, f"model {model[:60]!r} is not served; available: "
+                                      f"{', '.join(sorted(models)) or 'none'}{hint}")
             if session_id:
                 raise InputError(400, "session_id is not supported; send ?image=<datastore id> or upload a file")
             if label is not None:

@@ -95,6 +95,7 @@ class RadDiagSegInfer(InferTask):
             params.generation_options(),
             batch_size=params.batch_size,
             show_progress=len(inputs) > 1,
+            tts=params.tts,
         )
         t_model = time.perf_counter()
 
@@ -129,6 +130,7 @@ class RadDiagSegInfer(InferTask):
             "label_names": {s["name"]: s["label_value"] for s in segments},
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
+            "agreement": (results[0].agreement or None) if not whole_volume else None,
             "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "latencies": {
