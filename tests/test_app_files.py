@@ -121,6 +121,42 @@ def test_2d_png_reads_as_xray_and_label_keeps_its_size(tmp_path):
     assert np.array_equal(np.squeeze(sitk.GetArrayFromImage(written)) == 1, mask)
 
 
+@pytest.mark.parametrize("name, write, expected", [
+    ("cxr.jpg", lambda p: sitk.WriteImage(sitk.GetImageFromArray(_ramp(np.uint8)), p), "xray"),
+    ("photo.jpg", lambda p: sitk.WriteImage(sitk.GetImageFromArray(np.stack([_ramp(np.uint8)] * 3, -1), isVector=True), p),
+     "xray"),
+    ("cxr16.png", lambda p: sitk.WriteImage(sitk.GetImageFromArray(_ramp(np.uint16) * 16), p), "xray"),
+    ("dx.dcm", lambda p: _dicom(p, _ramp(np.uint16) * 16, "DX"), "xray"),
+    ("ct_slice.dcm", lambda p: _dicom(p, _ramp(np.int16) * 8 - 1000, "CT"), "ct"),
+    ("ct_slice.nii.gz", lambda p: sitk.WriteImage(sitk.GetImageFromArray(_ramp(np.int16) - 100), p), "ct"),
+    ("mr.dcm", lambda p: _dicom(p, _ramp(np.uint16), "MR"), "mri"),
+])
+def test_2d_formats_read_as_one_grey_slice_with_their_modality(tmp_path, name, write, expected):
+    path = str(tmp_path / name)
+    write(path)
+    image = image_io.read_image(path)
+    assert image.GetDimension() == 2 and image.GetSize() == (40, 30) and image.GetNumberOfComponentsPerPixel() == 1
+    assert image_io.infer_modality(image, image_io.image_array(image)) == expected
+
+
+def test_nrrd_volume_reads_as_ct_with_its_geometry(tmp_path):
+    volume = make_volume()
+    sitk.WriteImage(volume, str(tmp_path / "ct.nrrd"))
+    image = image_io.read_image(tmp_path / "ct.nrrd")
+    assert_same_geometry(image, volume)
+    assert image_io.infer_modality(image, image_io.image_array(image)) == "ct"
+
+
+def _ramp(dtype):
+    return (np.arange(30 * 40).reshape(30, 40) % 200 + 20).astype(dtype)
+
+
+def _dicom(path, array, modality):
+    image = sitk.GetImageFromArray(array)
+    image.SetMetaData(image_io.MODALITY_TAG, modality)
+    sitk.WriteImage(image, path)
+
+
 def test_bad_images_give_messages(tmp_path):
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not an image")

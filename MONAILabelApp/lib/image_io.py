@@ -15,6 +15,8 @@ import SimpleITK as sitk
 
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
 MAX_VOXELS = 512 * 512 * 1024
+MODALITY_TAG = "0008|0060"  # DICOM Modality
+DICOM_XRAY = {"CR", "DX", "DR", "RG", "RF", "XA", "PX"}  # projection radiography
 
 
 class InputError(ValueError):
@@ -39,10 +41,13 @@ def read_image(path):
     except RuntimeError as error:
         first = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
         raise InputError(f"cannot read the image as NIfTI/NRRD/PNG/JPEG/DICOM ({first[:200]})") from None
+    dicom_modality = image.GetMetaData(MODALITY_TAG).strip().upper() if image.HasMetaDataKey(MODALITY_TAG) else ""
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = _to_gray(image)
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         image = image[:, :, 0]
+    if dicom_modality:  # kept through the conversions above, for infer_modality
+        image.SetMetaData(MODALITY_TAG, dicom_modality)
     if image.GetDimension() not in (2, 3):
         raise InputError(f"expected a 2D image or a 3D volume, got a {image.GetDimension()}D image")
     if any(s < 2 for s in image.GetSize()):
@@ -73,10 +78,19 @@ def image_array(image):
 
 
 def infer_modality(image, array):
-    """`ct` for volumes and HU-range slices; `xray` for 8-bit 2D images."""
+    """The DICOM Modality when the file has one (CT → `ct`, MR → `mri`, CR/DX/… → `xray`); otherwise
+    `ct` for volumes and HU-range (signed, negative) slices, `xray` for 2D images with unsigned pixels
+    (8- or 16-bit PNG/JPEG/DICOM radiographs) or values in 0..255."""
+    tag = image.GetMetaData(MODALITY_TAG).strip().upper() if image.HasMetaDataKey(MODALITY_TAG) else ""
+    if tag == "CT":
+        return "ct"
+    if tag == "MR":
+        return "mri"
     if image.GetDimension() == 3:
         return "ct"
-    if array.dtype == np.uint8 or (float(array.min()) >= 0 and float(array.max()) <= 255 and not _looks_like_hu(array)):
+    if tag in DICOM_XRAY or np.issubdtype(array.dtype, np.unsignedinteger):
+        return "xray"
+    if float(array.min()) >= 0 and float(array.max()) <= 255 and not _looks_like_hu(array):
         return "xray"
     return "ct"
 
