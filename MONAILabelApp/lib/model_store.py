@@ -95,6 +95,7 @@ class ModelStore:
         if not is_model_dir(checkpoint_dir):
             raise FileNotFoundError(f"{checkpoint_dir} is not a model folder (no config.json)")
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
         existing = sorted(p.name for p in self.models_dir.glob("v[0-9]*") if p.is_dir())
         number = int(existing[-1][1:5]) + 1 if existing else 1
         name = f"v{number:04d}-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -107,6 +108,14 @@ class ModelStore:
         self._prune(keep_name=name)
         logger.info("Published model %s", name)
         return self.models_dir / name
+
+    def _remove_stale(self):
+        """Staging copies and pointer files left by a publish that was killed half-way (never served)."""
+        for stale in [*self.models_dir.glob(".tmp-*"), *self.models_dir.glob(".CURRENT-*")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
     def _prune(self, keep_name):
         versions = sorted(p for p in self.models_dir.glob("v[0-9]*") if p.is_dir())

@@ -1,0 +1,67 @@
+"""Which model the app serves across publishes, rollbacks, interrupted publishes and restarts
+(lib/model_store.py; folders only, no model is loaded)."""
+
+import json
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from lib.model_store import ModelStore  # noqa: E402
+
+
+def checkpoint(folder, tag):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"tag": tag}))
+    (folder / "model.safetensors").write_bytes(tag.encode() * 100)
+    return folder
+
+
+def served_tag(store):
+    return json.loads((store.current_dir() / "config.json").read_text())["tag"]
+
+
+def test_publish_survives_a_restart_and_can_be_rolled_back(tmp_path):
+    base = checkpoint(tmp_path / "base", "base")
+    store = ModelStore(base, tmp_path / "work")
+    assert store.current_dir() == base and store.available()
+    before = store.version()
+    first = store.publish(checkpoint(tmp_path / "run1", "run1"))
+    assert served_tag(store) == "run1" and first.name.startswith("v0001-")
+    assert store.version() != before
+    second = store.publish(checkpoint(tmp_path / "run2", "run2"))
+    assert second.name.startswith("v0002-")
+
+    restarted = ModelStore(base, tmp_path / "work")  # a new process on the same work dir
+    assert restarted.current_dir() == second and served_tag(restarted) == "run2"
+
+    (tmp_path / "work" / "models" / "CURRENT").write_text(first.name + "\n")  # roll back by hand
+    assert served_tag(ModelStore(base, tmp_path / "work")) == "run1"
+
+
+def test_interrupted_publish_is_never_served_and_is_cleaned_up(tmp_path):
+    base = checkpoint(tmp_path / "base", "base")
+    store = ModelStore(base, tmp_path / "work")
+    models = tmp_path / "work" / "models"
+    half = models / ".tmp-deadbeef"  # a copy killed half-way: no config.json yet
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"partial")
+    (models / ".CURRENT-cafe").write_text(".tmp-deadbeef\n")
+    assert store.current_dir() == base
+    (models / "CURRENT").write_text("v0009-missing\n")  # pointer to a folder that is not there
+    assert store.current_dir() == base
+
+    store.publish(checkpoint(tmp_path / "run1", "run1"))
+    assert served_tag(store) == "run1"
+    assert sorted(p.name for p in models.iterdir() if p.name.startswith(".")) == []
+
+
+def test_old_versions_are_pruned_but_the_served_one_is_kept(tmp_path):
+    base = checkpoint(tmp_path / "base", "base")
+    store = ModelStore(base, tmp_path / "work", keep=2)
+    for i in range(4):
+        store.publish(checkpoint(tmp_path / f"run{i}", f"run{i}"))
+    versions = sorted(p.name[:5] for p in (tmp_path / "work" / "models").glob("v*"))
+    assert versions == ["v0003", "v0004"] and served_tag(store) == "run3"
