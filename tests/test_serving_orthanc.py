@@ -220,3 +220,23 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
         assert stats["step"] == 3
     finally:
         server.stop()
+
+    # a second server with an empty cache (another machine): the label is in Orthanc only as a DICOM SEG, which
+    # carries neither RadDiag's label info nor (as MONAI Label converts it) the full volume: training refuses it
+    # with a reason instead of crashing or training on a wrong label, and the server keeps serving
+    server = start_serve(app_studies.APP_DIR, orthanc + "/dicom-web", tmp_path / "auth.json", tokens["user"],
+                         conf={"model_path": model_dir, "work_dir": tmp_path / "work2"},
+                         env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache2")}, timeout=300)
+    try:
+        url = server.url
+        reply = requests.post(url + "/train/raddiagseg", headers=admin, json={"max_steps": 2}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        status = wait_for_training(url, timeout=600, headers=admin)
+        stats = requests.get(url + "/info/", headers=user, timeout=30).json()["train_stats"]["raddiagseg"]
+        assert status["status"] == "ERROR" and "no usable corrected labels" in stats["error"], stats
+        assert [s["image"] for s in stats["data"]["skipped"]] == [series] and stats["data"]["skipped"][0]["reason"]
+        assert stats["published"] is False
+        assert requests.post(url + f"/infer/raddiagseg?image={series}&output=json", headers=user, data=params,
+                             timeout=300).status_code == 200
+    finally:
+        server.stop()
