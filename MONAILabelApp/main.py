@@ -1,6 +1,6 @@
 """MONAI Label app serving RadDiagSeg: diagnose-and-segment inference, fine-tuning on corrections, active learning.
 
-    MONAI_LABEL_TRACKING_ENABLED=false monailabel start_server --app MONAILabelApp \
+    MONAI_LABEL_TRACKING_ENABLED=false .venv/bin/python -m monailabel.main start_server --app MONAILabelApp \
         --studies MONAILabelApp/sample-studies --conf models raddiagseg
 
 See MONAILabelApp/README.md for the request parameters, the response and the label-info keys.
