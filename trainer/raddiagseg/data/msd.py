@@ -5,7 +5,7 @@ volume to LPS so slices look the same whatever the file's direction cosines; kee
 where the organ is present (≥ `min_organ_pixels`). The organ mask includes the tumour (the
 organ's full extent, as radiologists outline it). A slice is positive when its tumour covers at
 least `min_tumour_pixels`; by default (None) max(20 px, 0.15 % of the slice) — about 100 px on a
-256² slice, so that a positive stays visible (≥ ~5 px across) after the model's resize to 112-256 px; slices with a
+256² slice, so that a positive stays visible (≥ ~5 px across) after the model's resize to 224-256 px; slices with a
 smaller tumour fragment are left out of vqaseg (and of the tumour refseg) rather than
 mislabeled as negative. Volumes never cross splits.
 """

@@ -178,7 +178,7 @@ def demo_config():
             image_size=256, patch_size=16, embed_dim=128, depth=4, num_heads=4, window_size=0,
             global_attn_indexes=(), use_rel_pos=True, out_chans=128,  # 128-d prompts: 4x cheaper decoder
         ),
-        clip=ClipConfig(image_size=112, patch_size=16, embed_dim=128, depth=2, num_heads=4),
+        clip=ClipConfig(image_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=4),  # 224: lesions span >= 1 patch
         projector=ProjectorConfig(num_queries=16, num_heads=4),
         language=LanguageConfig(
             vocab_size=0,  # set from the demo tokenizer

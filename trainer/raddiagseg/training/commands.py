@@ -42,6 +42,7 @@ def register(subparsers):
     d.add_argument("--work", help="working folder for data and runs (default: OUT/../.raddiagseg-demo-work)")
     d.add_argument("--train-seed", type=int, default=1234, help="phantom seed of the training data")
     d.add_argument("--test-seed", type=int, default=98765, help="phantom seed of the held-out evaluation data")
+    d.add_argument("--align-steps", type=int, help="CLIP alignment steps (stage 0)")
     d.add_argument("--pretrain-steps", type=int)
     d.add_argument("--finetune-steps", type=int)
     d.add_argument("--batch-size", type=int)
@@ -83,7 +84,7 @@ def run_demo(args):
 
     settings = DemoSettings(
         out=args.out, work=args.work, train_seed=args.train_seed, test_seed=args.test_seed,
-        pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+        align_steps=args.align_steps, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
         precision=args.precision, num_workers=args.num_workers, resume=args.resume,
     )
     card = build_demo(settings)
