@@ -124,7 +124,7 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")

@@ -1,0 +1,68 @@
+"""`raddiagseg demo`: the pipeline that builds the shipped model, on tiny data and a few steps.
+
+The real build (160 CT volumes, thousands of steps) is what MONAILabelApp/model/raddiagseg-demo/
+holds; here we check the mechanics a user relies on: stage 0 trains only the CLIP encoder and
+freezes it, the folder is a loadable fp16 model, and the card's numbers are the score report's.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("monai")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from raddiagseg.data.builder import build_phantom_dataset
+
+    return build_phantom_dataset(tmp_path_factory.mktemp("demo-data"), ct_volumes=4, xrays=12, seed=7, ct_slices=6)
+
+
+def test_clip_alignment_trains_only_the_clip_encoder(tiny_data):
+    from raddiagseg import build_model
+    from raddiagseg.training.clip_align import align_clip_encoder, caption
+
+    torch.manual_seed(0)
+    model = build_model("demo")
+    model.set_trainable(clip=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = align_clip_encoder(model, tiny_data, steps=3, batch_size=4, progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("clip_encoder.") for k in changed)
+    assert not any(p.requires_grad for p in model.clip_encoder.parameters())  # frozen state restored
+    assert summary["steps"] == 3 and 0.0 <= summary["train_acc"] <= 1.0
+    assert "ct liver: Liver tumour" == caption({"modality": "ct", "source": "msd_liver", "detection": True,
+                                                 "diagnosis": "Liver tumour"})
+    assert "xray chest: no abnormality" == caption({"modality": "xray", "source": "covidqu", "detection": False})
+
+
+def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_report(tmp_path):
+    from raddiagseg import load_model
+    from raddiagseg.training.demo import DemoSettings, build_demo
+
+    out = tmp_path / "model" / "raddiagseg-demo"
+    card = build_demo(DemoSettings(out=str(out), align_steps=2, pretrain_steps=1, finetune_steps=1,
+                                   train_ct_volumes=2, train_xrays=6, test_ct_volumes=2, test_xrays=3, ct_slices=6))
+    assert card == out / "MODEL_CARD.md"
+    assert not (out.parent / "raddiagseg-demo.tmp").exists()
+    report = json.loads((out / "heldout_report.json").read_text())
+    text = card.read_text()
+    ct_row = next(line for line in text.splitlines() if line.startswith("| ct |"))
+    cells = [c.strip() for c in ct_row.strip("|").split("|")]
+    assert int(cells[1]) == report["ct"]["n"]
+    assert float(cells[2]) == pytest.approx(report["ct"]["detection_f1"], abs=5e-4)
+    assert re.search(r"seed 98765", text) and "never used in training" in text
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["trainable"]["clip"] is False
+    model = load_model(out, device="cpu")
+    assert {p.dtype for p in model.parameters()} <= {torch.float16, torch.float32}
+    assert (out / "model.safetensors").stat().st_size < 40e6
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
