@@ -95,6 +95,21 @@ class MaskDecoderConfig:
 
 
 @dataclass
+class RVLS2MConfig:
+    """Region-aware vision-language similarity to mask (paper 003, `raddiagseg.model.rvls2m`).
+
+    Off by default, so checkpoints saved before this option existed load unchanged. On: each seg
+    token's region mask (the τ strategy over a grid x grid pooling of its similarity map) is the
+    dense prompt of the SAM decoder, in training and in inference.
+    """
+
+    enabled: bool = False
+    grid: int = 16  # g: cells per side (the paper's best: 16 x 16 over a 64 x 64 token map)
+    strategy: str = "topk"  # "topk" (the top_k most similar cells) | "mean" (cells above the mean)
+    top_k: int = 36  # paper 003 Figure 6: 12-36 cells of 16 x 16 work best
+
+
+@dataclass
 class TrainableConfig:
     """Which parts learn. The paper freezes the pretrained encoders and the LM base (LoRA instead)."""
 
@@ -126,6 +141,7 @@ class RadDiagSegConfig:
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rvls2m: RVLS2MConfig = field(default_factory=RVLS2MConfig)
     num_seg_tokens: int = templates.NUM_SEG_TOKENS
     max_question_tokens: int = 256
     max_answer_tokens: int = 256
@@ -189,6 +205,7 @@ def demo_config():
         ),
         mask_decoder=MaskDecoderConfig(transformer_depth=2, transformer_mlp_dim=512, transformer_heads=8, iou_head_hidden_dim=128),
         trainable=TrainableConfig(vision=True, clip=True, lm="full", projector=True, mask_decoder=True, prompt_encoder=True),
+        rvls2m=RVLS2MConfig(enabled=False, grid=8, top_k=8),  # 16 x 16 token map: 8 x 8 cells of 2 x 2 tokens
         max_question_tokens=192,
         max_answer_tokens=128,
         mask_loss_size=256,

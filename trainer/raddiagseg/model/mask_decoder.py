@@ -8,7 +8,8 @@ class SegMaskDecoder(nn.Module):
     """LM hidden states of seg tokens + one image embedding -> one low-res mask logit map per token.
 
     A linear layer maps each hidden state to a sparse prompt embedding; the dense prompt is SAM's
-    "no mask" embedding. SAM's `MaskDecoder` handles one image per call (DESIGN §9), so
+    "no mask" embedding, or with RVLS2M (`region=` an `RVLS2MConfig`) the embedded region mask of
+    that token's vision-language similarity (`raddiagseg.model.rvls2m`). SAM's `MaskDecoder` handles one image per call (DESIGN §9), so
     `forward` loops over images and batches the prompts that belong to each image.
     """
 
@@ -47,16 +48,43 @@ class SegMaskDecoder(nn.Module):
         finally:
             pe_layer.positional_encoding_gaussian_matrix = gaussian
 
-    def forward(self, image_embeddings, hidden_states, image_index):
-        """image_embeddings (B, C, h, w); hidden_states (K, D_lm); image_index (K,) long -> (K, 4h, 4w) logits."""
+    def region_masks(self, image_embeddings, prompts, image_index, region):
+        """(K, g, g) binary RVLS2M region masks of K sparse prompts (their own image's tokens)."""
+        from raddiagseg.model import rvls2m
+
+        return rvls2m.region_masks(image_embeddings[image_index], prompts, region.grid, region.strategy, region.top_k)
+
+    def region_prompt(self, regions, dtype):
+        """(K, g, g) region masks -> (K, C, h, w) dense prompt embeddings (SAM's mask branch)."""
+        from raddiagseg.model import rvls2m
+
+        h, w = self.prompt_encoder.image_embedding_size
+        size = self.prompt_encoder.mask_input_size[0]
+        masks = rvls2m.mask_prompt(regions, h, size).to(self.prompt_encoder.mask_downscaling[0].weight.dtype)
+        return self.prompt_encoder._embed_masks(masks).to(dtype)
+
+    def forward(self, image_embeddings, hidden_states, image_index, region=None, regions=None):
+        """image_embeddings (B, C, h, w); hidden_states (K, D_lm); image_index (K,) long -> (K, 4h, 4w) logits.
+
+        region: an `RVLS2MConfig` to prompt with region masks (None: SAM's "no mask"); regions: (K, g, g)
+        region masks to use instead of computing them (test-time scaling passes perturbed ones).
+        """
         prompts = self.text_to_prompt(hidden_states.to(self.text_to_prompt.weight.dtype))
+        dense_all = None
+        if regions is None and region is not None:
+            regions = self.region_masks(image_embeddings, prompts, image_index, region)
+        if regions is not None:
+            dense_all = self.region_prompt(regions, prompts.dtype)
         out = prompts.new_empty((prompts.shape[0], 4 * image_embeddings.shape[-2], 4 * image_embeddings.shape[-1]))
         image_pe = self.dense_pe().to(prompts.dtype)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         for b in torch.unique(image_index).tolist():
             select = (image_index == b).nonzero(as_tuple=True)[0]
             sparse = prompts[select].unsqueeze(1)
-            dense = no_mask.expand(len(select), -1, *image_embeddings.shape[-2:]).to(prompts.dtype)
+            if dense_all is None:
+                dense = no_mask.expand(len(select), -1, *image_embeddings.shape[-2:]).to(prompts.dtype)
+            else:
+                dense = dense_all[select]
             low_res, _ = self.mask_decoder(
                 image_embeddings=image_embeddings[b : b + 1].to(prompts.dtype),
                 image_pe=image_pe,

@@ -79,6 +79,8 @@ class RadDiagSegModel(nn.Module):
         # SAM's IoU head (our score is the mean mask probability) and the point/box/mask prompt encoders
         self.mask_decoder.mask_decoder.iou_prediction_head.requires_grad_(False)
         self.mask_decoder.prompt_encoder.no_mask_embed.requires_grad_(t.prompt_encoder)
+        # RVLS2M feeds region masks through SAM's mask branch: it learns with the mask decoder
+        self.mask_decoder.prompt_encoder.mask_downscaling.requires_grad_(bool(self.config.rvls2m.enabled and t.mask_decoder))
         if t.lm == "full":
             self.language_model.requires_grad_(True)
         elif t.lm == "lora":
@@ -122,6 +124,29 @@ class RadDiagSegModel(nn.Module):
             params = list(getattr(self, name).parameters())
             counts[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
         return counts
+
+    def region_config(self, rvls2m=None):
+        """The `RVLS2MConfig` to decode masks with, or None: `rvls2m` None follows the model config, True/False overrides it."""
+        enabled = self.config.rvls2m.enabled if rvls2m is None else bool(rvls2m)
+        if enabled and not self.config.rvls2m.enabled:
+            log.warning("RVLS2M asked for at inference, but this model was not trained with it (config rvls2m.enabled is false)")
+        return self.config.rvls2m if enabled else None
+
+    def set_rvls2m(self, enabled=True, **settings):
+        """Turn RVLS2M on/off in the config (grid, strategy, top_k may be changed too) before training; saved with the model."""
+        import dataclasses
+
+        from raddiagseg.model import rvls2m
+
+        r = dataclasses.replace(self.config.rvls2m, enabled=bool(enabled), **settings)
+        if r.strategy not in rvls2m.STRATEGIES:
+            raise ValueError(f"RVLS2M strategy must be one of {rvls2m.STRATEGIES}, got {r.strategy!r}")
+        if not 1 <= r.grid <= self.config.vision.embedding_size:
+            raise ValueError(f"RVLS2M grid must be between 1 and {self.config.vision.embedding_size}, got {r.grid}")
+        if r.strategy == "topk" and not 1 <= r.top_k <= r.grid * r.grid:
+            raise ValueError(f"RVLS2M top_k must be between 1 and {r.grid * r.grid}, got {r.top_k}")
+        self.config.rvls2m = r
+        self._apply_trainable()
 
     @property
     def device(self):
@@ -182,7 +207,7 @@ class RadDiagSegModel(nn.Module):
             if not torch.equal(mask_index, b_index):
                 raise ValueError("masks are not in seg-token order (mask_image_index disagrees with the answers)")
             self.mask_decoder_calls += 1
-            low_res = self.mask_decoder(vision, hidden[b_index, t_index], b_index)
+            low_res = self.mask_decoder(vision, hidden[b_index, t_index], b_index, region=self.region_config())
             pred = F.interpolate(low_res[:, None].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
             loss_bce = F.binary_cross_entropy_with_logits(pred[:, 0], gt, reduction="none").mean(dim=(1, 2)).mean()
             dice = DiceLoss(sigmoid=True, reduction="none")(pred, gt[:, None])
@@ -204,16 +229,22 @@ class RadDiagSegModel(nn.Module):
             vision, image_embeds = self._encode(pixels["vision"], pixels["clip"], latencies)
         return ImageFeatures(vision, image_embeds, [tuple(s) for s in pixels["image_sizes"].tolist()], latencies)
 
-    def generate(self, image, question, max_new_tokens=128, features=None, do_sample=False, temperature=1.0, seed=None):
-        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult."""
+    def generate(self, image, question, max_new_tokens=128, features=None, do_sample=False, temperature=1.0, seed=None,
+                 rvls2m=None):
+        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult (rvls2m: see `generate_batch`)."""
         images = None if image is None else [image]
         if features is not None and len(features) != 1:
             raise ValueError(f"generate takes features of one image, got {len(features)}")
-        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed)[0]
+        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed, rvls2m)[0]
 
     @torch.inference_mode()
-    def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None):
-        """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult]."""
+    def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None,
+                       rvls2m=None):
+        """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult].
+
+        rvls2m: None decodes masks as the model was configured; True/False turns RVLS2M region prompts on/off.
+        """
+        region = self.region_config(rvls2m)
         latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
         if features is not None and not isinstance(features, ImageFeatures):
             features = ImageFeatures.cat(features)  # a list of cached per-image features
@@ -236,17 +267,18 @@ class RadDiagSegModel(nn.Module):
             ids, states, t_prefill, t_decode = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)
             latencies["prefill"], latencies["decode"] = t_prefill, t_decode
             t0 = time.perf_counter()
-            masks = self._masks(features, ids, states)
+            masks = self._masks(features, ids, states, region)
             latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
         return [self._result(i, ids[i], masks.get(i, []), latencies) for i in range(len(ids))]
 
     def generate_tts(self, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
-                     max_new_tokens=128, features=None, seed=0):
+                     max_new_tokens=128, features=None, seed=0, rvls2m=None):
         """Test-time scaling (paper 003): majority answer of `num_answers` paths, consensus mask of the
         perturbed prompts; `result.agreement` says how much they agreed. See `raddiagseg.model.tts`."""
         from raddiagseg.model.tts import generate_tts
 
-        return generate_tts(self, image, question, num_answers, num_masks, temperature, prompt_noise, max_new_tokens, features, seed)
+        return generate_tts(self, image, question, num_answers, num_masks, temperature, prompt_noise, max_new_tokens, features, seed,
+                            rvls2m=rvls2m)
 
     def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed):
         """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced each."""
@@ -299,7 +331,7 @@ class RadDiagSegModel(nn.Module):
             last = hidden[:, -1]
         return tokens, states, t_prefill, time.perf_counter() - t0
 
-    def _masks(self, features, ids, states):
+    def _masks(self, features, ids, states, region=None):
         """One bool mask per generated seg token at its image's original size; no decoder call without seg tokens."""
         seg = self.processor.seg_id_to_index
         picks = [(b, k) for b, row in enumerate(ids) for k, t in enumerate(row) if t in seg]
@@ -308,7 +340,7 @@ class RadDiagSegModel(nn.Module):
         self.mask_decoder_calls += 1
         hidden = torch.stack([states[b][k] for b, k in picks])
         image_index = torch.tensor([b for b, _ in picks], device=self.device)
-        low_res = self.mask_decoder(features.vision, hidden, image_index).float()
+        low_res = self.mask_decoder(features.vision, hidden, image_index, region=region).float()
         out = {}
         for j, (b, _) in enumerate(picks):
             h, w = features.image_sizes[b]

@@ -1,8 +1,10 @@
 """Test-time scaling (paper 003, §3.3), choosing by agreement instead of ground truth.
 
 m answers are decoded for one image (the greedy one + m-1 sampled ones); the answer most paths
-agree on wins. For each of its seg tokens, every agreeing path's hidden state is perturbed n
-times (Gaussian noise on the prompt; n=1 keeps it as is) and decoded into a candidate mask;
+agree on wins. For each of its seg tokens, every agreeing path's prompt is perturbed n times
+(n=1 keeps it as is) and decoded into a candidate mask: with RVLS2M, as in the paper, its region
+mask is perturbed (shifted, dilated or eroded by one grid cell, `rvls2m.perturb_regions`);
+without it, Gaussian noise is added to the hidden state;
 the candidate with the highest mean IoU to all the others (the consensus) is returned. The
 agreement levels come back in `result.agreement`, a confidence signal for the user and for
 active learning.
@@ -48,9 +50,15 @@ def consensus_index(masks):
     return best, float(mean[best])
 
 
+def uncertainty(answer_share, mask_agreement):
+    """Disagreement of the paths in [0, 1]: 1 - the mean of the answer share and every mask's consensus IoU."""
+    parts = [answer_share, *mask_agreement]
+    return float(1.0 - sum(parts) / len(parts))
+
+
 @torch.inference_mode()
 def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
-                 max_new_tokens=128, features=None, seed=0):
+                 max_new_tokens=128, features=None, seed=0, rvls2m=None):
     """`model.generate` with test-time scaling -> GenerationResult with `agreement` = {"answer", "masks"}."""
     if num_answers < 1 or num_masks < 1:
         raise ValueError("num_answers and num_masks must be at least 1")
@@ -64,6 +72,7 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
     if len(features) != 1:
         raise ValueError(f"generate_tts takes one image, got features of {len(features)}")
     features = features.to(model.device, model.dtype)
+    region = model.region_config(rvls2m)
     was_training = model.training
     model.eval()
     try:
@@ -89,10 +98,24 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
                 for p in group:
                     state = states[p][positions[p][token]]
                     for j in range(num_masks):
+                        if region is not None:  # the region mask is perturbed below, the prompt kept
+                            prompts.append(state)
+                            continue
                         noise = torch.randn(state.shape, generator=generator).to(state) if j else torch.zeros_like(state)
                         prompts.append(state + prompt_noise * state.float().std().to(state.dtype) * noise)
+            prompts = torch.stack(prompts)
+            image_index = torch.zeros(len(prompts), dtype=torch.long, device=model.device)
+            regions = None
+            if region is not None:
+                from raddiagseg.model.rvls2m import perturb_regions
+
+                sparse = model.mask_decoder.text_to_prompt(prompts.to(model.mask_decoder.text_to_prompt.weight.dtype))
+                regions = model.mask_decoder.region_masks(features.vision, sparse, image_index, region)
+                perturbed = perturb_regions(regions.cpu(), generator).to(regions)
+                keep = torch.tensor([j == 0 for _ in range(len(prompts) // num_masks) for j in range(num_masks)], device=regions.device)
+                regions = torch.where(keep[:, None, None], regions, perturbed)
             model.mask_decoder_calls += 1
-            low_res = model.mask_decoder(features.vision, torch.stack(prompts), torch.zeros(len(prompts), dtype=torch.long, device=model.device))
+            low_res = model.mask_decoder(features.vision, prompts, image_index, region=region, regions=regions)
             h, w = features.image_sizes[0]
             probs = torch.sigmoid(F.interpolate(low_res[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0])
             per_token = len(group) * num_masks
@@ -108,5 +131,6 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
     finally:
         model.train(was_training)
     result = model._result(0, ids[first], chosen, latencies)
-    result.agreement = {"answer": answer_share, "masks": mask_agreement, "paths": len(ids)}
+    result.agreement = {"answer": answer_share, "masks": mask_agreement, "paths": len(ids), "masks_per_path": num_masks,
+                        "uncertainty": uncertainty(answer_share, mask_agreement)}
     return result
