@@ -5,12 +5,19 @@ and other people's) rarely write the exact template of `templates.vqaseg_answer`
 reads the 3-step answer leniently ("1. Yes", "1) yes.", "Yes, there is…", inline one-line answers,
 bullets, echoed questions) and records every decision it takes in `ParsedAnswer.notes`, so a
 benchmark report can show why a sample was scored the way it was.
+
+Chain-of-thought answers (`templates.vqaseg_cot_answer`) reason first and conclude after
+"Conclusion:"; only the conclusion is read as the answer, the reasoning is kept in
+`ParsedAnswer.reasoning`.
 """
 
 import dataclasses
 import re
 
 SEG_TOKEN_RE = re.compile(r"<seg\d{3}>")
+# "Conclusion:" / "**Conclusion**:" / "Final answer:" ending the reasoning of a chain-of-thought answer (the last one counts)
+_CONCLUSION_RE = re.compile(r"(?:^|\n|(?<=[.!?])\s)\W*(?:conclusion|final answer)\W*:", re.IGNORECASE)
+_REASONING_START_RE = re.compile(r"^\W*(?:reasoning|modality|finding)s?\s*:", re.IGNORECASE)
 
 # A step number: "1." "1)" "(1)" "1:" "Step 1:" "**1.**" at the start of the text or after white space / punctuation.
 _STEP_RE = re.compile(r"(?:^|(?<=[\s.;,:!?*#]))(?:step\s*)?\(?([123])\s*[.):](?=[\s*]|$)", re.IGNORECASE)
@@ -47,6 +54,7 @@ class ParsedAnswer:
     diagnosis: str | None
     segments: list = dataclasses.field(default_factory=list)  # [(label text, "<segNNN>")] in answer order
     notes: list = dataclasses.field(default_factory=list)  # one line per parse decision
+    reasoning: str | None = None  # chain-of-thought text before the conclusion
 
 
 def parse_answer(text):
@@ -55,6 +63,9 @@ def parse_answer(text):
     if not isinstance(text, str) or not text.strip():
         return ParsedAnswer(None, None, [], ["empty answer"])
     text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    reasoning, text = split_reasoning(text, notes)
+    if not text:
+        return ParsedAnswer(None, None, [], notes + ["no answer after the reasoning"], reasoning)
     steps = _split_steps(text)
     if 1 in steps:
         step1 = steps[1]
@@ -76,7 +87,27 @@ def parse_answer(text):
         if detection:
             notes.append("no diagnosis given")
     segments = read_segments(text, notes)
-    return ParsedAnswer(detection, diagnosis, segments, notes)
+    return ParsedAnswer(detection, diagnosis, segments, notes, reasoning)
+
+
+def split_reasoning(text, notes=None):
+    """(reasoning or None, the conclusion to parse) of an answer; answers without "Conclusion:" come back whole."""
+    notes = [] if notes is None else notes
+    matches = list(_CONCLUSION_RE.finditer(text))
+    if matches:
+        last = matches[-1]
+        reasoning = text[: last.start()].strip() or None
+        notes.append(f"chain of thought: read the conclusion after {last.group(0).strip()!r}")
+        return reasoning, text[last.end() :].strip()
+    if _REASONING_START_RE.match(text):
+        steps = list(_STEP_RE.finditer(text))
+        first = next((m for m in steps if m.group(1) == "1"), None)
+        if first is None:
+            notes.append("reasoning without a conclusion (answer cut short?): no answer to read")
+            return text, ""
+        notes.append("reasoning without 'Conclusion:': read the answer from its step 1")
+        return text[: first.start()].strip() or None, text[first.start() :].strip()
+    return None, text
 
 
 def read_yes_no(text, notes=None):

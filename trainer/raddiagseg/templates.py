@@ -27,6 +27,21 @@ NEGATIVE_ANSWER = "1. No"
 REFSEG_QUESTION = "Please segment {target} in the {modality}."
 REFSEG_ANSWER = "Here is the mask for {target} {seg}."
 
+# Diagnosis chain-of-thought (paper 003's "diagnosis CoT"): the answer reasons modality -> finding ->
+# diagnosis, then gives the usual 3-step answer after COT_CONCLUSION; parsers read what follows it.
+COT_QUESTION = DEFAULT_QUESTION + "\nReason step by step (modality, finding, diagnosis) before the answer."
+COT_CONCLUSION = "Conclusion:"
+COT_NEGATIVE_FINDING = "no abnormality is seen"
+COT_UNKNOWN_FINDING = "an abnormality"
+
+# Reasoning segmentation (paper 002): the question describes the target without naming it.
+REASONSEG_QUESTIONS = (
+    "Please segment {description} in the {modality}.",
+    "Show me {description} in this {modality}.",
+    "Which region is {description}? Segment it in the {modality}.",
+)
+REASONSEG_ANSWER = "{description}: {target}.\n" + REFSEG_ANSWER
+
 
 @functools.lru_cache(maxsize=1)
 def vocabulary():
@@ -82,6 +97,46 @@ def vqaseg_answer(detection, diagnosis=None, target_labels=()):
         lines.append("3. Segmentation masks:" if len(target_labels) > 1 else "3. Segmentation mask:")
         lines += [f"- {label} {seg_token(i)}" for i, label in enumerate(target_labels)]
     return "\n".join(lines)
+
+
+def diagnosis_finding(diagnosis):
+    """What the image shows for vocabulary diagnosis `diagnosis` (its `finding`), or a generic phrase."""
+    for d in vocabulary()["diagnoses"]:
+        if diagnosis and d["label"].lower() == diagnosis.lower():
+            return d.get("finding") or COT_UNKNOWN_FINDING
+    return COT_UNKNOWN_FINDING
+
+
+def cot_reasoning(detection, modality, diagnosis=None):
+    """The reasoning lines of a chain-of-thought answer, from the ground truth: modality -> finding -> diagnosis."""
+    lines = [f"Modality: {MODALITY_NAMES.get(modality, modality)}."]
+    if not detection:
+        lines += [f"Finding: {COT_NEGATIVE_FINDING}.", "So the image is normal."]
+    else:
+        lines += [f"Finding: {diagnosis_finding(diagnosis)}."]
+        lines += [f"So the diagnosis is {diagnosis}." if diagnosis else "So the image is abnormal."]
+    return "\n".join(lines)
+
+
+def vqaseg_cot_answer(detection, modality, diagnosis=None, target_labels=()):
+    """A chain-of-thought 3-step answer: reasoning, then `COT_CONCLUSION` and the plain `vqaseg_answer`."""
+    return f"{cot_reasoning(detection, modality, diagnosis)}\n{COT_CONCLUSION}\n{vqaseg_answer(detection, diagnosis, target_labels)}"
+
+
+def implicit_descriptions(name):
+    """The vocabulary's implicit descriptions of target `name` (reasoning segmentation); [] when it has none."""
+    entry = targets().get(name)
+    return list(entry.get("implicit", [])) if entry else []
+
+
+def reasonseg_question(description, modality, variant=0):
+    template = REASONSEG_QUESTIONS[variant % len(REASONSEG_QUESTIONS)]
+    return template.format(description=description, modality=MODALITY_NAMES.get(modality, modality))
+
+
+def reasonseg_answer(description, target_label):
+    """Resolves the description to its target, then the Ref-Seg answer ("Here is the mask for liver <seg000>.")."""
+    return REASONSEG_ANSWER.format(description=description[:1].upper() + description[1:], target=target_label, seg=seg_token(0))
 
 
 def refseg_question(target_label, modality):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raddiagseg.data.covidqu import convert_covidqu
 from raddiagseg.data.msd import MIN_ORGAN_PIXELS, convert_msd
-from raddiagseg.data.records import BuildReport, write_manifest
+from raddiagseg.data.records import BuildReport, reasonseg_rows, write_manifest
 from raddiagseg.data.refseg_folders import convert_refseg
 from raddiagseg.data.vqa_sets import convert_slake, convert_vqarad
 
@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def build_dataset(out, msd=(), covidqu=None, vqarad=None, slake=None, refseg=None, seed=0,
-                  min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=None):
-    """Convert the given sources into `out`; returns (rows, BuildReport). Nothing is raised for bad files."""
+                  min_organ_pixels=MIN_ORGAN_PIXELS, min_tumour_pixels=None, reasonseg=False):
+    """Convert the given sources into `out`; returns (rows, BuildReport). Nothing is raised for bad files.
+
+    reasonseg: also write `reasonseg` rows (implicit instructions, `records.reasonseg_rows`) for every
+    segmented target that has implicit descriptions in the vocabulary.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = BuildReport()
@@ -38,6 +42,8 @@ def build_dataset(out, msd=(), covidqu=None, vqarad=None, slake=None, refseg=Non
         rows += _guard(report, slake, convert_slake, slake, out, report)
     if refseg:
         rows += _guard(report, refseg, convert_refseg, refseg, out, report)
+    if reasonseg:
+        rows += reasonseg_rows(rows, seed)
     rows = _dedupe(rows, report)
     check_volume_splits(rows)
     if rows:
@@ -80,7 +86,7 @@ def check_volume_splits(rows):
 
 
 def build_phantom_dataset(out, ct_volumes=8, xrays=60, seed=0, ct_size=None, ct_slices=None, xray_size=256,
-                          vqa_images=None, refseg_images=None):
+                          vqa_images=None, refseg_images=None, reasonseg=False):
     """Phantom sources under `out/sources` built into `out` (manifest.jsonl); for the demo, tests and benchmarks.
 
     Returns the manifest path. Raises ValueError if nothing usable was built.
@@ -91,7 +97,7 @@ def build_phantom_dataset(out, ct_volumes=8, xrays=60, seed=0, ct_size=None, ct_
     paths = write_phantoms(out / "sources", ct_volumes, xrays, seed=seed, ct_size=ct_size, ct_slices=ct_slices,
                            xray_size=xray_size, vqa_images=vqa_images, refseg_images=refseg_images)
     rows, report = build_dataset(out, msd=paths["msd"], covidqu=paths["covidqu"], vqarad=paths["vqarad"],
-                                 slake=paths["slake"], refseg=paths["refseg"], seed=seed)
+                                 slake=paths["slake"], refseg=paths["refseg"], seed=seed, reasonseg=reasonseg)
     if not rows:
         raise ValueError(f"no samples built from phantoms in {out}: {report.summary()}")
     return out / "manifest.jsonl"

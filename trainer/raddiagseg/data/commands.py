@@ -28,6 +28,8 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the volume → split assignment")
     p.add_argument("--min-organ-pixels", type=int, default=None, help="CT slices need this much organ (default 100)")
     p.add_argument("--min-tumour-pixels", type=int, default=None, help="tumour pixels a CT positive needs (default: max(20, 0.15%% of the slice))")
+    p.add_argument("--reasonseg", action="store_true",
+                   help="also write reasonseg rows: implicit instructions (vocabulary 'implicit') for every segmented target")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("stats", help="counts per task, modality, diagnosis and split of a built dataset (+ PNG chart)")
@@ -83,7 +85,7 @@ def run_build(args):
         args.out, msd=args.msd, covidqu=args.covidqu, vqarad=args.vqarad, slake=args.slake, refseg=args.refseg,
         seed=args.seed,
         min_organ_pixels=MIN_ORGAN_PIXELS if args.min_organ_pixels is None else args.min_organ_pixels,
-        min_tumour_pixels=args.min_tumour_pixels)
+        min_tumour_pixels=args.min_tumour_pixels, reasonseg=args.reasonseg)
     print(format_table(dataset_stats(rows)))
     print(report.summary())
     if not rows:

@@ -70,7 +70,7 @@ class ManifestDataset(Dataset):
     when the caller never sets the epoch, and a fresh dataset replays the same sequence.
     """
 
-    def __init__(self, manifest, split="train", tasks=None, augment=False, seed=0, synonym_prob=0.3):
+    def __init__(self, manifest, split="train", tasks=None, augment=False, seed=0, synonym_prob=0.3, cot=False):
         path = Path(manifest)
         self.manifest_path = path / "manifest.jsonl" if path.is_dir() else path
         self.root = self.manifest_path.parent
@@ -78,6 +78,7 @@ class ManifestDataset(Dataset):
         wanted = set(tasks) if tasks else None
         self.rows = [r for r in rows if (split is None or r["split"] == split) and (wanted is None or r["task"] in wanted)]
         self.split, self.augment, self.seed, self.synonym_prob = split, augment, seed, synonym_prob
+        self.cot = cot  # vqaseg samples ask templates.COT_QUESTION and answer with reasoning (vqaseg_cot_answer)
         self.epoch = 0
         self._visits = {}
         self._transform = _augmenter() if augment else None
@@ -111,9 +112,19 @@ class ManifestDataset(Dataset):
         if row["task"] == "refseg":
             label = templates.sample_label(row["targets"][0]["name"], rng, self.synonym_prob)
             return templates.refseg_question(label, row["modality"]), templates.refseg_answer(label)
+        if row["task"] == "reasonseg":  # a fresh description and wording per visit; the answer names the target
+            target = row["targets"][0]
+            descriptions = templates.implicit_descriptions(target["name"]) or [row.get("description")]
+            description = rng.choice(descriptions)
+            question = templates.reasonseg_question(description, row["modality"], rng.randrange(len(templates.REASONSEG_QUESTIONS)))
+            return question, templates.reasonseg_answer(description, templates.sample_label(target["name"], rng, self.synonym_prob))
         if row["task"] == "vqaseg" and row.get("detection"):
             labels = [templates.sample_label(t["name"], rng, self.synonym_prob) for t in row["targets"]]
+            if self.cot:
+                return templates.COT_QUESTION, templates.vqaseg_cot_answer(True, row["modality"], row["diagnosis"], labels)
             return row["question"], templates.vqaseg_answer(True, row["diagnosis"], labels)
+        if row["task"] == "vqaseg" and self.cot:
+            return templates.COT_QUESTION, templates.vqaseg_cot_answer(False, row["modality"])
         return row["question"], row["answer"]
 
     def _augment(self, image, masks, rng):

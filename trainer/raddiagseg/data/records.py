@@ -14,7 +14,7 @@ from raddiagseg import templates
 
 log = logging.getLogger(__name__)
 
-TASKS = ("vqaseg", "refseg", "vqa")
+TASKS = ("vqaseg", "refseg", "vqa", "reasonseg")
 SPLITS = ("train", "val", "test")
 MODALITIES = ("ct", "xray", "mri")
 
@@ -59,6 +59,34 @@ def refseg_row(base, target):
     return {**base, "task": "refseg", "question": templates.refseg_question(target["name"], base["modality"]),
             "answer": templates.refseg_answer(target["name"]), "detection": None, "diagnosis": None,
             "targets": [target]}
+
+
+def reasonseg_row(base, target, description, variant=0, subset=None):
+    """A reasoning-segmentation row (paper 002): the question describes `target` without naming it."""
+    return {**base, "task": "reasonseg", "question": templates.reasonseg_question(description, base["modality"], variant),
+            "answer": templates.reasonseg_answer(description, target["name"]), "detection": None, "diagnosis": None,
+            "targets": [target], "description": description, "subset": subset or base.get("source") or "all"}
+
+
+def reasonseg_rows(rows, seed=0):
+    """Reasoning-segmentation rows derived from the segmentation rows (refseg, positive vqaseg): one per
+    (image, target) whose target has implicit descriptions in the vocabulary, same image, mask and split.
+    The description and question wording are a pure function of (seed, row id, target)."""
+    out, seen = [], set()
+    for row in rows:
+        if row["task"] not in ("refseg", "vqaseg") or (row["task"] == "vqaseg" and not row.get("detection")):
+            continue
+        for target in row.get("targets") or []:
+            descriptions = templates.implicit_descriptions(target["name"])
+            key = (row["image"], target["name"])
+            if not descriptions or not target.get("mask") or key in seen:
+                continue
+            seen.add(key)
+            rng = random.Random(f"{seed}:reasonseg:{row['id']}:{target['name']}")
+            base = {k: v for k, v in row.items() if k not in ("task", "question", "answer", "detection", "diagnosis", "targets", "answer_type")}
+            base["id"] = f"{row['id']}__reason_{target['name'].replace(' ', '_')}"
+            out.append(reasonseg_row(base, target, rng.choice(descriptions), rng.randrange(len(templates.REASONSEG_QUESTIONS))))
+    return out
 
 
 def vqa_row(base, question, answer, answer_type):

@@ -66,7 +66,9 @@ def register(subparsers):
     predict.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     predict.add_argument("--max-new-tokens", type=int, default=128)
     predict.add_argument("--max-samples", type=int, default=None, help="predict an evenly spread subset of this size")
-    predict.add_argument("--tasks", nargs="+", choices=("vqaseg", "refseg", "vqa"), default=None, help="only these tasks")
+    predict.add_argument("--tasks", nargs="+", choices=("vqaseg", "refseg", "vqa", "reasonseg"), default=None, help="only these tasks")
+    predict.add_argument("--cot", action="store_true", help="ask 3-step samples for chain-of-thought answers (templates.COT_QUESTION)")
+    predict.add_argument("--rvls2m", choices=("on", "off"), default=None, help="override the model's RVLS2M setting")
     predict.add_argument("--amputated", action="store_true", help="ask 3-step samples as three separate questions")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     predict.set_defaults(func=run_predict)
@@ -126,7 +128,8 @@ def run_predict(args):
     try:
         written, skipped = predict(args.model, args.data, args.out, split=args.split, batch_size=args.batch_size,
                                    amputated=args.amputated, max_new_tokens=args.max_new_tokens, tasks=args.tasks,
-                                   max_samples=args.max_samples, device=args.device)
+                                   max_samples=args.max_samples, device=args.device, cot=args.cot,
+                                   rvls2m=None if args.rvls2m is None else args.rvls2m == "on")
     except BenchmarkInputError as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {written} predictions to {args.out} ({skipped} already there)")

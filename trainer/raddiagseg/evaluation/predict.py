@@ -30,8 +30,10 @@ def sample_image(row):
         raise BenchmarkInputError(f"manifest row {row['id']!r}: {exc}") from None
 
 
-def sample_question(row):
-    """The question a row asks (the manifest's, else the task's template question)."""
+def sample_question(row, cot=False):
+    """The question a row asks (the manifest's, else the task's template question); cot: 3-step rows ask for reasoning."""
+    if cot and row["task"] == "vqaseg":
+        return templates.COT_QUESTION
     question = row.get("question")
     if question and question != "<DEFAULT_QUESTION>":
         return question
@@ -44,7 +46,7 @@ def _masks_of(result):
     return [(segment.token, np.asarray(segment.mask, bool)) for segment in result.segments]
 
 
-def run_model(model, rows, batch_size=8, amputated=False, max_new_tokens=128, progress=True):
+def run_model(model, rows, batch_size=8, amputated=False, max_new_tokens=128, progress=True, cot=False, generate_options=None):
     """Yield (row, prediction) in row order; prediction = {"answer" | "answers", "segments": [(token, mask)]}."""
     from tqdm import tqdm
 
@@ -59,8 +61,9 @@ def run_model(model, rows, batch_size=8, amputated=False, max_new_tokens=128, pr
             if plain:
                 sub_images = [images[i] for i in plain]
                 features = model.encode_images(sub_images)
-                questions = [sample_question(batch[i]) for i in plain]
-                results = model.generate_batch(sub_images, questions, features=features, max_new_tokens=max_new_tokens)
+                questions = [sample_question(batch[i], cot) for i in plain]
+                results = model.generate_batch(sub_images, questions, features=features, max_new_tokens=max_new_tokens,
+                                               **(generate_options or {}))
                 for i, result in zip(plain, results):
                     outputs[i] = {"answer": result.answer, "segments": _masks_of(result)}
             if three_step:  # the three questions on one encoding of the images
@@ -104,7 +107,7 @@ def _select(rows, tasks=None, max_samples=None):
 
 
 def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=False, max_new_tokens=128,
-            tasks=None, max_samples=None, device=None, progress=True):
+            tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None):
     """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped)."""
     rows = _select(read_manifest(manifest, None if split == "all" else split), tasks, max_samples)
     if not rows:
@@ -128,7 +131,8 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
             import torch
 
             with torch.inference_mode():
-                for row, output in run_model(model, todo, batch_size, amputated, max_new_tokens, progress):
+                for row, output in run_model(model, todo, batch_size, amputated, max_new_tokens, progress, cot,
+                                             {"rvls2m": rvls2m} if rvls2m is not None else None):
                     writer.write(row["id"], output["segments"], answer=output.get("answer"), answers=output.get("answers"))
     finally:
         writer.close()
@@ -136,7 +140,8 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
 
 
 def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_size=8, amputated=False,
-                   synonyms=True, tasks=None, max_new_tokens=128, device=None, progress=False, return_records=False):
+                   synonyms=True, tasks=None, max_new_tokens=128, device=None, progress=False, return_records=False,
+                   cot=False, rvls2m=None):
     """Predict and score in memory; returns a dict shaped like report.json ({modality: metrics, "overall": metrics}).
 
     Used by the trainer (validation, best checkpoint) and the app (comparing models). `max_samples`
@@ -154,7 +159,8 @@ def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_
     records = []
     try:
         with torch.inference_mode():
-            for row, output in run_model(model, rows, batch_size, amputated, max_new_tokens, progress):
+            for row, output in run_model(model, rows, batch_size, amputated, max_new_tokens, progress, cot,
+                                         {"rvls2m": rvls2m} if rvls2m is not None else None):
                 prediction = {"id": row["id"], "masks": dict(output["segments"])}
                 if "answers" in output:
                     prediction["answers"] = output["answers"]

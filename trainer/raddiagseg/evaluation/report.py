@@ -90,6 +90,13 @@ def markdown(report, name="model"):
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paper 003's accuracy is Diag. Acc (mean of c); gIoU and cIoU cover every GT mask of GT-positive "
               "3-step samples and Ref-Seg samples, whatever the text answer."]
+    if overall.get("n_reasonseg"):
+        lines += ["", "## Reasoning segmentation", "", "| Subset | n | gIoU | cIoU | Accuracy |", "|---|---|---|---|---|"]
+        groups = [("all", overall)] + sorted((overall.get("reasonseg_subsets") or {}).items())
+        for label, g in groups:
+            cells = [label, str(g["n_reasonseg"])] + [_fmt(g.get(k)) for k in ("reasonseg_giou", "reasonseg_ciou", "reasonseg_acc")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Accuracy: the answer resolved the implicit instruction to the right target (its mask label names it)."]
     return "\n".join(lines) + "\n"
 
 

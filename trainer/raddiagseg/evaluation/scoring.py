@@ -13,6 +13,11 @@ one group (a modality, or all). Hierarchy of the 3-step task, as in the paper:
 
 gIoU / cIoU (paper 003) ignore the text hierarchy: every GT target of every GT-positive 3-step
 sample and every Ref-Seg sample, against the mask the answer names for it (empty if none).
+
+Reasoning segmentation (`reasonseg`, paper 002) is reported apart, M3DS-style, overall and per
+subset (the row's `subset`, by default its source): gIoU, cIoU of the answer's mask and accuracy =
+the answer resolved the implicit instruction to the right target (its seg token's label, or the
+answer text, names the target).
 """
 
 import re
@@ -26,7 +31,7 @@ from raddiagseg.evaluation import metrics
 from raddiagseg.evaluation.files import BenchmarkInputError, read_mask
 
 AMPUTATED_KEYS = ("detection", "diagnosis", "segmentation")
-SCORED_TASKS = ("vqaseg", "refseg", "vqa")
+SCORED_TASKS = ("vqaseg", "refseg", "vqa", "reasonseg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +270,22 @@ def score_refseg(row, record, root):
     return out
 
 
+def score_reasonseg(row, record, root):
+    """One reasoning-segmentation sample: the Ref-Seg overlap plus whether the answer named the right target."""
+    out = score_refseg(row, record, root)
+    out["subset"] = row.get("subset") or row.get("source") or "all"
+    target = row["targets"][0]["name"]
+    parsed = parse_answer(record.get("answer"))
+    labels = [label for label, _ in parsed.segments]
+    named = any(templates.matches_target(label, target) for label in labels)
+    if not named and isinstance(record.get("answer"), str):  # "…: liver." before a bare seg token
+        words = templates.normalise_label(record["answer"])
+        named = any(f" {templates.normalise_label(n)} " in f" {words} " for n in templates.target_names(target))
+    out["target_correct"] = bool(named)
+    out["notes"].append(f"target {target!r} {'named' if named else 'not named'} by the answer (labels {labels})")
+    return out
+
+
 def score_vqa(row, record):
     """One VQA sample: token recall / F1 (MultiMedEval); closed questions also yes/no accuracy."""
     out, notes = _base_record(row), []
@@ -295,6 +316,8 @@ def score_sample(row, record, root, synonyms=True, amputated=False):
         return score_refseg(row, record, root)
     if task == "vqa":
         return score_vqa(row, record)
+    if task == "reasonseg":
+        return score_reasonseg(row, record, root)
     return None
 
 
@@ -307,6 +330,7 @@ def summarise(records):
     vqaseg = [r for r in records if r["task"] == "vqaseg"]
     refseg = [r for r in records if r["task"] == "refseg"]
     vqa = [r for r in records if r["task"] == "vqa"]
+    reason = [r for r in records if r["task"] == "reasonseg"]
     out = {"n": len(vqaseg)}
     if vqaseg:
         y_true = [r["gt_detection"] for r in vqaseg]
@@ -336,6 +360,9 @@ def summarise(records):
     out["n_iou"] = len(overlaps)
     out["n_refseg"] = len(refseg)
     out["refseg_dice"] = metrics.mean([d for r in refseg for (_, _, d) in r["dice"]])
+    out.update(reasonseg_metrics(reason))
+    subsets = sorted({r["subset"] for r in reason})
+    out["reasonseg_subsets"] = {s: reasonseg_metrics([r for r in reason if r["subset"] == s]) for s in subsets} if reason else {}
     closed = [r for r in vqa if r["answer_type"] == "closed"]
     open_ = [r for r in vqa if r["answer_type"] != "closed"]
     out.update(
@@ -351,6 +378,13 @@ def summarise(records):
         vqa_open_acc=metrics.mean([r["vqa_recall"] >= metrics.OPEN_ACCURACY_RECALL for r in open_]),
     )
     return out
+
+
+def reasonseg_metrics(records):
+    """gIoU, cIoU and target accuracy of reasoning-segmentation records (None without samples)."""
+    giou, ciou = metrics.giou_ciou([o for r in records for o in r["overlaps"]])
+    return {"n_reasonseg": len(records), "reasonseg_giou": giou, "reasonseg_ciou": ciou,
+            "reasonseg_acc": metrics.mean([r["target_correct"] for r in records])}
 
 
 def build_report(records, settings=None):

@@ -34,6 +34,11 @@ def register(subparsers):
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the best/ model folder")
+    p.add_argument("--rvls2m", action="store_true", help="train with RVLS2M region prompts (paper 003), saved in the model config")
+    p.add_argument("--rvls2m-grid", type=int, help="RVLS2M grid cells per side (default: the model config's)")
+    p.add_argument("--rvls2m-top-k", type=int, help="RVLS2M: how many most-similar cells form the region")
+    p.add_argument("--rvls2m-strategy", choices=("topk", "mean"), help="RVLS2M τ strategy")
+    p.add_argument("--cot", action="store_true", help="diagnosis chain-of-thought answers (modality -> finding -> diagnosis) for vqaseg")
     p.set_defaults(func=run_train)
 
     d = subparsers.add_parser(
@@ -63,7 +68,17 @@ def config_from_args(args):
         val_samples=args.val_samples or None, save_every=args.save_every, seed=args.seed,
         num_workers=args.num_workers, precision=args.precision, engine=args.engine, device=args.device,
         resume=args.resume, augment=not args.no_augment, save_dtype=args.save_dtype,
+        rvls2m=_rvls2m_settings(args), cot=args.cot,
     )
+
+
+def _rvls2m_settings(args):
+    if not args.rvls2m:
+        if args.rvls2m_grid or args.rvls2m_top_k or args.rvls2m_strategy:
+            raise CommandError("--rvls2m-grid/--rvls2m-top-k/--rvls2m-strategy need --rvls2m")
+        return None
+    settings = {"enabled": True, "grid": args.rvls2m_grid, "top_k": args.rvls2m_top_k, "strategy": args.rvls2m_strategy}
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def run_train(args):

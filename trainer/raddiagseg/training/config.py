@@ -67,6 +67,8 @@ class TrainConfig:
     synonym_prob: float = 0.3
     save_dtype: str = "float32"  # dtype of the best/final model folder ("float16" halves its size)
     model_overrides: dict = field(default_factory=dict)  # build_model(preset, **overrides) for a fresh model
+    rvls2m: Optional[dict] = None  # e.g. {"enabled": True, "grid": 8, "top_k": 8}: set on the model (fresh or --init) before training
+    cot: bool = False  # diagnosis chain-of-thought answers for vqaseg samples (templates.vqaseg_cot_answer)
     progress_bar: bool = True
 
     def manifest_path(self):

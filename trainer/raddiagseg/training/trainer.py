@@ -87,10 +87,15 @@ def _make_model(config, device):
     if config.init:
         from raddiagseg import load_model
 
-        return load_model(config.init, device=device)
-    from raddiagseg import build_model
+        model = load_model(config.init, device=device)
+    else:
+        from raddiagseg import build_model
 
-    return build_model(config.preset, **(config.model_overrides or {})).to(device)
+        model = build_model(config.preset, **(config.model_overrides or {})).to(device)
+    if config.rvls2m is not None:
+        settings = dict(config.rvls2m)
+        model.set_rvls2m(settings.pop("enabled", True), **settings)
+    return model
 
 
 def _make_dataset(config, model):
@@ -99,7 +104,7 @@ def _make_dataset(config, model):
     tasks = [t for t, w in config.ratio.items() if w > 0]
     return ManifestDataset(
         str(config.manifest_path()), split="train", tasks=tasks, augment=config.augment,
-        seed=config.seed, synonym_prob=config.synonym_prob,
+        seed=config.seed, synonym_prob=config.synonym_prob, cot=config.cot,
     )
 
 
