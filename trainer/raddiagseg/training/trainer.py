@@ -402,7 +402,7 @@ def _evaluate_on_manifest(model, config):
     tasks = ["vqaseg"] if config.stage == "finetune" else ["refseg"]
     try:
         report = evaluate_model(model, str(config.manifest_path()), split=config.val_split, tasks=tasks,
-                                max_samples=config.val_samples, progress=False)
+                                max_samples=config.val_samples, progress=False, cot=config.cot)
     except Exception as exc:  # an empty val split must not kill a long run: report it and keep the latest model
         if type(exc).__name__ == "BenchmarkInputError":
             log.warning("validation skipped: %s", exc)
