@@ -131,6 +131,20 @@ def test_test_time_scaling_reports_agreement(served, tmp_path):
     assert ct["slices"][0]["agreement"]["paths"] == 4 and ct["agreement"] == ct["slices"][0]["agreement"]
 
 
+def test_model_options_reach_the_model(served, tmp_path):
+    """Issue 10 options as infer params: tts_answers x tts_masks, rvls2m on/off, cot (echoed under "options")."""
+    result, _ = infer(served["server"], "cxr_covid", {"tts": True, "tts_answers": 2, "tts_masks": 3, "rvls2m": "on",
+                                                      "max_new_tokens": 8}, tmp_path)
+    assert result["agreement"]["paths"] == 2 and result["agreement"]["masks_per_path"] == 3
+    assert 0.0 <= result["agreement"]["uncertainty"] <= 1.0
+    assert result["options"] == {"tts": {"num_answers": 2, "num_masks": 3, "rvls2m": True}, "rvls2m": True, "cot": False}
+    result, _ = infer(served["server"], "ct_liver", {"slice": 1, "cot": True, "rvls2m": False, "max_new_tokens": 8}, tmp_path)
+    assert_response_shape(result)
+    assert result["options"] == {"tts": None, "rvls2m": False, "cot": True}
+    body, _ = infer(served["server"], "ct_liver", {"tts_answers": 99}, expect=400)
+    assert "tts_answers" in body["detail"]
+
+
 def test_seg_nrrd_result_reads_back_with_slicerio(served, tmp_path):
     slicerio = pytest.importorskip("slicerio")
     result, path = infer(served["server"], "ct_liver", {"slice": 2, "result_extension": ".seg.nrrd"}, tmp_path)
@@ -150,6 +164,8 @@ def test_seg_nrrd_result_reads_back_with_slicerio(served, tmp_path):
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"question": "x" * 5000}, "too long"),
         ({"modality": "pet"}, "modality"),
+        ({"rvls2m": "maybe"}, "rvls2m"),
+        ({"cot": "often"}, "cot"),
     ],
 )
 def test_bad_parameters_are_4xx_with_a_message(served, params, message):

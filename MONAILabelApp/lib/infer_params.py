@@ -22,7 +22,13 @@ DEFAULTS = {
     "batch_size": 8,
     "result_extension": ".nii.gz",
     "tts": False,
+    "tts_answers": 4,
+    "tts_masks": 4,
+    "rvls2m": None,
+    "cot": False,
 }
+MAX_TTS = 16
+COT_INSTRUCTION = templates.COT_QUESTION[len(templates.DEFAULT_QUESTION):]  # "\nReason step by step ..."
 
 
 @dataclass
@@ -37,9 +43,33 @@ class InferParams:
     batch_size: int
     result_extension: str
     tts: bool = False  # test-time scaling: majority of sampled answers, consensus of perturbed masks
+    tts_answers: int = 4  # m: answers (greedy + m-1 sampled)
+    tts_masks: int = 4  # n: perturbed prompts per answer and seg token
+    rvls2m: bool | None = None  # RVLS2M region prompts: None = as the model was trained, True/False overrides
+    cot: bool = False  # ask for chain-of-thought reasoning before the answer (the conclusion is parsed)
 
     def generation_options(self):
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
+        options = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
+        if self.rvls2m is not None:
+            options["rvls2m"] = self.rvls2m
+        return options
+
+    def tts_options(self):
+        """generate_tts settings when test-time scaling is on, else None."""
+        if not self.tts:
+            return None
+        options = {"num_answers": self.tts_answers, "num_masks": self.tts_masks}
+        if self.rvls2m is not None:
+            options["rvls2m"] = self.rvls2m
+        return options
+
+    def model_question(self):
+        """The question sent to the model: with `cot`, the CoT question (or the user's plus the reasoning instruction)."""
+        if not self.cot:
+            return self.question
+        if self.question == templates.DEFAULT_QUESTION:
+            return templates.COT_QUESTION
+        return self.question.rstrip() + COT_INSTRUCTION
 
 
 def _int(request, key, low, high, default):
@@ -62,11 +92,19 @@ def _bool(request, key, default):
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
+    if text in ("true", "1", "yes", "on"):
         return True
-    if text in ("false", "0", "no", ""):
+    if text in ("false", "0", "no", "off", ""):
         return False
     raise InputError(f"{key} must be true or false, got {value!r}")
+
+
+def _optional_bool(request, key):
+    """None when absent, empty or "default" (the model decides), else a boolean."""
+    value = request.get(key)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default", "auto", "none")):
+        return None
+    return _bool(request, key, None)
 
 
 def parse(request):
@@ -116,4 +154,8 @@ def parse(request):
         batch_size=_int(request, "batch_size", 1, 64, DEFAULTS["batch_size"]),
         result_extension=extension,
         tts=_bool(request, "tts", DEFAULTS["tts"]),
+        tts_answers=_int(request, "tts_answers", 1, MAX_TTS, DEFAULTS["tts_answers"]),
+        tts_masks=_int(request, "tts_masks", 1, MAX_TTS, DEFAULTS["tts_masks"]),
+        rvls2m=_optional_bool(request, "rvls2m"),
+        cot=_bool(request, "cot", DEFAULTS["cot"]),
     )

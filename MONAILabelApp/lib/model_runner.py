@@ -2,9 +2,10 @@
 
 `encode_images` results are cached per slice (see `feature_cache`); only slices not seen
 before with this model go through the image encoders. Decoding is batched with
-`generate_batch` (one `generate` call for a single slice). With `tts` every slice is answered
-with test-time scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a
-consensus mask over perturbed prompts; `result.agreement` says how much they agreed).
+`generate_batch` (one `generate` call for a single slice). With `tts` (True, or a dict of
+`generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
+scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a consensus mask
+over perturbed prompts; `result.agreement` says how much they agreed).
 """
 
 import time
@@ -53,6 +54,7 @@ class ModelRunner:
         results = []
         timings = {"encode": 0.0, "generate": 0.0}
         counts = {"encoded": 0, "cached": 0}
+        model_stages, decode_steps = {}, 0
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
@@ -61,9 +63,11 @@ class ModelRunner:
             counts["encoded"] += n_encoded
             counts["cached"] += len(batch) - n_encoded
             t0 = time.perf_counter()
+            first = len(results)
             if tts:
+                settings = tts if isinstance(tts, dict) else {}
                 results.extend(
-                    model.generate_tts(image, question, max_new_tokens=options.get("max_new_tokens", 128), features=f)
+                    model.generate_tts(image, question, max_new_tokens=options.get("max_new_tokens", 128), features=f, **settings)
                     for image, question, f in zip(batch, batch_questions, features)
                 )
             elif len(batch) == 1:
@@ -73,8 +77,15 @@ class ModelRunner:
                     model.generate_batch(batch, batch_questions, features=join_features(model, features), **options)
                 )
             timings["generate"] += time.perf_counter() - t0
-        model_stages = {}
-        for result in results:
-            for stage, seconds in (result.latencies or {}).items():
-                model_stages[stage] = model_stages.get(stage, 0.0) + float(seconds)
+            # the results of one generate_batch call share its stage timings: count them once per batch
+            # (test-time scaling answers slice by slice, so there every result has its own)
+            for result in results[first:] if tts else results[first:first + 1]:
+                stages = dict(result.latencies or {})
+                per_token = stages.pop("decode_per_token", None)
+                for stage, seconds in stages.items():
+                    model_stages[stage] = model_stages.get(stage, 0.0) + float(seconds)
+                if per_token:
+                    decode_steps += round(stages.get("decode", 0.0) / per_token)
+        if decode_steps:
+            model_stages["decode_per_token"] = model_stages.get("decode", 0.0) / decode_steps
         return results, {"timings": timings, "model": model_stages, "counts": counts, "version": version}

@@ -28,6 +28,8 @@ def slice_summary(result, slice_index=None):
         "diagnosis": diagnosis,
         "segments": list(dict.fromkeys(name for name, _, _ in named)),
     }
+    if parsed.reasoning:  # chain-of-thought answers: the reasoning before the conclusion
+        summary["reasoning"] = parsed.reasoning
     if getattr(result, "agreement", None):  # test-time scaling: how much the paths agreed
         summary["agreement"] = result.agreement
     if slice_index is not None:

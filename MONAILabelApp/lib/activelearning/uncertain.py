@@ -5,6 +5,10 @@ sampling on (image features are encoded once and cached); the score is the mean 
 disagreement of (detection, diagnosis) and of the masks named alike (1 - Dice). Scores are
 stored in the image info (`raddiag_uncertainty`, with the model version) and reused until a
 new model is published. Volumes are scored on three axial slices (25/50/75 %).
+
+With `method="tts"` the score is instead the disagreement that test-time scaling reports
+(`result.agreement["uncertainty"]`: 1 - mean of the answer share and the masks' consensus IoU
+over m answers x n perturbed prompts, paper 003).
 """
 
 import itertools
@@ -67,18 +71,25 @@ def scoring_slices(image):
 
 
 class Uncertain(Strategy):
-    def __init__(self, store, runner, n_samples=3, max_candidates=16, max_new_tokens=64):
+    def __init__(self, store, runner, n_samples=3, max_candidates=16, max_new_tokens=64, method="sampling", tts_masks=3):
         super().__init__("Unlabeled image with the most disagreement between sampled answers and masks")
         self.store = store
         self.runner = runner
         self.n_samples = n_samples
         self.max_candidates = max_candidates
         self.max_new_tokens = max_new_tokens
+        if method not in ("sampling", "tts"):
+            raise ValueError(f"uncertain method must be 'sampling' or 'tts', got {method!r}")
+        self.method, self.tts_masks = method, tts_masks
 
     def score(self, image_path, max_new_tokens=None):
         slices = scoring_slices(image_io.read_image(image_path))
         options = {"max_new_tokens": max_new_tokens or self.max_new_tokens, "do_sample": True, "temperature": 1.0}
         per_slice = []
+        if self.method == "tts":
+            tts = {"num_answers": self.n_samples, "num_masks": self.tts_masks}
+            results, _ = self.runner.answer(slices, [templates.DEFAULT_QUESTION] * len(slices), options, tts=tts)
+            return float(np.mean([r.agreement["uncertainty"] for r in results]))
         for unit in slices:
             results, _ = self.runner.answer([unit] * self.n_samples, [templates.DEFAULT_QUESTION] * self.n_samples,
                                             options, batch_size=self.n_samples)

@@ -8,6 +8,8 @@
     feature_cache_size  slices whose image features are kept in memory (default 64; 0 disables)
     device              cpu | cuda | cuda:N (default: cuda when available)
     uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
+    uncertain_method    sampling (pairwise disagreement of sampled answers, default) | tts (the
+                        disagreement test-time scaling reports: uncertain_samples answers x 3 perturbed prompts)
 """
 
 import hashlib
@@ -55,6 +57,9 @@ class RadDiagSegConfig:
         self.store.on_change.append(lambda version: self.cache.clear())
         self.runner = ModelRunner(self.store, self.cache)
         self.uncertain_samples = max(2, _positive_int(conf, "uncertain_samples", 3))
+        self.uncertain_method = conf.get("uncertain_method", "sampling")
+        if self.uncertain_method not in ("sampling", "tts"):
+            raise ValueError(f"--conf uncertain_method must be sampling or tts, got {self.uncertain_method!r}")
 
     def infer(self):
         return RadDiagSegInfer(self.store, self.runner)
@@ -64,7 +69,7 @@ class RadDiagSegConfig:
 
     def strategies(self):
         return {
-            "uncertain": Uncertain(self.store, self.runner, n_samples=self.uncertain_samples),
+            "uncertain": Uncertain(self.store, self.runner, n_samples=self.uncertain_samples, method=self.uncertain_method),
             "random": Random(),
             "first": First(),
         }

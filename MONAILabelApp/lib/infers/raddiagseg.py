@@ -91,11 +91,11 @@ class RadDiagSegInfer(InferTask):
 
         results, run_stats = self.runner.answer(
             inputs,
-            [params.question] * len(inputs),
+            [params.model_question()] * len(inputs),
             params.generation_options(),
             batch_size=params.batch_size,
             show_progress=len(inputs) > 1,
-            tts=params.tts,
+            tts=params.tts_options(),
         )
         t_model = time.perf_counter()
 
@@ -125,12 +125,14 @@ class RadDiagSegInfer(InferTask):
             "detection": detection,
             "diagnosis": diagnosis,
             "question": params.question,
+            "options": {"tts": params.tts_options(), "rvls2m": params.rvls2m, "cot": params.cot},
             "modality": modality,
             "segments": segments,
             "label_names": {s["name"]: s["label_value"] for s in segments},
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
             "agreement": (results[0].agreement or None) if not whole_volume else None,
+            "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
             "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "latencies": {
