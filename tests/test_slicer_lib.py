@@ -280,3 +280,20 @@ def test_slice_index_and_modality_hint():
     assert modality_hint((512, 512, 1), (0, 255)) == "xray"
     assert modality_hint((512, 512, 1), (-1024, 3000)) is None
     assert modality_hint((512, 512, 40), (0, 255)) is None
+
+
+def test_infer_options_and_answer_panel_show_tts_and_reasoning():
+    from RadDiagLib import answer_html, infer_options
+
+    assert infer_options() == {}
+    assert infer_options(tts=True, tts_answers=2, tts_masks=5, rvls2m="on", cot=True) == {
+        "tts": True, "tts_answers": 2, "tts_masks": 5, "rvls2m": True, "cot": True}
+    assert infer_options(tts=False, tts_answers=99) == {}  # counts only matter with TTS on
+    for bad in ({"rvls2m": "maybe"}, {"tts": True, "tts_answers": 0}):
+        with pytest.raises(ValueError):
+            infer_options(**bad)
+    html = answer_html({"detection": True, "diagnosis": "Liver tumour", "answer": "1. Yes\n2. Liver tumour",
+                        "agreement": {"paths": 4, "answer": 0.75, "masks": [0.9, 0.5], "uncertainty": 0.28},
+                        "reasoning": "Modality: CT scan.\nFinding: a <focal> lesion."})
+    assert "4 answers, 75% agree" in html and "0.90, 0.50" in html and "uncertainty 0.28" in html
+    assert "Reasoning:</i> Modality: CT scan.<br>Finding: a &lt;focal&gt; lesion." in html

@@ -458,7 +458,8 @@ def widget_env(env, monkeypatch, volume):
              "resetQuestionButton", "diagnoseButton", "progressBar", "statusLabel", "answerBrowser",
              "openSegmentEditorButton", "segmentEditorWidget", "detectionCheckBox", "diagnosisLineEdit",
              "customAnswerCheckBox", "answerTextEdit", "submitButton", "retrainButton", "trainingProgressBar",
-             "trainingStatusLabel", "resetConsentButton"]
+             "trainingStatusLabel", "resetConsentButton", "ttsCheckBox", "ttsAnswersSpinBox", "ttsMasksSpinBox",
+             "rvls2mComboBox", "cotCheckBox"]
     for name in names:
         setattr(ui, name, mock.MagicMock(name=name))
     ui.serverUrlComboBox.currentText = "http://srv:8000"
@@ -469,6 +470,9 @@ def widget_env(env, monkeypatch, volume):
     ui.detectionCheckBox.checked = True
     ui.diagnosisLineEdit.text = "Liver cyst"
     ui.questionTextEdit.toPlainText.return_value = "Is there a tumour?"
+    ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = False, 4, 4
+    ui.rvls2mComboBox.currentText = "model default"
+    ui.cotCheckBox.checked = False
     ui.inputVolumeSelector.currentNode.return_value = volume
 
     @contextmanager
@@ -513,14 +517,15 @@ def test_widget_diagnose_cancel_answer_and_submit(env, monkeypatch, tmp_path):
     release = __import__("threading").Event()
     started = {}
 
-    def start_diagnosis(volume_node, question, model, slice_index, url, token):
-        started.update(question=question, model=model, slice=slice_index, url=url)
+    def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
+        started.update(question=question, model=model, slice=slice_index, url=url, options=options)
         return BackgroundJob(lambda ctx: (release.wait(5), ctx.progress(0.5, "Asking the model…"), result)[2]).start()
 
     monkeypatch.setattr(widget.logic, "currentSliceIndex", lambda node: 2)
     monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
     widget.onDiagnoseOrCancel()
-    assert started == {"question": "Is there a tumour?", "model": "raddiagseg", "slice": 2, "url": "http://srv:8000"}
+    assert started == {"question": "Is there a tumour?", "model": "raddiagseg", "slice": 2, "url": "http://srv:8000",
+                       "options": {}}  # Options section left at its defaults: nothing extra sent
     ui.diagnoseButton.setText.assert_called_with("Cancel")
     widget.pollJob()  # still running: nothing finished
     ui.answerBrowser.setHtml.assert_not_called()
@@ -558,7 +563,7 @@ def test_widget_cancel_discards_the_answer(env, monkeypatch):
     widget, ui, _ = widget_env(env, monkeypatch, volume)
     ui.currentSliceRadioButton.checked = False  # whole volume
 
-    def start_diagnosis(volume_node, question, model, slice_index, url, token):
+    def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
         assert slice_index is None
         return BackgroundJob(lambda ctx: [ctx.wait(0.01) for _ in iter(int, 1)]).start()
 
@@ -570,3 +575,33 @@ def test_widget_cancel_discards_the_answer(env, monkeypatch):
     ui.statusLabel.setText.assert_called_with("Cancelled.")
     ui.answerBrowser.setHtml.assert_not_called()
     assert widget.segmentationNode is None
+
+
+def test_widget_options_section_sets_the_infer_params(env, monkeypatch):
+    """Issue 10: test-time scaling (m x n), RVLS2M on/off and chain of thought reach the request; logic merges them."""
+    from RadDiagLib import BackgroundJob
+
+    volume = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    widget, ui, _ = widget_env(env, monkeypatch, volume)
+    ui.rvls2mComboBox.addItems.assert_called_with(["model default", "on", "off"])
+    ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = True, 3, 2
+    ui.rvls2mComboBox.currentText = "off"
+    ui.cotCheckBox.checked = True
+    seen = {}
+
+    def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
+        seen["options"] = options
+        return BackgroundJob(lambda ctx: None).start()
+
+    monkeypatch.setattr(widget.logic, "currentSliceIndex", lambda node: 1)
+    monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
+    widget.onDiagnoseOrCancel()
+    widget.job.wait(5)
+    assert seen["options"] == {"tts": True, "tts_answers": 3, "tts_masks": 2, "rvls2m": False, "cot": True}
+
+    calls = []
+    monkeypatch.setattr(env.module, "diagnose", lambda *args: calls.append(args[-1]) or "result")
+    logic, _ = make_logic(env, answers=[(True, True)])
+    logic.client = FakeClient()
+    logic.startDiagnosis(volume, "Q", "raddiagseg", sliceIndex=1, options={"cot": True}).wait(5)
+    assert calls[-1] == {"cot": True}

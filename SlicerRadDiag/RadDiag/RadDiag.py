@@ -17,8 +17,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 import RadDiagLib
-from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, BackgroundJob, RadDiagClient, ServerError,
-                        UploadConsent, UrlHistory, answer_html, export_order)
+from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, RVLS2M_CHOICES, BackgroundJob, RadDiagClient, ServerError,
+                        UploadConsent, UrlHistory, answer_html, export_order, infer_options)
 from RadDiagLib.client import normalise_url
 from RadDiagLib.geometry import modality_hint, slice_index_at
 from RadDiagLib.labelmap import seg_nrrd_segments, read_nrrd
@@ -152,9 +152,10 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Could not write {volumeNode.GetName()} to {path}.")
         return path, image_id_for(volumeNode.GetName(), path)
 
-    def startDiagnosis(self, volumeNode, question, model, sliceIndex=None, serverUrl=None, token=""):
+    def startDiagnosis(self, volumeNode, question, model, sliceIndex=None, serverUrl=None, token="", options=None):
         """Ask consent, export the image, and return a started BackgroundJob whose result is a DiagnosisResult.
 
+        options: model options (RadDiagLib.infer_options) added to the infer params.
         Returns None when the user declined to send the image.
         """
         client = self.requireClient(serverUrl, token) if serverUrl else self.client
@@ -167,7 +168,7 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         question = (question or "").strip() or DEFAULT_QUESTION
         imageData = volumeNode.GetImageData()
         modality = modality_hint(imageData.GetDimensions(), imageData.GetScalarRange())
-        options = {"modality": modality} if modality else {}
+        options = {**({"modality": modality} if modality else {}), **(options or {})}
         return BackgroundJob(lambda ctx: diagnose(client, model, path, imageId, question, sliceIndex, ctx, resultDir,
                                                   options), name="diagnose").start()
 
@@ -349,6 +350,11 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.customAnswerCheckBox.connect("toggled(bool)", self.ui.answerTextEdit.setEnabled)
         self.ui.resetConsentButton.connect("clicked(bool)", self.onResetConsent)
+        self.ui.rvls2mComboBox.addItems(list(RVLS2M_CHOICES))
+        self.ui.ttsCheckBox.connect("toggled(bool)", self.ui.ttsAnswersSpinBox.setEnabled)
+        self.ui.ttsCheckBox.connect("toggled(bool)", self.ui.ttsMasksSpinBox.setEnabled)
+        self.ui.ttsAnswersSpinBox.setEnabled(False)
+        self.ui.ttsMasksSpinBox.setEnabled(False)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
 
@@ -417,6 +423,12 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as e:
             self.ui.connectionStatusLabel.setText(f"Not connected: {e}")
 
+    def modelOptions(self):
+        """Infer params of the Options section (test-time scaling, RVLS2M, chain of thought)."""
+        return infer_options(tts=self.ui.ttsCheckBox.checked, tts_answers=self.ui.ttsAnswersSpinBox.value,
+                             tts_masks=self.ui.ttsMasksSpinBox.value, rvls2m=self.ui.rvls2mComboBox.currentText,
+                             cot=self.ui.cotCheckBox.checked)
+
     def onDiagnoseOrCancel(self, *args):
         if self.job is not None and self.jobKind == "diagnose":
             self.job.cancel()
@@ -434,7 +446,7 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     raise ValueError("Select an image first.")
                 sliceIndex = self.logic.currentSliceIndex(volumeNode)
             job = self.logic.startDiagnosis(volumeNode, self.ui.questionTextEdit.toPlainText(), self.model(), sliceIndex,
-                                            self.serverUrl(), self.ui.tokenLineEdit.text)
+                                            self.serverUrl(), self.ui.tokenLineEdit.text, options=self.modelOptions())
         except (ServerError, ValueError) as e:
             self.ui.statusLabel.setText(str(e))
             return

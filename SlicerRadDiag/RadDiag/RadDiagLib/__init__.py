@@ -12,6 +12,7 @@ from .labelinfo import build_label_info
 from .jobs import BackgroundJob
 from .consent import UploadConsent, DictSettings
 from .answer import answer_html
+from .options import RVLS2M_CHOICES, infer_options
 from .history import UrlHistory
 from .training import TrainingProgress, training_progress
 from .workflow import DiagnosisResult, diagnose, image_id_for, retrain, submit_correction
@@ -20,7 +21,7 @@ __all__ = [
     "DEFAULT_MODEL", "DEFAULT_QUESTION", "DEFAULT_SERVER_URL",
     "RadDiagClient", "InferResult", "ServerError",
     "SegmentSpec", "segment_specs", "export_order", "build_label_info",
-    "BackgroundJob", "UploadConsent", "DictSettings", "answer_html", "UrlHistory",
+    "BackgroundJob", "UploadConsent", "DictSettings", "answer_html", "UrlHistory", "RVLS2M_CHOICES", "infer_options",
     "TrainingProgress", "training_progress",
     "DiagnosisResult", "diagnose", "image_id_for", "retrain", "submit_correction",
 ]

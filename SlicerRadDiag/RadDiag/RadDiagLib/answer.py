@@ -64,6 +64,16 @@ def answer_html(params, specs=()):
     if params.get("diagnosis"):
         parts.append(f'Diagnosis: <b style="background-color:#fff3b0">{html.escape(str(params["diagnosis"]))}</b>')
     parts.append("<hr>" + (answer_lines_html(params.get("answer", ""), specs) or "<i>(empty answer)</i>"))
+    agreement = params.get("agreement")
+    if isinstance(agreement, dict) and agreement.get("paths"):  # test-time scaling
+        masks = agreement.get("masks") or []
+        line = (f"Test-time scaling: {int(agreement['paths'])} answers, {agreement.get('answer', 0):.0%} agree"
+                + (f"; mask agreement (IoU) {', '.join(f'{m:.2f}' for m in masks)}" if masks else ""))
+        if agreement.get("uncertainty") is not None:
+            line += f"; uncertainty {agreement['uncertainty']:.2f}"
+        parts.append(f"<i>{html.escape(line)}</i>")
+    if params.get("reasoning"):  # chain of thought
+        parts.append("<i>Reasoning:</i> " + html.escape(str(params["reasoning"])).replace("\n", "<br>"))
     rows, summary = _slice_rows(params.get("slices"))
     if summary and isinstance(summary, str):
         parts.append(f"<p><i>{html.escape(summary)}</i></p>")
