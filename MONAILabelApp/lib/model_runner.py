@@ -29,18 +29,20 @@ class ModelRunner:
         self.encoded_images = 0  # how many slices went through the encoders in this process
 
     def features(self, model, version, images):
-        """Per-image features, from the cache or encoded now; returns (features, n_encoded, seconds)."""
+        """Per-image features, from the cache or encoded now; returns (features, n_encoded, seconds, encoder stage seconds)."""
         keys = [feature_key(version, image) for image in images]
         features = [self.cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(features) if f is None]
         start = time.perf_counter()
+        stages = {}
         if missing:
             encoded = model.encode_images([images[i] for i in missing])
+            stages = dict(encoded.latencies or {})
             for j, i in enumerate(missing):
                 features[i] = encoded[j]
                 self.cache.put(keys[i], encoded[j])
             self.encoded_images += len(missing)
-        return features, len(missing), time.perf_counter() - start
+        return features, len(missing), time.perf_counter() - start, stages
 
     def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False):
         """GenerationResults for each (image, question), and stage timings summed over batches."""
@@ -58,8 +60,10 @@ class ModelRunner:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
-            features, n_encoded, seconds = self.features(model, version, batch)
+            features, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
             timings["encode"] += seconds
+            for stage, stage_seconds in encoder_stages.items():  # preprocess, vision, clip of the slices encoded now
+                model_stages[stage] = model_stages.get(stage, 0.0) + float(stage_seconds)
             counts["encoded"] += n_encoded
             counts["cached"] += len(batch) - n_encoded
             t0 = time.perf_counter()

@@ -25,15 +25,48 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("config.json", "model.safetensors")
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def serving_dtype(preset, device=None, choice="auto"):
+    """The torch dtype to serve a model of `preset` on `device` in: `choice` float32/bfloat16, or auto.
+
+    auto: bf16 on a GPU that supports it; on CPU bf16 for the paper preset (billions of weights,
+    matmul-bound: bf16 halves the memory and this CPU's bf16 matmuls are faster) and fp32 for the
+    demo preset, whose per-token decode is dispatch-bound and measured no faster in bf16
+    (benchmarks/RESULTS.md, "bf16 or fp32 on CPU").
+    """
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, choice)
+    if str(device or "cpu").startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32 if preset == "demo" else torch.bfloat16
+
+
+def folder_preset(folder):
+    """The preset name a checkpoint folder's config.json records (None when unreadable)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("preset")
+    except (OSError, ValueError):
+        return None
+
+
 def is_model_dir(path):
     return path is not None and (Path(path) / "config.json").is_file()
 
 
 class ModelStore:
-    def __init__(self, base_model_dir, work_dir, device=None, keep=3):
+    def __init__(self, base_model_dir, work_dir, device=None, keep=3, dtype="auto"):
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
         self.models_dir = Path(work_dir) / "models"
         self.device = device
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         self.keep = keep
         self._lock = threading.Lock()
         self._model = None
@@ -81,7 +114,8 @@ class ModelStore:
                 from raddiagseg import load_model
 
                 logger.info("Loading model %s (version %s)", folder, version)
-                model = load_model(str(folder), device=self.device)
+                dtype = serving_dtype(folder_preset(folder), self.device, self.dtype)
+                model = load_model(str(folder), device=self.device, dtype=dtype)
                 model.eval()
                 self._model, self._version = model, version
                 self.loads += 1

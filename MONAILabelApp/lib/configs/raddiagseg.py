@@ -7,6 +7,8 @@
                         (default: <studies>/.raddiag for a local datastore, else ~/.cache/raddiag/monailabel/<hash>)
     feature_cache_size  slices whose image features are kept in memory (default 64; 0 disables)
     device              cpu | cuda | cuda:N (default: cuda when available)
+    dtype               auto | float32 | bfloat16 (default auto: bf16 on GPU; on CPU fp32 for the demo
+                        preset, bf16 for the paper preset; see lib/model_store.serving_dtype)
     uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
     uncertain_method    sampling (pairwise disagreement of sampled answers, default) | tts (the
                         disagreement test-time scaling reports: uncertain_samples answers x 3 perturbed prompts)
@@ -53,7 +55,8 @@ class RadDiagSegConfig:
         self.work_dir = Path(conf.get("work_dir") or default_work_dir(studies)).expanduser()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cache = FeatureCache(_positive_int(conf, "feature_cache_size", 64))
-        self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None)
+        self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
+                                dtype=conf.get("dtype") or "auto")
         self.store.on_change.append(lambda version: self.cache.clear())
         self.runner = ModelRunner(self.store, self.cache)
         self.uncertain_samples = max(2, _positive_int(conf, "uncertain_samples", 3))

@@ -264,8 +264,9 @@ class RadDiagSegModel(nn.Module):
             latencies.update(features.latencies)
         features = features.to(self.device, self.dtype)
         with _eval_mode(self):
-            ids, states, t_prefill, t_decode = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)
+            ids, states, t_prefill, t_decode, steps = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)
             latencies["prefill"], latencies["decode"] = t_prefill, t_decode
+            latencies["decode_per_token"] = t_decode / steps  # one step = one token for every unfinished row
             t0 = time.perf_counter()
             masks = self._masks(features, ids, states, region)
             latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
@@ -281,7 +282,8 @@ class RadDiagSegModel(nn.Module):
                             rvls2m=rvls2m)
 
     def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed):
-        """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced each."""
+        """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced
+        each, the prefill and decode seconds and the number of decode steps taken."""
         proc = self.processor
         prompts = [proc.prompt_ids(q) for q in questions]
         batch, length = len(prompts), max(len(p) for p in prompts)
@@ -306,7 +308,9 @@ class RadDiagSegModel(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=dev)
         eos = proc.ids["eos"]
         t0 = time.perf_counter()
+        steps = 0
         for step in range(max_new_tokens):
+            steps += 1
             logits = self.language_model.logits(last).float()
             if do_sample:
                 probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
@@ -329,7 +333,7 @@ class RadDiagSegModel(nn.Module):
                 self.language_model.embed(next_ids[:, None]), attention_mask=attention, position_ids=position, past_key_values=cache, use_cache=True
             )
             last = hidden[:, -1]
-        return tokens, states, t_prefill, time.perf_counter() - t0
+        return tokens, states, t_prefill, time.perf_counter() - t0, steps
 
     def _masks(self, features, ids, states, region=None):
         """One bool mask per generated seg token at its image's original size; no decoder call without seg tokens."""
@@ -402,7 +406,13 @@ class RadDiagSegModel(nn.Module):
         if version > FORMAT_VERSION:
             raise ValueError(f"checkpoint format {version} is newer than this raddiagseg understands ({FORMAT_VERSION})")
         config = RadDiagSegConfig.from_dict(data)
-        model = cls(config, tokenizer=load_tokenizer(path))
+        previous = torch.get_default_dtype()
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)  # build in the target dtype: a bf16 paper model never exists in fp32
+        try:
+            model = cls(config, tokenizer=load_tokenizer(path))
+        finally:
+            torch.set_default_dtype(previous)
         state = load_file(str(path / WEIGHTS_FILE))
         expected = model.state_dict()
         tied = set(expected) - set(_dedupe_tied(expected))

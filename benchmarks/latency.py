@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""One-slice latency through the real MONAI Label server against the compute floor, with per-stage timings.
+
+    .venv/bin/python benchmarks/latency.py                      # demo model, 512x512 CT slices, 5 repeats
+    .venv/bin/python benchmarks/latency.py --model DIR --threads 2
+    .venv/bin/python benchmarks/latency.py --preset paper --no-server --force-answer   # paper preset, random, bf16
+
+Starts `monailabel start_server` with MONAILabelApp on loopback (tests/live_server.py) on a
+folder of 512x512 CT slices (phantoms) and sends requests the way the Slicer client does
+(datastore id, JSON params, multipart reply with the label file):
+
+- cold: a slice the server has not seen (image encoders, LM, mask decoder, label writing);
+- warm: the same question on that slice again (cached image features: LM and mask decoder only).
+
+The compute floor is the same model calls timed alone in this process (same folder, dtype,
+threads, question and max_new_tokens): `encode_images` + `generate` for cold, `generate` on the
+cached features for warm. Printed: medians, the ratios end-to-end/floor (target <= 1.25) and
+warm/cold (target <= 0.3), and the server's per-stage timings plus HTTP overhead (client time
+minus the server's own total).
+
+--model DIR: default MONAILabelApp/model/raddiagseg-demo when it exists, else an untrained
+demo-preset model built into a temp folder (timings depend on the architecture; answers, and so
+how many tokens and masks are produced, depend on the weights). --preset paper builds an
+untrained paper-preset model (2.6 B parameters, built directly in bf16, nothing downloaded).
+--force-answer makes the floor decode a fixed 3-step answer with two seg tokens (the LM and its
+head still run every step; only the token choice is scripted), since random weights never stop
+or produce seg tokens by themselves. --no-server measures the floor only (and peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "MONAILabelApp"
+SHIPPED_MODEL = APP / "model" / "raddiagseg-demo"
+for extra in (ROOT / "trainer", APP, ROOT / "tests", ROOT / "SlicerRadDiag" / "RadDiag"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+QUESTION = None  # the app's default 3-step question (templates.DEFAULT_QUESTION), set in main()
+FORCED_ANSWER = ("yes", "Hepatocellular carcinoma", ["liver", "liver tumour"])
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def machine():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}"
+
+
+def write_studies(folder: Path, n: int, size: int):
+    """n single-slice 512x512 CT images (HU, int16) of one liver phantom with tumours: ct0 .. ct{n-1}."""
+    import SimpleITK as sitk
+    from raddiagseg.data import phantoms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = phantoms.generate_ct(np.random.default_rng(0), "liver", size=size, slices=n + 4, tumours=2)
+    ids = []
+    for i in range(n):
+        image = sitk.GetImageFromArray(ct.hu[i + 2].astype(np.int16))
+        image.SetSpacing((float(ct.spacing[2]), float(ct.spacing[1])))
+        sitk.WriteImage(image, str(folder / f"ct{i}.nii.gz"))
+        ids.append(f"ct{i}")
+    return ids, [ct.hu[i + 2] for i in range(n)]
+
+
+def app_unit(path):
+    """The [0, 1] model input the app makes from an image file (read, modality, window)."""
+    from raddiagseg.imaging import to_unit_range
+
+    from lib import image_io
+
+    image = image_io.read_image(str(path))
+    array = image_io.image_array(image)
+    return to_unit_range(array.astype("float32"), image_io.infer_modality(image, array), None)
+
+
+def model_folder(args, work: Path):
+    """(folder, description) of the model to measure."""
+    if args.model:
+        return Path(args.model), str(args.model)
+    if args.preset == "demo" and (SHIPPED_MODEL / "config.json").is_file():
+        return SHIPPED_MODEL, f"shipped demo model {SHIPPED_MODEL.relative_to(ROOT)}"
+    import torch
+
+    import raddiagseg
+
+    folder = work / f"random-{args.preset}"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.preset != "demo" else torch.float32
+    model = build_random(args.preset, dtype)
+    model.save_pretrained(str(folder), dtype=dtype)
+    del model
+    note = "" if args.preset != "demo" else " (no shipped demo model: timings depend on the architecture only; answers and so tokens/masks depend on weights)"
+    print(f"model: untrained {args.preset}-preset model saved to {folder}{note}")
+    return folder, f"untrained {args.preset} preset (random weights, raddiagseg {getattr(raddiagseg, '__version__', '')})"
+
+
+def build_random(preset, dtype):
+    """A randomly initialised model of `preset`, its parameters created directly in `dtype`."""
+    import torch
+
+    from raddiagseg import build_model
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return build_model(preset).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def scripted_logits(model, answer_ids):
+    """Wrap the LM head so greedy decoding emits `answer_ids` then eos; the real head still runs every step."""
+    import torch
+
+    original = model.language_model.logits
+    script = list(answer_ids)  # processor.answer_ids: the answer's tokens, then eos
+    state = {"step": 0}
+
+    def logits(hidden):
+        real = original(hidden)
+        forced = torch.full_like(real, -1e4)
+        forced[..., script[min(state["step"], len(script) - 1)]] = 1e4
+        state["step"] += 1
+        return forced
+
+    def reset():
+        state["step"] = 0
+
+    model.language_model.logits = logits
+    return reset
+
+
+def measure_floor(model, units, question, options, repeats, force_ids=None):
+    """Median seconds of the model calls a request makes: cold (encode + generate), warm (generate on features)."""
+    reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
+    cold, warm, results = [], [], []
+    for i in range(repeats + 1):  # the first round warms up one-time initialisation
+        unit = units[i % len(units)]
+        reset()
+        t0 = time.perf_counter()
+        features = model.encode_images([unit])
+        result = model.generate(unit, question, features=features, **options)
+        t_cold = time.perf_counter() - t0
+        result.latencies = {**result.latencies, **features.latencies}  # the encoder stages ran in encode_images
+        reset()
+        t0 = time.perf_counter()
+        model.generate(unit, question, features=features, **options)
+        t_warm = time.perf_counter() - t0
+        if i:
+            cold.append(t_cold)
+            warm.append(t_warm)
+            results.append(result)
+    return cold, warm, results
+
+
+def post_infer(session, url, image_id, params):
+    from RadDiagLib.multipart import split_infer_response
+
+    t0 = time.perf_counter()
+    reply = session.post(f"{url}/infer/raddiagseg", params={"image": image_id}, data={"params": json.dumps(params)}, timeout=1200)
+    if reply.status_code != 200:
+        raise SystemExit(f"infer {image_id} failed: {reply.status_code} {reply.text[:300]}")
+    out, _, label = split_infer_response(reply.headers.get("Content-Type", ""), reply.content)
+    elapsed = time.perf_counter() - t0
+    if label is None:
+        raise SystemExit("the server sent no label file")
+    return elapsed, out
+
+
+def stage_line(samples, keys):
+    return ", ".join(f"{k} {median([s.get(k, 0.0) for s in samples]) * 1000:.1f}" for k in keys)
+
+
+def main():
+    global QUESTION
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model folder (default: the shipped demo model, else an untrained demo-preset model)")
+    p.add_argument("--preset", default="demo", choices=["demo", "paper"], help="preset of the untrained model built without --model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="served dtype (the app's --conf dtype)")
+    p.add_argument("--repeats", type=int, default=5, help="cold/warm request pairs (each on a new slice)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the app's default")
+    p.add_argument("--threads", type=int, default=None, help="torch threads here and in the server (OMP_NUM_THREADS)")
+    p.add_argument("--no-server", action="store_true", help="measure the compute floor only")
+    p.add_argument("--force-answer", action="store_true", help="floor decodes a fixed 3-step answer with 2 seg tokens")
+    args = p.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from raddiagseg import load_model, templates
+    from lib import infer_params
+    from lib.model_store import folder_preset, serving_dtype
+
+    QUESTION = templates.DEFAULT_QUESTION
+    max_new = args.max_new_tokens or infer_params.DEFAULTS["max_new_tokens"]
+    options = {"max_new_tokens": max_new}
+    print(f"machine: {machine()}")
+
+    with tempfile.TemporaryDirectory(prefix="raddiag-latency-") as tmp:
+        work = Path(tmp)
+        ids, _ = write_studies(work / "studies", args.repeats + 2, args.size)
+        folder, description = model_folder(args, work)
+        units = [app_unit(work / "studies" / f"{i}.nii.gz") for i in ids]  # the model input exactly as the app makes it
+
+        e2e = {"cold": [], "warm": []}
+        server_json = {"cold": [], "warm": []}
+        if not args.no_server:
+            import requests
+            from live_server import start_server
+
+            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype}
+            t0 = time.perf_counter()
+            with start_server(APP, work / "studies", conf) as server:
+                print(f"server up in {time.perf_counter() - t0:.1f} s at {server.url}")
+                session = requests.Session()
+                params = {"question": QUESTION, "max_new_tokens": max_new}
+                first, out = post_infer(session, server.url, ids[-1], params)  # loads the model: reported, not in the medians
+                print(f"first request (loads the model): {first:.2f} s")
+                for image_id in ids[: args.repeats]:
+                    for kind in ("cold", "warm"):
+                        seconds, out = post_infer(session, server.url, image_id, params)
+                        cache = out.get("feature_cache") or {}
+                        expected = 1 if kind == "cold" else 0
+                        if cache.get("encoded") != expected:
+                            raise SystemExit(f"{kind} request on {image_id} encoded {cache.get('encoded')} slices, expected {expected}")
+                        e2e[kind].append(seconds)
+                        server_json[kind].append(out)
+
+        t0 = time.perf_counter()
+        model = load_model(str(folder), dtype=serving_dtype(folder_preset(folder), None, args.dtype))  # as the server loads it
+        model.eval()
+        print(f"model: {description}; preset {model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+              f"dtype {model.dtype}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
+              f"max_new_tokens {max_new}")
+        force_ids = None
+        if args.force_answer:
+            text = templates.vqaseg_answer(*FORCED_ANSWER)
+            force_ids = model.processor.answer_ids(text)
+            print(f"floor decodes the fixed answer {text!r} ({len(force_ids) - 1} tokens + eos)")
+        floor_cold, floor_warm, results = measure_floor(model, units, QUESTION, options, args.repeats, force_ids)
+        last = results[-1]
+        print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
+        print("\ncompute floor (model calls alone, in-process), medians over", len(floor_cold))
+        print(f"  cold (encode_images + generate): {median(floor_cold) * 1000:.0f} ms")
+        print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms")
+        print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
+        print(f"  peak RSS of this process: {peak_rss_gb():.2f} GB")
+
+        if args.no_server:
+            return 0
+        cold, warm = median(e2e["cold"]), median(e2e["warm"])
+        print(f"\nend-to-end through HTTP (client: POST /infer, multipart reply with the label), medians over {args.repeats}")
+        print(f"  cold: {cold * 1000:.0f} ms   warm (cached features): {warm * 1000:.0f} ms")
+        for kind in ("cold", "warm"):
+            outs = server_json[kind]
+            lat = [o["latencies"] for o in outs]
+            stages = [o["latencies"]["model_stages"] for o in outs]
+            http = [s - o["latencies"]["total"] for s, o in zip(e2e[kind], outs)]
+            print(f"  {kind} stages [ms]: read {median([x['read'] for x in lat]) * 1000:.1f}, window {median([x['preprocess'] for x in lat]) * 1000:.1f}, "
+                  + stage_line(stages, ("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"))
+                  + f", decode per token {median([s.get('decode_per_token', 0.0) for s in stages]) * 1000:.2f}"
+                  + f", postprocess {median([x['postprocess'] for x in lat]) * 1000:.1f}, write {median([x['write'] for x in lat]) * 1000:.1f}"
+                  + f", server total {median([x['total'] for x in lat]) * 1000:.1f}, HTTP overhead {median(http) * 1000:.1f}")
+        answers = {o["answer"] for o in server_json["cold"]}
+        print(f"  server answers: {len(answers)} distinct, e.g. {next(iter(answers))[:100]!r}")
+        ratio_cold = cold / median(floor_cold)
+        ratio_warm = warm / median(floor_warm)
+        warm_cold = warm / cold
+        print("\nratios (measured in this run)")
+        print(f"  end-to-end / floor, cold: {ratio_cold:.2f}  (target <= 1.25: {'met' if ratio_cold <= 1.25 else 'NOT met'})")
+        print(f"  end-to-end / floor, warm: {ratio_warm:.2f}")
+        print(f"  warm / cold end-to-end:   {warm_cold:.2f}  (target <= 0.3: {'met' if warm_cold <= 0.3 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

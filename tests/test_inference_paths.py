@@ -1,0 +1,176 @@
+"""The fast inference paths of the app's ModelRunner on a real (random) demo model:
+
+- a repeat question on a cached slice runs no image encoder (only the LM and the mask decoder);
+- a whole volume is encoded and decoded in batches, and slices answered "no" never reach the
+  mask decoder (a batch of only "no" answers makes no decoder call);
+- per-stage timings are counted once per batch, with the decode time per token;
+- the serving dtype: fp32 for the demo preset on CPU, bf16 for the paper preset, built directly in bf16.
+
+The LM's token choice is scripted per decoding pass and row (its head still runs), so which
+slices answer "yes" is fixed while everything else is the real generation path.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_helpers import single_thread  # noqa: F401 (fixture)
+
+APP = Path(__file__).resolve().parents[1] / "MONAILabelApp"
+if str(APP) not in sys.path:
+    sys.path.insert(0, str(APP))
+
+from lib.feature_cache import FeatureCache  # noqa: E402
+from lib.model_runner import ModelRunner  # noqa: E402
+from lib.model_store import folder_preset, serving_dtype  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+YES = "1. Yes\n2. Liver tumour\n3. Segmentation masks:\n- liver <seg000>\n- liver tumour <seg001>"
+NO = "1. No"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    return build_model("demo").eval()
+
+
+class Counting:
+    """Counts encode_images calls/slices and mask-decoder prompts; scripts the answers per pass and row."""
+
+    def __init__(self, model, passes=()):
+        self.model, self.encode_calls, self.encoded, self.prompts = model, 0, 0, []
+        self.scripts = [[model.processor.answer_ids(a) for a in rows] for rows in passes]
+        self.pass_index, self.step = -1, 0
+        encode, forward, decoder = model.encode_images, model.language_model.forward, model.mask_decoder.forward
+        real_logits = model.language_model.logits
+
+        def encode_images(images):
+            self.encode_calls += 1
+            self.encoded += len(images)
+            return encode(images)
+
+        def lm_forward(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:  # a prefill starts a new decoding pass
+                self.pass_index, self.step = self.pass_index + 1, 0
+            return forward(*args, **kwargs)
+
+        def logits(hidden):
+            real = real_logits(hidden)
+            if not self.scripts:
+                return real
+            rows = self.scripts[self.pass_index]
+            out = torch.full_like(real, -1e4)
+            for b, script in enumerate(rows):
+                out[b, script[min(self.step, len(script) - 1)]] = 1e4
+            self.step += 1
+            return out
+
+        def mask_decoder(vision, hidden, image_index, *args, **kwargs):
+            self.prompts.append(image_index.tolist())
+            return decoder(vision, hidden, image_index, *args, **kwargs)
+
+        model.encode_images = encode_images
+        model.language_model.forward = lm_forward
+        model.language_model.logits = logits
+        model.mask_decoder.forward = mask_decoder
+
+    def restore(self):
+        del self.model.encode_images
+        del self.model.language_model.forward
+        del self.model.language_model.logits
+        del self.model.mask_decoder.forward
+
+
+def runner_for(model, cache_items=8):
+    class Store:
+        def get(self):
+            return model, "v1"
+
+    return ModelRunner(Store(), FeatureCache(cache_items))
+
+
+def slices(n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((size, size), dtype=np.float32) for _ in range(n)]
+
+
+def test_repeat_question_on_a_cached_slice_runs_no_encoder(model):
+    runner = runner_for(model)
+    image = slices(1)[0]
+    counting = Counting(model)
+    try:
+        first, first_stats = runner.answer([image], ["Is there a tumour?"], {"max_new_tokens": 4})
+        second, second_stats = runner.answer([image], ["What is the diagnosis?"], {"max_new_tokens": 4})
+        other_window, _ = runner.answer([np.clip(image * 1.5, 0, 1)], ["Is there a tumour?"], {"max_new_tokens": 4})
+    finally:
+        counting.restore()
+    assert counting.encode_calls == 2  # the first slice once, the differently windowed one once; never the repeat
+    assert first_stats["counts"] == {"encoded": 1, "cached": 0}
+    assert second_stats["counts"] == {"encoded": 0, "cached": 1}
+    assert first_stats["model"]["vision"] > 0 and first_stats["model"]["clip"] > 0
+    assert second_stats["model"]["vision"] == 0.0 and second_stats["model"]["clip"] == 0.0
+    assert second_stats["model"]["prefill"] > 0 and second_stats["model"]["decode_per_token"] > 0
+    assert len(second[0].token_ids) == 4 and len(other_window) == 1
+
+
+def test_volume_batches_encoders_and_decoding_and_no_slices_skip_the_mask_decoder(model):
+    runner = runner_for(model, cache_items=0)
+    volume = slices(6, seed=1)
+    # batch_size 3 -> two batches (two decoding passes): only slices 1 and 5 answer yes
+    counting = Counting(model, passes=[[NO, YES, NO], [NO, NO, YES]])
+    calls = model.mask_decoder_calls
+    try:
+        results, stats = runner.answer(volume, ["Q"] * 6, {"max_new_tokens": 32}, batch_size=3)
+    finally:
+        counting.restore()
+    assert [r.answer for r in results] == [NO, YES, NO, NO, NO, YES]
+    assert counting.encode_calls == 2 and counting.encoded == 6  # 3 slices per encoder call
+    assert counting.pass_index == 1  # 2 batched decoding passes, not 6
+    assert model.mask_decoder_calls == calls + 2
+    assert counting.prompts == [[1, 1], [2, 2]]  # only the "yes" rows' two seg tokens, by their row in the batch
+    assert [len(r.segments) for r in results] == [0, 2, 0, 0, 0, 2]
+    assert all(s.mask.shape == (64, 64) for s in results[1].segments)
+    # stage times are per batch: the summed decode is the two passes', not one copy per slice
+    per_batch = results[0].latencies["decode"] + results[3].latencies["decode"]
+    assert stats["model"]["decode"] == pytest.approx(per_batch)
+    assert stats["model"]["vision"] > 0
+
+
+def test_a_batch_of_only_no_answers_makes_no_decoder_call(model):
+    runner = runner_for(model, cache_items=0)
+    counting = Counting(model, passes=[[NO, NO, NO, NO]])
+    calls = model.mask_decoder_calls
+    try:
+        results, stats = runner.answer(slices(4, seed=2), ["Q"] * 4, {"max_new_tokens": 16}, batch_size=4)
+    finally:
+        counting.restore()
+    assert [r.answer for r in results] == [NO] * 4
+    assert model.mask_decoder_calls == calls and counting.prompts == []
+    assert stats["model"]["mask_decoder"] == 0.0
+
+
+def test_serving_dtype_per_preset_and_device():
+    assert serving_dtype("demo") == torch.float32
+    assert serving_dtype("paper") == torch.bfloat16
+    assert serving_dtype("demo", "cpu", "bfloat16") == torch.bfloat16
+    assert serving_dtype("paper", "cpu", "float32") == torch.float32
+
+
+def test_loading_in_bf16_builds_the_model_in_bf16(model, tmp_path):
+    from raddiagseg import load_model
+
+    model.save_pretrained(tmp_path / "m")
+    assert folder_preset(tmp_path / "m") == "demo"
+    loaded = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32  # restored after building
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    image = slices(1)[0]
+    result = loaded.generate(image, "Is there a tumour?", max_new_tokens=3)
+    assert len(result.token_ids) <= 3 and result.latencies["decode_per_token"] > 0
