@@ -81,7 +81,7 @@ def finetune(name, model_dir, train_manifest, work, args, rvls2m=None, cot=False
         data=str(train_manifest), out=str(run), stage="finetune", preset="demo", init=str(model_dir),
         max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=max(1, args.steps // 10),
         ratio=dict(args.ratio), val_every=args.steps, val_samples=16, seed=0, device=args.device,
-        rvls2m=rvls2m, cot=cot, progress_bar=False,
+        rvls2m=rvls2m, cot=cot, progress_bar=False, num_workers=args.num_workers,
     )
     t0 = time.perf_counter()
     result = train(config)
@@ -95,7 +95,7 @@ def finetune(name, model_dir, train_manifest, work, args, rvls2m=None, cot=False
     return final, info
 
 
-def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128):
+def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128, rvls2m=None):
     """Score every row, one generate (or generate_tts) call per sample -> (report, per-sample seconds of 3-step rows)."""
     import torch
 
@@ -112,9 +112,10 @@ def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             if tts:
-                result = model.generate_tts(image, question, num_answers=tts[0], num_masks=tts[1], max_new_tokens=max_new_tokens)
+                result = model.generate_tts(image, question, num_answers=tts[0], num_masks=tts[1], max_new_tokens=max_new_tokens,
+                                            rvls2m=rvls2m)
             else:
-                result = model.generate(image, question, max_new_tokens=max_new_tokens)
+                result = model.generate(image, question, max_new_tokens=max_new_tokens, rvls2m=rvls2m)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             if row["task"] == "vqaseg":
@@ -166,6 +167,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the fine-tunes")
     p.add_argument("--train-seed", type=int, default=1234)
     p.add_argument("--test-seed", type=int, default=98765)
     p.add_argument("--train-ct-volumes", type=int, default=40)
@@ -221,7 +223,10 @@ def main(argv=None):
             continue
         folder, info = finetune(key, args.model, data["train"], args.work, args, rvls2m=rvls2m, cot=cot)
         training[name] = info
-        run(name, load_model(folder, device=args.device), cot=cot)
+        model = load_model(folder, device=args.device)
+        run(name, model, cot=cot)
+        if key == "rvls2m":  # the same weights with the region prompts turned off at inference (infer param rvls2m=off)
+            run("FT+RVLS2M, off at inference", model, rvls2m=False)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     command = "python benchmarks/options.py " + " ".join(argv if argv is not None else sys.argv[1:])
