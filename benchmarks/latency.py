@@ -35,6 +35,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,16 +110,13 @@ def model_folder(args, work: Path):
         return Path(args.model), str(args.model)
     if args.preset == "demo" and (SHIPPED_MODEL / "config.json").is_file():
         return SHIPPED_MODEL, f"shipped demo model {SHIPPED_MODEL.relative_to(ROOT)}"
-    import torch
-
     import raddiagseg
 
     folder = work / f"random-{args.preset}"
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.preset != "demo" else torch.float32
-    model = build_random(args.preset, dtype)
-    model.save_pretrained(str(folder), dtype=dtype)
-    del model
+    t0 = time.perf_counter()
+    # built and saved in a child process, so this process's peak RSS is that of loading the folder, as a server does
+    subprocess.run([sys.executable, __file__, "--build-random", args.preset, str(folder)], check=True)
+    print(f"built and saved the untrained {args.preset} model in {time.perf_counter() - t0:.0f} s (child process)")
     note = "" if args.preset != "demo" else " (no shipped demo model: timings depend on the architecture only; answers and so tokens/masks depend on weights)"
     print(f"model: untrained {args.preset}-preset model saved to {folder}{note}")
     return folder, f"untrained {args.preset} preset (random weights, raddiagseg {getattr(raddiagseg, '__version__', '')})"
@@ -201,8 +199,19 @@ def stage_line(samples, keys):
     return ", ".join(f"{k} {median([s.get(k, 0.0) for s in samples]) * 1000:.1f}" for k in keys)
 
 
+def build_and_save(preset, folder):
+    """Child process of model_folder: an untrained `preset` model (bf16 unless demo) saved to `folder`."""
+    import torch
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if preset != "demo" else torch.float32
+    build_random(preset, dtype).save_pretrained(str(folder), dtype=dtype)
+
+
 def main():
     global QUESTION
+    if len(sys.argv) == 4 and sys.argv[1] == "--build-random":
+        return build_and_save(sys.argv[2], sys.argv[3])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: the shipped demo model, else an untrained demo-preset model)")
     p.add_argument("--preset", default="demo", choices=["demo", "paper"], help="preset of the untrained model built without --model")
@@ -269,7 +278,8 @@ def main():
         if args.force_answer:
             text = templates.vqaseg_answer(*FORCED_ANSWER)
             force_ids = model.processor.answer_ids(text)
-            print(f"floor decodes the fixed answer {text!r} ({len(force_ids) - 1} tokens + eos)")
+            options["max_new_tokens"] = max(max_new, len(force_ids))
+            print(f"floor decodes the fixed answer {text!r} ({len(force_ids) - 1} tokens + eos; max_new_tokens {options['max_new_tokens']})")
         floor_cold, floor_warm, results = measure_floor(model, units, QUESTION, options, args.repeats, force_ids)
         last = results[-1]
         print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
