@@ -123,6 +123,11 @@ def test_test_time_scaling_votes_answers_and_picks_the_consensus_mask():
     index, members, share = majority_answer(["1. No", "1. Yes\n2. Liver tumour", "1.  yes\n2. liver tumour", "1. No"], prefer=1)
     assert (index, members, share) == (1, [1, 2], 0.5)  # tie broken toward the greedy path
     assert majority_answer(["a", "b", "b"], prefer=0)[:2] == (1, [1, 2])
+    # chain-of-thought paths vote on their conclusion, not on the wording of their reasoning
+    cot = ["Modality: CT scan.\nFinding: a lesion.\nConclusion:\n1. Yes\n2. Liver tumour",
+           "Modality: CT.\nFinding: a focal lesion within the liver.\nConclusion:\n1. yes\n2. liver tumour.",
+           "Modality: CT scan.\nFinding: none.\nConclusion:\n1. No"]
+    assert majority_answer(cot, prefer=2)[1:] == ([0, 1], 2 / 3)
     square = np.zeros((20, 20), bool)
     square[5:15, 5:15] = True
     shifted = np.roll(square, 1, axis=1)

@@ -22,8 +22,18 @@ from raddiagseg.model.outputs import ImageFeatures
 
 
 def answer_key(text):
-    """Answers that differ only in case or whitespace count as the same answer."""
-    return re.sub(r"\s+", " ", text.strip().lower())
+    """What a vote compares: for a 3-step answer its conclusion (detection, diagnosis, the targets it names, in
+    order), so chain-of-thought paths that reason differently but conclude alike agree; other answers count as
+    the same when their conclusions differ only in case or whitespace."""
+    from raddiagseg.answers import parse_answer, split_reasoning
+    from raddiagseg.templates import normalise_label
+
+    parsed = parse_answer(text)
+    if parsed.detection is not None:
+        diagnosis = normalise_label(parsed.diagnosis or "") if parsed.detection else ""
+        labels = "|".join(normalise_label(label) for label, _ in parsed.segments)
+        return f"detection={parsed.detection};diagnosis={diagnosis};targets={labels}"
+    return re.sub(r"\s+", " ", split_reasoning(text)[1].strip().lower())
 
 
 def majority_answer(texts, prefer=0):
@@ -90,6 +100,7 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
         seg_ids = model.processor.seg_id_to_index
         positions = {p: [k for k, t in enumerate(ids[p]) if t in seg_ids] for p in group}
         n_tokens = len(positions[first])
+        group = [p for p in group if len(positions[p]) == n_tokens]  # same conclusion, same number of masks
         chosen, mask_agreement = [], []
         if n_tokens:
             generator = torch.Generator().manual_seed(seed)
