@@ -88,8 +88,10 @@ def finetune(name, model_dir, train_manifest, work, args, rvls2m=None, cot=False
     seconds = time.perf_counter() - t0
     from raddiagseg import load_model
 
+    import torch
+
     model = load_model(result.last_checkpoint)
-    model.save_pretrained(final)
+    model.save_pretrained(final, dtype=torch.float16)  # as the shipped demo model
     info = {"steps": result.steps, "seconds": round(seconds, 1)}
     (run / "options_train.json").write_text(json.dumps(info))
     return final, info
