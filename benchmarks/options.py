@@ -144,11 +144,11 @@ def table(results):
     return lines
 
 
-def write_results(path, body):
+def write_results(path, body, heading=SECTION):
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the other sections as they are."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    section = SECTION + "\n\n" + body.strip() + "\n"
+    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
+    section = heading + "\n\n" + body.strip() + "\n"
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
 
@@ -177,6 +177,7 @@ def main(argv=None):
     p.add_argument("--test-ct-volumes", type=int, default=10)
     p.add_argument("--test-xrays", type=int, default=60)
     p.add_argument("--ct-slices", type=int, default=12)
+    p.add_argument("--title", default="", help="added to the RESULTS.md section heading (e.g. the machine), one section per title")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="markdown file to update ('-': print only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -255,7 +256,7 @@ def main(argv=None):
     text = "\n".join(body)
     print(text)
     if str(args.results) != "-":
-        write_results(args.results, text)
+        write_results(args.results, text, SECTION + (f" ({args.title})" if args.title else ""))
         print(f"updated {args.results}")
     return 0
 

@@ -60,6 +60,9 @@ def test_options_benchmark_replaces_its_own_results_section(tmp_path):
     text = results.read_text()
     assert text.count(bench.SECTION) == 1 and "second table" in text and "first table" not in text
     assert "## Serving under load\n\nkeep me" in text
+    bench.write_results(results, "gpu table", bench.SECTION + " (H100)")  # another title: its own section
+    text = results.read_text()
+    assert "second table" in text and "gpu table" in text and text.count(bench.SECTION) == 2
     report = {"overall": {"dice_org": 0.5, "dice_abn": None, "diagnosis_f1": 1.0, "reasonseg_acc": 0.25}}
     line = bench.table({"plain": {"report": report, "latency_p50": 0.1234}})[-1]
     assert line == "| plain | 0.500 | – | 1.000 | – | – | – | – | – | 0.250 | 0.123 |"
