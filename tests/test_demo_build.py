@@ -21,7 +21,7 @@ def tiny_data(tmp_path_factory):
     return build_phantom_dataset(tmp_path_factory.mktemp("demo-data"), ct_volumes=4, xrays=12, seed=7, ct_slices=6)
 
 
-def test_clip_alignment_trains_only_the_clip_encoder(tiny_data):
+def test_clip_alignment_trains_only_the_clip_encoder_and_projector(tiny_data):
     from raddiagseg import build_model
     from raddiagseg.training.clip_align import align_clip_encoder, caption
 
@@ -32,7 +32,8 @@ def test_clip_alignment_trains_only_the_clip_encoder(tiny_data):
     summary = align_clip_encoder(model, tiny_data, steps=3, batch_size=4, progress=False)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("clip_encoder.") for k in changed)
+    assert any(k.startswith("clip_encoder.") for k in changed) and any(k.startswith("projector.") for k in changed)
+    assert all(k.startswith(("clip_encoder.", "projector.")) for k in changed)
     assert not any(p.requires_grad for p in model.clip_encoder.parameters())  # frozen state restored
     assert summary["steps"] == 3 and 0.0 <= summary["train_acc"] <= 1.0
     assert "ct liver: Liver tumour" == caption({"modality": "ct", "source": "msd_liver", "detection": True,

@@ -1,4 +1,4 @@
-"""Stage 0 of the demo model: CLIP-style image–caption alignment of the medical CLIP encoder.
+"""Stage 0 of the demo model: CLIP-style image–caption alignment of the CLIP encoder and projector.
 
 The `paper` preset starts from BiomedCLIP, whose vision tower was contrastively pretrained on
 image–caption pairs, so its patch tokens already say what is in the image. The `demo` preset's
@@ -7,7 +7,11 @@ slices hold a lesion. This stage gives it the same kind of start on phantom data
 is paired with a caption written from its ground truth ("ct liver: Liver tumour", "xray chest:
 no abnormality", ...), and the CLIP loss is applied with the text side reduced to one learnable
 embedding per distinct caption (duplicate captions in a batch would otherwise be false negatives).
-Only the CLIP encoder's weights are kept; the caption table and pooling head are discarded.
+The loss is applied to the projector's output tokens, not the raw patches (as BLIP-2 pre-trains
+its Q-Former's learnable queries with an image-text contrastive loss): the few image tokens the
+LM reads then already carry the finding. Measured on the demo build: aligned at the patches only,
+the finetuned LM still answered "yes" to every X-ray although the patches classified them at 0.96.
+Only the encoder and projector weights are kept; the caption table and pooling head are discarded.
 """
 
 import logging
@@ -31,20 +35,21 @@ def caption(row):
 
 
 class CaptionAligner(nn.Module):
-    """Image embedding (mean and max of the CLIP patch tokens, linear) against one embedding per caption.
-    The max keeps a small lesion's patches from being averaged away."""
+    """Image embedding (mean and max of the projector's image tokens, linear) against one embedding
+    per caption. The max keeps a small lesion from being averaged away."""
 
-    def __init__(self, clip_encoder, captions, dim=128):
+    def __init__(self, clip_encoder, projector, captions, dim=128):
         super().__init__()
         self.clip_encoder = clip_encoder
+        self.projector = projector
         self.captions = list(captions)
-        width = clip_encoder.config.embed_dim
+        width = projector.queries.shape[-1]
         self.image_head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, dim))
         self.text_table = nn.Parameter(torch.randn(len(self.captions), dim) * 0.02)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def forward(self, images):
-        tokens = self.clip_encoder(self.clip_encoder.preprocess(images))
+        tokens = self.projector(self.clip_encoder(self.clip_encoder.preprocess(images)))
         pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
         image = F.normalize(self.image_head(pooled), dim=-1)
         text = F.normalize(self.text_table, dim=-1)
@@ -89,7 +94,7 @@ def _accuracy(aligner, dataset, labels, batch_size=64):
 
 
 def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=0, progress=True):
-    """Train `model.clip_encoder` in place on the manifest's VQA-Seg images; returns a summary dict
+    """Train `model.clip_encoder` and `model.projector` in place on the manifest's VQA-Seg images; returns a summary dict
     with the caption accuracy on the train and val splits (val: images the alignment never saw)."""
     from raddiagseg.data.dataset import ManifestDataset
 
@@ -105,10 +110,11 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     val_set.rows = [val_set.rows[i] for i in keep]
     val_labels = [index[caption(r)] for r in val_set.rows]
 
-    aligner = CaptionAligner(model.clip_encoder, captions)
+    aligner = CaptionAligner(model.clip_encoder, model.projector, captions)
     was_training = model.training
-    frozen = [p for p in model.clip_encoder.parameters() if not p.requires_grad]
+    frozen = [p for m in (model.clip_encoder, model.projector) for p in m.parameters() if not p.requires_grad]
     model.clip_encoder.requires_grad_(True)
+    model.projector.requires_grad_(True)
     aligner.train()
     optimizer = torch.optim.AdamW([p for p in aligner.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
