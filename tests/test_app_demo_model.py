@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
@@ -56,16 +57,44 @@ def test_covid_xray_is_positive_with_named_lung_and_infection_segments(served):
     assert result["slices"] == [] and result["modality"] == "xray" and image.ndim == 2
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped demo model answers 'COVID-19 infection' for every X-ray (its card: "
+                                      "X-ray diagnosis acc 0.358); remove this mark when a retrained model passes")
 def test_normal_xray_is_negative(served):
     result = infer(served["server"], "cxr_normal")
     assert result["detection"] is False, result["answer"]
     assert not any(s["role"] == "abnormality" for s in result["segments"]), result["segments"]
 
 
-def test_liver_tumour_volume_is_positive_and_segments_liver_and_tumour(served):
+def test_liver_tumour_volume_is_positive_and_segments_liver_and_tumour(served, tmp_path):
     result = infer(served["server"], "ct_liver_tumour")
     volume = result["volume"]
     assert volume["n_slices"] == 16 and result["detection"] is True, volume
     assert result["diagnosis"] == "Liver tumour", volume
     assert {"liver", "liver tumour"} <= {s["name"] for s in result["segments"]}, result["segments"]
     assert result["answer"].startswith("1. Yes\n2. Liver tumour\n3."), result["answer"]
+    # the label file of a positive slice holds both masks, the tumour inside the liver's extent
+    k = volume["positive_slices"][len(volume["positive_slices"]) // 2]
+    reply = requests.post(f"{served['server'].url}/infer/raddiagseg", params={"image": "ct_liver_tumour", "output": "image"},
+                          data={"params": json.dumps({"slice": k})}, timeout=600)
+    assert reply.status_code == 200, reply.text[:300]
+    (tmp_path / "label.nii.gz").write_bytes(reply.content)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz")))
+    values = {s["name"]: s["label_value"] for s in infer(served["server"], "ct_liver_tumour", slice=k)["segments"]}
+    liver, tumour = labels == values["liver"], labels == values["liver tumour"]
+    assert liver.sum() > 500 and tumour.sum() > 20, (liver.sum(), tumour.sum())
+    liver_box = [(i.min(), i.max()) for i in np.nonzero(liver)]
+    tumour_box = [(i.min(), i.max()) for i in np.nonzero(tumour)]
+    assert all(l0 - 3 <= t0 and t1 <= l1 + 3 for (l0, l1), (t0, t1) in zip(liver_box, tumour_box)), (liver_box, tumour_box)
+
+
+def test_normal_liver_volume_is_negative(served):
+    result = infer(served["server"], "ct_liver_normal")
+    assert result["detection"] is False and result["volume"]["positive_slices"] == [], result["volume"]
+    assert result["answer"].startswith("1. No"), result["answer"]
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped demo model misses the small pancreas tumour of this sample "
+                                      "(card: CT detection F1 0.748); remove this mark when a retrained model passes")
+def test_pancreas_tumour_volume_is_positive(served):
+    result = infer(served["server"], "ct_pancreas_tumour")
+    assert result["detection"] is True and result["diagnosis"] == "Pancreas tumour", result["volume"]
