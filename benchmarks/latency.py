@@ -160,6 +160,12 @@ def scripted_logits(model, answer_ids):
 
 def measure_floor(model, units, question, options, repeats, force_ids=None):
     """Median seconds of the model calls a request makes: cold (encode + generate), warm (generate on features)."""
+    import torch
+
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+
     reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
     cold, warm, results = [], [], []
     for i in range(repeats + 1):  # the first round warms up one-time initialisation
@@ -168,11 +174,13 @@ def measure_floor(model, units, question, options, repeats, force_ids=None):
         t0 = time.perf_counter()
         features = model.encode_images([unit])
         result = model.generate(unit, question, features=features, **options)
+        sync()
         t_cold = time.perf_counter() - t0
         result.latencies = {**result.latencies, **features.latencies}  # the encoder stages ran in encode_images
         reset()
         t0 = time.perf_counter()
         model.generate(unit, question, features=features, **options)
+        sync()
         t_warm = time.perf_counter() - t0
         if i:
             cold.append(t_cold)
@@ -221,6 +229,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the app's default")
     p.add_argument("--threads", type=int, default=None, help="torch threads here and in the server (OMP_NUM_THREADS)")
     p.add_argument("--no-server", action="store_true", help="measure the compute floor only")
+    p.add_argument("--device", default="cpu", help="with --no-server: cpu or cuda (the server runs on CPU here)")
     p.add_argument("--force-answer", action="store_true", help="floor decodes a fixed 3-step answer with 2 seg tokens")
     args = p.parse_args()
     if args.threads:
@@ -240,9 +249,19 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="raddiag-latency-") as tmp:
         work = Path(tmp)
-        ids, _ = write_studies(work / "studies", args.repeats + 2, args.size)
-        folder, description = model_folder(args, work)
-        units = [app_unit(work / "studies" / f"{i}.nii.gz") for i in ids]  # the model input exactly as the app makes it
+        if args.no_server:  # no files needed: the app's CT windowing on the phantom slices
+            from raddiagseg.data import phantoms
+            from raddiagseg.imaging import to_unit_range
+
+            ct = phantoms.generate_ct(np.random.default_rng(0), "liver", size=args.size, slices=args.repeats + 6, tumours=2)
+            units = [to_unit_range(ct.hu[i + 2].astype(np.float32), "ct", None) for i in range(args.repeats + 2)]
+        else:
+            ids, _ = write_studies(work / "studies", args.repeats + 2, args.size)
+            units = [app_unit(work / "studies" / f"{i}.nii.gz") for i in ids]  # the model input exactly as the app makes it
+        if args.no_server and args.device != "cpu" and not args.model:
+            folder, description = None, f"untrained {args.preset} preset built on {args.device} (random weights)"
+        else:
+            folder, description = model_folder(args, work)
 
         e2e = {"cold": [], "warm": []}
         server_json = {"cold": [], "warm": []}
@@ -269,7 +288,12 @@ def main():
                         server_json[kind].append(out)
 
         t0 = time.perf_counter()
-        model = load_model(str(folder), dtype=serving_dtype(folder_preset(folder), None, args.dtype))  # as the server loads it
+        device = args.device if args.no_server else None
+        if folder is None:  # --no-server on a GPU: the untrained model is built there directly
+            with torch.device(device):
+                model = build_random(args.preset, serving_dtype(args.preset, device, args.dtype))
+        else:
+            model = load_model(str(folder), device=device, dtype=serving_dtype(folder_preset(folder), device, args.dtype))  # as the server does
         model.eval()
         print(f"model: {description}; preset {model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"dtype {model.dtype}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
@@ -288,6 +312,9 @@ def main():
         print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms")
         print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
         print(f"  peak RSS of this process: {peak_rss_gb():.2f} GB")
+        if model.device.type == "cuda":
+            print(f"  on {torch.cuda.get_device_name()}: peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB "
+                  "(stage times inside the model are not synchronised on a GPU; the totals are)")
 
         if args.no_server:
             return 0
