@@ -195,3 +195,18 @@ def test_label_info_keys_and_errors():
         label_info.parse({"segments": [{"name": "liver"}]})
     with pytest.raises(label_info.LabelInfoError, match="slice"):
         label_info.parse({"segments": [], "slice": -1})
+
+
+def test_diagnosis_is_reported_only_for_a_positive_step_one():
+    from types import SimpleNamespace
+
+    from lib import response
+
+    def summary(answer):
+        return response.slice_summary(SimpleNamespace(answer=answer, segments=[], agreement={}))[0]
+
+    ref = summary("Here is the mask:\nliver")  # a Ref-Seg answer (the demo model's, without its seg token)
+    assert ref["detection"] is None and ref["diagnosis"] is None
+    assert summary("1. No")["diagnosis"] is None
+    positive = summary("1. Yes\n2. Liver tumour\n3. Segmentation masks:\n- liver <seg000>")
+    assert positive["detection"] is True and positive["diagnosis"] == "Liver tumour"

@@ -88,6 +88,15 @@ def test_real_app_serves_with_tokens_and_stays_responsive_then_survives_faults(s
         assert isinstance(reply.json()["answer"], str)
         assert waits and max(waits) < 2.0, waits  # /info/ answered while the model ran
         assert infer(url, tokens["user"], "ct_liver", device="cuda:3").status_code == 400
+        # every option the app's infer task offers passes serve.py's whitelist with valid values
+        options = {"tts": True, "tts_answers": 2, "tts_masks": 2, "rvls2m": None, "cot": False, "temperature": 0.7,
+                   "batch_size": 2, "do_sample": False, "result_extension": ".seg.nrrd", "modality": "xray"}
+        reply = infer(url, tokens["user"], "cxr_covid", **options)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["agreement"]["paths"] == 2
+        for bad in ({"rvls2m": "yes"}, {"tts_answers": "four"}, {"cot": 1}):
+            reply = infer(url, tokens["user"], "cxr_covid", **bad)
+            assert reply.status_code == 400 and list(bad)[0] in reply.json()["detail"], reply.text
         refused = requests.post(url + "/activelearning/uncertain", headers=bearer(tokens["user"]),
                                 json={"max_new_tokens": 0}, timeout=30)  # the strategy's own 400 passes through
         assert refused.status_code == 400 and "max_new_tokens" in refused.json()["detail"], refused.text

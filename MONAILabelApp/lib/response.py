@@ -17,7 +17,7 @@ from lib import segments as segment_specs
 def slice_summary(result, slice_index=None):
     """Parsed view of one GenerationResult: answer, detection, diagnosis, named masks."""
     parsed = parse_answer(result.answer)
-    diagnosis = parsed.diagnosis if parsed.detection is not False else None
+    diagnosis = parsed.diagnosis if parsed.detection is True else None  # a Ref-Seg or unreadable answer has none
     named = []
     for segment in result.segments:
         name = segment_specs.canonical_name(segment.label, diagnosis)

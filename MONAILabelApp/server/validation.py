@@ -21,8 +21,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", "
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
 MODALITIES = ("ct", "xray", "mri")
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32")
-BASE_PARAMS = ("question", "slice", "modality", "window", "max_new_tokens", "do_sample", "tts", "result_extension",
-               "result_dtype", "result_compress", "client_id")
+BASE_PARAMS = ("question", "slice", "modality", "window", "max_new_tokens", "do_sample", "tts", "rvls2m",
+               "result_extension", "result_dtype", "result_compress", "client_id")
 # request keys that steer the server rather than the model; a client never sets them
 RESERVED_PARAMS = {
     "image", "model", "label", "file", "device", "save_label", "label_tag", "output", "session",
@@ -100,6 +100,9 @@ def check_infer_params(params: dict, limits: Limits, model_options: dict | None 
         elif key == "max_new_tokens":
             if not _is_int(value) or not 1 <= value <= limits.max_new_tokens:
                 raise InputError(400, f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}")
+        elif key == "rvls2m":  # on / off / null = as the model was trained
+            if value is not None and not isinstance(value, bool):
+                raise InputError(400, "rvls2m must be true, false or null")
         elif key in ("tts", "result_compress", "do_sample"):
             if not isinstance(value, bool):
                 raise InputError(400, f"{key} must be true or false")
