@@ -92,7 +92,8 @@ def finetune(name, model_dir, train_manifest, work, args, rvls2m=None, cot=False
 
     model = load_model(result.last_checkpoint)
     model.save_pretrained(final, dtype=torch.float16)  # as the shipped demo model
-    info = {"steps": result.steps, "seconds": round(seconds, 1)}
+    where = torch.cuda.get_device_name() + " (bf16 autocast)" if str(args.device).startswith("cuda") else "CPU (fp32)"
+    info = {"steps": result.steps, "seconds": round(seconds, 1), "trained_on": where}
     (run / "options_train.json").write_text(json.dumps(info))
     return final, info
 
@@ -125,6 +126,16 @@ def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128, rvls2m=None):
             prediction = {"id": row["id"], "answer": result.answer, "masks": {s.token: s.mask for s in result.segments}}
             records.append(scoring.score_sample(row, prediction, Path(row["_base"])))
     return scoring.build_report(records, scoring.run_settings()), latency
+
+
+def model_digest(folder):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def fmt(value):
@@ -242,7 +253,8 @@ def main(argv=None):
         f"Machine: {device}. Model: `{args.model}`. Fine-tunes (FT rows): {args.steps} steps from that model, batch "
         f"{args.batch_size}, lr {args.lr}, task mix {args.ratio}, phantoms of seed {args.train_seed} "
         f"({args.train_ct_volumes} CT volumes, {args.train_xrays} X-rays); "
-        + "; ".join(f"{k} {v['seconds']} s" for k, v in training.items()) + ("." if training else "no fine-tunes run."),
+        + "; ".join(f"{k} {v['seconds']} s on {v.get('trained_on', '?')}" for k, v in training.items())
+        + ("." if training else "no fine-tunes run.") + f" Model weights sha256 {model_digest(args.model)}.",
         f"RVLS2M: grid {args.rvls2m_grid} x {args.rvls2m_grid}, top-{args.rvls2m_top_k} cells. TTS: m = {m} answers "
         f"(greedy + {m - 1} sampled at T = 0.7) x n = {n} perturbed prompts, mask chosen by agreement (mean IoU), never by GT.",
         "",
