@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # 160 x 12 at the same step count).
 TRAIN_DATA = dict(ct_volumes=160, xrays=900, ct_slices=12)
 TEST_DATA = dict(ct_volumes=20, xrays=120, ct_slices=12)
-DEMO_STEPS = dict(align=800, pretrain=500, finetune=2000)
+DEMO_STEPS = dict(align=800, pretrain=500, finetune=1500)
 # The paper fine-tunes on VQA-Seg + VQA only; measured on the demo build, that erased Ref-Seg ("segment the
 # liver": held-out CT Dice 0.55 after pretrain, 0.01 after finetune), which the app and its train task use.
 FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
