@@ -99,13 +99,14 @@ def finetune(name, model_dir, train_manifest, work, args, rvls2m=None, cot=False
 
 
 def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128, rvls2m=None):
-    """Score every row, one generate (or generate_tts) call per sample -> (report, per-sample seconds of 3-step rows)."""
+    """Score every row, one generate (or generate_tts) call per sample -> (report, per-sample seconds of 3-step rows,
+    TTS agreement summary or None). tts = (m, n, prompt noise)."""
     import torch
 
     from raddiagseg.evaluation import scoring
     from raddiagseg.evaluation.predict import sample_image, sample_question
 
-    records, latency = [], []
+    records, latency, agreements = [], [], []
     model.eval()
     with torch.inference_mode():
         for row in rows:
@@ -115,8 +116,9 @@ def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128, rvls2m=None):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             if tts:
-                result = model.generate_tts(image, question, num_answers=tts[0], num_masks=tts[1], max_new_tokens=max_new_tokens,
-                                            rvls2m=rvls2m)
+                result = model.generate_tts(image, question, num_answers=tts[0], num_masks=tts[1], prompt_noise=tts[2],
+                                            max_new_tokens=max_new_tokens, rvls2m=rvls2m)
+                agreements.append(result.agreement)
             else:
                 result = model.generate(image, question, max_new_tokens=max_new_tokens, rvls2m=rvls2m)
             if model.device.type == "cuda":
@@ -125,7 +127,14 @@ def evaluate(model, rows, cot=False, tts=None, max_new_tokens=128, rvls2m=None):
                 latency.append(time.perf_counter() - t0)
             prediction = {"id": row["id"], "answer": result.answer, "masks": {s.token: s.mask for s in result.segments}}
             records.append(scoring.score_sample(row, prediction, Path(row["_base"])))
-    return scoring.build_report(records, scoring.run_settings()), latency
+    summary = None
+    if agreements:
+        masks = [m for a in agreements for m in a["masks"]]
+        summary = {"answer_share": statistics.fmean(a["answer"] for a in agreements),
+                   "unanimous": statistics.fmean(a["answer"] == 1.0 for a in agreements),
+                   "mask_iou": statistics.fmean(masks) if masks else None,
+                   "uncertainty": statistics.fmean(a["uncertainty"] for a in agreements)}
+    return scoring.build_report(records, scoring.run_settings()), latency, summary
 
 
 def model_digest(folder):
@@ -175,7 +184,8 @@ def main(argv=None):
     p.add_argument("--ratio", default="vqaseg=0.5,reasonseg=0.3,vqa=0.2", help="fine-tune task mix")
     p.add_argument("--rvls2m-grid", type=int, default=8)
     p.add_argument("--rvls2m-top-k", type=int, default=8)
-    p.add_argument("--tts", default="4x4", help="test-time scaling m x n (answers x perturbed prompts per answer)")
+    p.add_argument("--tts", default="4x4", help="test-time scaling m x n (answers x perturbed prompts per answer); "
+                   "several, comma-separated, each optionally with its prompt noise: 4x4,4x4:0.3")
     p.add_argument("--samples", type=int, default=80, help="held-out 3-step samples (plus half as many reasonseg, a quarter refseg)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -201,7 +211,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ratio = parse_ratio_text(args.ratio, "finetune")
-    m, n = (int(v) for v in args.tts.lower().split("x"))
+    tts_specs = []
+    for spec in args.tts.lower().split(","):
+        size, _, noise = spec.partition(":")
+        m, n = (int(v) for v in size.split("x"))
+        tts_specs.append((m, n, float(noise) if noise else 0.05))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -216,8 +230,9 @@ def main(argv=None):
 
     def run(name, model, **kw):
         t0 = time.perf_counter()
-        report, latency = evaluate(model.to(args.device), rows, max_new_tokens=args.max_new_tokens, **kw)
+        report, latency, agreement = evaluate(model.to(args.device), rows, max_new_tokens=args.max_new_tokens, **kw)
         results[name] = {"report": report, "latency_p50": statistics.median(latency) if latency else float("nan"),
+                         "tts_agreement": agreement,
                          "latency_mean": statistics.fmean(latency) if latency else float("nan"),
                          "eval_seconds": round(time.perf_counter() - t0, 1)}
         log.info("%s: %s", name, {k: report["overall"].get(k) for k in ("dice_org", "dice_abn", "diagnosis_f1", "giou", "reasonseg_giou")})
@@ -227,7 +242,8 @@ def main(argv=None):
     if "plain" in variants:
         run("plain", base)
     if "tts" in variants:
-        run(f"+TTS({m},{n})", base, tts=(m, n))
+        for m, n, noise in tts_specs:
+            run(f"+TTS({m},{n})" + (f", noise {noise:g}" if noise != 0.05 else ""), base, tts=(m, n, noise))
     del base
     plans = {"ft": ("FT", None, False),
              "rvls2m": ("FT+RVLS2M", {"enabled": True, "grid": args.rvls2m_grid, "top_k": args.rvls2m_top_k}, False),
@@ -255,8 +271,9 @@ def main(argv=None):
         f"({args.train_ct_volumes} CT volumes, {args.train_xrays} X-rays); "
         + "; ".join(f"{k} {v['seconds']} s on {v.get('trained_on', '?')}" for k, v in training.items())
         + ("." if training else "no fine-tunes run.") + f" Model weights sha256 {model_digest(args.model)}.",
-        f"RVLS2M: grid {args.rvls2m_grid} x {args.rvls2m_grid}, top-{args.rvls2m_top_k} cells. TTS: m = {m} answers "
-        f"(greedy + {m - 1} sampled at T = 0.7) x n = {n} perturbed prompts, mask chosen by agreement (mean IoU), never by GT.",
+        f"RVLS2M: grid {args.rvls2m_grid} x {args.rvls2m_grid}, top-{args.rvls2m_top_k} cells. TTS(m, n): m answers "
+        "(greedy + m - 1 sampled at T = 0.7) x n perturbed prompts (Gaussian noise of `noise` x the state's std, "
+        "default 0.05), vote on the conclusion, mask chosen by agreement (mean IoU), never by GT.",
         "",
         *table(results),
         "",
@@ -265,6 +282,11 @@ def main(argv=None):
         "(accuracy = the answer resolved them to the right target). Latency: median seconds per 3-step sample "
         "(encoders + generation + masks). FT is the control for FT+RVLS2M and FT+CoT: same data, steps and seed.",
     ]
+    for name, entry in results.items():
+        a = entry.get("tts_agreement")
+        if a:
+            body.append(f"- {name}: answers unanimous on {a['unanimous']:.0%} of samples (mean share {a['answer_share']:.2f}), "
+                        f"mean mask consensus IoU {fmt(a['mask_iou'])}, mean uncertainty {a['uncertainty']:.3f}.")
     text = "\n".join(body)
     print(text)
     if str(args.results) != "-":
