@@ -77,6 +77,11 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}"
 
 
+def precision(model):
+    lm = next(model.language_model.parameters()).dtype
+    return f"dtype {lm}" if lm == model.dtype else f"encoders {model.dtype}, LM and mask decoder {lm}"
+
+
 def write_studies(folder: Path, n: int, size: int):
     """n single-slice 512x512 CT images (HU, int16) of one liver phantom with tumours: ct0 .. ct{n-1}."""
     import SimpleITK as sitk
@@ -223,7 +228,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: the shipped demo model, else an untrained demo-preset model)")
     p.add_argument("--preset", default="demo", choices=["demo", "paper"], help="preset of the untrained model built without --model")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="served dtype (the app's --conf dtype)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "mixed"], help="served dtype (the app's --conf dtype)")
     p.add_argument("--repeats", type=int, default=5, help="cold/warm request pairs (each on a new slice)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the app's default")
@@ -238,9 +243,9 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from raddiagseg import load_model, templates
+    from raddiagseg import templates
     from lib import infer_params
-    from lib.model_store import folder_preset, serving_dtype
+    from lib.model_store import load_for_serving, serving_precision
 
     QUESTION = templates.DEFAULT_QUESTION
     max_new = args.max_new_tokens or infer_params.DEFAULTS["max_new_tokens"]
@@ -291,12 +296,12 @@ def main():
         device = args.device if args.no_server else None
         if folder is None:  # --no-server on a GPU: the untrained model is built there directly
             with torch.device(device):
-                model = build_random(args.preset, serving_dtype(args.preset, device, args.dtype))
+                model = build_random(args.preset, serving_precision(args.preset, device, args.dtype)[0])
         else:
-            model = load_model(str(folder), device=device, dtype=serving_dtype(folder_preset(folder), device, args.dtype))  # as the server does
+            model = load_for_serving(folder, device, args.dtype)  # as the server does
         model.eval()
         print(f"model: {description}; preset {model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-              f"dtype {model.dtype}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
+              f"{precision(model)}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
               f"max_new_tokens {max_new}")
         force_ids = None
         if args.force_answer:

@@ -56,7 +56,7 @@ class CountingEncoder:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: the shipped demo model, else an untrained demo-preset model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "mixed"])
     p.add_argument("--slices", type=int, default=64)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=None, help="default: the app's default batch_size")
@@ -69,15 +69,15 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from latency import build_random, machine
-    from raddiagseg import load_model, templates
+    from latency import build_random, machine, precision
+    from raddiagseg import templates
     from raddiagseg.data import phantoms
     from raddiagseg.imaging import to_unit_range
 
     from lib import infer_params
     from lib.feature_cache import FeatureCache
     from lib.model_runner import ModelRunner
-    from lib.model_store import folder_preset, serving_dtype
+    from lib.model_store import load_for_serving
 
     batch_size = args.batch_size or infer_params.DEFAULTS["batch_size"]
     max_new = args.max_new_tokens or infer_params.DEFAULTS["max_new_tokens"]
@@ -92,9 +92,8 @@ def main():
             build_random("demo", torch.float32).save_pretrained(str(folder))
             print("model: no shipped demo model: an untrained demo-preset model (timings depend on the architecture only; "
                   "answers, and so the mask-decoder skips, depend on weights)")
-        model = load_model(str(folder), dtype=serving_dtype(folder_preset(folder), None, args.dtype))
-        model.eval()
-        print(f"model: {folder}, preset {model.config.preset}, dtype {model.dtype}")
+        model = load_for_serving(folder, None, args.dtype)
+        print(f"model: {folder}, preset {model.config.preset}, {precision(model)}")
 
         class Store:  # what ModelRunner needs of the app's ModelStore: the loaded model and its version
             def get(self):
@@ -116,13 +115,19 @@ def main():
             calls0, images0, decoder0 = counter.calls, counter.images, model.mask_decoder_calls
             t0 = time.perf_counter()
             if name == "batched":
-                results, _ = runner.answer(units, questions, options, batch_size=batch_size)
+                results, stats = runner.answer(units, questions, options, batch_size=batch_size)
+                runs["batched_stages"] = stats["model"]
             else:
                 results = []
                 for unit, question in zip(units, questions):
                     results.extend(runner.answer([unit], [question], options, batch_size=1)[0])
             seconds = time.perf_counter() - t0
             runs.setdefault(name, []).append(seconds)
+            if name == "loop":
+                runs["loop_stages"] = {}
+                for r in results:  # one generate per slice: each result has its own stage times
+                    for k, v in r.latencies.items():
+                        runs["loop_stages"][k] = runs["loop_stages"].get(k, 0.0) + v
             info = {"results": results, "encode_calls": counter.calls - calls0, "encoded": counter.images - images0,
                     "decoder_calls": model.mask_decoder_calls - decoder0}
             runs[name + "_info"] = info
@@ -134,6 +139,9 @@ def main():
                   f"encoder calls {info['encode_calls']} for {info['encoded']} slices; {tokens} tokens generated; "
                   f"{masked} slices with masks, the other {len(units) - masked} skipped the mask decoder; "
                   f"mask decoder calls {info['decoder_calls']}")
+        for name in ("batched", "loop"):
+            stages = {k: v for k, v in runs[name + "_stages"].items() if k != "decode_per_token"}
+            print(f"  {name} stage sums [s] (last run): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
         same = sum(a.answer == b.answer for a, b in zip(runs["batched_info"]["results"], runs["loop_info"]["results"]))
         print(f"answers identical in batched and loop runs: {same} of {len(units)}")
         ratio = min(runs["batched"]) / min(runs["loop"])

@@ -25,7 +25,7 @@ if str(APP) not in sys.path:
 
 from lib.feature_cache import FeatureCache  # noqa: E402
 from lib.model_runner import ModelRunner  # noqa: E402
-from lib.model_store import folder_preset, serving_dtype  # noqa: E402
+from lib.model_store import folder_preset, load_for_serving, serving_precision  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -156,11 +156,32 @@ def test_a_batch_of_only_no_answers_makes_no_decoder_call(model):
     assert stats["model"]["mask_decoder"] == 0.0
 
 
-def test_serving_dtype_per_preset_and_device():
-    assert serving_dtype("demo") == torch.float32
-    assert serving_dtype("paper") == torch.bfloat16
-    assert serving_dtype("demo", "cpu", "bfloat16") == torch.bfloat16
-    assert serving_dtype("paper", "cpu", "float32") == torch.float32
+def test_serving_precision_per_preset_and_choice(monkeypatch):
+    from lib import model_store
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert serving_precision("paper") == (bf16, bf16)
+    assert serving_precision("demo", "cpu", "float32") == (f32, f32)
+    assert serving_precision("demo", "cpu", "bfloat16") == (bf16, bf16)
+    assert serving_precision("demo", "cpu", "mixed") == (f32, bf16)
+    monkeypatch.setattr(model_store, "cpu_has_fast_bf16", lambda: True)
+    assert serving_precision("demo") == (f32, bf16)  # encoders bf16, LM and mask decoder fp32
+    monkeypatch.setattr(model_store, "cpu_has_fast_bf16", lambda: False)
+    assert serving_precision("demo") == (f32, f32)  # emulated bf16 would be slower: fp32 fallback
+
+
+def test_mixed_precision_serves_bf16_encoders_with_an_fp32_lm(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    served = load_for_serving(tmp_path / "m", None, "mixed")
+    assert {p.dtype for p in served.vision_backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in served.clip_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in served.language_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in served.mask_decoder.parameters()} == {torch.float32}
+    image = slices(1)[0]
+    features = served.encode_images([image])
+    assert features.vision.dtype == torch.bfloat16 and features.image_embeds.dtype == torch.bfloat16
+    result = served.generate(image, "Is there a tumour?", features=features, max_new_tokens=3)
+    assert 1 <= len(result.token_ids) <= 3
 
 
 def test_loading_in_bf16_builds_the_model_in_bf16(model, tmp_path):

@@ -25,24 +25,55 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("config.json", "model.safetensors")
 
 
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "mixed")
 
 
-def serving_dtype(preset, device=None, choice="auto"):
-    """The torch dtype to serve a model of `preset` on `device` in: `choice` float32/bfloat16, or auto.
+def serving_precision(preset, device=None, choice="auto"):
+    """(model dtype, image-encoder dtype) to serve a model of `preset` on `device` with `choice`:
 
-    auto: bf16 on a GPU that supports it; on CPU bf16 for the paper preset (billions of weights,
-    matmul-bound: bf16 halves the memory and this CPU's bf16 matmuls are faster) and fp32 for the
-    demo preset, whose per-token decode is dispatch-bound and measured no faster in bf16
-    (benchmarks/RESULTS.md, "bf16 or fp32 on CPU").
+    float32 / bfloat16: the whole model; mixed: the image encoders (vision backbone, CLIP encoder,
+    projector) in bf16, the LM and mask decoder in fp32; auto: bf16 on a GPU that supports it, on CPU
+    bf16 for the paper preset (billions of weights, matmul-bound: bf16 halves the memory and this
+    CPU's bf16 matmuls are ~4x faster) and mixed for the demo preset when the CPU has native bf16 (its
+    encoders are ~2x faster in bf16, its small dispatch-bound decode steps are not; answers unchanged on
+    phantoms, masks Dice ~0.997 vs fp32: benchmarks/dtype.py, RESULTS.md), else fp32.
     """
     import torch
 
+    if choice == "mixed":
+        return torch.float32, torch.bfloat16
     if choice != "auto":
-        return getattr(torch, choice)
+        return getattr(torch, choice), getattr(torch, choice)
     if str(device or "cpu").startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32 if preset == "demo" else torch.bfloat16
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtype, dtype
+    if preset == "demo":
+        return serving_precision(preset, device, "mixed" if cpu_has_fast_bf16() else "float32")
+    return torch.bfloat16, torch.bfloat16
+
+
+def cpu_has_fast_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); without it bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def load_for_serving(folder, device=None, choice="auto"):
+    """Load a model folder in the precision `serving_precision` picks (built directly in that dtype)."""
+    from raddiagseg import load_model
+
+    dtype, encoder_dtype = serving_precision(folder_preset(folder), device, choice)
+    model = load_model(str(folder), device=device, dtype=dtype)
+    if encoder_dtype != dtype:
+        model.set_encoder_dtype(encoder_dtype)
+    return model.eval()
 
 
 def folder_preset(folder):
@@ -111,12 +142,8 @@ class ModelStore:
         version = self.version(folder)
         with self._lock:
             if self._model is None or version != self._version:
-                from raddiagseg import load_model
-
                 logger.info("Loading model %s (version %s)", folder, version)
-                dtype = serving_dtype(folder_preset(folder), self.device, self.dtype)
-                model = load_model(str(folder), device=self.device, dtype=dtype)
-                model.eval()
+                model = load_for_serving(folder, self.device, self.dtype)
                 self._model, self._version = model, version
                 self.loads += 1
                 for callback in self.on_change:

@@ -7,8 +7,9 @@
                         (default: <studies>/.raddiag for a local datastore, else ~/.cache/raddiag/monailabel/<hash>)
     feature_cache_size  slices whose image features are kept in memory (default 64; 0 disables)
     device              cpu | cuda | cuda:N (default: cuda when available)
-    dtype               auto | float32 | bfloat16 (default auto: bf16 on GPU; on CPU fp32 for the demo
-                        preset, bf16 for the paper preset; see lib/model_store.serving_dtype)
+    dtype               auto | float32 | bfloat16 | mixed (image encoders bf16, LM + mask decoder fp32);
+                        default auto: bf16 on GPU; on CPU bf16 for the paper preset, mixed for the demo
+                        preset when the CPU has native bf16, else fp32 (lib/model_store.serving_precision)
     uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
     uncertain_method    sampling (pairwise disagreement of sampled answers, default) | tts (the
                         disagreement test-time scaling reports: uncertain_samples answers x 3 perturbed prompts)

@@ -148,6 +148,15 @@ class RadDiagSegModel(nn.Module):
         self.config.rvls2m = r
         self._apply_trainable()
 
+    def set_encoder_dtype(self, dtype):
+        """Run the image encoders (vision backbone, CLIP encoder, projector) in `dtype`, the LM and mask
+        decoder unchanged: on CPU bf16 speeds up the encoders' large matmuls while the demo LM's small,
+        dispatch-bound decode steps are faster in fp32 (benchmarks/dtype.py). `dtype` then reports the
+        encoders' dtype, the one cached ImageFeatures are kept in."""
+        for module in (self.vision_backbone, self.clip_encoder, self.projector):
+            module.to(dtype)
+        return self
+
     @property
     def device(self):
         return next(self.parameters()).device
@@ -159,10 +168,13 @@ class RadDiagSegModel(nn.Module):
     # --- shared pieces ----------------------------------------------------------------------
     def _encode(self, vision_pixels, clip_pixels, latencies=None):
         t0 = time.perf_counter()
-        vision = self.vision_backbone(self.vision_backbone.preprocess(vision_pixels.to(self.device, self.dtype)).to(self.dtype))
+        # each encoder in its own dtype (`set_encoder_dtype` may run them in bf16 next to an fp32 LM)
+        vision_dtype = _module_dtype(self.vision_backbone)
+        vision = self.vision_backbone(self.vision_backbone.preprocess(vision_pixels.to(self.device)).to(vision_dtype))
         t1 = time.perf_counter()
-        patches = self.clip_encoder(self.clip_encoder.preprocess(clip_pixels.to(self.device, self.dtype)).to(self.dtype))
-        image_embeds = self.projector(patches)
+        clip_dtype = _module_dtype(self.clip_encoder)
+        patches = self.clip_encoder(self.clip_encoder.preprocess(clip_pixels.to(self.device)).to(clip_dtype))
+        image_embeds = self.projector(patches.to(self.dtype))
         if latencies is not None:
             latencies["vision"] = t1 - t0
             latencies["clip"] = time.perf_counter() - t1
@@ -428,6 +440,10 @@ class RadDiagSegModel(nn.Module):
         model.to(device=device, dtype=dtype)
         model.eval()
         return model
+
+
+def _module_dtype(module):
+    return next(module.parameters()).dtype
 
 
 def label_before(text, index):
