@@ -118,16 +118,16 @@ def main():
                 results, stats = runner.answer(units, questions, options, batch_size=batch_size)
                 runs["batched_stages"] = stats["model"]
             else:
-                results = []
+                results, loop_stages = [], {}
                 for unit, question in zip(units, questions):
-                    results.extend(runner.answer([unit], [question], options, batch_size=1)[0])
+                    one, stats = runner.answer([unit], [question], options, batch_size=1)
+                    results.extend(one)
+                    for k, v in stats["model"].items():
+                        loop_stages[k] = loop_stages.get(k, 0.0) + v
             seconds = time.perf_counter() - t0
             runs.setdefault(name, []).append(seconds)
             if name == "loop":
-                runs["loop_stages"] = {}
-                for r in results:  # one generate per slice: each result has its own stage times
-                    for k, v in r.latencies.items():
-                        runs["loop_stages"][k] = runs["loop_stages"].get(k, 0.0) + v
+                runs["loop_stages"] = loop_stages
             info = {"results": results, "encode_calls": counter.calls - calls0, "encoded": counter.images - images0,
                     "decoder_calls": model.mask_decoder_calls - decoder0}
             runs[name + "_info"] = info
