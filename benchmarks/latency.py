@@ -163,35 +163,39 @@ def scripted_logits(model, answer_ids):
     return reset
 
 
-def measure_floor(model, units, question, options, repeats, force_ids=None):
-    """Median seconds of the model calls a request makes: cold (encode + generate), warm (generate on features)."""
-    import torch
+class Floor:
+    """The model calls a request makes, timed alone in this process: cold (encode_images + generate) and
+    warm (generate on the cached features), on the same model, dtype, question and options."""
 
-    def sync():
-        if model.device.type == "cuda":
+    def __init__(self, model, question, options, force_ids=None):
+        self.model, self.question, self.options = model, question, options
+        self.reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
+        self.cold, self.warm, self.results = [], [], []
+
+    def sync(self):
+        if self.model.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize()
 
-    reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
-    cold, warm, results = [], [], []
-    for i in range(repeats + 1):  # the first round warms up one-time initialisation
-        unit = units[i % len(units)]
-        reset()
+    def once(self, unit, record=True):
+        model = self.model
+        self.reset()
         t0 = time.perf_counter()
         features = model.encode_images([unit])
-        result = model.generate(unit, question, features=features, **options)
-        sync()
+        result = model.generate(unit, self.question, features=features, **self.options)
+        self.sync()
         t_cold = time.perf_counter() - t0
         result.latencies = {**result.latencies, **features.latencies}  # the encoder stages ran in encode_images
-        reset()
+        self.reset()
         t0 = time.perf_counter()
-        model.generate(unit, question, features=features, **options)
-        sync()
+        model.generate(unit, self.question, features=features, **self.options)
+        self.sync()
         t_warm = time.perf_counter() - t0
-        if i:
-            cold.append(t_cold)
-            warm.append(t_warm)
-            results.append(result)
-    return cold, warm, results
+        if record:
+            self.cold.append(t_cold)
+            self.warm.append(t_warm)
+            self.results.append(result)
 
 
 def post_infer(session, url, image_id, params):
@@ -268,30 +272,6 @@ def main():
         else:
             folder, description = model_folder(args, work)
 
-        e2e = {"cold": [], "warm": []}
-        server_json = {"cold": [], "warm": []}
-        if not args.no_server:
-            import requests
-            from live_server import start_server
-
-            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype}
-            t0 = time.perf_counter()
-            with start_server(APP, work / "studies", conf) as server:
-                print(f"server up in {time.perf_counter() - t0:.1f} s at {server.url}")
-                session = requests.Session()
-                params = {"question": QUESTION, "max_new_tokens": max_new}
-                first, out = post_infer(session, server.url, ids[-1], params)  # loads the model: reported, not in the medians
-                print(f"first request (loads the model): {first:.2f} s")
-                for image_id in ids[: args.repeats]:
-                    for kind in ("cold", "warm"):
-                        seconds, out = post_infer(session, server.url, image_id, params)
-                        cache = out.get("feature_cache") or {}
-                        expected = 1 if kind == "cold" else 0
-                        if cache.get("encoded") != expected:
-                            raise SystemExit(f"{kind} request on {image_id} encoded {cache.get('encoded')} slices, expected {expected}")
-                        e2e[kind].append(seconds)
-                        server_json[kind].append(out)
-
         t0 = time.perf_counter()
         device = args.device if args.no_server else None
         if folder is None:  # --no-server on a GPU: the untrained model is built there directly
@@ -309,14 +289,48 @@ def main():
             force_ids = model.processor.answer_ids(text)
             options["max_new_tokens"] = max(max_new, len(force_ids))
             print(f"floor decodes the fixed answer {text!r} ({len(force_ids) - 1} tokens + eos; max_new_tokens {options['max_new_tokens']})")
-        floor_cold, floor_warm, results = measure_floor(model, units, QUESTION, options, args.repeats, force_ids)
+        floor = Floor(model, QUESTION, options, force_ids)
+        floor.once(units[-1], record=False)  # warm-up: one-time initialisation is not timed
+        rss_floor = peak_rss_gb()
+
+        e2e = {"cold": [], "warm": []}
+        server_json = {"cold": [], "warm": []}
+        if args.no_server:
+            for unit in units[: args.repeats]:
+                floor.once(unit)
+        else:
+            import requests
+            from live_server import start_server
+
+            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype}
+            t0 = time.perf_counter()
+            with start_server(APP, work / "studies", conf) as server:
+                print(f"server up in {time.perf_counter() - t0:.1f} s at {server.url}")
+                session = requests.Session()
+                params = {"question": QUESTION, "max_new_tokens": max_new}
+                first, out = post_infer(session, server.url, ids[-1], params)  # loads the model: reported, not in the medians
+                print(f"first request (loads the model): {first:.2f} s")
+                # interleaved: a cold + warm request pair, then the same model calls in-process, slice by slice,
+                # so drifting load on a shared machine affects the server and the floor alike
+                for image_id, unit in zip(ids[: args.repeats], units):
+                    for kind in ("cold", "warm"):
+                        seconds, out = post_infer(session, server.url, image_id, params)
+                        cache = out.get("feature_cache") or {}
+                        expected = 1 if kind == "cold" else 0
+                        if cache.get("encoded") != expected:
+                            raise SystemExit(f"{kind} request on {image_id} encoded {cache.get('encoded')} slices, expected {expected}")
+                        e2e[kind].append(seconds)
+                        server_json[kind].append(out)
+                    floor.once(unit)
+        floor_cold, floor_warm, results = floor.cold, floor.warm, floor.results
         last = results[-1]
         print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
         print("\ncompute floor (model calls alone, in-process), medians over", len(floor_cold))
         print(f"  cold (encode_images + generate): {median(floor_cold) * 1000:.0f} ms")
         print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms")
         print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
-        print(f"  peak RSS of this process: {peak_rss_gb():.2f} GB")
+        print(f"  peak RSS of this process: {rss_floor:.2f} GB after loading the model and a warm-up request"
+              + (f", {peak_rss_gb():.2f} GB at the end" if args.no_server else ""))
         if model.device.type == "cuda":
             print(f"  on {torch.cuda.get_device_name()}: peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB "
                   "(stage times inside the model are not synchronised on a GPU; the totals are)")
