@@ -327,7 +327,7 @@ def main():
         print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
         print("\ncompute floor (model calls alone, in-process), medians over", len(floor_cold))
         print(f"  cold (encode_images + generate): {median(floor_cold) * 1000:.0f} ms")
-        print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms")
+        print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms   (floor warm/cold {median(floor_warm) / median(floor_cold):.2f})")
         print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
         print(f"  peak RSS of this process: {rss_floor:.2f} GB after loading the model and a warm-up request"
               + (f", {peak_rss_gb():.2f} GB at the end" if args.no_server else ""))
