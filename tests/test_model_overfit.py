@@ -70,7 +70,7 @@ def test_generate_reproduces_answers_and_masks(trained, samples):
             assert seg.mask.dtype == bool and seg.mask.shape == s["image"].shape
             assert 0.5 < seg.score <= 1.0
             dices.append(dice(seg.mask, gt))
-        assert set(res.latencies) == {"preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"}
+        assert set(res.latencies) == {"preprocess", "vision", "clip", "prefill", "decode", "decode_per_token", "mask_decoder"}
     assert np.mean(dices) > 0.9, dices
 
 
