@@ -200,6 +200,9 @@ def main(argv=None):
     p.add_argument("--ct-slices", type=int, default=12)
     p.add_argument("--title", default="", help="added to the RESULTS.md section heading (e.g. the machine), one section per title")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="markdown file to update ('-': print only)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="OPTIONS_JSON",
+                   help="run nothing: write one table from the options.json of earlier runs with the same settings "
+                        "(e.g. variant subsets run in parallel, each with its own --work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -226,7 +229,17 @@ def main(argv=None):
     counts = {t: sum(r["task"] == t for r in rows) for t in ("vqaseg", "reasonseg", "refseg")}
     log.info("held-out rows: %s", counts)
 
-    results, training = {}, {}
+    results, training, commands = {}, {}, []
+    this_command = "python benchmarks/options.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        for part in args.merge:
+            saved = json.loads(part.read_text())
+            results.update(saved["results"])
+            training.update(saved["training"])
+            commands.append(saved.get("command", f"(results of {part})"))
+        variants = []
+    else:
+        commands.append(this_command)
 
     def run(name, model, **kw):
         t0 = time.perf_counter()
@@ -236,9 +249,10 @@ def main(argv=None):
                          "latency_mean": statistics.fmean(latency) if latency else float("nan"),
                          "eval_seconds": round(time.perf_counter() - t0, 1)}
         log.info("%s: %s", name, {k: report["overall"].get(k) for k in ("dice_org", "dice_abn", "diagnosis_f1", "giou", "reasonseg_giou")})
-        (args.work / "options.json").write_text(json.dumps({"results": results, "training": training}, indent=1, default=str))
+        (args.work / "options.json").write_text(json.dumps({"results": results, "training": training,
+                                                            "command": this_command}, indent=1, default=str))
 
-    base = load_model(args.model, device=args.device)
+    base = load_model(args.model, device=args.device) if variants else None
     if "plain" in variants:
         run("plain", base)
     if "tts" in variants:
@@ -259,13 +273,12 @@ def main(argv=None):
             run("FT+RVLS2M, off at inference", model, rvls2m=False)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    command = "python benchmarks/options.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = [
         "`benchmarks/options.py` evaluates each option of the same model on held-out phantoms "
         f"(seed {args.test_seed}, never trained on): {counts['vqaseg']} 3-step (VQA-Seg) samples, {counts['reasonseg']} "
         f"reasoning-segmentation samples, {counts['refseg']} Ref-Seg samples, one sample per model call.",
         "",
-        "```", f"$ {command}", "```", "",
+        "```", *(f"$ {c}" for c in commands), *([f"$ {this_command}"] if args.merge else []), "```", "",
         f"Machine: {device}. Model: `{args.model}`. Fine-tunes (FT rows): {args.steps} steps from that model, batch "
         f"{args.batch_size}, lr {args.lr}, task mix {args.ratio}, phantoms of seed {args.train_seed} "
         f"({args.train_ct_volumes} CT volumes, {args.train_xrays} X-rays); "

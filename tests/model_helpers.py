@@ -50,3 +50,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SHORT_QUESTION = "Is there an abnormality? If yes, diagnose and segment it."
+
+
+def four_samples():
+    """Two liver and two pancreas phantoms of different sizes: the overfit and forward tests' batch."""
+    return [
+        phantom_sample("liver", size=96, seed=0, question=SHORT_QUESTION),
+        phantom_sample("pancreas", size=96, seed=1, question=SHORT_QUESTION),
+        phantom_sample("liver", size=80, seed=2, question=SHORT_QUESTION),
+        phantom_sample("pancreas", size=112, seed=3, question=SHORT_QUESTION),
+    ]

@@ -59,14 +59,20 @@ def test_view_matches_the_dataset_builder(tmp_path):
         assert np.array_equal(data_io.axial_slice(lps, k), volume[k])
 
 
-@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
-def test_label_map_keeps_input_geometry_and_paints_abnormality_on_top(tmp_path, extension):
+def volume_with_organ_and_tumour():
+    """A small volume with an organ mask and a tumour inside it (numpy z, y, x)."""
     image = make_volume()
     shape = tuple(reversed(image.GetSize()))
     organ = np.zeros(shape, bool)
     organ[1:5, 2:8, 3:10] = True
     tumour = np.zeros(shape, bool)
     tumour[2:4, 4:6, 5:7] = True
+    return image, organ, tumour
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
+def test_label_map_keeps_input_geometry_and_paints_abnormality_on_top(tmp_path, extension):
+    image, organ, tumour = volume_with_organ_and_tumour()
     segs = segments.assign(["liver", "liver tumour"])
     path = tmp_path / f"label{extension}"
     label_files.write(path, image, segs, {"liver": organ, "liver tumour": tumour})
@@ -80,12 +86,7 @@ def test_label_map_keeps_input_geometry_and_paints_abnormality_on_top(tmp_path, 
 
 def test_seg_nrrd_has_names_colours_terminology_and_overlapping_layers(tmp_path):
     slicerio = pytest.importorskip("slicerio")
-    image = make_volume()
-    shape = tuple(reversed(image.GetSize()))
-    organ = np.zeros(shape, bool)
-    organ[1:5, 2:8, 3:10] = True
-    tumour = np.zeros(shape, bool)
-    tumour[2:4, 4:6, 5:7] = True
+    image, organ, tumour = volume_with_organ_and_tumour()
     segs = segments.assign(["liver", "liver tumour", "spleen"])  # spleen: no voxels, still a segment
     path = tmp_path / "result.seg.nrrd"
     label_files.write(path, image, segs, {"liver": organ, "liver tumour": tumour})

@@ -8,22 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model_helpers import dice, phantom_sample, single_thread  # noqa: F401 (fixture)
+from model_helpers import dice, four_samples, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MAX_STEPS = 300
-SHORT_QUESTION = "Is there an abnormality? If yes, diagnose and segment it."
 
 
 @pytest.fixture(scope="module")
 def samples():
-    return [
-        phantom_sample("liver", size=96, seed=0, question=SHORT_QUESTION),
-        phantom_sample("pancreas", size=96, seed=1, question=SHORT_QUESTION),
-        phantom_sample("liver", size=80, seed=2, question=SHORT_QUESTION),
-        phantom_sample("pancreas", size=112, seed=3, question=SHORT_QUESTION),
-    ]
+    return four_samples()
 
 
 @pytest.fixture(scope="module")
