@@ -8,9 +8,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/trainer PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 common=(--model MONAILabelApp/model/raddiagseg-demo --steps "$steps" --num-workers 6 --samples 80 --tts 4x4 --title H200 --results -)
-python3 benchmarks/options.py "${common[@]}" --work /tmp/oa --variants plain,tts,ft > "$out/options_a.log" 2>&1 &
+timeout 480 python3 benchmarks/options.py "${common[@]}" --work /tmp/oa --variants plain,tts,ft > "$out/options_a.log" 2>&1 &
 a=$!
-python3 benchmarks/options.py "${common[@]}" --work /tmp/ob --variants rvls2m,cot > "$out/options_b.log" 2>&1 &
+timeout 480 python3 benchmarks/options.py "${common[@]}" --work /tmp/ob --variants rvls2m,cot > "$out/options_b.log" 2>&1 &
 b=$!
 wait $a; wait $b
 tail -3 "$out/options_a.log" "$out/options_b.log"

@@ -67,3 +67,16 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+
+def test_card_marks_each_target_met_or_not_met():
+    from raddiagseg.training.demo import targets_section
+
+    report = {"ct": {"detection_f1": 0.96, "diagnosis_f1": 0.91, "dice_org": 0.86, "dice_abn": 0.61},
+              "xray": {"detection_f1": 0.80, "diagnosis_f1": 0.90, "dice_org": None, "dice_abn": 0.7}}
+    text = targets_section(report)
+    ct = next(line for line in text.splitlines() if line.startswith("| ct |"))
+    xray = next(line for line in text.splitlines() if line.startswith("| xray |"))
+    assert "not met" not in ct and ct.count(" met") == 4
+    assert "0.800 **not met**" in xray and "0.900 met" in xray and "– **not met**" in xray
+    assert "2 of 8 targets not met." in text

@@ -28,6 +28,8 @@ DEMO_STEPS = dict(align=800, pretrain=500, finetune=1500)
 # The paper fine-tunes on VQA-Seg + VQA only; measured on the demo build, that erased Ref-Seg ("segment the
 # liver": held-out CT Dice 0.55 after pretrain, 0.01 after finetune), which the app and its train task use.
 FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
+# What the shipped demo model should reach on held-out phantoms, per modality (the card says which it meets).
+TARGETS = {"detection_f1": 0.95, "diagnosis_f1": 0.90, "dice_org": 0.85, "dice_abn": 0.60}
 
 
 @dataclass
@@ -180,6 +182,25 @@ def _fmt(value):
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def targets_section(report):
+    """Markdown: each held-out metric of TARGETS per modality, marked met or not met."""
+    names = {"detection_f1": "detection F1", "diagnosis_f1": "diagnosis F1", "dice_org": "Dice-Org", "dice_abn": "Dice-Abn"}
+    head = "| modality | " + " | ".join(f"{names[k]} (target ≥ {v:.2f})" for k, v in TARGETS.items()) + " |"
+    lines = ["## Against the targets", "", head, "|---" * (len(TARGETS) + 1) + "|"]
+    missed = 0
+    for modality in ("ct", "xray"):
+        m = report.get(modality) or {}
+        cells = []
+        for key, target in TARGETS.items():
+            value = m.get(key)
+            met = value is not None and value >= target
+            missed += not met
+            cells.append(f"{_fmt(value)} {'met' if met else '**not met**'}")
+        lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+    lines += ["", "All targets met." if not missed else f"{missed} of {2 * len(TARGETS)} targets not met."]
+    return "\n".join(lines) + "\n"
+
+
 def model_card(settings, report, timings, align, pre, fine):
     rows = []
     for modality in ("ct", "xray", "overall"):
@@ -226,6 +247,7 @@ then `raddiagseg score --pred pred.jsonl --data DATA/manifest.jsonl`, where DATA
 `raddiagseg phantoms --seed {settings.test_seed} ...` + `raddiagseg build` (or `build_phantom_dataset(DATA,
 ct_volumes={settings.test_ct_volumes}, xrays={settings.test_xrays}, seed={settings.test_seed}, ct_slices={settings.ct_slices})`).
 
+{targets_section(report)}
 ## Limits
 Synthetic anatomy and lesions only; one axial 2D slice or one X-ray per question; answers follow the
 RadDiagSeg-D templates; the vocabulary is the one in `raddiagseg/resources/vocabulary.json`.
