@@ -233,6 +233,9 @@ def main(argv=None):
     this_command = "python benchmarks/options.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         for part in args.merge:
+            if not part.is_file():
+                log.warning("%s does not exist (that run ended before its first variant): left out", part)
+                continue
             saved = json.loads(part.read_text())
             results.update(saved["results"])
             training.update(saved["training"])
