@@ -197,3 +197,43 @@ def test_lm_folder_with_other_sizes_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         build_model("demo", clip_dir=str(tmp_path / "pg"))
+
+
+def test_seg_token_rows_are_merged_for_inference_without_changing_outputs(tmp_path):
+    """eval() writes the trainable seg-token rows into the embedding (no full-matrix copy per token); train() takes
+    them out; logits are the same either way, also when eval() runs inside inference mode, and training still works."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from raddiagseg import build_model
+
+    torch.manual_seed(0)
+    model = build_model("demo", trainable={"lm": "lora"}, language={"lora_rank": 4})
+    lm = model.language_model
+    seg = torch.tensor([lm.seg_ids[:3] + [5, 7]])
+    with torch.no_grad():  # trained seg rows differ from the base rows
+        for layer in lm.modules():
+            if isinstance(layer, TrainableTokensLayer):
+                for delta in layer.trainable_tokens_delta.values():
+                    delta.add_(torch.randn_like(delta))
+    layers = [m for m in lm.modules() if isinstance(m, TrainableTokensLayer)]
+    assert layers
+
+    def logits():
+        with torch.no_grad():
+            hidden, _ = lm(lm.embed(seg))
+            return lm.logits(hidden)
+
+    model.train()
+    unmerged = logits()
+    assert not any(layer.merged for layer in layers)
+    with torch.inference_mode():
+        model.eval()
+        merged = logits()
+    assert all(layer.merged for layer in layers)
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    model.train()
+    assert not any(layer.merged for layer in layers)
+    hidden, _ = lm(lm.embed(seg))
+    lm.logits(hidden).float().pow(2).mean().backward()  # the merge left no inference tensor behind
+    assert any(layer.trainable_tokens_delta["default"].grad is not None for layer in layers)
+    assert torch.allclose(logits(), unmerged, atol=1e-5)

@@ -406,8 +406,6 @@ class RadDiagSegModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        from safetensors import safe_open
-
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a RadDiagSeg checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -427,16 +425,15 @@ class RadDiagSegModel(nn.Module):
             torch.set_default_dtype(previous)
         expected = model.state_dict()
         tied = set(expected) - set(_dedupe_tied(expected))
-        from raddiagseg.model.weights import check_state_dict
+        from raddiagseg.model.weights import check_state_dict, copy_safetensors_into, safetensors_header
 
-        # tensor by tensor from the memory-mapped file into the model: peak memory is the model plus one
-        # tensor, not two copies of the model (matters for the 2.6 B-parameter paper preset)
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights_file:
-            shapes = {k: tuple(weights_file.get_slice(k).get_shape()) for k in weights_file.keys()}
-            check_state_dict({k: v for k, v in expected.items() if k not in tied}, shapes, source=str(path / WEIGHTS_FILE))
-            with torch.no_grad():
-                for key in shapes:
-                    expected[key].copy_(weights_file.get_tensor(key))  # casts to the model's dtype
+        # tensor by tensor from the file straight into the model (no memory map): peak memory is the model
+        # plus at most one tensor, not two copies of the model (matters for the 2.6 B-parameter paper preset)
+        header, _ = safetensors_header(path / WEIGHTS_FILE)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        check_state_dict({k: v for k, v in expected.items() if k not in tied}, shapes, source=str(path / WEIGHTS_FILE))
+        with torch.no_grad():
+            copy_safetensors_into(path / WEIGHTS_FILE, {k: expected[k] for k in shapes})  # casts to the model's dtype
         model.to(device=device, dtype=dtype)
         model.eval()
         return model
