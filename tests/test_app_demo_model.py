@@ -57,8 +57,6 @@ def test_covid_xray_is_positive_with_named_lung_and_infection_segments(served):
     assert result["slices"] == [] and result["modality"] == "xray" and image.ndim == 2
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model answers 'COVID-19 infection' for 31 of 40 normal held-out X-rays "
-                                      "(its card); remove this mark when a retrained model passes")
 def test_normal_xray_is_negative(served):
     result = infer(served["server"], "cxr_normal")
     assert result["detection"] is False, result["answer"]
@@ -87,9 +85,6 @@ def test_liver_tumour_volume_is_positive_and_segments_liver_and_tumour(served, t
     assert all(l0 - 3 <= t0 and t1 <= l1 + 3 for (l0, l1), (t0, t1) in zip(liver_box, tumour_box)), (liver_box, tumour_box)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model calls slice 1 of this normal liver volume a pancreas "
-                                      "tumour (card: CT detection precision 0.968); remove this mark when a retrained "
-                                      "model passes")
 def test_normal_liver_volume_is_negative(served):
     result = infer(served["server"], "ct_liver_normal")
     assert result["detection"] is False and result["volume"]["positive_slices"] == [], result["volume"]
