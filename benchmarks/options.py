@@ -24,6 +24,7 @@ import json
 import logging
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -230,7 +231,7 @@ def main(argv=None):
     log.info("held-out rows: %s", counts)
 
     results, training, commands = {}, {}, []
-    this_command = "python benchmarks/options.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    this_command = "python benchmarks/options.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         for part in args.merge:
             if not part.is_file():
