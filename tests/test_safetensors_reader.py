@@ -44,3 +44,12 @@ def test_truncated_file_is_a_clear_error(tmp_path):
                "mask": torch.zeros(3, dtype=torch.bool), "scalar": torch.zeros(()), "empty": torch.zeros(0, 4)}
     with pytest.raises(ValueError, match="truncated"):
         copy_safetensors_into(path, targets)
+
+
+def test_file_that_is_not_safetensors_is_a_clear_error(tmp_path):
+    from raddiagseg.model.weights import safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        safetensors_header(path)

@@ -150,16 +150,10 @@ def _safetensors_files(folder):
 
 def _safetensors_shapes(folder):
     """{key: shape} of every tensor in the folder's safetensors file(s), read from the headers only."""
-    from safetensors import safe_open
-
     shapes = {}
     for name in _safetensors_files(folder):
-        try:
-            with safe_open(str(folder / name), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as exc:
-            raise ValueError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+        header, _ = safetensors_header(folder / name)
+        shapes.update((key, tuple(info["shape"])) for key, info in header.items())
     return shapes
 
 
@@ -228,9 +222,14 @@ SAFETENSORS_DTYPES = {
 
 def safetensors_header(path):
     """{name: {"dtype", "shape", "data_offsets"}} of a .safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else None
+    except (OSError, ValueError) as exc:  # ValueError covers bad UTF-8 and JSON
+        raise ValueError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a readable safetensors file (no JSON header)")
     header.pop("__metadata__", None)
     return header, 8 + size
 
