@@ -95,3 +95,11 @@ def test_phantoms_command_rejects_bad_counts(tmp_path):
     result = subprocess.run([sys.executable, "-m", "raddiagseg", "phantoms", "--out", str(tmp_path), "--ct-volumes", "0",
                              "--xrays", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "must be" in result.stderr
+
+
+def test_phantom_files_do_not_depend_on_the_number_of_worker_processes(tmp_path):
+    kwargs = dict(ct_volumes=3, xrays=6, ct_size=64, ct_slices=6, xray_size=64, vqa_images=4, refseg_images=3, seed=5)
+    write_phantoms(tmp_path / "one", workers=1, **kwargs)
+    write_phantoms(tmp_path / "three", workers=3, **kwargs)
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "three")
+    assert len(list((tmp_path / "one").rglob("*.nii.gz"))) == 6  # image + label per volume

@@ -46,8 +46,10 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
     from raddiagseg.training.demo import DemoSettings, build_demo
 
     out = tmp_path / "model" / "raddiagseg-demo"
-    card = build_demo(DemoSettings(out=str(out), align_steps=2, pretrain_steps=1, finetune_steps=1,
-                                   train_ct_volumes=2, train_xrays=6, test_ct_volumes=2, test_xrays=3, ct_slices=6))
+    settings = DemoSettings(out=str(out), align_steps=2, pretrain_steps=1, finetune_steps=1, train_ct_volumes=2,
+                            train_xrays=6, test_ct_volumes=2, test_xrays=3, ct_slices=6,
+                            model_overrides={"projector": {"num_queries": 8}}, workers=2, num_workers=1)
+    card = build_demo(settings)
     assert card == out / "MODEL_CARD.md"
     assert not (out.parent / "raddiagseg-demo.tmp").exists()
     report = json.loads((out / "heldout_report.json").read_text())
@@ -60,6 +62,8 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
 
     config = json.loads((out / "config.json").read_text())
     assert config["trainable"]["clip"] is False
+    assert config["projector"]["num_queries"] == 8  # the architecture option reached the built model
+    assert (out / "heldout_report.csv").is_file()
     model = load_model(out, device="cpu")
     assert {p.dtype for p in model.parameters()} <= {torch.float16, torch.float32}
     assert (out / "model.safetensors").stat().st_size < 40e6
@@ -67,6 +71,14 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+    # Resumed: every finished step is reused, and the card still gives the time each one took when it ran.
+    first = json.loads((tmp_path / "model" / ".raddiagseg-demo-work" / "timings.json").read_text())
+    settings.resume = True
+    text = build_demo(settings).read_text()
+    assert "Reused from an earlier run of the same work folder (`--resume`), timed when they ran: data, CLIP alignment, " \
+           "pretrain, finetune." in text
+    assert f"data {first['data_s'] / 60:.1f} min, CLIP alignment {first['align_s'] / 60:.1f} min" in text
 
 
 def test_card_marks_each_target_met_or_not_met():
@@ -80,3 +92,37 @@ def test_card_marks_each_target_met_or_not_met():
     assert "not met" not in ct and ct.count(" met") == 4
     assert "0.800 **not met**" in xray and "0.900 met" in xray and "– **not met**" in xray
     assert "2 of 8 targets not met." in text
+
+
+@pytest.mark.parametrize("option, message", [
+    ("clip.depht=4", "expected PART.FIELD=VALUE"),
+    ("clip.depth", "expected PART.FIELD=VALUE"),
+    ("clip.depth=four", "'four' is not an integer"),
+])
+def test_demo_model_options_are_checked_before_any_work(tmp_path, capsys, option, message):
+    from raddiagseg import cli
+
+    code = cli.main(["demo", "--out", str(tmp_path / "m"), "--model-option", option])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / ".raddiagseg-demo-work").exists()
+
+
+def test_demo_model_options_parse_into_config_overrides():
+    from raddiagseg.training.commands import _model_options
+
+    assert _model_options(["clip.depth=4", "projector.num_queries=32"]) == {"clip": {"depth": 4},
+                                                                            "projector": {"num_queries": 32}}
+
+
+def test_train_trainable_flags_are_checked_and_parsed(tmp_path, capsys):
+    from raddiagseg import cli
+    from raddiagseg.training.commands import _trainable_flags
+
+    assert _trainable_flags(["clip=true", "projector=false", "lm=lora"]) == {"clip": True, "projector": False, "lm": "lora"}
+    for bad, message in (("clipp=true", "expected PART=VALUE"), ("clip=maybe", "not a valid value for clip"),
+                         ("lm=half", "not a valid value for lm")):
+        code = cli.main(["train", "--data", str(tmp_path), "--stage", "finetune", "--out", str(tmp_path / "run"),
+                         "--trainable", bad])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

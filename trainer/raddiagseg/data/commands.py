@@ -13,6 +13,7 @@ def register(sub):
     p.add_argument("--vqa-images", type=int, default=None, help="images in each VQA set (default: a third of the others, ≥ 10)")
     p.add_argument("--refseg-images", type=int, default=None, help="CT slices in the BiomedParse-style Ref-Seg folder (default: max(6, CT volumes))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes drawing phantoms (default: all CPUs; the files do not depend on it)")
     p.add_argument("--ct-size", type=int, default=None, help="in-plane CT size in pixels (default random 192-320)")
     p.add_argument("--ct-slices", type=int, default=None, help="slices per CT volume (default random 24-64)")
     p.add_argument("--xray-size", type=int, default=256, help="X-ray size in pixels (COVID-QU-Ex: 256)")
@@ -48,6 +49,8 @@ def run_phantoms(args):
     for name in ("vqa_images", "refseg_images"):
         if (getattr(args, name) or 0) < 0:
             raise CommandError(f"--{name.replace('_', '-')} must be ≥ 0")
+    if args.workers is not None and args.workers < 1:
+        raise CommandError("--workers must be ≥ 1")
     if args.ct_size is not None and not 64 <= args.ct_size <= 1024:
         raise CommandError("--ct-size must be between 64 and 1024")
     if args.ct_slices is not None and not 4 <= args.ct_slices <= 512:
@@ -55,7 +58,7 @@ def run_phantoms(args):
     start = time.perf_counter()
     paths = write_phantoms(args.out, args.ct_volumes, args.xrays, seed=args.seed, ct_size=args.ct_size,
                            ct_slices=args.ct_slices, xray_size=args.xray_size, vqa_images=args.vqa_images,
-                           refseg_images=args.refseg_images)
+                           refseg_images=args.refseg_images, workers=args.workers)
     print(f"wrote phantoms to {args.out} in {time.perf_counter() - start:.1f} s; build them with:")
     cmd = ["raddiagseg build", "--out OUT"]
     if paths["msd"]:

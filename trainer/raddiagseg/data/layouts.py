@@ -8,6 +8,10 @@ Data/Train/COVID-19/images/covid_K.png`, `VQA_RAD Dataset Public.json`, `imgs/xm
 
 import json
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +34,48 @@ COVIDQU_SPLITS = (("Train", 0.64), ("Val", 0.16), ("Test", 0.20))
 COVIDQU_FILE = {"COVID-19": "covid_{}.png", "Non-COVID": "non_COVID ({}).png", "Normal": "Normal ({}).png"}
 # Direction-cosine layouts the phantoms are written in (the builder must undo them all).
 ORIENTATIONS = (("L", "P", "S"), ("R", "A", "S"), ("L", "A", "S"), ("R", "P", "I"), ("P", "L", "S"), ("A", "R", "I"))
+
+
+# Each phantom is drawn from its own generator, seeded by (seed, stream, index), so that any number of
+# worker processes writes the same files as one process would.
+STREAMS = {"liver": 1, "pancreas": 2, "covidqu": 3, "vqarad": 4, "slake": 5, "biomedparse": 6}
+
+
+def item_rng(seed, stream, index):
+    """The random generator of phantom `index` of `stream` (a STREAMS key) for `seed`."""
+    return np.random.default_rng([int(seed), STREAMS[stream], int(index)])
+
+
+def default_workers():
+    """Processes to draw phantoms with: the CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _map_items(fn, items, workers, desc, unit):
+    """`[fn(item) for item in items]` with a progress bar, over `workers` forked processes when > 1.
+
+    Fork (not spawn): the workers need no re-import and callers need no `__main__` guard; they run
+    numpy/scipy/nibabel/PIL only.
+    """
+    items = list(items)
+    workers = max(1, min(int(workers or 1), len(items)))
+    bar = tqdm(total=len(items), desc=desc, unit=unit, leave=False)
+    try:
+        if workers == 1:
+            out = []
+            for item in items:
+                out.append(fn(item))
+                bar.update(1)
+            return out
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            out = []
+            for result in pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8))):
+                out.append(result)
+                bar.update(1)
+            return out
+    finally:
+        bar.close()
 
 
 def _display_to_lps(volume):
@@ -61,51 +107,61 @@ def save_msd_volume(image_path, label_path, phantom, orientation, rng):
         nib.save(image, str(path))
 
 
-def write_msd(out, task, count, rng, size=None, slices=None, start_index=0):
-    """MSD task folder with `count` phantom volumes; returns the phantoms (for the VQA sets)."""
+def _write_msd_case(item, root, task, seed, size, slices):
+    k = item
+    rng = item_rng(seed, task, k)
+    # Every 7th volume is tumour-free (MSD has such cases); small runs keep tumours in every split.
+    tumours = 0 if k % 7 == 6 else int(rng.integers(1, 5) if task == "liver" else rng.integers(1, 3))
+    phantom = phantoms.generate_ct(rng, task, size=size, slices=slices, tumours=tumours)
+    name = f"{task}_{k}.nii.gz"
+    orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    save_msd_volume(root / "imagesTr" / name, root / "labelsTr" / name, phantom, orientation, rng)
+    return {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
+
+
+def write_msd(out, task, count, seed, size=None, slices=None, start_index=0, workers=1):
+    """MSD task folder with `count` phantom volumes; returns the path of its dataset.json."""
     spec = MSD_TASKS[task]
     root = Path(out) / spec["folder"]
-    training, made = [], []
-    for k in tqdm(range(start_index, start_index + count), desc=f"CT {task}", unit="vol", leave=False):
-        # Every 7th volume is tumour-free (MSD has such cases); small runs keep tumours in every split.
-        tumours = 0 if k % 7 == 6 else int(rng.integers(1, 5) if task == "liver" else rng.integers(1, 3))
-        phantom = phantoms.generate_ct(rng, task, size=size, slices=slices, tumours=tumours)
-        name = f"{task}_{k}.nii.gz"
-        orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
-        save_msd_volume(root / "imagesTr" / name, root / "labelsTr" / name, phantom, orientation, rng)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        made.append(phantom)
+    write = partial(_write_msd_case, root=root, task=task, seed=seed, size=size, slices=slices)
+    training = _map_items(write, range(start_index, start_index + count), workers, f"CT {task}", "vol")
     meta = {"name": spec["name"], "description": spec["description"],
             "reference": "RadDiag synthetic phantoms (layout of the Medical Segmentation Decathlon)",
             "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D",
             "modality": {"0": "CT"}, "labels": spec["labels"],
             "numTraining": len(training), "numTest": 0, "training": training, "test": []}
-    (root / "dataset.json").write_text(json.dumps(meta, indent=4))
-    return made
+    path = root / "dataset.json"
+    path.write_text(json.dumps(meta, indent=4))
+    return path
 
 
-def write_covidqu(out, count, rng, size=256):
+def _write_xray(item, root, seed, size):
+    k, kind, split, name = item
+    xray = phantoms.generate_xray(item_rng(seed, "covidqu", k), kind, size=size)
+    folder = root / split / kind
+    for sub, array in (("images", xray.image), ("lung masks", xray.lung * 255), ("infection masks", xray.infection * 255)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.astype(np.uint8)).save(folder / sub / name)
+    return split, kind
+
+
+def write_covidqu(out, count, seed, size=256, workers=1):
     """COVID-QU-Ex 'Infection Segmentation Data' tree with `count` X-rays spread over classes and splits.
 
     Masks are 0/255 PNGs; Non-COVID and Normal get blank infection masks, as in the release.
-    Returns [(split, kind, XrayPhantom)].
+    Returns [(split, kind)] per image.
     """
     root = Path(out) / COVIDQU_ROOT
-    made, numbers = [], {k: 0 for k in phantoms.XRAY_CLASSES}
+    numbers = {k: 0 for k in phantoms.XRAY_CLASSES}
     kinds = [phantoms.XRAY_CLASSES[i % 3] for i in range(count)]
     per_class = {k: kinds.count(k) for k in phantoms.XRAY_CLASSES}
-    for kind in tqdm(kinds, desc="X-rays", unit="img", leave=False):
+    items = []
+    for k, kind in enumerate(kinds):
         position = (numbers[kind] + 0.5) / per_class[kind]  # spread each class over the splits
         split = "Train" if position < 0.64 else "Val" if position < 0.8 else "Test"
         numbers[kind] += 1
-        name = COVIDQU_FILE[kind].format(numbers[kind])
-        xray = phantoms.generate_xray(rng, kind, size=size)
-        folder = root / split / kind
-        for sub, array in (("images", xray.image), ("lung masks", xray.lung * 255), ("infection masks", xray.infection * 255)):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array.astype(np.uint8)).save(folder / sub / name)
-        made.append((split, kind, xray))
-    return made
+        items.append((k, kind, split, COVIDQU_FILE[kind].format(numbers[kind])))
+    return _map_items(partial(_write_xray, root=root, seed=seed, size=size), items, workers, "X-rays", "img")
 
 
 def _vqa_items(rng, kind, info):
@@ -141,36 +197,44 @@ def _vqa_items(rng, kind, info):
     return items
 
 
-def _vqa_images(rng, count, ct_size):
-    """Fresh phantom images for the VQA sets (not shared with the segmentation sources)."""
-    images = []
-    for i in range(count):
-        if i % 2 == 0:
-            task = phantoms.CT_TASKS[(i // 2) % 2]
-            tumour = (i // 4) % 2 == 0
-            ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=9, tumours=3 if tumour else 0)
-            area = (ct.label == 2).sum((1, 2)) if tumour else (ct.label > 0).sum((1, 2))
-            z = int(area.argmax())
-            has = bool((ct.label[z] == 2).sum() >= 20)
-            images.append(("ct", phantoms.window_to_uint8(ct.hu[z]), {"organ": task, "tumour": has}))
-        else:
-            kind = phantoms.XRAY_CLASSES[(i // 2) % 3]
-            xray = phantoms.generate_xray(rng, kind)
-            side = int(np.argmax([xray.opacity[:, : xray.image.shape[1] // 2].sum(), xray.opacity[:, xray.image.shape[1] // 2:].sum()]))
-            images.append(("xray", xray.image, {"class": kind, "side": side}))
-    return images
+def _vqa_image(i, rng, ct_size):
+    """Fresh phantom image `i` for a VQA set (not shared with the segmentation sources): (kind, uint8 image, info)."""
+    if i % 2 == 0:
+        task = phantoms.CT_TASKS[(i // 2) % 2]
+        tumour = (i // 4) % 2 == 0
+        ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=9, tumours=3 if tumour else 0)
+        area = (ct.label == 2).sum((1, 2)) if tumour else (ct.label > 0).sum((1, 2))
+        z = int(area.argmax())
+        has = bool((ct.label[z] == 2).sum() >= 20)
+        return "ct", phantoms.window_to_uint8(ct.hu[z]), {"organ": task, "tumour": has}
+    kind = phantoms.XRAY_CLASSES[(i // 2) % 3]
+    xray = phantoms.generate_xray(rng, kind)
+    side = int(np.argmax([xray.opacity[:, : xray.image.shape[1] // 2].sum(), xray.opacity[:, xray.image.shape[1] // 2:].sum()]))
+    return "xray", xray.image, {"class": kind, "side": side}
 
 
-def write_vqarad(out, count, rng, ct_size=None):
+def _write_vqa_image(i, stream, seed, ct_size, save):
+    """Draw VQA image `i`, save it with `save(i, image)`; returns (kind, info, question items)."""
+    rng = item_rng(seed, stream, i)
+    kind, image, info = _vqa_image(i, rng, ct_size)
+    save(i, image)
+    return kind, info, _vqa_items(rng, kind, info)
+
+
+def _save_vqarad_image(i, image, root):
+    Image.fromarray(image).save(root / "VQA_RAD Image Folder" / f"synpic{50000 + i}.jpg", quality=92)
+
+
+def write_vqarad(out, count, seed, ct_size=None, workers=1):
     """`VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/synpicN.jpg`; the last fifth are `test_freeform`."""
     root = Path(out) / "VQA_RAD"
     (root / "VQA_RAD Image Folder").mkdir(parents=True, exist_ok=True)
+    draw = partial(_write_vqa_image, stream="vqarad", seed=seed, ct_size=ct_size, save=partial(_save_vqarad_image, root=root))
     rows, qid = [], 0
-    for i, (kind, image, info) in enumerate(_vqa_images(rng, count, ct_size)):
+    for i, (kind, info, items) in enumerate(_map_items(draw, range(count), workers, "VQA-RAD", "img")):
         name = f"synpic{50000 + i}.jpg"
-        Image.fromarray(image).save(root / "VQA_RAD Image Folder" / name, quality=92)
         phrase = "test_freeform" if i >= count * 0.8 else "freeform"
-        for question, answer, answer_type, qtype in _vqa_items(rng, kind, info):
+        for question, answer, answer_type, qtype in items:
             qid += 1
             rows.append({"qid": qid, "phrase_type": phrase, "qid_linked_id": f"{i:05d}", "image_case_url": "",
                          "image_name": name, "image_organ": "ABD" if kind == "ct" else "CHEST", "evaluation": "given",
@@ -181,19 +245,23 @@ def write_vqarad(out, count, rng, ct_size=None):
     return path
 
 
-def write_slake(out, count, rng, ct_size=None):
+def _save_slake_image(i, image, root):
+    folder = root / "imgs" / f"xmlab{i}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).convert("RGB").save(folder / "source.jpg", quality=92)
+
+
+def write_slake(out, count, seed, ct_size=None, workers=1):
     """SLAKE layout: train.json / validate.json / test.json + imgs/xmlabN/source.jpg, with a few Chinese rows (q_lang zh)."""
     root = Path(out) / "SLAKE"
     splits = {"train": [], "validate": [], "test": []}
+    draw = partial(_write_vqa_image, stream="slake", seed=seed, ct_size=ct_size, save=partial(_save_slake_image, root=root))
     qid = 0
-    for i, (kind, image, info) in enumerate(_vqa_images(rng, count, ct_size)):
-        folder = root / "imgs" / f"xmlab{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).convert("RGB").save(folder / "source.jpg", quality=92)
+    for i, (kind, info, items) in enumerate(_map_items(draw, range(count), workers, "SLAKE", "img")):
         split = "test" if i >= count * 0.8 else "validate" if i >= count * 0.65 else "train"
         location = "Abdomen" if kind == "ct" else "Lung"
         modality = "CT" if kind == "ct" else "X-Ray"
-        for question, answer, answer_type, qtype in _vqa_items(rng, kind, info):
+        for question, answer, answer_type, qtype in items:
             qid += 1
             splits[split].append({"img_id": i, "img_name": f"xmlab{i}/source.jpg", "question": question,
                                   "answer": answer.lower(), "q_lang": "en", "location": location, "modality": modality,
@@ -209,48 +277,57 @@ def write_slake(out, count, rng, ct_size=None):
     return root
 
 
-def write_biomedparse(out, count, rng, ct_size=None):
+def _write_biomedparse_case(i, root, count, seed, ct_size):
+    rng = item_rng(seed, "biomedparse", i)
+    task = phantoms.CT_TASKS[i % 2]
+    ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=7, tumours=int(rng.integers(0, 3)))
+    z = int(np.argmax((ct.label > 0).sum((1, 2))))
+    split = "test" if i >= count * 0.8 else "train"
+    stem = f"phantom{i}_{z}_CT_abdomen"
+    masks = {task: ct.label[z] > 0, f"{task}+tumor": ct.label[z] == 2,
+             **{name.replace(" ", "+"): m[z] > 0 for name, m in ct.others.items()}}
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / f"{split}_mask").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(phantoms.window_to_uint8(ct.hu[z])).save(root / split / f"{stem}.png")
+    for target, mask in masks.items():
+        if mask.sum() >= 20:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / f"{split}_mask" / f"{stem}_{target}.png")
+
+
+def write_biomedparse(out, count, seed, ct_size=None, workers=1):
     """BiomedParse-style Ref-Seg folder: `train|test/<case>_CT_abdomen.png` + one mask per target in
     `train_mask|test_mask/<case>_CT_abdomen_<target+words>.png` (liver, pancreas, spleen, kidney, tumours).
     The last fifth of the images go to test."""
     root = Path(out) / "BiomedParse"
-    for i in range(count):
-        task = phantoms.CT_TASKS[i % 2]
-        ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=7, tumours=int(rng.integers(0, 3)))
-        z = int(np.argmax((ct.label > 0).sum((1, 2))))
-        split = "test" if i >= count * 0.8 else "train"
-        stem = f"phantom{i}_{z}_CT_abdomen"
-        masks = {task: ct.label[z] > 0, f"{task}+tumor": ct.label[z] == 2,
-                 **{name.replace(" ", "+"): m[z] > 0 for name, m in ct.others.items()}}
-        (root / split).mkdir(parents=True, exist_ok=True)
-        (root / f"{split}_mask").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(phantoms.window_to_uint8(ct.hu[z])).save(root / split / f"{stem}.png")
-        for target, mask in masks.items():
-            if mask.sum() >= 20:
-                Image.fromarray(mask.astype(np.uint8) * 255).save(root / f"{split}_mask" / f"{stem}_{target}.png")
+    _map_items(partial(_write_biomedparse_case, root=root, count=count, seed=seed, ct_size=ct_size), range(count),
+               workers, "BiomedParse", "img")
     return root
 
 
 def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None, xray_size=256, vqa_images=None,
-                   refseg_images=None):
-    """Everything `raddiagseg phantoms` writes. Returns a dict of the source paths for `build`."""
+                   refseg_images=None, workers=None):
+    """Everything `raddiagseg phantoms` writes. Returns a dict of the source paths for `build`.
+
+    `workers` processes draw the phantoms (default: every CPU this process may use); the files do not
+    depend on it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    workers = default_workers() if workers is None else workers
     n_liver = (ct_volumes + 1) // 2
     paths = {"msd": [], "covidqu": None, "vqarad": None, "slake": None, "refseg": None}
     for task, count in (("liver", n_liver), ("pancreas", ct_volumes - n_liver)):
         if count:
-            write_msd(out, task, count, rng, size=ct_size, slices=ct_slices)
+            write_msd(out, task, count, seed, size=ct_size, slices=ct_slices, workers=workers)
             paths["msd"].append(out / MSD_TASKS[task]["folder"])
     if xrays:
-        write_covidqu(out / "COVID-QU-Ex", xrays, rng, size=xray_size)
+        write_covidqu(out / "COVID-QU-Ex", xrays, seed, size=xray_size, workers=workers)
         paths["covidqu"] = out / "COVID-QU-Ex"
     n_vqa = vqa_images if vqa_images is not None else max(10, (ct_volumes + xrays) // 3)
     if n_vqa:
-        paths["vqarad"] = write_vqarad(out, n_vqa, rng, ct_size)
-        paths["slake"] = write_slake(out, n_vqa, rng, ct_size)
+        paths["vqarad"] = write_vqarad(out, n_vqa, seed, ct_size, workers=workers)
+        paths["slake"] = write_slake(out, n_vqa, seed, ct_size, workers=workers)
     n_refseg = refseg_images if refseg_images is not None else max(6, ct_volumes)
     if n_refseg:
-        paths["refseg"] = write_biomedparse(out, n_refseg, rng, ct_size)
+        paths["refseg"] = write_biomedparse(out, n_refseg, seed, ct_size, workers=workers)
     return paths

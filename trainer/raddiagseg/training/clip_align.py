@@ -74,20 +74,35 @@ def _stack(dataset, indices, size):
     return torch.stack(out)
 
 
-def _batches(dataset, labels, batch_size, steps, seed, size):
+class _ResizedImages(torch.utils.data.Dataset):
+    """(image resized to the CLIP input size, caption index) per dataset row, for a DataLoader."""
+
+    def __init__(self, dataset, labels, size):
+        self.dataset, self.labels, self.size = dataset, labels, size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return _stack(self.dataset, [i], self.size)[0], self.labels[i]
+
+
+def _batches(dataset, labels, batch_size, steps, seed, size, num_workers=0):
+    """`steps` batches in a seeded order (whole permutations of the data, repeated); images load in
+    `num_workers` processes so that decoding and augmenting overlap the training step."""
     rng = np.random.default_rng(seed)
     order = []
     while len(order) < steps * batch_size:
         order.extend(rng.permutation(len(dataset)).tolist())
-    for step in range(steps):
-        picks = order[step * batch_size : (step + 1) * batch_size]
-        images = _stack(dataset, picks, size)
-        yield images, torch.tensor([labels[i] for i in picks])
+    loader = torch.utils.data.DataLoader(_ResizedImages(dataset, labels, size), batch_size=batch_size,
+                                         sampler=order[: steps * batch_size], num_workers=num_workers)
+    yield from loader
 
 
 def _accuracy(aligner, dataset, labels, batch_size=64):
     """(overall accuracy, {caption: accuracy}) of picking each image's caption among all captions."""
     size = aligner.clip_encoder.config.image_size
+    device = aligner.text_table.device
     if len(dataset) == 0:
         return None, {}
     aligner.eval()
@@ -95,16 +110,19 @@ def _accuracy(aligner, dataset, labels, batch_size=64):
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
             idx = range(start, min(len(dataset), start + batch_size))
-            picked += aligner(_stack(dataset, idx, size))[1].argmax(1).tolist()  # the projector's tokens
+            picked += aligner(_stack(dataset, idx, size).to(device))[1].argmax(1).tolist()  # the projector's tokens
     aligner.train()
     hits = np.array(picked) == np.array(labels)
     per_caption = {aligner.captions[c]: float(hits[np.array(labels) == c].mean()) for c in sorted(set(labels))}
     return float(hits.mean()), per_caption
 
 
-def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=0, progress=True):
+def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=0, progress=True, device="cpu",
+                       num_workers=0):
     """Train `model.clip_encoder` and `model.projector` in place on the manifest's VQA-Seg images; returns a summary dict
-    with the caption accuracy on the train and val splits (val: images the alignment never saw)."""
+    with the caption accuracy on the train and val splits (val: images the alignment never saw).
+
+    The two modules run on `device` and are moved back to where they were afterwards."""
     from raddiagseg.data.dataset import ManifestDataset
 
     torch.manual_seed(seed)
@@ -119,7 +137,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     val_set.rows = [val_set.rows[i] for i in keep]
     val_labels = [index[caption(r)] for r in val_set.rows]
 
-    aligner = CaptionAligner(model.clip_encoder, model.projector, captions)
+    home = next(model.clip_encoder.parameters()).device
+    aligner = CaptionAligner(model.clip_encoder, model.projector, captions).to(device)
     was_training = model.training
     frozen = [p for m in (model.clip_encoder, model.projector) for p in m.parameters() if not p.requires_grad]
     model.clip_encoder.requires_grad_(True)
@@ -133,7 +152,9 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
 
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
     losses = []
-    for images, labels in _batches(train_set, train_labels, batch_size, steps, seed, model.clip_encoder.config.image_size):
+    for images, labels in _batches(train_set, train_labels, batch_size, steps, seed, model.clip_encoder.config.image_size,
+                                   num_workers):
+        images, labels = images.to(device), labels.to(device)
         loss = sum(F.cross_entropy(logits, labels) for logits in aligner(images))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,6 +170,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     val_acc, val_per_caption = _accuracy(aligner, val_set, val_labels)
     summary = {"steps": steps, "captions": captions, "final_loss": float(np.mean(losses[-20:])),
                "train_acc": train_acc, "val_acc": val_acc, "val_acc_per_caption": val_per_caption}
+    model.clip_encoder.to(home)
+    model.projector.to(home)
     model.train(was_training)
     for p in frozen:
         p.requires_grad_(False)

@@ -1,5 +1,7 @@
 """`raddiagseg train` (one stage) and `raddiagseg demo` (phantoms -> both stages -> score -> shipped model folder)."""
 
+import json
+
 from raddiagseg.cli import CommandError
 
 
@@ -39,6 +41,8 @@ def register(subparsers):
     p.add_argument("--rvls2m-top-k", type=int, help="RVLS2M: how many most-similar cells form the region")
     p.add_argument("--rvls2m-strategy", choices=("topk", "mean"), help="RVLS2M τ strategy")
     p.add_argument("--cot", action="store_true", help="diagnosis chain-of-thought answers (modality -> finding -> diagnosis) for vqaseg")
+    p.add_argument("--trainable", action="append", default=[], metavar="PART=VALUE",
+                   help="change what trains, e.g. clip=true, projector=false, lm=lora (repeatable; saved with the model)")
     p.set_defaults(func=run_train)
 
     d = subparsers.add_parser(
@@ -54,6 +58,13 @@ def register(subparsers):
     d.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     d.add_argument("--num-workers", type=int, default=0)
     d.add_argument("--resume", action="store_true", help="reuse finished steps in --work and resume unfinished runs")
+    d.add_argument("--val-samples", type=int, default=64, help="validation samples per check in each stage")
+    d.add_argument("--model-option", action="append", default=[], metavar="PART.FIELD=VALUE",
+                   help="change the demo architecture, e.g. clip.depth=4 or projector.num_queries=32 (repeatable)")
+    d.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    d.add_argument("--workers", type=int, help="processes drawing phantoms (default: all CPUs)")
+    d.add_argument("--finetune-trainable", action="append", metavar="PART=VALUE",
+                   help="what stage 2 trains besides the defaults, e.g. clip=true (repeatable)")
     d.set_defaults(func=run_demo)
 
 
@@ -68,7 +79,7 @@ def config_from_args(args):
         val_samples=args.val_samples or None, save_every=args.save_every, seed=args.seed,
         num_workers=args.num_workers, precision=args.precision, engine=args.engine, device=args.device,
         resume=args.resume, augment=not args.no_augment, save_dtype=args.save_dtype,
-        rvls2m=_rvls2m_settings(args), cot=args.cot,
+        rvls2m=_rvls2m_settings(args), cot=args.cot, trainable=_trainable_flags(args.trainable),
     )
 
 
@@ -94,14 +105,84 @@ def run_train(args):
     return 0
 
 
+def _trainable_flags(items):
+    """['clip=true', 'lm=lora'] -> {'clip': True, 'lm': 'lora'}, checked against TrainableConfig."""
+    import dataclasses
+
+    from raddiagseg.model.config import TrainableConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainableConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise CommandError(f"--trainable {item!r}: expected PART=VALUE with PART one of {', '.join(sorted(fields))}")
+        value = _option_value(text.strip().lower(), fields[name])
+        if name == "lm" and value not in ("full", "lora", "frozen"):
+            value = None
+        if value is None:
+            raise CommandError(f"--trainable {item!r}: {text!r} is not a valid value for {name}")
+        out[name] = value
+    return out
+
+
+def _option_value(text, default):
+    """`text` read as the type of `default` (str fields take it as it is); None when it is not one."""
+    if isinstance(default, str) or default is None:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else None
+    if isinstance(default, int):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(default, float):
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if isinstance(default, tuple):
+        return tuple(value) if isinstance(value, list) else None
+    return None
+
+
+def _model_options(items):
+    """['clip.depth=4', 'projector.num_queries=32'] -> {'clip': {'depth': 4}, 'projector': {'num_queries': 32}}."""
+    import dataclasses
+
+    from raddiagseg.model.config import preset_config
+
+    config = preset_config("demo")
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        part, _, name = key.strip().partition(".")
+        section = getattr(config, part, None)
+        if not sep or not name or not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            raise CommandError(f"--model-option {item!r}: expected PART.FIELD=VALUE with a field of the demo config, "
+                               "e.g. clip.depth=4")
+        default = getattr(section, name)
+        value = _option_value(text, default)
+        if value is None:
+            kind = {bool: "true or false", int: "an integer", float: "a number", tuple: "a JSON list"}.get(type(default), "valid")
+            raise CommandError(f"--model-option {item!r}: {text!r} is not {kind}")
+        out.setdefault(part, {})[name] = value
+    return out
+
+
 def run_demo(args):
     from raddiagseg.training.demo import DemoSettings, build_demo
 
     settings = DemoSettings(
         out=args.out, work=args.work, train_seed=args.train_seed, test_seed=args.test_seed,
         align_steps=args.align_steps, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
-        precision=args.precision, num_workers=args.num_workers, resume=args.resume,
+        precision=args.precision, num_workers=args.num_workers, resume=args.resume, val_samples=args.val_samples,
+        model_overrides=_model_options(args.model_option), device=args.device, workers=args.workers,
     )
+    if args.finetune_trainable is not None:
+        settings.finetune_trainable = _trainable_flags(args.finetune_trainable)
+    if args.val_samples < 1:
+        raise CommandError("--val-samples must be ≥ 1")
     card = build_demo(settings)
     print(f"demo model written: {card.parent} (card: {card})")
     return 0

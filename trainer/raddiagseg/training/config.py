@@ -69,6 +69,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # build_model(preset, **overrides) for a fresh model
     rvls2m: Optional[dict] = None  # e.g. {"enabled": True, "grid": 8, "top_k": 8}: set on the model (fresh or --init) before training
     cot: bool = False  # diagnosis chain-of-thought answers for vqaseg samples (templates.vqaseg_cot_answer)
+    trainable: dict = field(default_factory=dict)  # model.set_trainable(**trainable) after build/--init, e.g. {"clip": True}
     progress_bar: bool = True
 
     def manifest_path(self):

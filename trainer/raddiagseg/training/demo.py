@@ -12,7 +12,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 # "COVID-19 infection" for most X-rays. With 240 + 2700 (v4) it tells normal X-rays apart (40 of 40 held out). Phantoms cost seconds, training steps minutes: more distinct images, same steps.
 TRAIN_DATA = dict(ct_volumes=240, xrays=2700, ct_slices=12)
 TEST_DATA = dict(ct_volumes=20, xrays=120, ct_slices=12)
-DEMO_STEPS = dict(align=1000, pretrain=500, finetune=1500)
+DEMO_STEPS = dict(align=2000, pretrain=500, finetune=1500)
 # The paper fine-tunes on VQA-Seg + VQA only; measured on the demo build, that erased Ref-Seg ("segment the
 # liver": held-out CT Dice 0.55 after pretrain, 0.01 after finetune), which the app and its train task use.
 FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
+# What stage 2 changes in what trains (model.set_trainable flags); empty = as stage 0 left it (CLIP frozen).
+FINETUNE_TRAINABLE = {}
 # What the shipped demo model should reach on held-out phantoms, per modality (the card says which it meets).
 TARGETS = {"detection_f1": 0.95, "diagnosis_f1": 0.90, "dice_org": 0.85, "dice_abn": 0.60}
 
@@ -53,18 +55,24 @@ class DemoSettings:
     test_ct_volumes: int = TEST_DATA["ct_volumes"]
     test_xrays: int = TEST_DATA["xrays"]
     ct_slices: int = TRAIN_DATA["ct_slices"]
+    val_samples: int = 64  # validation subset of each stage (evenly spread over the val split)
+    model_overrides: dict = field(default_factory=dict)  # build_model("demo", **overrides), e.g. {"clip": {"depth": 4}}
+    device: Optional[str] = None  # "cpu", "cuda", ...; default: cuda when available
+    workers: Optional[int] = None  # phantom-drawing processes (default: all CPUs)
+    finetune_trainable: dict = field(default_factory=lambda: dict(FINETUNE_TRAINABLE))  # set_trainable flags of stage 2
 
 
-def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices):
+def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices, workers):
     from raddiagseg.data.builder import build_phantom_dataset
 
     manifest = folder / "manifest.jsonl"
     if resume and manifest.is_file():
         log.info("reusing %s", manifest)
-        return manifest
+        return manifest, True
     if folder.exists():
         shutil.rmtree(folder)
-    return build_phantom_dataset(folder, ct_volumes=ct_volumes, xrays=xrays, seed=seed, ct_slices=ct_slices)
+    return build_phantom_dataset(folder, ct_volumes=ct_volumes, xrays=xrays, seed=seed, ct_slices=ct_slices,
+                                 workers=workers), False
 
 
 def _stage(stage, data, out, settings, init=None):
@@ -76,18 +84,20 @@ def _stage(stage, data, out, settings, init=None):
     if settings.resume and done.is_file():
         result = json.loads(done.read_text())
         log.info("reusing finished %s run %s", stage, out)
-        return Path(result["best_checkpoint"]), result
+        return (Path(result["best_checkpoint"]), result), True
     config = TrainConfig(
         data=str(data), out=str(out), stage=stage, preset="demo", init=str(init) if init else None,
         max_steps=steps, batch_size=settings.batch_size, precision=settings.precision,
         num_workers=settings.num_workers, seed=settings.train_seed, resume=settings.resume and (out / "last").exists(),
         val_every=max(1, steps // 4), ratio=dict(FINETUNE_RATIO) if stage == "finetune" else None,
+        val_samples=settings.val_samples, device=settings.device, model_overrides=dict(settings.model_overrides),
+        trainable=dict(settings.finetune_trainable) if stage == "finetune" else {},
     )
     result = train(config)
     summary = {"best_checkpoint": str(result.best_checkpoint), "best_metric": result.best_metric,
                "metric_name": result.metric_name, "best_step": result.best_step, "steps": result.steps,
                "wall_time_s": result.wall_time_s}
-    return result.best_checkpoint, summary
+    return (result.best_checkpoint, summary), False
 
 
 def _align(data, out, settings):
@@ -100,11 +110,13 @@ def _align(data, out, settings):
     summary_path = out / "alignment.json"
     if settings.resume and summary_path.is_file() and (out / "config.json").is_file():
         log.info("reusing aligned model %s", out)
-        return out, json.loads(summary_path.read_text())
+        return (out, json.loads(summary_path.read_text())), True
     torch.manual_seed(settings.train_seed)
-    model = build_model("demo")
+    model = build_model("demo", **settings.model_overrides)
     steps = settings.align_steps or DEMO_STEPS["align"]
-    summary = align_clip_encoder(model, data, steps=steps, seed=settings.train_seed)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = align_clip_encoder(model, data, steps=steps, seed=settings.train_seed, device=device,
+                                 num_workers=settings.num_workers)
     model.set_trainable(clip=False)
     staging = out.parent / (out.name + ".tmp")
     if staging.exists():
@@ -114,7 +126,29 @@ def _align(data, out, settings):
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return out, summary
+    return (out, summary), False
+
+
+class _StepTimes:
+    """Wall time of each build step, kept in WORK/timings.json: a build resumed with `--resume` reuses finished
+    steps, and its card must still say what each of them cost when it ran."""
+
+    def __init__(self, path, resume):
+        self.path = Path(path)
+        self.times = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        self.reused = []
+
+    def run(self, key, step):
+        """Run `step()` -> (result, reused); record its time unless it was reused from an earlier run."""
+        t = time.perf_counter()
+        result, reused = step()
+        if reused:
+            self.reused.append(key)
+            self.times.setdefault(key, None)  # unknown when the earlier run predates timings.json
+        else:
+            self.times[key] = time.perf_counter() - t
+        self.path.write_text(json.dumps(self.times, indent=1))
+        return result
 
 
 def build_demo(settings: DemoSettings):
@@ -123,28 +157,24 @@ def build_demo(settings: DemoSettings):
     from raddiagseg.training.checkpoints import save_model
     from raddiagseg.model import load_model
 
-    started = time.perf_counter()
     out = Path(settings.out)
     work = Path(settings.work) if settings.work else out.parent / ".raddiagseg-demo-work"
     work.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    steps = _StepTimes(work / "timings.json", settings.resume)
 
-    t = time.perf_counter()
-    train_data = _phantoms(work / "data-train", settings.train_ct_volumes, settings.train_xrays, settings.train_seed,
-                           settings.resume, settings.ct_slices)
-    test_data = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays, settings.test_seed,
-                          settings.resume, settings.ct_slices)
-    timings["data_s"] = time.perf_counter() - t
+    def data():
+        train, reused_train = _phantoms(work / "data-train", settings.train_ct_volumes, settings.train_xrays,
+                                        settings.train_seed, settings.resume, settings.ct_slices, settings.workers)
+        test, reused_test = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays,
+                                      settings.test_seed, settings.resume, settings.ct_slices, settings.workers)
+        return (train, test), reused_train and reused_test
 
-    t = time.perf_counter()
-    aligned, align_summary = _align(train_data, work / "aligned", settings)
-    timings["align_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pretrained, pre_summary = _stage("pretrain", train_data, work / "pretrain", settings, init=aligned)
-    timings["pretrain_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    finetuned, fine_summary = _stage("finetune", train_data, work / "finetune", settings, init=pretrained)
-    timings["finetune_s"] = time.perf_counter() - t
+    train_data, test_data = steps.run("data_s", data)
+    aligned, align_summary = steps.run("align_s", lambda: _align(train_data, work / "aligned", settings))
+    pretrained, pre_summary = steps.run("pretrain_s", lambda: _stage("pretrain", train_data, work / "pretrain", settings,
+                                                                     init=aligned))
+    finetuned, fine_summary = steps.run("finetune_s", lambda: _stage("finetune", train_data, work / "finetune", settings,
+                                                                     init=pretrained))
 
     # Score on the held-out seed with the benchmark commands themselves, so the card's numbers are theirs.
     t = time.perf_counter()
@@ -154,13 +184,14 @@ def build_demo(settings: DemoSettings):
     evaluation.mkdir(parents=True)
     pred = evaluation / "pred.jsonl"
     report_json = evaluation / "report.json"
-    for argv in (["predict", "--model", str(finetuned), "--data", str(test_data), "--out", str(pred), "--split", "all"],
+    device = ["--device", settings.device] if settings.device else []
+    for argv in (["predict", "--model", str(finetuned), "--data", str(test_data), "--out", str(pred), "--split", "all", *device],
                  ["score", "--pred", str(pred), "--data", str(test_data), "--out", str(report_json),
                   "--name", "raddiagseg-demo"]):
         code = cli.main(argv)
         if code:
             raise RuntimeError(f"`raddiagseg {' '.join(argv)}` failed with exit code {code}")
-    timings["evaluate_s"] = time.perf_counter() - t
+    steps.times["evaluate_s"] = time.perf_counter() - t
     report = json.loads(report_json.read_text())
 
     # The shipped folder: fp16 weights (half the size), the score report, the card.
@@ -169,12 +200,14 @@ def build_demo(settings: DemoSettings):
         shutil.rmtree(staging)
     model = load_model(finetuned, device="cpu")
     save_model(model, staging, dtype=__import__("torch").float16)
-    for name in ("report.json", "report.md"):
+    for name in ("report.json", "report.md", "report.csv"):
         if (evaluation / name).is_file():
             shutil.copyfile(evaluation / name, staging / f"heldout_{name}")
-    timings["total_s"] = time.perf_counter() - started
+    timings = dict(steps.times)
+    export_s = time.perf_counter() - t - timings["evaluate_s"]
+    timings["total_s"] = None if None in timings.values() else sum(timings.values()) + export_s
     card = staging / "MODEL_CARD.md"
-    card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary))
+    card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -204,15 +237,18 @@ def targets_section(report):
     return "\n".join(lines) + "\n"
 
 
-def model_card(settings, report, timings, align, pre, fine):
+def model_card(settings, report, timings, align, pre, fine, reused=()):
     rows = []
     for modality in ("ct", "xray", "overall"):
         m = report.get(modality) or {}
         rows.append(f"| {modality} | {_fmt(m.get('n'))} | {_fmt(m.get('detection_f1'))} | {_fmt(m.get('diagnosis_f1'))} "
                     f"| {_fmt(m.get('diagnosis_acc'))} | {_fmt(m.get('dice_org'))} | {_fmt(m.get('dice_abn'))} "
                     f"| {_fmt(m.get('refseg_dice'))} | {_fmt(m.get('vqa_closed_acc'))} |")
-    minutes = {k: f"{v / 60:.1f} min" for k, v in timings.items()}
-    config = {k: v for k, v in asdict(settings).items() if k not in ("out", "work")}
+    minutes = {k: "unknown" if v is None else f"{v / 60:.1f} min" for k, v in timings.items()}
+    names = {"data_s": "data", "align_s": "CLIP alignment", "pretrain_s": "pretrain", "finetune_s": "finetune"}
+    reused_note = ("" if not reused else "\n- Reused from an earlier run of the same work folder (`--resume`), timed when they ran: "
+                   + ", ".join(names.get(k, k) for k in reused) + ".")
+    config = {k: v for k, v in asdict(settings).items() if k not in ("out", "work", "device", "workers")}
     return f"""# RadDiagSeg-M demo model
 
 A small model of the RadDiagSeg-M architecture (`demo` preset: SAM image encoder, CLIP ViT, Perceiver
@@ -233,7 +269,7 @@ phantoms only**. It exists so that the app, the Slicer extension and the tests w
 - Stage 1 (pretrain, Ref-Seg + VQA): {pre['steps']} steps, best {pre['metric_name']} = {_fmt(pre['best_metric'])} at step {pre['best_step']}.
 - Stage 2 (finetune, VQA-Seg : VQA : Ref-Seg = {FINETUNE_RATIO['vqaseg']} : {FINETUNE_RATIO['vqa']} : {FINETUNE_RATIO['refseg']}): {fine['steps']} steps, best {fine['metric_name']} = {_fmt(fine['best_metric'])} at step {fine['best_step']}.
 - Wall time on {platform.machine()} CPU ({_cpu_count()} cores): data {minutes['data_s']}, CLIP alignment {minutes['align_s']}, pretrain {minutes['pretrain_s']},
-  finetune {minutes['finetune_s']}, held-out evaluation {minutes['evaluate_s']}, total {minutes['total_s']}.
+  finetune {minutes['finetune_s']}, held-out evaluation {minutes['evaluate_s']}, total {minutes['total_s']}.{reused_note}
 - Weights stored in float16.
 
 ## Held-out evaluation

@@ -95,6 +95,8 @@ def _make_model(config, device):
     if config.rvls2m is not None:
         settings = dict(config.rvls2m)
         model.set_rvls2m(settings.pop("enabled", True), **settings)
+    if config.trainable:
+        model.set_trainable(**config.trainable)
     return model
 
 
