@@ -72,9 +72,6 @@ def test_liver_tumour_volume_is_positive_and_segments_liver_and_tumour(served):
     assert result["answer"].startswith("1. Yes\n2. Liver tumour\n3."), result["answer"]
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="known failure of demo model v6 (MODEL_CARD.md): it answers 'Pancreas tumour' on "
-                                       "3 of the 6 positive slices of this volume, the middle one among them, so that "
-                                       "slice has no 'liver' segment")
 def test_middle_positive_liver_slice_labels_liver_and_tumour_inside_it(served, tmp_path):
     volume = infer(served["server"], "ct_liver_tumour")["volume"]
     # the label file of a positive slice holds both masks, the tumour inside the liver's extent

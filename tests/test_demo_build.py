@@ -1,6 +1,6 @@
 """`raddiagseg demo`: the pipeline that builds the shipped model, on tiny data and a few steps.
 
-The real build (160 CT volumes, thousands of steps) is what MONAILabelApp/model/raddiagseg-demo/
+The real build (240 CT volumes, 2700 X-rays, thousands of steps) is what MONAILabelApp/model/raddiagseg-demo/
 holds; here we check the mechanics a user relies on: stage 0 trains only the CLIP encoder and
 freezes it, the folder is a loadable fp16 model, and the card's numbers are the score report's.
 """
@@ -48,7 +48,8 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
     out = tmp_path / "model" / "raddiagseg-demo"
     settings = DemoSettings(out=str(out), align_steps=2, pretrain_steps=1, finetune_steps=1, train_ct_volumes=2,
                             train_xrays=6, test_ct_volumes=2, test_xrays=3, ct_slices=6,
-                            model_overrides={"projector": {"num_queries": 8}}, workers=2, num_workers=1)
+                            model_overrides={"projector": {"num_queries": 8}}, workers=2, num_workers=1,
+                            pretrain_trainable={"projector": False}, finetune_trainable={"projector": False})
     card = build_demo(settings)
     assert card == out / "MODEL_CARD.md"
     assert not (out.parent / "raddiagseg-demo.tmp").exists()
@@ -63,6 +64,7 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
     config = json.loads((out / "config.json").read_text())
     assert config["trainable"]["clip"] is False
     assert config["projector"]["num_queries"] == 8  # the architecture option reached the built model
+    assert config["trainable"]["projector"] is False  # so did the stage flags (saved with the model)
     assert (out / "heldout_report.csv").is_file()
     model = load_model(out, device="cpu")
     assert {p.dtype for p in model.parameters()} <= {torch.float16, torch.float32}

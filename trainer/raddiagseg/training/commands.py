@@ -63,8 +63,10 @@ def register(subparsers):
                    help="change the demo architecture, e.g. clip.depth=4 or projector.num_queries=32 (repeatable)")
     d.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     d.add_argument("--workers", type=int, help="processes drawing phantoms (default: all CPUs)")
+    d.add_argument("--pretrain-trainable", action="append", metavar="PART=VALUE",
+                   help="change what stage 1 trains, e.g. projector=false (repeatable)")
     d.add_argument("--finetune-trainable", action="append", metavar="PART=VALUE",
-                   help="what stage 2 trains besides the defaults, e.g. clip=true (repeatable)")
+                   help="change what stage 2 trains, e.g. clip=true (repeatable)")
     d.set_defaults(func=run_demo)
 
 
@@ -179,6 +181,8 @@ def run_demo(args):
         precision=args.precision, num_workers=args.num_workers, resume=args.resume, val_samples=args.val_samples,
         model_overrides=_model_options(args.model_option), device=args.device, workers=args.workers,
     )
+    if args.pretrain_trainable is not None:
+        settings.pretrain_trainable = _trainable_flags(args.pretrain_trainable)
     if args.finetune_trainable is not None:
         settings.finetune_trainable = _trainable_flags(args.finetune_trainable)
     if args.val_samples < 1:
