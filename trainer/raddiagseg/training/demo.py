@@ -1,7 +1,8 @@
 """`raddiagseg demo`: the shipped demo model, end to end on one CPU.
 
 phantoms (train seed) -> build -> CLIP alignment (stage 0, see clip_align.py; the CLIP encoder is
-then frozen, as the paper freezes BiomedCLIP) -> pretrain (Ref-Seg + VQA) -> finetune (VQA-Seg + VQA)
+then frozen, as the paper freezes BiomedCLIP, and by default the projector too, see PRETRAIN_TRAINABLE)
+-> pretrain (Ref-Seg + VQA) -> finetune (VQA-Seg + VQA)
 -> phantoms (held-out seed) -> `raddiagseg predict` + `raddiagseg score` -> model folder with
 MODEL_CARD.md and the score report. Every step is skipped on `--resume` when its output exists,
 so an interrupted build continues where it stopped.
