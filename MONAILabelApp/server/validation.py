@@ -180,7 +180,8 @@ def check_image_file(path: str, limits: Limits, what: str = "image", label: bool
         raise InputError(413, f"the uploaded {what} is {size}; limits are {limits.max_side} per side and "
                               f"{limits.max_voxels} voxels")
     try:
-        array = sitk.GetArrayViewFromImage(sitk.ReadImage(path))
+        image = sitk.ReadImage(path)  # held here: an array view of an image that is freed reads freed memory
+        array = sitk.GetArrayViewFromImage(image)
         if path.endswith((".nii", ".nii.gz")):  # ITK zero-fills a short NIfTI; nibabel notices
             import nibabel
 
