@@ -244,6 +244,8 @@ def targets_section(report):
 
 
 def model_card(settings, report, timings, align, pre, fine, reused=()):
+    from raddiagseg.data.layouts import default_workers
+
     rows = []
     for modality in ("ct", "xray", "overall"):
         m = report.get(modality) or {}
@@ -276,7 +278,7 @@ phantoms only**. It exists so that the app, the Slicer extension and the tests w
   {_flags(settings.finetune_trainable)}; everything else as the demo preset (the LM, SAM encoder and mask decoder train).
 - Stage 1 (pretrain, Ref-Seg + VQA): {pre['steps']} steps, best {pre['metric_name']} = {_fmt(pre['best_metric'])} at step {pre['best_step']}.
 - Stage 2 (finetune, VQA-Seg : VQA : Ref-Seg = {FINETUNE_RATIO['vqaseg']} : {FINETUNE_RATIO['vqa']} : {FINETUNE_RATIO['refseg']}): {fine['steps']} steps, best {fine['metric_name']} = {_fmt(fine['best_metric'])} at step {fine['best_step']}.
-- Wall time on {platform.machine()} CPU ({_cpu_count()} cores): data {minutes['data_s']}, CLIP alignment {minutes['align_s']}, pretrain {minutes['pretrain_s']},
+- Wall time on {platform.machine()} CPU ({default_workers()} cores): data {minutes['data_s']}, CLIP alignment {minutes['align_s']}, pretrain {minutes['pretrain_s']},
   finetune {minutes['finetune_s']}, held-out evaluation {minutes['evaluate_s']}, total {minutes['total_s']}.{reused_note}
 - Weights stored in float16.
 
@@ -303,9 +305,3 @@ RadDiagSeg-D templates; the vocabulary is the one in `raddiagseg/resources/vocab
 
 def _flags(flags):
     return ", ".join(f"{k}={'trains' if v is True else 'frozen' if v is False else v}" for k, v in flags.items()) or "nothing"
-
-
-def _cpu_count():
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
