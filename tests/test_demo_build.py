@@ -41,6 +41,30 @@ def test_clip_alignment_trains_only_the_clip_encoder_and_projector(tiny_data):
     assert "xray chest: no abnormality" == caption({"modality": "xray", "source": "covidqu", "detection": False})
 
 
+def test_alignment_augmentation_moves_a_lesion_a_little_keeps_range_and_replays_by_seed():
+    from raddiagseg.training.clip_align import augment_batch
+
+    images = torch.zeros(64, 96, 96)
+    images[:, 40:56, 40:56] = 0.8  # a bright 16-px "lesion" in the middle
+    out = augment_batch(images, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    again = augment_batch(images, torch.Generator().manual_seed(3))
+    other = augment_batch(images, torch.Generator().manual_seed(4))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # Warped images differ, but every lesion stays near the centre (shift <= 11 % of the width, rotation <= 7 deg)
+    # and keeps roughly its size (scale 0.9-1.1).
+    moved = (out - images).abs().mean((1, 2)) > 0.01
+    assert 0.4 < float(moved.float().mean()) < 0.95  # p = 0.7 warps, plus noise / intensity changes
+    bright = out > 0.4
+    rows = torch.arange(96).float()
+    area = bright.sum((1, 2)).float()
+    centre_row = (bright.sum(2).float() * rows).sum(1) / area
+    centre_col = (bright.sum(1).float() * rows).sum(1) / area
+    assert float((centre_row - 47.5).abs().max()) < 8 and float((centre_col - 47.5).abs().max()) < 8
+    assert float(area.min()) > 0.6 * 256 and float(area.max()) < 1.5 * 256
+
+
 def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_report(tmp_path):
     from raddiagseg import load_model
     from raddiagseg.training.demo import DemoSettings, build_demo

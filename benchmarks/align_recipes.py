@@ -1,0 +1,87 @@
+"""Issue 4: compare CLIP-alignment recipes (stage 0 of the demo model) by their caption accuracy on unseen volumes.
+
+Stage 0 is where the demo model learns to see lesions: a linear probe read pancreas tumours from the aligned
+projector tokens far better than anything later (RESULTS.md, "Demo-model recipes"). A full demo build takes
+40 minutes on 2 cores; this runs only the alignment of each recipe, one after another on the same training
+phantoms, and prints its validation caption accuracy per caption, so a recipe can be chosen in minutes.
+
+Usage:
+  .venv/bin/python benchmarks/align_recipes.py --data WORK/data-train [--steps 1000] [--out results.json] \
+      [--recipe NAME='{"clip": {"depth": 4}}'] ...
+Without --recipe it runs RECIPES below. --data is a `raddiagseg build` folder (e.g. a demo work folder's data-train).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "trainer"))
+
+RECIPES = {
+    "base": {},
+    "clip-depth-4": {"clip": {"depth": 4}},
+}
+
+
+def run(name, overrides, args):
+    import torch
+
+    from raddiagseg import build_model
+    from raddiagseg.training.clip_align import align_clip_encoder
+
+    torch.manual_seed(args.seed)
+    model = build_model("demo", **overrides)
+    start = time.perf_counter()
+    summary = align_clip_encoder(model, args.data, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                 progress=not args.quiet)
+    summary.update(recipe=name, overrides=overrides, seconds=time.perf_counter() - start)
+    return summary
+
+
+def table(results):
+    captions = sorted({c for r in results for c in r["val_acc_per_caption"]})
+    lines = ["| recipe | steps | time | val acc | " + " | ".join(captions) + " |",
+             "|---" * (4 + len(captions)) + "|"]
+    for r in results:
+        cells = [f"{r['val_acc_per_caption'].get(c, float('nan')):.2f}" for c in captions]
+        lines.append(f"| {r['recipe']} | {r['steps']} | {r['seconds'] / 60:.1f} min | {r['val_acc']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a `raddiagseg build` folder with train and val VQA-Seg images")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
+                        help="build_model('demo', **JSON) overrides, e.g. clip4='{\"clip\": {\"depth\": 4}}'")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if not (Path(args.data) / "manifest.jsonl").is_file():
+        parser.error(f"--data {args.data} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
+    recipes = dict(RECIPES)
+    if args.recipe:
+        recipes = {}
+        for item in args.recipe:
+            name, sep, text = item.partition("=")
+            try:
+                recipes[name] = json.loads(text) if sep else {}
+            except json.JSONDecodeError as error:
+                parser.error(f"--recipe {item}: the overrides are not JSON ({error})")
+    results = []
+    for name, overrides in recipes.items():
+        results.append(run(name, overrides, args))
+        print(f"[align] {name}: val acc {results[-1]['val_acc']:.3f} in {results[-1]['seconds']:.0f} s", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
