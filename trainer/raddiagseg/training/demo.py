@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # "COVID-19 infection" for most X-rays. With 240 + 2700 (v4) it tells normal X-rays apart (40 of 40 held out). Phantoms cost seconds, training steps minutes: more distinct images, same steps.
 TRAIN_DATA = dict(ct_volumes=240, xrays=2700, ct_slices=12)
 TEST_DATA = dict(ct_volumes=20, xrays=120, ct_slices=12)
-DEMO_STEPS = dict(align=2000, pretrain=500, finetune=1500)
+DEMO_STEPS = dict(align=3000, pretrain=500, finetune=2000)
 # The paper fine-tunes on VQA-Seg + VQA only; measured on the demo build, that erased Ref-Seg ("segment the
 # liver": held-out CT Dice 0.55 after pretrain, 0.01 after finetune), which the app and its train task use.
 FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
