@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "trainer"))
 
 def features(model, dataset, limit, batch=32):
     """(patch features, token features, captions) of up to `limit` evenly spread rows."""
-    from raddiagseg.training.clip_align import _pool, _stack, caption
+    from raddiagseg.training.clip_align import caption, pool_tokens, resize_images
 
     picks = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int)
     size = model.clip_encoder.config.image_size
@@ -31,9 +31,9 @@ def features(model, dataset, limit, batch=32):
     with torch.inference_mode():
         for start in range(0, len(picks), batch):
             idx = picks[start : start + batch].tolist()
-            p = model.clip_encoder(model.clip_encoder.preprocess(_stack(dataset, idx, size)))
-            patches.append(_pool(p).float().numpy())
-            tokens.append(_pool(model.projector(p)).float().numpy())
+            p = model.clip_encoder(model.clip_encoder.preprocess(resize_images(dataset, idx, size)))
+            patches.append(pool_tokens(p).float().numpy())
+            tokens.append(pool_tokens(model.projector(p)).float().numpy())
     return np.concatenate(patches), np.concatenate(tokens), [caption(dataset.rows[i]) for i in picks]
 
 

@@ -35,7 +35,7 @@ def caption(row):
     return f"{row['modality']} {region}: {finding}"
 
 
-def _pool(tokens):
+def pool_tokens(tokens):
     """Mean and max over tokens: the max keeps a small lesion from being averaged away."""
     return torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
 
@@ -61,11 +61,11 @@ class CaptionAligner(nn.Module):
         tokens = self.projector(patches)
         text = F.normalize(self.text_table, dim=-1)
         scale = self.logit_scale.exp().clamp(max=100)
-        return tuple(scale * F.normalize(head(_pool(x)), dim=-1) @ text.t()
+        return tuple(scale * F.normalize(head(pool_tokens(x)), dim=-1) @ text.t()
                      for head, x in ((self.patch_head, patches), (self.token_head, tokens)))
 
 
-def _stack(dataset, indices, size):
+def resize_images(dataset, indices, size):
     """Images of different sizes, each resized to the CLIP input size (as `ClipEncoder.preprocess` would)."""
     out = []
     for i in indices:
@@ -84,10 +84,10 @@ class _ResizedImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return _stack(self.dataset, [i], self.size)[0], self.labels[i]
+        return resize_images(self.dataset, [i], self.size)[0], self.labels[i]
 
 
-def resized_images(dataset, size, num_workers=0, progress=False):
+def load_all_resized(dataset, size, num_workers=0, progress=False):
     """Every image of `dataset` (read without augmentation) resized to `size`, as one float16 (N, size, size) tensor.
 
     Why: the alignment visits each image ~20 times; reading and warping it at full size every time (MONAI, one image
@@ -150,7 +150,7 @@ def _batches(images, labels, batch_size, steps, seed):
 
 def _accuracy(aligner, images, labels, batch_size=64):
     """(overall accuracy, {caption: accuracy}) of picking each image's caption among all captions;
-    `images` as `resized_images` returns them."""
+    `images` as `load_all_resized` returns them."""
     device = aligner.text_table.device
     if len(images) == 0:
         return None, {}
@@ -204,8 +204,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
 
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
     size = model.clip_encoder.config.image_size
-    train_images = resized_images(train_set, size, num_workers, progress)
-    val_images = resized_images(val_set, size, num_workers, progress)
+    train_images = load_all_resized(train_set, size, num_workers, progress)
+    val_images = load_all_resized(val_set, size, num_workers, progress)
     losses = []
     for images, labels in _batches(train_images, train_labels, batch_size, steps, seed):
         images, labels = images.to(device), labels.to(device)
