@@ -98,6 +98,7 @@ def test_second_question_on_same_slice_reuses_image_features(served, tmp_path):
     assert first["feature_cache"]["encoded"] == 1
     assert second["feature_cache"]["encoded"] == 0 and second["feature_cache"]["cached"] == 1
     assert second["feature_cache"]["hits"] > first["feature_cache"]["hits"]
+    assert second["image_cache"]["hits"] > first["image_cache"]["hits"]  # the file was not decoded again
 
 
 def test_whole_volume_answers_every_slice_in_file_order(served, tmp_path):

@@ -6,6 +6,8 @@
     work_dir            published models, training runs, train_stats.json
                         (default: <studies>/.raddiag for a local datastore, else ~/.cache/raddiag/monailabel/<hash>)
     feature_cache_size  slices whose image features are kept in memory (default 64; 0 disables)
+    image_cache_mb      memory for decoded image files, so repeat questions on a study skip reading it
+                        (default 512; 0 disables)
     device              cpu | cuda | cuda:N (default: cuda when available)
     dtype               auto | float32 | bfloat16 | mixed (image encoders bf16, LM + mask decoder fp32);
                         default auto: bf16 on GPU; on CPU bf16 for the paper preset, mixed for the demo
@@ -24,6 +26,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.uncertain import Uncertain
 from lib.feature_cache import FeatureCache
+from lib.image_cache import ImageCache
 from lib.infers.raddiagseg import RadDiagSegInfer
 from lib.model_runner import ModelRunner
 from lib.model_store import ModelStore
@@ -56,6 +59,7 @@ class RadDiagSegConfig:
         self.work_dir = Path(conf.get("work_dir") or default_work_dir(studies)).expanduser()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cache = FeatureCache(_positive_int(conf, "feature_cache_size", 64))
+        self.images = ImageCache(_positive_int(conf, "image_cache_mb", 512) * 2**20)
         self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
                                 dtype=conf.get("dtype") or "auto")
         self.store.on_change.append(lambda version: self.cache.clear())
@@ -66,7 +70,7 @@ class RadDiagSegConfig:
             raise ValueError(f"--conf uncertain_method must be sampling or tts, got {self.uncertain_method!r}")
 
     def infer(self):
-        return RadDiagSegInfer(self.store, self.runner)
+        return RadDiagSegInfer(self.store, self.runner, images=self.images)
 
     def trainer(self):
         return RadDiagSegTrain(self.store, self.work_dir)

@@ -15,13 +15,15 @@ from raddiagseg.imaging import to_unit_range
 
 from lib import image_io, infer_params, label_files, response
 from lib import segments as segment_specs
+from lib.image_cache import ImageCache
 from lib.image_io import InputError
 
 logger = logging.getLogger(__name__)
 
 
 class RadDiagSegInfer(InferTask):
-    def __init__(self, store, runner, description="Diagnose and segment: answer a question and segment what it names"):
+    def __init__(self, store, runner, description="Diagnose and segment: answer a question and segment what it names",
+                 images=None):
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=segment_specs.label_names(),
@@ -31,6 +33,7 @@ class RadDiagSegInfer(InferTask):
         )
         self.store = store
         self.runner = runner
+        self.images = images if images is not None else ImageCache(0)  # decoded files (lib/image_cache.py)
 
     def info(self):
         info = super().info()
@@ -61,8 +64,7 @@ class RadDiagSegInfer(InferTask):
         if not isinstance(image_path, str):
             raise InputError("image must be a datastore image id or an uploaded file")
 
-        image = image_io.read_image(image_path)
-        array = image_io.image_array(image)
+        image, array = self.images.read(image_path)
         is_volume = image.GetDimension() == 3
         extension = image_io.label_extension(params.result_extension, is_volume)
         modality = params.modality or image_io.infer_modality(image, array)
@@ -135,6 +137,7 @@ class RadDiagSegInfer(InferTask):
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
             "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
+            "image_cache": self.images.stats(),
             "latencies": {
                 "read": round(t_read - start, 4),
                 "preprocess": round(t_pre - t_read, 4),
