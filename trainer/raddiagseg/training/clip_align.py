@@ -198,14 +198,14 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     aligner.train()
     optimizer = torch.optim.AdamW([p for p in aligner.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    size = model.clip_encoder.config.image_size
+    train_images = load_all_resized(train_set, size, num_workers, progress)
+    val_images = load_all_resized(val_set, size, num_workers, progress)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
-    size = model.clip_encoder.config.image_size
-    train_images = load_all_resized(train_set, size, num_workers, progress)
-    val_images = load_all_resized(val_set, size, num_workers, progress)
     losses = []
     for images, labels in _batches(train_images, train_labels, batch_size, steps, seed):
         images, labels = images.to(device), labels.to(device)
