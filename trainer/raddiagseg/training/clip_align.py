@@ -75,16 +75,16 @@ def resize_images(dataset, indices, size):
 
 
 class _ResizedImages(torch.utils.data.Dataset):
-    """(image resized to the CLIP input size, caption index) per dataset row, for a DataLoader."""
+    """Each dataset row's image resized to the CLIP input size, for a DataLoader."""
 
-    def __init__(self, dataset, labels, size):
-        self.dataset, self.labels, self.size = dataset, labels, size
+    def __init__(self, dataset, size):
+        self.dataset, self.size = dataset, size
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return resize_images(self.dataset, [i], self.size)[0], self.labels[i]
+        return resize_images(self.dataset, [i], self.size)[0]
 
 
 def load_all_resized(dataset, size, num_workers=0, progress=False):
@@ -92,13 +92,12 @@ def load_all_resized(dataset, size, num_workers=0, progress=False):
 
     Why: the alignment visits each image ~20 times; reading and warping it at full size every time (MONAI, one image
     per call) took 0.26 s of a 0.42 s step for a batch of 32 on 2 cores. Read once here, augmented per batch below."""
-    labels = [0] * len(dataset)
-    loader = torch.utils.data.DataLoader(_ResizedImages(dataset, labels, size), batch_size=64, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_ResizedImages(dataset, size), batch_size=64, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="CLIP alignment images", unit="batch")
-    batches = [images.to(torch.float16) for images, _ in loader]
+    batches = [images.to(torch.float16) for images in loader]
     return torch.cat(batches) if batches else torch.zeros(0, size, size, dtype=torch.float16)
 
 
