@@ -7,7 +7,7 @@ phantoms, and prints its validation caption accuracy per caption, so a recipe ca
 
 Usage:
   .venv/bin/python benchmarks/align_recipes.py --data WORK/data-train [--steps 1000] [--out results.json] \
-      [--recipe NAME='{"clip": {"depth": 4}}'] ...
+      [--recipe NAME='clip.depth=4 projector.num_queries=64'] ...
 Without --recipe it runs RECIPES below. --data is a `raddiagseg build` folder (e.g. a demo work folder's data-train).
 """
 
@@ -21,17 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer"))
 
 RECIPES = {
-    "base": {},
-    "clip-depth-4": {"clip": {"depth": 4}},
+    "base": "",
+    "clip-depth-4": "clip.depth=4",
 }
 
 
-def run(name, overrides, args):
+def run(name, options, args):
     import torch
 
     from raddiagseg import build_model
     from raddiagseg.training.clip_align import align_clip_encoder
+    from raddiagseg.training.commands import parse_model_options
 
+    overrides = parse_model_options(options.split())
     torch.manual_seed(args.seed)
     model = build_model("demo", **overrides)
     start = time.perf_counter()
@@ -58,22 +60,24 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
-                        help="build_model('demo', **JSON) overrides, e.g. clip4='{\"clip\": {\"depth\": 4}}'")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="demo-config fields as `raddiagseg demo --model-option` takes them, space separated, "
+                             "e.g. d4='clip.depth=4 projector.num_queries=64'")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not (Path(args.data) / "manifest.jsonl").is_file():
         parser.error(f"--data {args.data} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
+    from raddiagseg.training.commands import CommandError, parse_model_options
+
     recipes = dict(RECIPES)
     if args.recipe:
-        recipes = {}
-        for item in args.recipe:
-            name, sep, text = item.partition("=")
-            try:
-                recipes[name] = json.loads(text) if sep else {}
-            except json.JSONDecodeError as error:
-                parser.error(f"--recipe {item}: the overrides are not JSON ({error})")
+        recipes = dict(item.partition("=")[::2] for item in args.recipe)
+    for name, options in recipes.items():
+        try:
+            parse_model_options(options.split())  # every recipe checked before the first one runs
+        except CommandError as error:
+            parser.error(f"--recipe {name}: {error}")
     results = []
     for name, overrides in recipes.items():
         results.append(run(name, overrides, args))

@@ -135,9 +135,9 @@ def test_demo_model_options_are_checked_before_any_work(tmp_path, capsys, option
 
 
 def test_demo_model_options_parse_into_config_overrides():
-    from raddiagseg.training.commands import _model_options
+    from raddiagseg.training.commands import parse_model_options
 
-    assert _model_options(["clip.depth=4", "projector.num_queries=32"]) == {"clip": {"depth": 4},
+    assert parse_model_options(["clip.depth=4", "projector.num_queries=32"]) == {"clip": {"depth": 4},
                                                                             "projector": {"num_queries": 32}}
 
 

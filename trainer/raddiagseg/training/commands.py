@@ -148,7 +148,7 @@ def _option_value(text, default):
     return None
 
 
-def _model_options(items):
+def parse_model_options(items):
     """['clip.depth=4', 'projector.num_queries=32'] -> {'clip': {'depth': 4}, 'projector': {'num_queries': 32}}."""
     import dataclasses
 
@@ -179,7 +179,7 @@ def run_demo(args):
         out=args.out, work=args.work, train_seed=args.train_seed, test_seed=args.test_seed,
         align_steps=args.align_steps, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
         precision=args.precision, num_workers=args.num_workers, resume=args.resume, val_samples=args.val_samples,
-        model_overrides=_model_options(args.model_option), device=args.device, workers=args.workers,
+        model_overrides=parse_model_options(args.model_option), device=args.device, workers=args.workers,
     )
     if args.pretrain_trainable is not None:
         settings.pretrain_trainable = _trainable_flags(args.pretrain_trainable)
