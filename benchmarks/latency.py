@@ -10,13 +10,15 @@ folder of 512x512 CT slices (phantoms) and sends requests the way the Slicer cli
 (datastore id, JSON params, multipart reply with the label file):
 
 - cold: a slice the server has not seen (image encoders, LM, mask decoder, label writing);
-- warm: the same question on that slice again (cached image features: LM and mask decoder only).
+- warm: the same question on that slice again: cached image features, and the earlier answer given
+  to the LM as a draft that it verifies in one pass (LM and mask decoder only, no decode steps when
+  the draft is kept whole).
 
 The compute floor is the same model calls timed alone in this process (same folder, dtype,
 threads, question and max_new_tokens): `encode_images` + `generate` for cold, `generate` on the
-cached features for warm. Printed: medians, the ratios end-to-end/floor (target <= 1.25) and
-warm/cold (target <= 0.3), and the server's per-stage timings plus HTTP overhead (client time
-minus the server's own total).
+cached features with the cold answer as its draft for warm. Printed: medians, the ratios
+end-to-end/floor (target <= 1.25) and warm/cold (target <= 0.3), and the server's per-stage
+timings plus HTTP overhead (client time minus the server's own total).
 
 --model DIR: default MONAILabelApp/model/raddiagseg-demo when it exists, else an untrained
 demo-preset model built into a temp folder (timings depend on the architecture; answers, and so
@@ -24,7 +26,8 @@ how many tokens and masks are produced, depend on the weights). --preset paper b
 untrained paper-preset model (2.6 B parameters, built directly in bf16, nothing downloaded).
 --force-answer makes the floor decode a fixed 3-step answer with two seg tokens (the LM and its
 head still run every step; only the token choice is scripted), since random weights never stop
-or produce seg tokens by themselves. --no-server measures the floor only (and peak RSS).
+or produce seg tokens by themselves; the warm floor verifies that answer as its draft.
+--no-server measures the floor only (and peak RSS).
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def build_random(preset, dtype):
 
 
 def scripted_logits(model, answer_ids):
-    """Wrap the LM head so greedy decoding emits `answer_ids` then eos; the real head still runs every step."""
+    """Wrap the LM head so greedy decoding emits `answer_ids` then eos; the real head still runs every step.
+    The rows of one call are consecutive answer positions (one step, or a draft verified in one pass)."""
     import torch
 
     original = model.language_model.logits
@@ -152,8 +156,10 @@ def scripted_logits(model, answer_ids):
     def logits(hidden):
         real = original(hidden)
         forced = torch.full_like(real, -1e4)
-        forced[..., script[min(state["step"], len(script) - 1)]] = 1e4
-        state["step"] += 1
+        rows = forced.reshape(-1, forced.shape[-1])
+        for i in range(rows.shape[0]):
+            rows[i, script[min(state["step"] + i, len(script) - 1)]] = 1e4
+        state["step"] += rows.shape[0]
         return forced
 
     def reset():
@@ -165,12 +171,13 @@ def scripted_logits(model, answer_ids):
 
 class Floor:
     """The model calls a request makes, timed alone in this process: cold (encode_images + generate) and
-    warm (generate on the cached features), on the same model, dtype, question and options."""
+    warm (generate on the cached features, the cold answer as its draft), on the same model, dtype, question
+    and options."""
 
     def __init__(self, model, question, options, force_ids=None):
         self.model, self.question, self.options = model, question, options
         self.reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
-        self.cold, self.warm, self.results = [], [], []
+        self.cold, self.warm, self.results, self.warm_results = [], [], [], []
 
     def sync(self):
         if self.model.device.type == "cuda":
@@ -189,10 +196,13 @@ class Floor:
         result.latencies = {**result.latencies, **features.latencies}  # the encoder stages ran in encode_images
         self.reset()
         t0 = time.perf_counter()
-        model.generate(unit, self.question, features=features, **self.options)
+        warm = model.generate(unit, self.question, features=features, draft=result.token_ids, **self.options)
         self.sync()
         t_warm = time.perf_counter() - t0
+        if warm.token_ids != result.token_ids:
+            raise SystemExit(f"the warm floor answered differently from the cold one: {warm.answer!r} vs {result.answer!r}")
         if record:
+            self.warm_results.append(warm)
             self.cold.append(t_cold)
             self.warm.append(t_warm)
             self.results.append(result)
@@ -327,7 +337,10 @@ def main():
         print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
         print("\ncompute floor (model calls alone, in-process), medians over", len(floor_cold))
         print(f"  cold (encode_images + generate): {median(floor_cold) * 1000:.0f} ms")
-        print(f"  warm (generate on cached features): {median(floor_warm) * 1000:.0f} ms   (floor warm/cold {median(floor_warm) / median(floor_cold):.2f})")
+        kept = floor.warm_results[-1].draft
+        print(f"  warm (generate on cached features, the cold answer as draft): {median(floor_warm) * 1000:.0f} ms   "
+              f"(floor warm/cold {median(floor_warm) / median(floor_cold):.2f}; last draft: {kept['accepted']} of {kept['offered']} tokens kept)")
+        print("  model stages, last warm call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in floor.warm_results[-1].latencies.items()))
         print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
         print(f"  peak RSS of this process: {rss_floor:.2f} GB after loading the model and a warm-up request"
               + (f", {peak_rss_gb():.2f} GB at the end" if args.no_server else ""))
@@ -350,6 +363,8 @@ def main():
                   + f", decode per token {median([s.get('decode_per_token', 0.0) for s in stages]) * 1000:.2f}"
                   + f", postprocess {median([x['postprocess'] for x in lat]) * 1000:.1f}, write {median([x['write'] for x in lat]) * 1000:.1f}"
                   + f", server total {median([x['total'] for x in lat]) * 1000:.1f}, HTTP overhead {median(http) * 1000:.1f}")
+        drafted = [o["feature_cache"] for o in server_json["warm"]]
+        print(f"  warm draft tokens kept: {sum(d['draft_tokens_kept'] for d in drafted)} of {sum(d['draft_tokens'] for d in drafted)}")
         answers = {o["answer"] for o in server_json["cold"]}
         print(f"  server answers: {len(answers)} distinct, e.g. {next(iter(answers))[:100]!r}")
         ratio_cold = cold / median(floor_cold)

@@ -45,7 +45,7 @@ class Counting:
     """Counts encode_images calls/slices and mask-decoder prompts; scripts the answers per pass and row."""
 
     def __init__(self, model, passes=()):
-        self.model, self.encode_calls, self.encoded, self.prompts = model, 0, 0, []
+        self.model, self.encode_calls, self.encoded, self.prompts, self.lm_calls = model, 0, 0, [], 0
         self.scripts = [[model.processor.answer_ids(a) for a in rows] for rows in passes]
         self.pass_index, self.step = -1, 0
         encode, forward, decoder = model.encode_images, model.language_model.forward, model.mask_decoder.forward
@@ -57,6 +57,7 @@ class Counting:
             return encode(images)
 
         def lm_forward(*args, **kwargs):
+            self.lm_calls += 1
             if kwargs.get("past_key_values") is None:  # a prefill starts a new decoding pass
                 self.pass_index, self.step = self.pass_index + 1, 0
             return forward(*args, **kwargs)
@@ -112,12 +113,36 @@ def test_repeat_question_on_a_cached_slice_runs_no_encoder(model):
     finally:
         counting.restore()
     assert counting.encode_calls == 2  # the first slice once, the differently windowed one once; never the repeat
-    assert first_stats["counts"] == {"encoded": 1, "cached": 0}
-    assert second_stats["counts"] == {"encoded": 0, "cached": 1}
+    assert first_stats["counts"] == {"encoded": 1, "cached": 0, "draft_tokens": 0, "draft_tokens_kept": 0}
+    assert second_stats["counts"] == {"encoded": 0, "cached": 1, "draft_tokens": 0, "draft_tokens_kept": 0}  # another question
     assert first_stats["model"]["vision"] > 0 and first_stats["model"]["clip"] > 0
     assert second_stats["model"]["vision"] == 0.0 and second_stats["model"]["clip"] == 0.0
     assert second_stats["model"]["prefill"] > 0 and second_stats["model"]["decode_per_token"] > 0
     assert len(second[0].token_ids) == 4 and len(other_window) == 1
+
+
+def test_repeat_of_the_same_question_verifies_the_earlier_answer_in_one_lm_pass(model):
+    runner = runner_for(model)
+    image, volume = slices(1, seed=3)[0], slices(3, seed=4)
+    counting = Counting(model)
+    try:
+        first, _ = runner.answer([image], ["Is there a tumour?"], {"max_new_tokens": 12})
+        calls = counting.lm_calls
+        again, stats = runner.answer([image], ["Is there a tumour?"], {"max_new_tokens": 12})
+        repeat_calls = counting.lm_calls - calls
+        sampled, sampled_stats = runner.answer([image], ["Is there a tumour?"], {"max_new_tokens": 12, "do_sample": True, "seed": 1})
+        whole, _ = runner.answer(volume, ["Q"] * 3, {"max_new_tokens": 12}, batch_size=3)
+        calls = counting.lm_calls
+        whole_again, whole_stats = runner.answer(volume, ["Q"] * 3, {"max_new_tokens": 12}, batch_size=3)
+        whole_calls = counting.lm_calls - calls
+    finally:
+        counting.restore()
+    assert len(first[0].token_ids) > 0 and again[0].token_ids == first[0].token_ids and again[0].answer == first[0].answer
+    assert repeat_calls == 1  # the prompt and the drafted answer in one pass, no decode step
+    assert stats["counts"]["draft_tokens_kept"] == stats["counts"]["draft_tokens"] >= len(first[0].token_ids)
+    assert sampled_stats["counts"]["draft_tokens"] == 0 and len(sampled) == 1  # sampling takes no draft
+    assert [r.token_ids for r in whole_again] == [r.token_ids for r in whole]
+    assert whole_calls == 1 and whole_stats["counts"]["draft_tokens_kept"] == whole_stats["counts"]["draft_tokens"] > 0
 
 
 def test_volume_batches_encoders_and_decoding_and_no_slices_skip_the_mask_decoder(model):

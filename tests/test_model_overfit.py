@@ -102,6 +102,38 @@ def test_kv_cached_decoding_matches_a_full_forward(trained, samples):
     assert greedy.tolist() == res.token_ids
 
 
+def test_a_drafted_answer_is_verified_in_the_prefill_and_changes_nothing(trained, samples):
+    """A right draft (the earlier answer) is kept whole with no decode step; wrong, partial, cut or invalid
+    drafts give exactly the answers and masks of plain greedy decoding."""
+    model, _ = trained
+    singles = [model.generate(s["image"], s["question"], max_new_tokens=48) for s in samples]
+    features = model.encode_images([s["image"] for s in samples])
+    for i, single in enumerate(singles):
+        res = model.generate(None, samples[i]["question"], features=features[i], max_new_tokens=48, draft=single.token_ids)
+        assert res.answer == single.answer and res.token_ids == single.token_ids
+        assert res.draft == {"offered": len(single.token_ids) + 1, "accepted": len(single.token_ids) + 1}  # eos included
+        assert res.latencies["decode_per_token"] == 0.0  # no decode step: one pass answered
+        assert len(res.segments) == 2
+        for a, b in zip(res.segments, single.segments):
+            assert a.label == b.label and dice(a.mask, b.mask) > 0.99
+    assert singles[0].answer != singles[1].answer
+    image_id = model.processor.ids["image"]
+    drafts = [singles[1].token_ids, singles[1].token_ids[:5], [image_id] * 4, None]  # wrong, partial, invalid, none
+    questions = [s["question"] for s in samples]
+    batched = model.generate_batch(None, questions, features=features, max_new_tokens=48, drafts=drafts)
+    for res, single in zip(batched, singles):
+        assert res.answer == single.answer
+        for a, b in zip(res.segments, single.segments):
+            assert a.label == b.label and dice(a.mask, b.mask) > 0.99
+    assert batched[0].draft["accepted"] < batched[0].draft["offered"]
+    assert batched[2].draft == {"offered": 0, "accepted": 0} and batched[3].draft == {"offered": 0, "accepted": 0}
+    short = model.generate(None, questions[0], features=features[0], max_new_tokens=5)
+    cut = model.generate(None, questions[0], features=features[0], max_new_tokens=5, draft=singles[0].token_ids)
+    assert cut.token_ids == short.token_ids and len(cut.token_ids) == 5
+    with pytest.raises(ValueError, match="2 drafts for 4 images"):
+        model.generate_batch(None, questions, features=features, max_new_tokens=8, drafts=drafts[:2])
+
+
 def test_save_and_load_round_trip_gives_identical_outputs(trained, samples, tmp_path):
     from raddiagseg import load_model
 

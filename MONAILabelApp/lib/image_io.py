@@ -7,7 +7,10 @@ i.e. an LPS-ordered array `[S, P, L]`); `VolumeView` maps between that view and 
 own index space so a `slice` index always means "index k along the file's through-plane axis".
 """
 
+import gzip
 import os
+import tempfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,8 @@ def read_image(path):
                 raise InputError(f"folder {os.path.basename(path)!r} holds no DICOM series")
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, series[0]))
             image = reader.Execute()
+        elif path.lower().endswith(".nii.gz"):
+            image = _read_gzipped_nifti(path)
         else:
             image = sitk.ReadImage(path)
     except InputError:
@@ -55,6 +60,29 @@ def read_image(path):
     if int(np.prod(image.GetSize())) > MAX_VOXELS:
         raise InputError(f"image is too large: size {image.GetSize()} (at most {MAX_VOXELS} voxels)")
     return image
+
+
+def _read_gzipped_nifti(path):
+    """Read a .nii.gz through an uncompressed temporary copy: ITK's own gzip reading (znzlib) took 7.7 ms for a
+    512x512 CT slice here, Python's zlib plus ITK on the plain file 3.6 ms. ITK still parses the header, so the
+    geometry is exactly what `sitk.ReadImage` gives. A file that is not gzip after all goes to ITK as it is; a
+    truncated or corrupt one is refused (ITK read a truncated file without complaint)."""
+    limit = MAX_VOXELS * 8 + 2**20  # the largest volume we accept, in float64, plus header and extensions
+    with tempfile.NamedTemporaryFile(suffix=".nii") as plain:
+        try:
+            with gzip.open(path, "rb") as source:
+                written = 0
+                while chunk := source.read(2**22):
+                    written += len(chunk)
+                    if written > limit:
+                        raise InputError(f"image is too large: it decompresses to more than {limit // 2**20} MB")
+                    plain.write(chunk)
+        except gzip.BadGzipFile:
+            return sitk.ReadImage(path)
+        except (EOFError, zlib.error) as error:
+            raise InputError(f"the .nii.gz file is truncated or corrupt ({error})") from None
+        plain.flush()
+        return sitk.ReadImage(plain.name)
 
 
 def _to_gray(image):

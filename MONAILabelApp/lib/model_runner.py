@@ -2,8 +2,10 @@
 
 `encode_images` results are cached per slice (see `feature_cache`); only slices not seen
 before with this model go through the image encoders. Decoding is batched with
-`generate_batch` (one `generate` call for a single slice). With `tts` (True, or a dict of
-`generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
+`generate_batch` (one `generate` call for a single slice). A greedy answer is remembered per slice
+and question and given back as the draft of a repeat question, so the LM verifies it in one pass
+instead of decoding it token by token (same answer; `counts` report the draft tokens kept).
+With `tts` (True, or a dict of `generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
 scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a consensus mask
 over perturbed prompts; `result.agreement` says how much they agreed).
 """
@@ -29,7 +31,8 @@ class ModelRunner:
         self.encoded_images = 0  # how many slices went through the encoders in this process
 
     def features(self, model, version, images):
-        """Per-image features, from the cache or encoded now; returns (features, n_encoded, seconds, encoder stage seconds)."""
+        """Per-image features, from the cache or encoded now; returns (features, cache keys, n_encoded, seconds,
+        encoder stage seconds)."""
         keys = [feature_key(version, image) for image in images]
         features = [self.cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(features) if f is None]
@@ -42,7 +45,7 @@ class ModelRunner:
                 features[i] = encoded[j]
                 self.cache.put(keys[i], encoded[j])
             self.encoded_images += len(missing)
-        return features, len(missing), time.perf_counter() - start, stages
+        return features, keys, len(missing), time.perf_counter() - start, stages
 
     def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False):
         """GenerationResults for each (image, question), and stage timings summed over batches."""
@@ -55,12 +58,16 @@ class ModelRunner:
         model, version = self.store.get()
         results = []
         timings = {"encode": 0.0, "generate": 0.0}
-        counts = {"encoded": 0, "cached": 0}
+        counts = {"encoded": 0, "cached": 0, "draft_tokens": 0, "draft_tokens_kept": 0}
+        greedy = not tts and not options.get("do_sample")
         model_stages, decode_steps = {}, 0
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
-            features, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
+            features, keys, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
+            drafts = [self.cache.draft(key, q) for key, q in zip(keys, batch_questions)] if greedy else None
+            if drafts is not None and not any(drafts):
+                drafts = None
             timings["encode"] += seconds
             for stage, stage_seconds in encoder_stages.items():  # preprocess, vision, clip of the slices encoded now
                 model_stages[stage] = model_stages.get(stage, 0.0) + float(stage_seconds)
@@ -75,12 +82,18 @@ class ModelRunner:
                     for image, question, f in zip(batch, batch_questions, features)
                 )
             elif len(batch) == 1:
-                results.append(model.generate(batch[0], batch_questions[0], features=features[0], **options))
+                draft = drafts[0] if drafts else None
+                results.append(model.generate(batch[0], batch_questions[0], features=features[0], draft=draft, **options))
             else:
                 results.extend(
-                    model.generate_batch(batch, batch_questions, features=join_features(model, features), **options)
+                    model.generate_batch(batch, batch_questions, features=join_features(model, features), drafts=drafts, **options)
                 )
             timings["generate"] += time.perf_counter() - t0
+            if greedy:
+                for key, question, result in zip(keys, batch_questions, results[first:]):
+                    self.cache.put_draft(key, question, result.token_ids)
+                    counts["draft_tokens"] += result.draft.get("offered", 0)
+                    counts["draft_tokens_kept"] += result.draft.get("accepted", 0)
             # the results of one generate_batch call share its stage timings: count them once per batch
             # (test-time scaling answers slice by slice, so there every result has its own)
             for result in results[first:] if tts else results[first:first + 1]:

@@ -62,3 +62,4 @@ class GenerationResult:
     latencies: dict
     token_ids: list = field(default_factory=list)
     agreement: dict = field(default_factory=dict)  # test-time scaling only: share of paths agreeing, mask consensus IoU
+    draft: dict = field(default_factory=dict)  # with a draft: {"offered": tokens guessed, "accepted": tokens kept}

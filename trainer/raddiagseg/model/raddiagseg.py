@@ -11,6 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -242,19 +243,24 @@ class RadDiagSegModel(nn.Module):
         return ImageFeatures(vision, image_embeds, [tuple(s) for s in pixels["image_sizes"].tolist()], latencies)
 
     def generate(self, image, question, max_new_tokens=128, features=None, do_sample=False, temperature=1.0, seed=None,
-                 rvls2m=None):
-        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult (rvls2m: see `generate_batch`)."""
+                 rvls2m=None, draft=None):
+        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult (rvls2m, draft: see `generate_batch`)."""
         images = None if image is None else [image]
         if features is not None and len(features) != 1:
             raise ValueError(f"generate takes features of one image, got {len(features)}")
-        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed, rvls2m)[0]
+        drafts = None if draft is None else [draft]
+        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed, rvls2m, drafts)[0]
 
     @torch.inference_mode()
     def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None,
-                       rvls2m=None):
+                       rvls2m=None, drafts=None):
         """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult].
 
         rvls2m: None decodes masks as the model was configured; True/False turns RVLS2M region prompts on/off.
+        drafts: None, or per image a guess of the answer's token ids (e.g. `token_ids` of an earlier answer to the
+        same question about the same image); greedy decoding then verifies the guess in the prefill pass and keeps
+        what it would have generated anyway, so answers are the same, only faster when the guess is right.
+        `result.draft` says how many guessed tokens were kept. Ignored when sampling.
         """
         region = self.region_config(rvls2m)
         latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
@@ -269,6 +275,8 @@ class RadDiagSegModel(nn.Module):
             self.processor.prompt_ids(q)  # refuse bad questions before any encoder runs
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if drafts is not None and len(drafts) != n_images:
+            raise ValueError(f"{len(drafts)} drafts for {n_images} images")
         if features is None:
             if not images:
                 raise ValueError("give images or precomputed features")
@@ -276,13 +284,17 @@ class RadDiagSegModel(nn.Module):
             latencies.update(features.latencies)
         features = features.to(self.device, self.dtype)
         with _eval_mode(self):
-            ids, states, t_prefill, t_decode, steps = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed)
-            latencies["prefill"], latencies["decode"] = t_prefill, t_decode
-            latencies["decode_per_token"] = t_decode / steps  # one step = one token for every unfinished row
+            decoded = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed, drafts)
+            latencies["prefill"], latencies["decode"] = decoded.prefill, decoded.decode
+            latencies["decode_per_token"] = decoded.decode / decoded.steps if decoded.steps else 0.0  # one step: a token per unfinished row
             t0 = time.perf_counter()
-            masks = self._masks(features, ids, states, region)
+            masks = self._masks(features, decoded.tokens, decoded.states, region)
             latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
-        return [self._result(i, ids[i], masks.get(i, []), latencies) for i in range(len(ids))]
+        results = [self._result(i, decoded.tokens[i], masks.get(i, []), latencies) for i in range(len(decoded.tokens))]
+        if drafts is not None:
+            for result, accepted, offered in zip(results, decoded.accepted, decoded.offered):
+                result.draft = {"offered": offered, "accepted": accepted}
+        return results
 
     def generate_tts(self, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
                      max_new_tokens=128, features=None, seed=0, rvls2m=None):
@@ -293,35 +305,69 @@ class RadDiagSegModel(nn.Module):
         return generate_tts(self, image, question, num_answers, num_masks, temperature, prompt_noise, max_new_tokens, features, seed,
                             rvls2m=rvls2m)
 
-    def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed):
-        """KV-cached decoding. Returns per sample the generated ids (eos dropped) and the hidden state that produced
-        each, the prefill and decode seconds and the number of decode steps taken."""
+    def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed, drafts=None):
+        """KV-cached decoding -> `Decoded`: per sample the generated ids (eos dropped) and the hidden state that
+        produced each, prefill and decode seconds, decode steps and how many draft tokens were accepted.
+
+        `drafts` (greedy only): per sample a guess of the answer's token ids, e.g. the answer the model gave
+        before to the same question about the same slice. The guess is fed after the prompt in the prefill
+        pass, and each token is kept only while it is the argmax of the state before it, exactly as greedy
+        decoding would have chosen it (speculative decoding with a cached draft); decoding goes on step by
+        step from the first token that differs. A right guess turns ~25 decode steps into one pass."""
         proc = self.processor
         prompts = [proc.prompt_ids(q) for q in questions]
         batch, length = len(prompts), max(len(p) for p in prompts)
+        eos = proc.ids["eos"]
+        vocab = self.config.language.vocab_size
+        guesses = _draft_rows(drafts, batch, eos, max_new_tokens, proc.ids["image"], vocab) if drafts is not None and not do_sample else [[]] * batch
+        if length + max(map(len, guesses)) > (self.language_model.causal_lm.config.sliding_window or 1 << 30):
+            guesses = [[]] * batch  # the rollback below assumes the whole sequence fits in the sliding window
+        width = max(map(len, guesses))
         dev = self.device
-        input_ids = torch.full((batch, length), proc.ids["pad"], dtype=torch.long, device=dev)
-        attention = torch.zeros((batch, length), dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):  # left padding
-            input_ids[b, length - len(p) :] = torch.tensor(p, device=dev)
-            attention[b, length - len(p) :] = 1
+        input_ids = torch.full((batch, length + width), proc.ids["pad"], dtype=torch.long, device=dev)
+        attention = torch.zeros((batch, length + width), dtype=torch.long, device=dev)
+        for b, (p, g) in enumerate(zip(prompts, guesses)):  # prompts left-padded, draft tokens right after them
+            input_ids[b, length - len(p) : length + len(g)] = torch.tensor(p + g, device=dev)
+            attention[b, length - len(p) : length + len(g)] = 1
+        prompt_mask = attention.bool()
+        prompt_mask[:, length:] = False  # the whole prompt is the prefix; draft tokens are causal like generated ones
         position_ids = (attention.cumsum(1) - 1).clamp_min(0)
         generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
 
         t0 = time.perf_counter()
         hidden, cache = self.language_model(
             self._input_embeds(input_ids, features.image_embeds), attention_mask=attention, position_ids=position_ids, use_cache=True,
-            prefix_mask=attention.bool(),  # the whole prompt is the prefix
+            prefix_mask=prompt_mask,
         )
-        t_prefill = time.perf_counter() - t0
-        last = hidden[:, -1]
-        position = position_ids[:, -1:]
         tokens, states = [[] for _ in range(batch)], [[] for _ in range(batch)]
         done = torch.zeros(batch, dtype=torch.bool, device=dev)
-        eos = proc.ids["eos"]
+        accepted = [0] * batch
+        last_index = torch.full((batch,), length - 1, dtype=torch.long, device=dev)
+        for b, guess in enumerate(guesses):
+            if not guess:
+                continue
+            chosen = self.language_model.logits(hidden[b, length - 1 : length - 1 + len(guess)]).float().argmax(-1).tolist()
+            while accepted[b] < len(guess) and chosen[accepted[b]] == guess[accepted[b]]:
+                token = guess[accepted[b]]
+                if token == eos:
+                    done[b] = True
+                else:
+                    tokens[b].append(token)
+                    states[b].append(hidden[b, length - 1 + accepted[b]])
+                accepted[b] += 1
+                if done[b]:
+                    break
+            if len(tokens[b]) >= max_new_tokens:
+                done[b] = True
+            attention[b, length + accepted[b] :] = 0  # rejected draft tokens stay in the cache, masked out
+            last_index[b] += accepted[b]
+        t_prefill = time.perf_counter() - t0
+        rows = torch.arange(batch, device=dev)
+        last = hidden[rows, last_index]
+        position = position_ids[rows, last_index][:, None]
         t0 = time.perf_counter()
         steps = 0
-        for step in range(max_new_tokens):
+        while not bool(done.all()):
             steps += 1
             logits = self.language_model.logits(last).float()
             if do_sample:
@@ -336,7 +382,8 @@ class RadDiagSegModel(nn.Module):
                     else:
                         tokens[b].append(next_ids[b].item())
                         states[b].append(last[b])
-            if bool(done.all()) or step == max_new_tokens - 1:
+                        done[b] = len(tokens[b]) >= max_new_tokens
+            if bool(done.all()):
                 break
             next_ids = torch.where(done, torch.full_like(next_ids, proc.ids["pad"]), next_ids)
             attention = torch.cat([attention, (~done).long()[:, None]], dim=1)
@@ -345,7 +392,7 @@ class RadDiagSegModel(nn.Module):
                 self.language_model.embed(next_ids[:, None]), attention_mask=attention, position_ids=position, past_key_values=cache, use_cache=True
             )
             last = hidden[:, -1]
-        return tokens, states, t_prefill, time.perf_counter() - t0, steps
+        return Decoded(tokens, states, t_prefill, time.perf_counter() - t0, steps, accepted, [len(g) for g in guesses])
 
     def _masks(self, features, ids, states, region=None):
         """One bool mask per generated seg token at its image's original size; no decoder call without seg tokens."""
@@ -437,6 +484,35 @@ class RadDiagSegModel(nn.Module):
         model.to(device=device, dtype=dtype)
         model.eval()
         return model
+
+
+class Decoded(NamedTuple):
+    tokens: list  # per sample: generated token ids, eos dropped
+    states: list  # per sample: the hidden state that produced each token
+    prefill: float  # seconds of the prompt (+ draft) pass
+    decode: float  # seconds of the step-by-step decoding after it
+    steps: int  # decode steps taken (0 when the drafts were accepted to the end)
+    accepted: list  # per sample: draft tokens accepted, eos included
+    offered: list  # per sample: draft tokens verified, eos included (0: no draft)
+
+
+def _draft_rows(drafts, batch, eos, max_new_tokens, image_id, vocab_size):
+    """Per sample the tokens to verify: the draft cut at its first token that cannot be generated (image
+    placeholder, outside the vocabulary), then eos when there is room for one more step."""
+    if len(drafts) != batch:
+        raise ValueError(f"{len(drafts)} drafts for {batch} questions")
+    rows = []
+    for draft in drafts:
+        row = []
+        for token in list(draft or [])[:max_new_tokens]:
+            token = int(token)
+            if token == image_id or not 0 <= token < vocab_size:
+                break
+            row.append(token)
+        if row and len(row) < max_new_tokens and row[-1] != eos:
+            row.append(eos)
+        rows.append(row)
+    return rows
 
 
 def _module_dtype(module):

@@ -86,10 +86,10 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
     was_training = model.training
     model.eval()
     try:
-        ids, states, t_prefill, t_decode, _ = model._decode(features, [question], max_new_tokens, False, 1.0, None)
+        ids, states, t_prefill, t_decode = model._decode(features, [question], max_new_tokens, False, 1.0, None)[:4]
         if num_answers > 1:
             repeated = ImageFeatures.cat([features] * (num_answers - 1))
-            s_ids, s_states, t2, t3, _ = model._decode(repeated, [question] * (num_answers - 1), max_new_tokens, True, temperature, seed)
+            s_ids, s_states, t2, t3 = model._decode(repeated, [question] * (num_answers - 1), max_new_tokens, True, temperature, seed)[:4]
             ids, states = ids + s_ids, states + s_states
             t_prefill, t_decode = t_prefill + t2, t_decode + t3
         latencies["prefill"], latencies["decode"] = t_prefill, t_decode
