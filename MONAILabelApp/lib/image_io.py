@@ -77,7 +77,7 @@ def _read_gzipped_nifti(path):
                     if written > limit:
                         raise InputError(f"image is too large: it decompresses to more than {limit // 2**20} MB")
                     plain.write(chunk)
-        except gzip.BadGzipFile:
+        except OSError:  # not gzip after all (BadGzipFile), missing, unreadable, no room for the copy: ITK decides
             return sitk.ReadImage(path)
         except (EOFError, zlib.error) as error:
             raise InputError(f"the .nii.gz file is truncated or corrupt ({error})") from None
