@@ -27,7 +27,9 @@ untrained paper-preset model (2.6 B parameters, built directly in bf16, nothing 
 --force-answer makes the floor decode a fixed 3-step answer with two seg tokens (the LM and its
 head still run every step; only the token choice is scripted), since random weights never stop
 or produce seg tokens by themselves; the warm floor verifies that answer as its draft.
---no-server measures the floor only (and peak RSS).
+--no-server measures the floor only (and peak RSS). --answer-drafts recent serves with the app's
+`--conf answer_drafts recent`: a cold request then gets the previous slice's answer as its draft, and
+so does the floor's cold call; `off` uses no drafts anywhere (the warm floor re-decodes).
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ class Floor:
     warm (generate on the cached features, the cold answer as its draft), on the same model, dtype, question
     and options."""
 
-    def __init__(self, model, question, options, force_ids=None):
-        self.model, self.question, self.options = model, question, options
+    def __init__(self, model, question, options, force_ids=None, drafts="slice"):
+        self.model, self.question, self.options, self.drafts = model, question, options, drafts
+        self.last_answer = None  # the previous cold answer: the cold draft with drafts="recent", as in the app
         self.reset = scripted_logits(model, force_ids) if force_ids is not None else (lambda: None)
         self.cold, self.warm, self.results, self.warm_results = [], [], [], []
 
@@ -190,17 +193,20 @@ class Floor:
         self.reset()
         t0 = time.perf_counter()
         features = model.encode_images([unit])
-        result = model.generate(unit, self.question, features=features, **self.options)
+        cold_draft = self.last_answer if self.drafts == "recent" else None
+        result = model.generate(unit, self.question, features=features, draft=cold_draft, **self.options)
         self.sync()
         t_cold = time.perf_counter() - t0
         result.latencies = {**result.latencies, **features.latencies}  # the encoder stages ran in encode_images
         self.reset()
         t0 = time.perf_counter()
-        warm = model.generate(unit, self.question, features=features, draft=result.token_ids, **self.options)
+        warm_draft = result.token_ids if self.drafts != "off" else None
+        warm = model.generate(unit, self.question, features=features, draft=warm_draft, **self.options)
         self.sync()
         t_warm = time.perf_counter() - t0
         if warm.token_ids != result.token_ids:
             raise SystemExit(f"the warm floor answered differently from the cold one: {warm.answer!r} vs {result.answer!r}")
+        self.last_answer = result.token_ids
         if record:
             self.warm_results.append(warm)
             self.cold.append(t_cold)
@@ -250,6 +256,8 @@ def main():
     p.add_argument("--no-server", action="store_true", help="measure the compute floor only")
     p.add_argument("--device", default="cpu", help="with --no-server: cpu or cuda (the server runs on CPU here)")
     p.add_argument("--force-answer", action="store_true", help="floor decodes a fixed 3-step answer with 2 seg tokens")
+    p.add_argument("--answer-drafts", default="slice", choices=["slice", "recent", "off"],
+                   help="the app's --conf answer_drafts, mirrored by the floor (default: slice, the app's default)")
     args = p.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -292,14 +300,14 @@ def main():
         model.eval()
         print(f"model: {description}; preset {model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"{precision(model)}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
-              f"max_new_tokens {max_new}")
+              f"max_new_tokens {max_new}; answer drafts: {args.answer_drafts}")
         force_ids = None
         if args.force_answer:
             text = templates.vqaseg_answer(*FORCED_ANSWER)
             force_ids = model.processor.answer_ids(text)
             options["max_new_tokens"] = max(max_new, len(force_ids))
             print(f"floor decodes the fixed answer {text!r} ({len(force_ids) - 1} tokens + eos; max_new_tokens {options['max_new_tokens']})")
-        floor = Floor(model, QUESTION, options, force_ids)
+        floor = Floor(model, QUESTION, options, force_ids, args.answer_drafts)
         floor.once(units[-1], record=False)  # warm-up: one-time initialisation is not timed
         rss_floor = peak_rss_gb()
 
@@ -312,7 +320,7 @@ def main():
             import requests
             from live_server import start_server
 
-            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype}
+            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype, "answer_drafts": args.answer_drafts}
             t0 = time.perf_counter()
             with start_server(APP, work / "studies", conf) as server:
                 print(f"server up in {time.perf_counter() - t0:.1f} s at {server.url}")
@@ -337,9 +345,12 @@ def main():
         print(f"floor answer: {len(last.token_ids)} tokens, {len(last.segments)} masks: {last.answer[:120]!r}")
         print("\ncompute floor (model calls alone, in-process), medians over", len(floor_cold))
         print(f"  cold (encode_images + generate): {median(floor_cold) * 1000:.0f} ms")
-        kept = floor.warm_results[-1].draft
-        print(f"  warm (generate on cached features, the cold answer as draft): {median(floor_warm) * 1000:.0f} ms   "
-              f"(floor warm/cold {median(floor_warm) / median(floor_cold):.2f}; last draft: {kept['accepted']} of {kept['offered']} tokens kept)")
+        def kept(results):
+            return f"{sum(r.draft.get('accepted', 0) for r in results)} of {sum(r.draft.get('offered', 0) for r in results)}"
+
+        print(f"  warm (generate on cached features{', the cold answer as draft' if args.answer_drafts != 'off' else ''}): "
+              f"{median(floor_warm) * 1000:.0f} ms   (floor warm/cold {median(floor_warm) / median(floor_cold):.2f})")
+        print(f"  draft tokens kept: cold {kept(floor.results)}, warm {kept(floor.warm_results)}")
         print("  model stages, last warm call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in floor.warm_results[-1].latencies.items()))
         print("  model stages, last cold call [ms]: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in last.latencies.items()))
         print(f"  peak RSS of this process: {rss_floor:.2f} GB after loading the model and a warm-up request"
@@ -363,8 +374,9 @@ def main():
                   + f", decode per token {median([s.get('decode_per_token', 0.0) for s in stages]) * 1000:.2f}"
                   + f", postprocess {median([x['postprocess'] for x in lat]) * 1000:.1f}, write {median([x['write'] for x in lat]) * 1000:.1f}"
                   + f", server total {median([x['total'] for x in lat]) * 1000:.1f}, HTTP overhead {median(http) * 1000:.1f}")
-        drafted = [o["feature_cache"] for o in server_json["warm"]]
-        print(f"  warm draft tokens kept: {sum(d['draft_tokens_kept'] for d in drafted)} of {sum(d['draft_tokens'] for d in drafted)}")
+        for kind in ("cold", "warm"):
+            drafted = [o["feature_cache"] for o in server_json[kind]]
+            print(f"  {kind} draft tokens kept: {sum(d['draft_tokens_kept'] for d in drafted)} of {sum(d['draft_tokens'] for d in drafted)}")
         answers = {o["answer"] for o in server_json["cold"]}
         print(f"  server answers: {len(answers)} distinct, e.g. {next(iter(answers))[:100]!r}")
         ratio_cold = cold / median(floor_cold)

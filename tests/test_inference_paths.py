@@ -89,12 +89,12 @@ class Counting:
         del self.model.mask_decoder.forward
 
 
-def runner_for(model, cache_items=8):
+def runner_for(model, cache_items=8, drafts="slice"):
     class Store:
         def get(self):
             return model, "v1"
 
-    return ModelRunner(Store(), FeatureCache(cache_items))
+    return ModelRunner(Store(), FeatureCache(cache_items), drafts=drafts)
 
 
 def slices(n, size=64, seed=0):
@@ -143,6 +143,30 @@ def test_repeat_of_the_same_question_verifies_the_earlier_answer_in_one_lm_pass(
     assert sampled_stats["counts"]["draft_tokens"] == 0 and len(sampled) == 1  # sampling takes no draft
     assert [r.token_ids for r in whole_again] == [r.token_ids for r in whole]
     assert whole_calls == 1 and whole_stats["counts"]["draft_tokens_kept"] == whole_stats["counts"]["draft_tokens"] > 0
+
+
+def test_draft_modes_recent_drafts_a_new_slice_and_off_drafts_nothing(model, tmp_path):
+    from lib.configs.raddiagseg import RadDiagSegConfig
+
+    a, b = slices(2, seed=5)
+    options = {"max_new_tokens": 12}
+    plain_b = model.generate(None, "Q", features=model.encode_images([b]), **options)
+    recent, single, off = runner_for(model, drafts="recent"), runner_for(model), runner_for(model, drafts="off")
+    for runner in (recent, single, off):
+        runner.answer([a], ["Q"], options)
+    from_a, recent_stats = recent.answer([b], ["Q"], options)
+    _, single_stats = single.answer([b], ["Q"], options)
+    counting = Counting(model)
+    try:
+        again, off_stats = off.answer([a], ["Q"], options)
+    finally:
+        counting.restore()
+    assert recent_stats["counts"]["draft_tokens"] > 0  # a's answer, checked against b
+    assert from_a[0].token_ids == plain_b.token_ids  # whatever was kept, the answer is b's own
+    assert single_stats["counts"]["draft_tokens"] == 0  # a new slice: nothing to draft from
+    assert off_stats["counts"]["draft_tokens"] == 0 and counting.lm_calls == len(again[0].token_ids) + (len(again[0].token_ids) < 12)
+    with pytest.raises(ValueError, match="answer_drafts must be one of slice, recent, off, got 'sometimes'"):
+        RadDiagSegConfig(APP, str(tmp_path), {"answer_drafts": "sometimes", "work_dir": str(tmp_path / "work")})
 
 
 def test_volume_batches_encoders_and_decoding_and_no_slices_skip_the_mask_decoder(model):

@@ -5,7 +5,8 @@ before with this model go through the image encoders. Decoding is batched with
 `generate_batch` (one `generate` call for a single slice). A greedy answer is remembered per slice
 and question and given back as the draft of a repeat question, so the LM verifies it in one pass
 instead of decoding it token by token (same answer; `counts` report the draft tokens kept).
-With `tts` (True, or a dict of `generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
+`drafts="recent"` also drafts a slice not asked about before with the last answer to the question
+about any slice; `"off"` uses no drafts. With `tts` (True, or a dict of `generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
 scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a consensus mask
 over perturbed prompts; `result.agreement` says how much they agreed).
 """
@@ -24,10 +25,16 @@ def join_features(model, features):
     return type(features[0]).cat(features)
 
 
+DRAFT_MODES = ("slice", "recent", "off")
+
+
 class ModelRunner:
-    def __init__(self, store, cache):
+    def __init__(self, store, cache, drafts="slice"):
+        if drafts not in DRAFT_MODES:
+            raise ValueError(f"answer drafts must be one of {', '.join(DRAFT_MODES)}, got {drafts!r}")
         self.store = store
         self.cache = cache
+        self.drafts = drafts
         self.encoded_images = 0  # how many slices went through the encoders in this process
 
     def features(self, model, version, images):
@@ -60,12 +67,14 @@ class ModelRunner:
         timings = {"encode": 0.0, "generate": 0.0}
         counts = {"encoded": 0, "cached": 0, "draft_tokens": 0, "draft_tokens_kept": 0}
         greedy = not tts and not options.get("do_sample")
+        drafting = greedy and self.drafts != "off"
         model_stages, decode_steps = {}, 0
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
             features, keys, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
-            drafts = [self.cache.draft(key, q) for key, q in zip(keys, batch_questions)] if greedy else None
+            any_slice = self.drafts == "recent"
+            drafts = [self.cache.draft(key, q, any_slice) for key, q in zip(keys, batch_questions)] if drafting else None
             if drafts is not None and not any(drafts):
                 drafts = None
             timings["encode"] += seconds
