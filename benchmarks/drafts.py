@@ -43,12 +43,9 @@ def main():
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
+    from latency import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from latency import machine, precision
     from raddiagseg import templates
     from raddiagseg.data import phantoms

@@ -59,6 +59,15 @@ QUESTION = None  # the app's default 3-step question (templates.DEFAULT_QUESTION
 FORCED_ANSWER = ("yes", "Hepatocellular carcinoma", ["liver", "liver tumour"])
 
 
+def set_threads(threads):
+    """Use `threads` OpenMP/torch threads in this process and in the processes it starts (None: leave as is)."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -259,12 +268,9 @@ def main():
     p.add_argument("--answer-drafts", default="slice", choices=["slice", "recent", "off"],
                    help="the app's --conf answer_drafts, mirrored by the floor (default: slice, the app's default)")
     args = p.parse_args()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    set_threads(args.threads)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from raddiagseg import templates
     from lib import infer_params
     from lib.model_store import load_for_serving, serving_precision

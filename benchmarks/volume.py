@@ -63,12 +63,11 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the app's default")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from latency import set_threads
+
+    set_threads(args.threads)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from latency import build_random, machine, precision
     from raddiagseg import templates
     from raddiagseg.data import phantoms
