@@ -66,14 +66,13 @@ class ModelRunner:
         results = []
         timings = {"encode": 0.0, "generate": 0.0}
         counts = {"encoded": 0, "cached": 0, "draft_tokens": 0, "draft_tokens_kept": 0}
-        greedy = not tts and not options.get("do_sample")
-        drafting = greedy and self.drafts != "off"
+        drafting = self.drafts != "off" and not tts and not options.get("do_sample")  # drafts serve greedy decoding only
+        any_slice = self.drafts == "recent"
         model_stages, decode_steps = {}, 0
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
             features, keys, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
-            any_slice = self.drafts == "recent"
             drafts = [self.cache.draft(key, q, any_slice) for key, q in zip(keys, batch_questions)] if drafting else None
             if drafts is not None and not any(drafts):
                 drafts = None
@@ -98,7 +97,7 @@ class ModelRunner:
                     model.generate_batch(batch, batch_questions, features=join_features(model, features), drafts=drafts, **options)
                 )
             timings["generate"] += time.perf_counter() - t0
-            if greedy:
+            if drafting:
                 for key, question, result in zip(keys, batch_questions, results[first:]):
                     self.cache.put_draft(key, question, result.token_ids)
                     counts["draft_tokens"] += result.draft.get("offered", 0)
