@@ -180,12 +180,13 @@ def check_image_file(path: str, limits: Limits, what: str = "image", label: bool
         raise InputError(413, f"the uploaded {what} is {size}; limits are {limits.max_side} per side and "
                               f"{limits.max_voxels} voxels")
     try:
-        image = sitk.ReadImage(path)  # held here: an array view of an image that is freed reads freed memory
-        array = sitk.GetArrayViewFromImage(image)
         if path.endswith((".nii", ".nii.gz")):  # ITK zero-fills a short NIfTI and reads NaN as 0; nibabel sees both
             import nibabel
 
             array = np.asanyarray(nibabel.load(path).dataobj)
+        else:
+            image = sitk.ReadImage(path)  # held here: an array view of an image that is freed reads freed memory
+            array = sitk.GetArrayViewFromImage(image)
     except (RuntimeError, OSError, EOFError, ValueError):
         raise InputError(400, f"the uploaded {what} is truncated or corrupt: its pixel data could not be read")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
