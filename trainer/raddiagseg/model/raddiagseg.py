@@ -259,7 +259,8 @@ class RadDiagSegModel(nn.Module):
         rvls2m: None decodes masks as the model was configured; True/False turns RVLS2M region prompts on/off.
         drafts: None, or per image a guess of the answer's token ids (e.g. `token_ids` of an earlier answer to the
         same question about the same image); greedy decoding then verifies the guess in the prefill pass and keeps
-        what it would have generated anyway, so answers are the same, only faster when the guess is right.
+        what it would have generated anyway, so answers are the same (up to floating-point rounding: one pass instead of
+        single steps, as with batching), only faster when the guess is right.
         `result.draft` says how many guessed tokens were kept. Ignored when sampling.
         """
         region = self.region_config(rvls2m)
