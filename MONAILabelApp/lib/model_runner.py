@@ -6,9 +6,10 @@ before with this model go through the image encoders. Decoding is batched with
 and question and given back as the draft of a repeat question, so the LM verifies it in one pass
 instead of decoding it token by token (same answer; `counts` report the draft tokens kept).
 `drafts="recent"` also drafts a slice not asked about before with the last answer to the question
-about any slice; `"off"` uses no drafts. With `tts` (True, or a dict of `generate_tts` settings: num_answers, num_masks, rvls2m) every slice is answered with test-time
-scaling instead (`generate_tts`: the majority of a greedy and sampled answers, a consensus mask
-over perturbed prompts; `result.agreement` says how much they agreed).
+about any slice; `"off"` uses no drafts. With `tts` (True, or a dict of `generate_tts` settings:
+num_answers, num_masks, rvls2m) every slice is answered with test-time scaling instead
+(`generate_tts`: the majority of a greedy and sampled answers, a consensus mask over perturbed
+prompts; `result.agreement` says how much they agreed).
 """
 
 import time
