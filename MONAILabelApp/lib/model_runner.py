@@ -32,7 +32,7 @@ DRAFT_MODES = ("slice", "recent", "off")
 class ModelRunner:
     def __init__(self, store, cache, drafts="slice"):
         if drafts not in DRAFT_MODES:
-            raise ValueError(f"answer drafts must be one of {', '.join(DRAFT_MODES)}, got {drafts!r}")
+            raise ValueError(f"answer_drafts must be one of {', '.join(DRAFT_MODES)}, got {drafts!r}")
         self.store = store
         self.cache = cache
         self.drafts = drafts

@@ -28,7 +28,7 @@ from lib.activelearning.uncertain import Uncertain
 from lib.feature_cache import FeatureCache
 from lib.image_cache import ImageCache
 from lib.infers.raddiagseg import RadDiagSegInfer
-from lib.model_runner import DRAFT_MODES, ModelRunner
+from lib.model_runner import ModelRunner
 from lib.model_store import ModelStore
 from lib.trainers.raddiagseg import RadDiagSegTrain
 
@@ -63,10 +63,10 @@ class RadDiagSegConfig:
         self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
                                 dtype=conf.get("dtype") or "auto")
         self.store.on_change.append(lambda version: self.cache.clear())
-        drafts = conf.get("answer_drafts") or "slice"
-        if drafts not in DRAFT_MODES:
-            raise ValueError(f"--conf answer_drafts must be one of {', '.join(DRAFT_MODES)}, got {drafts!r}")
-        self.runner = ModelRunner(self.store, self.cache, drafts=drafts)
+        try:
+            self.runner = ModelRunner(self.store, self.cache, drafts=conf.get("answer_drafts") or "slice")
+        except ValueError as error:
+            raise ValueError(f"--conf {error}") from None
         self.uncertain_samples = max(2, _positive_int(conf, "uncertain_samples", 3))
         self.uncertain_method = conf.get("uncertain_method", "sampling")
         if self.uncertain_method not in ("sampling", "tts"):
