@@ -16,6 +16,13 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r requirements.txt
   touch "$venv/.complete"
 fi
+test_hash=$(cat requirements-test.txt | sha1sum | cut -c1-12)
+if [ ! -f "$venv/.test-$test_hash" ]; then
+  echo "[setup] installing test dependencies (requirements-test.txt)"
+  "$venv/bin/pip" install -q -r requirements-test.txt -c <("$venv/bin/pip" freeze --exclude-editable)
+  rm -f "$venv"/.test-*
+  touch "$venv/.test-$test_hash"
+fi
 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e trainer
 if [ ! -e .venv ] || [ "$(readlink .venv)" != "$venv" ]; then
   rm -rf .venv
