@@ -204,6 +204,8 @@ def test_segment_editor_released_on_exit_and_scene_close(core, monkeypatch):
     assert widget.segmentationNode is None
     node = editor.setMRMLSegmentEditorNode.call_args[0][0]  # after close: the editor node is in the scene again
     assert core.scene.GetNodeByID(node.GetID()) is node
+    widget.cleanup()  # as Slicer does when the module is unloaded: no observers left on the scene
+    editor.removeViewObservations.assert_called()
 
 
 def test_current_slice_index_under_a_transform(core, tmp_path):
