@@ -35,6 +35,8 @@ def test_extension_metadata_and_index_entry():
     assert "include(${CMAKE_CURRENT_SOURCE_DIR}/SlicerRadDiag/CMakeLists.txt)" in root
     assert "Apache License" in (EXT.parent / "LICENSE").read_text()
     assert (MODULE / "Testing" / "Python" / "CMakeLists.txt").exists()
+    screenshot = re.search(r'set\(EXTENSION_SCREENSHOTURLS "[^"]*/main/(SlicerRadDiag/[^"]+\.png)"', top)
+    assert screenshot and (EXT.parent / screenshot.group(1)).exists()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key} \S", top), key
