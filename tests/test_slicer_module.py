@@ -171,24 +171,48 @@ def test_image_selector_offers_no_label_maps(core, tmp_path):
     assert show_children.find("bool").text == "false"
 
 
-def test_segment_editor_released_on_exit_and_scene_close(core, monkeypatch):
-    """Defect 6: the embedded editor stops taking view events when the module is left or the scene closes.
-
-    The Qt widgets are mocks (a full Slicer is needed for them); the scene and its close events are real.
-    """
+def make_widget(core, monkeypatch, volume=None):
+    """The module widget with mock Qt widgets (a full Slicer is needed for real ones) on the real scene."""
     import types
+    from contextlib import contextmanager
     from unittest import mock
 
     slicer = core.slicer
     ui = mock.MagicMock()
-    ui.serverUrlComboBox.currentText = "http://127.0.0.1:8000"
+    ui.serverUrlComboBox.currentText = "http://srv:8000"
+    ui.tokenLineEdit.text = ""
+    ui.modelComboBox.currentText = "raddiagseg"
+    ui.currentSliceRadioButton.checked = True
+    ui.customAnswerCheckBox.checked = False
+    ui.detectionCheckBox.checked = True
+    ui.diagnosisLineEdit.text = "Liver cyst"
+    ui.questionTextEdit.toPlainText.return_value = "Is there a tumour?"
+    ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = False, 4, 4
+    ui.rvls2mComboBox.currentText = "model default"
+    ui.cotCheckBox.checked = False
+    ui.inputVolumeSelector.currentNode.return_value = volume
+
+    @contextmanager
+    def try_with_error_display(message, waitCursor=False):
+        yield
+
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: mock.MagicMock(), raising=False)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
     sys.modules["qt"].QTimer = mock.MagicMock
     monkeypatch.setattr(core.module, "QSettingsStore", DictSettings)
     widget = core.module.RadDiagWidget(types.SimpleNamespace(isEntered=True))
     widget.layout = mock.MagicMock()
     widget.setup()
+    return widget, ui
+
+
+def test_segment_editor_released_on_exit_and_scene_close(core, monkeypatch):
+    """Defect 6: the embedded editor stops taking view events when the module is left or the scene closes.
+
+    The Qt widgets are mocks (a full Slicer is needed for them); the scene and its close events are real.
+    """
+    widget, ui = make_widget(core, monkeypatch)
     editor = ui.segmentEditorWidget
     widget.enter()
     editor.installKeyboardShortcuts.assert_called()
@@ -218,3 +242,186 @@ def test_current_slice_index_under_a_transform(core, tmp_path):
     for r in range(3):
         slice_node.GetSliceToRAS().SetElement(r, 3, world[r])
     assert make_logic(core).currentSliceIndex(ct, slice_node) == 4
+
+
+# ----------------------------------------------------------------------------- consent, submission, connect, retrain
+class FakeClient:
+    def __init__(self, url="http://srv:8000"):
+        self.server_url, self.token = url, None
+
+
+def asking_logic(core, answers):
+    answers, asked = list(answers), []
+
+    def ask(url):
+        asked.append(url)
+        return answers.pop(0)
+
+    return core.module.RadDiagLogic(settings=DictSettings(), ask=ask), asked
+
+
+def test_diagnosis_asks_consent_then_runs_raddiaglib(core, monkeypatch):
+    import os
+
+    calls = []
+
+    def fake_diagnose(client, model, path, image_id, question, slice_index, ctx, result_dir, options):
+        calls.append((client, model, path, image_id, question, slice_index, options))
+        ctx.progress(0.5, "half")
+        return "result"
+
+    monkeypatch.setattr(core.module, "diagnose", fake_diagnose)
+    logic, asked = asking_logic(core, [(False, False), (True, True)])
+    logic.client = FakeClient()
+    volume = core.slicer.util.addVolumeFromArray(np.full((5, 8, 8), -100, np.int16), name="CT chest")
+    assert logic.startDiagnosis(volume, "Is there a tumour?", "raddiagseg", sliceIndex=3) is None
+    assert calls == [] and os.listdir(logic.workDir) == []  # declined: nothing exported, nothing sent
+    logic.consent = core.module.UploadConsent(logic.settings, logic.consent.ask)  # next session
+    job = logic.startDiagnosis(volume, "  ", "raddiagseg", sliceIndex=3)
+    assert job.wait(5) and job.result == "result"
+    client, model, path, image_id, question, slice_index, options = calls[0]
+    assert client is logic.client and model == "raddiagseg" and slice_index == 3 and options == {}
+    assert question == core.module.DEFAULT_QUESTION  # empty box -> the default 3-step question
+    assert os.path.exists(path) and image_id.startswith("CT_chest_")
+    assert job.poll() == [(0.5, "half")]
+    xray_pixels = np.zeros((1, 64, 64), np.uint8)
+    xray_pixels[0, 10, 10] = 255
+    xray = core.slicer.util.addVolumeFromArray(xray_pixels, name="cxr")
+    logic.startDiagnosis(xray, "Q", "raddiagseg").wait(5)
+    assert asked == ["http://srv:8000", "http://srv:8000"]  # "don't ask again" remembered
+    assert calls[-1][6] == {"modality": "xray"}  # a one-slice 8-bit image is an X-ray, not a thin CT
+
+
+def test_submission_sends_the_correction_in_export_order(core, tmp_path, monkeypatch):
+    ct, _ = load_ct(core, tmp_path, transformed=False)
+    logic = make_logic(core)
+    logic.client = FakeClient()
+    result, _ = server_result(logic, ct, tmp_path, ".nii.gz")
+    seg = logic.loadResult(result, ct)
+    segmentation = seg.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver tumour")).SetName("hepatic lesion")
+    sent = []
+
+    def fake_submit(client, image_id, label_path, specs, detection, diagnosis, answer, question, slice_index, model,
+                    ctx):
+        sent.append(dict(image_id=image_id, labels=sitk.GetArrayFromImage(sitk.ReadImage(label_path)),
+                         names=[s.name for s in specs], diagnosis=diagnosis, slice=slice_index))
+        return "ok"
+
+    monkeypatch.setattr(core.module, "submit_correction", fake_submit)
+    job = logic.startSubmission(seg, ct, "raddiagseg", True, "Liver cyst", sliceIndex=2)
+    assert job.wait(5) and job.state == "done", job.error
+    out = sent[0]
+    assert out["names"] == ["liver", "lung", "hepatic lesion"]  # organs first, then abnormalities
+    assert out["image_id"] == result.image_id and out["diagnosis"] == "Liver cyst" and out["slice"] == 2
+    assert int((out["labels"] == 3).sum()) == int(masks()["liver tumour"].sum())
+
+
+def test_submission_needs_a_raddiag_segmentation(core):
+    logic = make_logic(core)
+    logic.client = FakeClient()
+    node = core.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    with pytest.raises(ValueError, match="Diagnose and segment first"):
+        logic.startSubmission(node, None, "raddiagseg", True, "x")
+    node.SetAttribute("RadDiag.ImageId", "ct_1")
+    with pytest.raises(ValueError, match="needs a diagnosis"):
+        logic.startSubmission(node, None, "raddiagseg", True, "  ")
+
+
+def test_connect_and_retrain_use_the_client(core, monkeypatch):
+    created = []
+
+    class Client(FakeClient):
+        def __init__(self, url, token=None):
+            super().__init__(url.rstrip("/"))
+            self.token = token
+            created.append(self)
+
+        def info(self):
+            return {"models": {"raddiagseg": {}}}
+
+        def models(self, info):
+            return sorted(info["models"])
+
+    monkeypatch.setattr(core.module, "RadDiagClient", Client)
+    logic = make_logic(core)
+    assert logic.connect("http://srv:8000/", "tok") == ["raddiagseg"]
+    assert created[0].token == "tok" and logic.history.urls()[0] == "http://srv:8000"
+    seen = []
+    monkeypatch.setattr(core.module, "retrain", lambda client, model, ctx: seen.append((client, model)) or "done")
+    job = logic.startRetraining("raddiagseg")
+    assert job.wait(5) and job.result == "done" and seen == [(created[0], "raddiagseg")]
+
+
+def test_widget_diagnose_cancel_answer_and_submit(core, tmp_path, monkeypatch):
+    import threading
+
+    from RadDiagLib import BackgroundJob
+
+    ct, _ = load_ct(core, tmp_path, transformed=False)
+    widget, ui = make_widget(core, monkeypatch, ct)
+    assert widget._parameterNode.GetNodeReference("InputVolume") is ct  # the image, preselected
+    result, _ = server_result(widget.logic, ct, tmp_path, ".seg.nrrd")
+    result.params["latencies"] = {"total": 1.5}
+    release, started = threading.Event(), {}
+
+    def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
+        started.update(question=question, model=model, slice=slice_index, url=url, options=options)
+        return BackgroundJob(lambda ctx: (release.wait(5), ctx.progress(0.5, "Asking the model…"), result)[2]).start()
+
+    monkeypatch.setattr(widget.logic, "currentSliceIndex", lambda node: 2)
+    monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
+    widget.onDiagnoseOrCancel()
+    assert started == {"question": "Is there a tumour?", "model": "raddiagseg", "slice": 2, "url": "http://srv:8000",
+                       "options": {}}
+    ui.diagnoseButton.setText.assert_called_with("Cancel")
+    widget.pollJob()
+    ui.answerBrowser.setHtml.assert_not_called()
+    release.set()
+    widget.job.wait(5)
+    widget.pollJob()
+    assert "Liver tumour" in ui.answerBrowser.setHtml.call_args[0][0]
+    ui.segmentEditorWidget.setSegmentationNode.assert_called_with(widget.segmentationNode)
+    status = ui.statusLabel.setText.call_args[0][0]
+    assert "No voxels for: lung" in status and "liver" not in status  # .seg.nrrd presence by segment (defect 5)
+    submitted = {}
+
+    def start_submission(seg_node, volume_node, model, detection, diagnosis, answer, question, slice_index):
+        submitted.update(detection=detection, diagnosis=diagnosis, answer=answer, slice=slice_index, seg=seg_node)
+        return BackgroundJob(lambda ctx: ({"segments": [1, 2]}, {})).start()
+
+    monkeypatch.setattr(widget.logic, "startSubmission", start_submission)
+    widget.onSubmit()
+    assert submitted == {"detection": True, "diagnosis": "Liver cyst", "answer": None, "slice": 2,
+                         "seg": widget.segmentationNode}
+    widget.job.wait(5)
+    widget.pollJob()
+    assert "Correction saved" in ui.statusLabel.setText.call_args[0][0]
+    widget.cleanup()
+
+
+def test_widget_cancel_discards_the_answer_and_options_reach_the_request(core, monkeypatch):
+    from RadDiagLib import BackgroundJob
+
+    widget, ui = make_widget(core, monkeypatch, core.slicer.util.addVolumeFromArray(np.zeros((3, 4, 4), np.int16)))
+    ui.currentSliceRadioButton.checked = False  # whole volume
+    ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = True, 3, 2
+    ui.rvls2mComboBox.currentText = "off"
+    ui.cotCheckBox.checked = True
+    seen = {}
+
+    def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
+        seen.update(slice=slice_index, options=options)
+        return BackgroundJob(lambda ctx: [ctx.wait(0.01) for _ in iter(int, 1)]).start()
+
+    monkeypatch.setattr(widget.logic, "startDiagnosis", start_diagnosis)
+    widget.onDiagnoseOrCancel()
+    widget.onDiagnoseOrCancel()  # the button now says Cancel
+    widget.job.wait(5)
+    widget.pollJob()
+    ui.statusLabel.setText.assert_called_with("Cancelled.")
+    ui.answerBrowser.setHtml.assert_not_called()
+    assert widget.segmentationNode is None
+    assert seen == {"slice": None, "options": {"tts": True, "tts_answers": 3, "tts_masks": 2, "rvls2m": False,
+                                               "cot": True}}
+    widget.cleanup()
