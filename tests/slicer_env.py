@@ -9,7 +9,8 @@ Real: the MRML scene and nodes, storage nodes, the segmentations, volumes, colou
   colour table)`) and `qSlicerNodeWriter::write` (the node's default storage node: `SetFileName`, `SetURI(None)`,
   `SetUseCompression`, `WriteData`) make. The two readers and the writer are the same in 5.8 and 5.13 (only
   reformatted); `slicer.util`'s wrappers around them are the same too (`loadLabelVolume` sets `labelmap`).
-- `qt`, `ctk` and `slicer.ScriptedLoadableModule` (Qt classes) are minimal stand-ins, enough to import RadDiag.py;
+- `qt`, `ctk` and `slicer.ScriptedLoadableModule` (Qt classes) are minimal stand-ins, enough to import RadDiag.py
+  and run its RadDiagTest (a unittest.TestCase whose delayDisplay does nothing);
   the widget and the embedded Segment Editor's GUI need a full Slicer.
 
 `slicer-core` imports without environment variables or a particular import order (checked next to SimpleITK, torch,
@@ -20,6 +21,7 @@ import importlib
 import os
 import sys
 import types
+import unittest
 from pathlib import Path
 
 import pytest
@@ -79,8 +81,9 @@ def _scripted_loadable_module():
         def resourcePath(self, relative):
             return str(MODULE_DIR / "Resources" / relative)
 
-    class ScriptedLoadableModuleTest:
-        pass
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
 
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget,
                 ScriptedLoadableModuleTest):

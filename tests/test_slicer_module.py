@@ -425,3 +425,8 @@ def test_widget_cancel_discards_the_answer_and_options_reach_the_request(core, m
     assert seen == {"slice": None, "options": {"tts": True, "tts_answers": 3, "tts_masks": 2, "rvls2m": False,
                                                "cot": True}}
     widget.cleanup()
+
+
+def test_module_self_test_runs_on_slicer_core(core):
+    """RadDiagTest, the test Slicer's *Reload and Test* runs, passes on real slicer-core too."""
+    core.module.RadDiagTest().runTest()
