@@ -109,12 +109,13 @@ def read_slice_answer(result, index, number=None):
 
 @dataclass
 class VolumeAnswer:
-    detection: bool
+    detection: bool | None  # None: no slice answer said yes or no (e.g. a Ref-Seg question)
     diagnosis: str | None
     names: list  # segment names in label-value order (organs first)
     masks: dict  # name -> bool array in the view's shape
     findings: list  # dicts, see `measure`; label_value filled by `set_label_values`
     summary: dict  # the response's `volume` block
+    finding_masks: list = field(default_factory=list)  # bool array in the view's shape per finding, same order
 
     def set_label_values(self, values):
         for finding in self.findings:
@@ -122,8 +123,11 @@ class VolumeAnswer:
 
     def answer_text(self):
         """The 3-step answer of the volume, then one line per finding with its size and slice range."""
-        lines = [templates.vqaseg_answer(self.detection, self.diagnosis or "abnormality of uncertain type",
-                                         self.names[: templates.NUM_SEG_TOKENS])]
+        names = self.names[: templates.NUM_SEG_TOKENS]
+        if self.detection is None:  # not a yes/no question: the masks only
+            lines = ["Segmentation masks:", *(f"- {name} {templates.seg_token(i)}" for i, name in enumerate(names))]
+        else:
+            lines = [templates.vqaseg_answer(self.detection, self.diagnosis or "abnormality of uncertain type", names)]
         if self.findings:
             lines.append("Findings:")
             lines += [f"- {describe_finding(f)}" for f in self.findings]
@@ -323,9 +327,9 @@ def combine(answers, shape, view_to_lps, complete=None, in_body=None):
         masks[name] = kept
         lesion_voxels[name] = kept
         for i, component in enumerate(lesions):
-            findings.append({"name": name, "role": "abnormality", "organ": organ or _organ_holding(component, masks),
-                             "label_value": None, "index": i + 1, "count": len(lesions),
-                             **measure(component, view_to_lps, numbers, scores.get(name))})
+            findings.append(({"name": name, "role": "abnormality", "organ": organ or _organ_holding(component, masks),
+                              "label_value": None, "index": i + 1, "count": len(lesions),
+                              **measure(component, view_to_lps, numbers, scores.get(name))}, component))
 
     any_lesion = np.zeros(shape, dtype=bool)
     for kept in lesion_voxels.values():
@@ -347,24 +351,32 @@ def combine(answers, shape, view_to_lps, complete=None, in_body=None):
                 drop(name, slices_, voxels, f"a separate piece of the {name} on {span(slices_)}, "
                      f"{voxels / largest:.0%} of its largest piece and holding no finding")
         masks[name] = kept
-        findings.append({"name": name, "role": role(name), "organ": name, "label_value": None,
-                         **measure(kept, view_to_lps, numbers, scores.get(name))})
+        findings.append(({"name": name, "role": role(name), "organ": name, "label_value": None,
+                          **measure(kept, view_to_lps, numbers, scores.get(name))}, kept))
 
+    # abnormal when an abnormal slice answer stands and, if those answers segmented a lesion, one lesion was kept
+    offered = any(role(name) == "abnormality" for a in positives for name, _, _ in a.masks)
+    detection = bool(positives) and (not offered or any(f["role"] == "abnormality" for f, _ in findings))
+    readable = any(a.detection is not None for a in answers)
+    if readable and not detection:  # a normal volume names no segment
+        for f, m in findings:
+            drop(f["name"], list(range(f["slices"][0], f["slices"][1] + 1)), m.sum(),
+                 "the volume was answered normal: no abnormality finding stands")
+        findings, masks = [], {}
     masks = {name: m for name, m in masks.items() if m.any()}
     rank = {"organ": 0, "unknown": 1, "abnormality": 2}
     names = sorted(masks, key=lambda m: (rank[role(m)], list(masks).index(m)))
-    findings.sort(key=lambda f: (f["role"] != "abnormality", names.index(f["name"]), f.get("index", 0)))
-    for f in findings:
+    findings.sort(key=lambda fm: (fm[0]["role"] != "abnormality", names.index(fm[0]["name"]), fm[0].get("index", 0)))
+    for f, _ in findings:
         if f.get("count", 1) == 1:
             f.pop("index", None), f.pop("count", None)
-    # abnormal when an abnormal slice answer stands and, if those answers segmented a lesion, one lesion was kept
-    offered = any(role(name) == "abnormality" for a in positives for name, _, _ in a.masks)
-    detection = bool(positives) and (not offered or any(f["role"] == "abnormality" for f in findings))
+    finding_masks = [m for _, m in findings]
+    findings = [f for f, _ in findings]
     summary = {
         "n_slices": n,
         "answered_slices": len(answers),
         "skipped_slices": [numbers[i] for i in range(n) if i not in {a.index for a in answers}],
-        "detection": detection,
+        "detection": detection if readable else None,
         "diagnosis": diagnosis if detection else None,
         "positive_slices": sorted(a.number for a in positives),
         "unreadable_slices": sorted(a.number for a in answers if a.detection is None),
@@ -372,7 +384,7 @@ def combine(answers, shape, view_to_lps, complete=None, in_body=None):
         "discarded": discarded,
         "renamed": renamed,
     }
-    return VolumeAnswer(detection, summary["diagnosis"], names, masks, findings, summary)
+    return VolumeAnswer(summary["detection"], summary["diagnosis"], names, masks, findings, summary, finding_masks)
 
 
 def _organ_holding(mask, masks):
