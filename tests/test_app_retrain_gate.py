@@ -85,13 +85,15 @@ def test_training_mix_draws_replay_rows_at_the_ratio_with_paths_that_resolve(tmp
         rows.append({"id": "q", "task": "vqa", "split": "train", "image": "images/0.png", "targets": []})
         (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = reference.ReferenceSet("replay", replay / "manifest.jsonl", "train", "test")
-    manifest, n_corr, n_replay = write_training_mix(corrections / "manifest.jsonl", source, 4, tmp_path / "mix")
+    manifest, n_corr, n_replay = write_training_mix(corrections / "manifest.jsonl", source, 2, tmp_path / "mix")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert (n_corr, n_replay) == (3, 12) and len(rows) == 15
-    assert sum(r["id"].startswith("replay/") for r in rows) == 12 and all(r["split"] == "train" for r in rows)
+    assert (n_corr, n_replay) == (9, 20) and len(rows) == 29  # 3 corrections x 3 repeats: about 2 replay rows each
+    assert sum(r["id"].startswith("replay/") for r in rows) == 20 and all(r["split"] == "train" for r in rows)
+    assert len({r["id"] for r in rows}) == 29  # repeated rows keep distinct ids
     assert all((tmp_path / "mix" / r["image"]).is_file() for r in rows)  # absolute paths
-    assert write_training_mix(corrections / "manifest.jsonl", source, 50, tmp_path / "m2")[2] == 20  # the whole pool
+    assert write_training_mix(corrections / "manifest.jsonl", source, 50, tmp_path / "m2")[1:] == (3, 20)  # small pool
     assert write_training_mix(corrections / "manifest.jsonl", None, 4, tmp_path / "m3")[1:] == (3, 0)
+    assert write_training_mix(corrections / "manifest.jsonl", source, 0, tmp_path / "m4")[1:] == (3, 0)
 
 
 def test_demo_model_records_its_reference_phantoms():

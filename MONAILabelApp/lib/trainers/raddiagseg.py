@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import uuid
@@ -62,19 +61,23 @@ def _absolute(row):
     return {**row, "image": str(base / row["image"]), "targets": targets}
 
 
-def write_training_mix(corrections_manifest, replay, ratio, out, seed=0):
-    """out/manifest.jsonl: the corrections' train rows + `ratio` x as many rows drawn from `replay` (a ReferenceSet
-    or None); returns (manifest path, number of correction rows, number of replay rows)."""
+def write_training_mix(corrections_manifest, replay, ratio, out):
+    """out/manifest.jsonl: the corrections' train rows and the rows of `replay` (a ReferenceSet or None) so that a
+    batch holds about `ratio` replay rows per correction row. The whole replay pool goes in (variety: few corrections
+    must not mean a few replay rows learnt by heart) and the corrections are repeated to reach the ratio; a pool
+    smaller than `ratio` x the corrections goes in whole. Returns (manifest path, correction rows, replay rows),
+    counting repeated rows."""
     corrections = [_absolute(r) for r in _rows(corrections_manifest, "train")]
     pool = _rows(replay.manifest, replay.split) if replay is not None and ratio > 0 else []
-    wanted = min(len(pool), round(ratio * len(corrections)))
-    drawn = [{**_absolute(r), "id": "replay/" + r["id"], "split": "train"} for r in random.Random(seed).sample(pool, wanted)]
+    repeats = max(1, round(len(pool) / (ratio * len(corrections)))) if pool and corrections else 1
+    mixed = [{**row, "id": f"{row['id']}#{k}" if k else row["id"]} for k in range(repeats) for row in corrections]
+    mixed += [{**_absolute(r), "id": "replay/" + r["id"], "split": "train"} for r in pool]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "w") as handle:
-        for row in corrections + drawn:
+        for row in mixed:
             handle.write(json.dumps(row) + "\n")
-    return out / "manifest.jsonl", len(corrections), len(drawn)
+    return out / "manifest.jsonl", len(corrections) * repeats, len(pool)
 
 
 def _summary(report):
@@ -138,8 +141,9 @@ class RadDiagSegTrain(TrainTask):
             write_json_atomic(self.stats_path, stats)
             raise
 
-    def reference_sets(self, model_dir):
-        """({replay, validation} ReferenceSets or None, the train_stats entry saying where they come from)."""
+    def reference_sets(self, model_dir, replay=True):
+        """({replay, validation} ReferenceSets (validation only without `replay`) or None, and the train_stats
+        entry saying where they come from)."""
         from raddiagseg.training import reference
 
         if self.reference_manifest:
@@ -148,7 +152,7 @@ class RadDiagSegTrain(TrainTask):
             spec = reference.read_reference(model_dir)
         if spec is None:
             return None, {"guarded": False, "warning": UNGUARDED}
-        sets = reference.resolve(spec, self.reference_cache)
+        sets = reference.resolve(spec, self.reference_cache, reference.PARTS if replay else ("validation",))
         entry = {"guarded": True, **{part: s.source for part, s in sets.items()}}
         warnings = [s.warning for s in sets.values() if s.warning]
         if warnings:
@@ -184,9 +188,9 @@ class RadDiagSegTrain(TrainTask):
             raise ValueError("no usable corrected labels: save final labels with label info (segments, diagnosis) first")
 
         served = self.store.current_dir()
-        references, stats["reference"] = self.reference_sets(served)
+        references, stats["reference"] = self.reference_sets(served, replay=params["replay_ratio"] > 0)
         manifest, n_corrections, n_replay = write_training_mix(
-            data["manifest"], references and references["replay"], params["replay_ratio"], run_dir / "mix")
+            data["manifest"], (references or {}).get("replay"), params["replay_ratio"], run_dir / "mix")
         data.update(correction_rows=n_corrections, replay_rows=n_replay)
         # The sets both models are scored on: (manifest, split). Corrections trained on only without held-out ones.
         gate_sets = {}

@@ -90,10 +90,10 @@ def write_reference(model_dir, spec):
     return path
 
 
-def resolve(spec, cache_dir):
-    """{part: ReferenceSet} for a reference dict, regenerating phantom parts into `cache_dir` when needed."""
+def resolve(spec, cache_dir, parts=PARTS):
+    """{part: ReferenceSet} for the `parts` of a reference dict, regenerating phantom parts into `cache_dir` when needed."""
     sets = {}
-    for part in PARTS:
+    for part in parts:
         entry = spec[part]
         if "manifest" in entry:
             manifest = Path(entry["manifest"]).expanduser()
