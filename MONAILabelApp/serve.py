@@ -15,12 +15,10 @@ import logging
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+from server.auth import ROLES, AuthConfigError, TokenStore, add_user  # `server` sits next to this script
+from server.validation import Limits
 
-from server.auth import ROLES, AuthConfigError, TokenStore, add_user  # noqa: E402
-from server.validation import Limits  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def start_parser():

@@ -13,12 +13,9 @@ Without --recipe it runs RECIPES below. --data is a `raddiagseg build` folder (e
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainer"))
 
 RECIPES = {
     "base": "",

@@ -23,8 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainer"))
+from repo_paths import ROOT
 
 # Each one affordable on the 2-core CPU within the demo's 45-minute budget (v4, "base", took 30 min).
 RECIPES = {

@@ -14,7 +14,6 @@ drafted answers and masks equal the plain ones, and the median generate time of 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,10 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT / "trainer", ROOT / "MONAILabelApp", ROOT / "benchmarks"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
+from repo_paths import ROOT
 
 SHIPPED_MODEL = ROOT / "MONAILabelApp" / "model" / "raddiagseg-demo"
 

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/latency.py --model DIR --threads 2
     .venv/bin/python benchmarks/latency.py --preset paper --no-server --force-answer   # paper preset, random, bf16
 
-Starts `monailabel start_server` with MONAILabelApp on loopback (tests/live_server.py) on a
+Starts `monailabel start_server` with MONAILabelApp on loopback (tests/helpers/live_server.py) on a
 folder of 512x512 CT slices (phantoms) and sends requests the way the Slicer client does
 (datastore id, JSON params, multipart reply with the label file):
 
@@ -48,12 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import ROOT
 APP = ROOT / "MONAILabelApp"
 SHIPPED_MODEL = APP / "model" / "raddiagseg-demo"
-for extra in (ROOT / "trainer", APP, ROOT / "tests", ROOT / "SlicerRadDiag" / "RadDiag"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
 
 QUESTION = None  # the app's default 3-step question (templates.DEFAULT_QUESTION), set in main()
 FORCED_ANSWER = ("yes", "Hepatocellular carcinoma", ["liver", "liver tumour"])

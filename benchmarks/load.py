@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import ROOT
 APP = ROOT / "MONAILabelApp"
 SHIPPED_MODEL = APP / "model" / "raddiagseg-demo"
 
@@ -55,8 +55,6 @@ def prepare(work: Path):
     """Studies (a phantom X-ray and CT), a model folder and a user token for a local server."""
     import SimpleITK as sitk
 
-    sys.path.insert(0, str(ROOT / "trainer"))
-    sys.path.insert(0, str(APP))
     from raddiagseg.data import phantoms
 
     studies = work / "studies"

@@ -7,15 +7,12 @@ Targets (issue 2): generate ≤ 1 s per slice (~40 tokens + 2 masks), training s
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from model_helpers import phantom_sample  # noqa: E402
+import repo_paths  # noqa: F401  (puts tests/helpers on sys.path)
+from model_helpers import phantom_sample
 
 
 def median_time(fn, repeats):

@@ -30,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainer"))
+from repo_paths import ROOT
 
 SECTION = "## Model options (issue 10): plain vs +RVLS2M vs +TTS vs +CoT"
 VARIANTS = ("plain", "tts", "ft", "rvls2m", "cot")

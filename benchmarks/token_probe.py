@@ -12,13 +12,10 @@ Usage:
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainer"))
 
 
 def features(model, dataset, limit, batch=32):

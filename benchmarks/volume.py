@@ -24,7 +24,6 @@ mask decoder, depend on the weights).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -32,12 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import ROOT
 APP = ROOT / "MONAILabelApp"
 SHIPPED_MODEL = APP / "model" / "raddiagseg-demo"
-for extra in (ROOT / "trainer", APP, ROOT / "benchmarks"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
 
 
 class CountingEncoder:

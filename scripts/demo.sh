@@ -23,7 +23,7 @@ for _ in $(seq 1 180); do
   if ! kill -0 $SERVER 2>/dev/null; then echo "[demo] the server stopped; its log:" >&2; tail -30 "$LOG" >&2; exit 1; fi
   sleep 1
 done
-.venv/bin/python scripts/demo_ask.py "http://127.0.0.1:$PORT"
+PYTHONPATH=SlicerRadDiag/RadDiag .venv/bin/python scripts/demo_ask.py "http://127.0.0.1:$PORT"
 if [ "${DEMO_NO_SERVE:-0}" = "1" ]; then exit 0; fi
 echo
 echo "[demo] serving http://127.0.0.1:$PORT - connect the RadDiag module in 3D Slicer (SlicerRadDiag/README.md). Ctrl+C stops."

@@ -2,19 +2,15 @@
 what a clinician would see: the answer, and per segment its name, role, label value and voxel count.
 CT volumes are asked in whole-volume mode (every slice answered, one label volume back).
 
-Uses RadDiagLib, the same client the Slicer module uses. Usage: demo_ask.py URL [STUDY ...]
+Uses RadDiagLib, the same client the Slicer module uses (a plain package in the Slicer module's folder).
+Usage: PYTHONPATH=SlicerRadDiag/RadDiag .venv/bin/python scripts/demo_ask.py URL [STUDY ...] (scripts/demo.sh does).
 """
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "SlicerRadDiag" / "RadDiag"))
-
-from RadDiagLib.client import RadDiagClient, ServerError  # noqa: E402
+from RadDiagLib.client import RadDiagClient, ServerError
 
 # image ids in MONAILabelApp/sample-studies: CT volumes are asked in whole-volume mode (every slice, batched)
 DEFAULT_STUDIES = ["ct_liver_tumour", "ct_liver_normal", "cxr_covid", "cxr_normal"]

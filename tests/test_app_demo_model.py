@@ -2,16 +2,14 @@
 as the README starts it (no --conf model_path). Skipped while MONAILabelApp/model/raddiagseg-demo/
 is not shipped. The answers must make sense: a trained model sees the phantoms' findings."""
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+from app_server import infer_json, post_infer
 from app_studies import APP_DIR, DEMO_MODEL
-from live_server import server_factory  # noqa: F401  (fixture)
 
 SAMPLE_STUDIES = APP_DIR / "sample-studies"
 pytestmark = pytest.mark.skipif(
@@ -21,22 +19,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def served(server_factory, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("demo_model")
-    studies = root / "studies"
-    studies.mkdir()
-    for path in SAMPLE_STUDIES.iterdir():  # the bundled studies, not the files a server wrote next to them
-        if path.is_file() and path.name.endswith((".nii.gz", ".png")):
-            shutil.copy(path, studies / path.name)
-    server = server_factory(APP_DIR, studies, {"models": "raddiagseg", "work_dir": root / "work"})
-    return {"server": server, "studies": studies}
+def served(app_server):
+    return app_server("demo_model", copy_studies=SAMPLE_STUDIES)
 
 
 def infer(server, image_id, **params):
-    reply = requests.post(f"{server.url}/infer/raddiagseg", params={"image": image_id, "output": "json"},
-                          data={"params": json.dumps(params)}, timeout=600)
-    assert reply.status_code == 200, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
-    return reply.json()
+    return infer_json(server, image_id, params, timeout=600)
 
 
 def test_default_model_path_is_the_shipped_demo_model(served):
@@ -76,8 +64,7 @@ def test_middle_positive_liver_slice_labels_liver_and_tumour_inside_it(served, t
     volume = infer(served["server"], "ct_liver_tumour")["volume"]
     # the label file of a positive slice holds both masks, the tumour inside the liver's extent
     k = volume["positive_slices"][len(volume["positive_slices"]) // 2]
-    reply = requests.post(f"{served['server'].url}/infer/raddiagseg", params={"image": "ct_liver_tumour", "output": "image"},
-                          data={"params": json.dumps({"slice": k})}, timeout=600)
+    reply = post_infer(served["server"].url, "ct_liver_tumour", {"slice": k}, output="image", timeout=600)
     assert reply.status_code == 200, reply.text[:300]
     (tmp_path / "label.nii.gz").write_bytes(reply.content)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz")))

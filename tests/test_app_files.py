@@ -1,17 +1,11 @@
 """The app's image reading, slice view, label files and label info (no model needed)."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
-
-from lib import image_io, label_files, segments  # noqa: E402
+from lib import image_io, label_files, segments
 
 # index axes i, j, k → LPS: i along -P (flipped), j along +L, k along -S (flipped): a permuted, flipped volume
 ODD_DIRECTION = (0, 1, 0, -1, 0, 0, 0, 0, -1)

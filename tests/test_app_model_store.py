@@ -2,14 +2,8 @@
 (lib/model_store.py; folders only, no model is loaded)."""
 
 import json
-import sys
-from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
-
-from lib.model_store import ModelStore  # noqa: E402
+from lib.model_store import ModelStore
 
 
 def checkpoint(folder, tag):

@@ -1,21 +1,16 @@
 """Issue 10 options in the app without a server: infer params (tts m x n, rvls2m, cot), the question the model
 gets, the reasoning in the response, and the `uncertain` strategy scoring by test-time-scaling disagreement."""
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
+from raddiagseg import templates
 
-from raddiagseg import templates  # noqa: E402
-
-from lib import infer_params, response  # noqa: E402
-from lib.image_io import InputError  # noqa: E402
+from lib import infer_params, response
+from lib.image_io import InputError
 
 
 def test_defaults_leave_the_model_as_trained():

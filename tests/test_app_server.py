@@ -11,29 +11,19 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from app_studies import APP_DIR, random_model_dir, write_studies
-from live_server import server_factory  # noqa: F401  (fixture)
+from app_server import post_infer
 
 requests_toolbelt = pytest.importorskip("requests_toolbelt.multipart.decoder")
 
 
 @pytest.fixture(scope="module")
-def served(server_factory, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("app")
-    studies = write_studies(root / "studies")
-    model_dir = random_model_dir(root / "model")
-    server = server_factory(APP_DIR, root / "studies", {"model_path": model_dir, "work_dir": root / "work"})
-    return {"server": server, "studies": studies, "root": root}
+def served(app_server):
+    return app_server("app", model="random")
 
 
 def infer(server, image_id, params=None, tmp_path=None, expect=200):
     params = {"max_new_tokens": 16, **(params or {})}  # random weights never stop early: keep answers short
-    reply = requests.post(
-        f"{server.url}/infer/raddiagseg",
-        params={"image": image_id, "output": "all"},
-        data={"params": json.dumps(params)},
-        timeout=300,
-    )
+    reply = post_infer(server.url, image_id, params, output="all")
     assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
     if expect != 200:
         return reply.json(), None

@@ -8,27 +8,17 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from app_studies import APP_DIR, DEMO_MODEL, ct_phantom_image, random_model_dir, write_studies, xray_phantom
-from live_server import server_factory, wait_for_training  # noqa: F401  (fixture)
+from app_server import infer_json
+from app_studies import APP_DIR, DEMO_MODEL, ct_phantom_image, xray_phantom
+from live_server import wait_for_training
 
 pytest.importorskip("raddiagseg.training")
 TRAIN_STEPS = int(os.environ.get("RADDIAG_APP_TEST_TRAIN_STEPS", "80"))
 
 
 @pytest.fixture(scope="module")
-def served(server_factory, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("train")
-    studies = write_studies(root / "studies")
-    model_dir = DEMO_MODEL if (DEMO_MODEL / "config.json").is_file() else random_model_dir(root / "model")
-    server = server_factory(APP_DIR, root / "studies", {"model_path": model_dir, "work_dir": root / "work"})
-    return {"server": server, "studies": studies, "root": root}
-
-
-def infer_json(server, params):
-    reply = requests.post(f"{server.url}/infer/raddiagseg", params={"image": "ct_liver", "output": "json"},
-                          data={"params": json.dumps(params)}, timeout=300)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
+def served(app_server):
+    return app_server("train", model=DEMO_MODEL if (DEMO_MODEL / "config.json").is_file() else "random")
 
 
 def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_path):
@@ -37,7 +27,7 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
     labels = sitk.GetArrayFromImage(label)
     k = int(np.argmax([(labels[i] == 2).sum() for i in range(labels.shape[0])]))  # slice with the most tumour
     assert (labels[k] == 2).any()
-    before = infer_json(server, {"slice": k, "max_new_tokens": 48})
+    before = infer_json(server, "ct_liver", {"slice": k, "max_new_tokens": 48})
 
     label_path = tmp_path / "corrected.nii.gz"
     sitk.WriteImage(label, str(label_path))
@@ -57,7 +47,7 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
     assert stats["published"] is True, stats
     assert stats["new_metric"] >= stats["baseline_metric"]
 
-    after = infer_json(server, {"slice": k, "max_new_tokens": 48})
+    after = infer_json(server, "ct_liver", {"slice": k, "max_new_tokens": 48})
     assert after["model"]["version"] != before["model"]["version"]
     assert "/models/v0001-" in after["model"]["dir"]
     assert after["detection"] is True, after["answer"]

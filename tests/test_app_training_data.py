@@ -1,23 +1,20 @@
 """The train task's dataset: corrected labels + label info in a real MONAI Label datastore → manifest rows."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from app_studies import APP_DIR, ct_phantom_image
-
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
+from app_studies import ct_phantom_image
 
 pytest.importorskip("raddiagseg.answers")
 pytest.importorskip("raddiagseg.data.io")
-from monailabel.datastore.local import LocalDatastore  # noqa: E402
-from raddiagseg import templates  # noqa: E402
-from raddiagseg.data.io import read_slice  # noqa: E402
+from monailabel.datastore.local import LocalDatastore
 
-from lib import image_io, training_data  # noqa: E402
+from raddiagseg import templates
+from raddiagseg.data.io import read_slice
+
+from lib import image_io, training_data
 
 
 @pytest.fixture

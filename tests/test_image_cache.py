@@ -2,20 +2,15 @@
 replaced or deleted file is never served from memory, and the memory bound holds."""
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-APP = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP) not in sys.path:
-    sys.path.insert(0, str(APP))
 
-from lib.image_cache import ImageCache  # noqa: E402
-from lib.image_io import InputError  # noqa: E402
+from lib.image_cache import ImageCache
+from lib.image_io import InputError
 
 
 def write_volume(path, value, shape=(8, 32, 32), spacing=(0.8, 0.8, 2.5)):

@@ -10,22 +10,15 @@ The LM's token choice is scripted per decoding pass and row (its head still runs
 slices answer "yes" is fixed while everything else is the real generation path.
 """
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from app_studies import APP_DIR
 
-from model_helpers import single_thread  # noqa: F401 (fixture)
-
-APP = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP) not in sys.path:
-    sys.path.insert(0, str(APP))
-
-from lib.feature_cache import FeatureCache  # noqa: E402
-from lib.model_runner import ModelRunner  # noqa: E402
-from lib.model_store import folder_preset, load_for_serving, serving_precision  # noqa: E402
+from lib.feature_cache import FeatureCache
+from lib.model_runner import ModelRunner
+from lib.model_store import folder_preset, load_for_serving, serving_precision
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -166,7 +159,7 @@ def test_draft_modes_recent_drafts_a_new_slice_and_off_drafts_nothing(model, tmp
     assert single_stats["counts"]["draft_tokens"] == 0  # a new slice: nothing to draft from
     assert off_stats["counts"]["draft_tokens"] == 0 and counting.lm_calls == len(again[0].token_ids) + (len(again[0].token_ids) < 12)
     with pytest.raises(ValueError, match="answer_drafts must be one of slice, recent, off, got 'sometimes'"):
-        RadDiagSegConfig(APP, str(tmp_path), {"answer_drafts": "sometimes", "work_dir": str(tmp_path / "work")})
+        RadDiagSegConfig(APP_DIR, str(tmp_path), {"answer_drafts": "sometimes", "work_dir": str(tmp_path / "work")})
 
 
 def test_volume_batches_encoders_and_decoding_and_no_slices_skip_the_mask_decoder(model):

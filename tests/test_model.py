@@ -5,8 +5,7 @@ Loss parts, collate validation and checkpoint errors (training behaviour: test_m
 
 import pytest
 import torch
-
-from model_helpers import four_samples, single_thread  # noqa: F401 (fixture)
+from model_helpers import four_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

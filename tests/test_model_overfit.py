@@ -7,8 +7,7 @@ reproduces the answers and masks; a saved checkpoint reloads with identical outp
 import numpy as np
 import pytest
 import torch
-
-from model_helpers import dice, four_samples, single_thread  # noqa: F401 (fixture)
+from model_helpers import dice, four_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-
-from model_helpers import phantom_sample, single_thread  # noqa: F401 (fixture)
+from model_helpers import phantom_sample
 
 from raddiagseg.model import rvls2m
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from model_helpers import single_thread  # noqa: F401 (fixture)
-
 from raddiagseg.model.raddiagseg import label_before
 
 pytestmark = pytest.mark.usefixtures("single_thread")

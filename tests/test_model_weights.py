@@ -10,8 +10,6 @@ import json
 import pytest
 import torch
 
-from model_helpers import single_thread  # noqa: F401 (fixture)
-
 from raddiagseg.model.config import demo_config, paper_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -185,9 +183,9 @@ def test_lora_over_loaded_lm_trains_adapters_and_seg_rows_only(tmp_path):
 
 
 def test_lm_folder_with_other_sizes_is_refused_in_one_line(tmp_path):
+    from raddiagseg import build_model
     from raddiagseg.model.config import LanguageConfig
     from raddiagseg.model.tokenizer import build_demo_tokenizer
-    from raddiagseg import build_model
 
     cfg = demo_config()
     other = LanguageConfig(**{**cfg.language.__dict__, "hidden_size": 128, "intermediate_size": 256})

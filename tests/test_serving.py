@@ -1,11 +1,10 @@
 """Team serving through MONAILabelApp/serve.py: auth and roles, CORS, bad input, the inference
 queue, responsiveness, token hygiene in logs. Runs MONAI Label's real app around a tiny stand-in
-model (tests/serving_helpers.py) so every check is fast on CPU."""
+model (tests/helpers/serving_helpers.py) so every check is fast on CPU."""
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import subprocess
 import sys
@@ -18,11 +17,9 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+from serving_helpers import SERVE, bearer, make_users, start_serve, volume, write_image, write_stub_app
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import SERVE, bearer, make_users, start_serve, volume, write_image, write_stub_app  # noqa: E402
-
-from server.auth import AuthConfigError, TokenStore, add_user, hash_token  # noqa: E402
+from server.auth import AuthConfigError, TokenStore, add_user, hash_token
 
 ALLOWED_ORIGIN = "https://viewer.example.org"
 DELAY_S = 1.0  # stand-in model runtime, so queueing and responsiveness are observable

@@ -9,19 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from serving_helpers import ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import ROOT  # noqa: E402
-
-from server.datastore_safety import PARTIAL_PREFIX, atomic_copy, remove_partial_files  # noqa: E402
+from server.datastore_safety import PARTIAL_PREFIX, atomic_copy, remove_partial_files
 
 COPY_FROM_FIFO = """
-import sys
-sys.path.insert(0, {app!r})
 from server.datastore_safety import atomic_copy
 atomic_copy({src!r}, {dst!r})
 """
@@ -33,8 +28,8 @@ def test_a_copy_killed_half_way_leaves_the_old_label_and_is_cleaned_up(tmp_path)
     dst.write_bytes(b"old label")
     fifo = tmp_path / "upload.fifo"
     os.mkfifo(fifo)
-    code = COPY_FROM_FIFO.format(app=str(ROOT / "MONAILabelApp"), src=str(fifo), dst=str(dst))
-    copier = subprocess.Popen([sys.executable, "-c", code])
+    code = COPY_FROM_FIFO.format(src=str(fifo), dst=str(dst))
+    copier = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "MONAILabelApp")  # `server` from the app folder
     with open(fifo, "wb") as writer:
         writer.write(b"new label, first half " * 5000)
         writer.flush()

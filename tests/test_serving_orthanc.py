@@ -21,10 +21,8 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_server import free_port, wait_for_training  # noqa: E402
-from serving_helpers import bearer, make_users, start_serve, write_stub_app  # noqa: E402
+from live_server import free_port, wait_for_training
+from serving_helpers import bearer, make_users, start_serve, write_stub_app
 
 PLUGIN_DIRS = ["/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins"]
 

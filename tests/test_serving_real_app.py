@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +18,8 @@ import psutil
 import pytest
 import requests
 import SimpleITK as sitk
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import bearer, make_users, start_serve  # noqa: E402
+from app_server import post_infer
+from serving_helpers import bearer, make_users, start_serve
 
 app_studies = pytest.importorskip("app_studies")
 
@@ -46,8 +44,7 @@ def serve(setup):
 
 
 def infer(url, token, image_id, **params):
-    return requests.post(url + f"/infer/raddiagseg?image={image_id}&output=json", headers=bearer(token),
-                         data={"params": json.dumps({"max_new_tokens": 8, **params})}, timeout=300)
+    return post_infer(url, image_id, {"max_new_tokens": 8, **params}, headers=bearer(token))
 
 
 def save_label(url, token, setup):

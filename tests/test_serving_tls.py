@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_server import free_port  # noqa: E402
-from serving_helpers import ROOT, bearer, make_users, start_serve, write_image, write_stub_app  # noqa: E402
+from live_server import free_port
+from serving_helpers import ROOT, bearer, make_users, start_serve, write_image, write_stub_app
 
 SITE = ROOT / "deploy" / "nginx-raddiag.conf"
 

@@ -19,8 +19,6 @@ from RadDiagLib.workflow import diagnose, image_id_for, retrain, submit_correcti
 
 sitk = pytest.importorskip("SimpleITK")
 app_studies = pytest.importorskip("app_studies")
-live_server = pytest.importorskip("live_server")
-server_factory = live_server.server_factory  # fixture
 templates = pytest.importorskip("raddiagseg.templates")
 
 if not (app_studies.APP_DIR / "main.py").exists():
@@ -162,7 +160,7 @@ def studies(tmp_path_factory):
     return root, image, truth
 
 
-def test_journey_random_model(server_factory, studies, tmp_path):  # noqa: F811
+def test_journey_random_model(server_factory, studies, tmp_path):
     root, image, truth = studies
     model_dir = app_studies.random_model_dir(root / "random-model")
     server = server_factory(app_studies.APP_DIR, root / "studies", {"model_path": model_dir, "work_dir": root / "work"})
@@ -176,7 +174,7 @@ def test_journey_random_model(server_factory, studies, tmp_path):  # noqa: F811
     assert err.value.status == 400 and "outside the volume" in str(err.value)
 
 
-def test_journey_demo_model(server_factory, studies, tmp_path):  # noqa: F811
+def test_journey_demo_model(server_factory, studies, tmp_path):
     if not demo_model_present():
         pytest.skip(f"the trained demo model is not shipped yet ({app_studies.DEMO_MODEL} has no config.json)")
     root, image, truth = studies

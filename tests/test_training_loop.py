@@ -1,4 +1,4 @@
-"""Training-loop mechanics on a tiny model (tests/training_tiny.py): DDP under torchrun, crash + --resume, data order, CLI errors."""
+"""Training-loop mechanics on a tiny model (tests/helpers/training_tiny.py): DDP under torchrun, crash + --resume, data order, CLI errors."""
 
 import json
 import os
@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+from live_server import free_port
 
 torch = pytest.importorskip("torch")
 
-from raddiagseg.training.batches import StepBatchPlan  # noqa: E402
-from raddiagseg.training.distributed import split_effective_batch  # noqa: E402
+from raddiagseg.training.batches import StepBatchPlan
+from raddiagseg.training.distributed import split_effective_batch
 
-TESTS = Path(__file__).parent
+TINY = Path(__file__).parent / "helpers" / "training_tiny.py"
 PYTHON = sys.executable
 
 
@@ -24,17 +25,8 @@ def _trace(folder, rank=0):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1")  # PYTHONPATH kept: the script runs this checkout's raddiagseg
 
 
 def test_step_plan_shards_the_one_process_micro_batches_between_ranks():
@@ -63,12 +55,12 @@ def test_effective_batch_is_kept_when_the_number_of_processes_changes():
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    one = subprocess.run([PYTHON, str(TESTS / "training_tiny.py"), str(tmp_path / "one"), "--max-steps", "3"],
+    one = subprocess.run([PYTHON, str(TINY), str(tmp_path / "one"), "--max-steps", "3"],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(TESTS / "training_tiny.py"), str(tmp_path / "two"), "--max-steps", "3"],
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(TINY), str(tmp_path / "two"), "--max-steps", "3"],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     single, rank0, rank1 = _trace(tmp_path / "one"), _trace(tmp_path / "two", 0), _trace(tmp_path / "two", 1)
@@ -81,7 +73,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 def test_killed_run_resumes_with_the_same_steps_optimizer_state_and_data_order(tmp_path):
-    script = [PYTHON, str(TESTS / "training_tiny.py")]
+    script = [PYTHON, str(TINY)]
     reference = subprocess.run(script + [str(tmp_path / "ref"), "--max-steps", "5", "--save-every", "2"],
                                env=_env(), capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]

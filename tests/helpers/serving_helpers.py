@@ -10,12 +10,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / "MONAILabelApp" / "serve.py"
-if str(ROOT / "MONAILabelApp") not in sys.path:
-    sys.path.insert(0, str(ROOT / "MONAILabelApp"))
 
-from live_server import start_server  # noqa: E402
+from live_server import start_server
 
 STUB_MAIN = textwrap.dedent('''
     """Stand-in app for serving tests: threshold 'model', counting trainer. Not RadDiag's model."""

@@ -1,6 +1,6 @@
 """A tiny stand-in for RadDiagSeg-M that follows the model contract of docs/INTERFACES.md (collate, forward ->
 loss parts, trainable_parameters, save_pretrained), used to test the training loop's mechanics (DDP, resume)
-in seconds. Also a script: `torchrun --nproc_per_node K tests/training_tiny.py OUT [options]` trains it and
+in seconds. Also a script: `torchrun --nproc_per_node K tests/helpers/training_tiny.py OUT [options]` trains it and
 writes, per rank, the loss and a digest of the parameters after every step to OUT/trace_rank{r}.jsonl.
 """
 

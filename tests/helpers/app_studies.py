@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
+APP_DIR = Path(__file__).resolve().parents[2] / "MONAILabelApp"
 DEMO_MODEL = APP_DIR / "model" / "raddiagseg-demo"
 ODD_ORIENTATION = "PRI"  # index axes run to P, R, I: a permuted and flipped layout of the same anatomy
 

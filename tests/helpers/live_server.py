@@ -5,9 +5,7 @@
         requests.get(server.url + "/info/")
 
 or, in a test module, the `server_factory` fixture (module scope; every server it starts is
-stopped when the module's tests are done):
-
-    from live_server import server_factory  # noqa: F401  (registers the fixture)
+stopped when the module's tests are done; tests/conftest.py registers it for every test):
 
     @pytest.fixture(scope="module")
     def server(server_factory, tmp_path_factory):
@@ -33,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port():
