@@ -86,7 +86,7 @@ def _make_dataset(config, model):
 
     tasks = [t for t, w in config.ratio.items() if w > 0]
     return ManifestDataset(
-        str(config.manifest_path()), split="train", tasks=tasks, augment=config.augment,
+        str(config.manifest_path()), split="train", tasks=tasks, augment=config.augment and config.augmentation,
         seed=config.seed, synonym_prob=config.synonym_prob, cot=config.cot,
     )
 
