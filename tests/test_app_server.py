@@ -12,6 +12,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from app_server import post_infer
+from app_studies import assert_same_geometry
 
 requests_toolbelt = pytest.importorskip("requests_toolbelt.multipart.decoder")
 
@@ -40,15 +41,6 @@ def infer(server, image_id, params=None, tmp_path=None, expect=200):
             label = tmp_path / f"label_{image_id}_{len(list(tmp_path.iterdir()))}{suffix}"
             label.write_bytes(part.content)
     return result, label
-
-
-def assert_same_geometry(label_path, image):
-    label = sitk.ReadImage(str(label_path))
-    assert label.GetSize() == image.GetSize()
-    assert np.allclose(label.GetSpacing(), image.GetSpacing())
-    assert np.allclose(label.GetOrigin(), image.GetOrigin())
-    assert np.allclose(label.GetDirection(), image.GetDirection())
-    return sitk.GetArrayFromImage(label)
 
 
 def assert_response_shape(result):
