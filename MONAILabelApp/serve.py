@@ -33,7 +33,9 @@ def start_parser():
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ssl-certfile")
     p.add_argument("--max-queue", type=int, default=16, help="inference requests running + waiting before 503")
-    p.add_argument("--max-upload-mb", type=float, default=512)
+    p.add_argument("--max-upload-mb", type=float, default=512, help="largest request body (upload) accepted")
+    p.add_argument("--max-decoded-mb", type=float, default=1024,
+                   help="largest pixel data an upload may declare (after decompression); checked before inflating")
     p.add_argument("--max-question-chars", type=int, default=2000)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     options = ServeOptions(
         app_dir=args.app, studies=args.studies, auth_config=args.auth_config, conf=dict(args.conf),
         cors_origins=args.cors_origin, max_queue=args.max_queue,
-        limits=Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_question_chars=args.max_question_chars),
+        limits=Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_question_chars=args.max_question_chars,
+                      max_decoded_bytes=int(args.max_decoded_mb * 1024 * 1024)),
     )
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(levelname)s] (%(name)s) %(message)s")
     app = build_app(options)

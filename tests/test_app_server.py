@@ -12,6 +12,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from app_server import post_infer
+from app_studies import assert_same_geometry
 
 requests_toolbelt = pytest.importorskip("requests_toolbelt.multipart.decoder")
 
@@ -40,15 +41,6 @@ def infer(server, image_id, params=None, tmp_path=None, expect=200):
             label = tmp_path / f"label_{image_id}_{len(list(tmp_path.iterdir()))}{suffix}"
             label.write_bytes(part.content)
     return result, label
-
-
-def assert_same_geometry(label_path, image):
-    label = sitk.ReadImage(str(label_path))
-    assert label.GetSize() == image.GetSize()
-    assert np.allclose(label.GetSpacing(), image.GetSpacing())
-    assert np.allclose(label.GetOrigin(), image.GetOrigin())
-    assert np.allclose(label.GetDirection(), image.GetDirection())
-    return sitk.GetArrayFromImage(label)
 
 
 def assert_response_shape(result):
@@ -93,12 +85,15 @@ def test_second_question_on_same_slice_reuses_image_features(served, tmp_path):
 
 def test_whole_volume_answers_every_slice_in_file_order(served, tmp_path):
     image = served["studies"]["ct_liver"][0]
-    result, label_path = infer(served["server"], "ct_liver", {"batch_size": 4, "max_new_tokens": 24}, tmp_path)
+    result, label_path = infer(served["server"], "ct_liver", {"batch_size": 4, "max_new_tokens": 24, "skip_slices": False},
+                               tmp_path)
     assert_response_shape(result)
     n = image.GetSize()[2]
     assert [s["slice"] for s in result["slices"]] == list(range(n))
-    assert result["volume"]["n_slices"] == n
-    assert result["detection"] == bool(result["volume"]["positive_slices"])
+    assert result["volume"]["n_slices"] == n and result["volume"]["skipped_slices"] == []
+    assert isinstance(result["findings"], list) and isinstance(result["volume"]["discarded"], list)
+    if result["detection"]:
+        assert result["volume"]["positive_slices"]
     assert_same_geometry(label_path, image)
 
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from app_server import infer_json
-from app_studies import DEMO_MODEL
+from app_studies import APP_DIR, DEMO_MODEL, ct_phantom_image, xray_phantom
 from live_server import wait_for_training
 
 pytest.importorskip("raddiagseg.training")
@@ -52,3 +52,70 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
     assert "/models/v0001-" in after["model"]["dir"]
     assert after["detection"] is True, after["answer"]
     assert after["diagnosis"] and "liver tumour" in after["diagnosis"].lower(), after["answer"]
+
+
+# --- forgetting: corrections alone make a worse model, the gate refuses it ------------------------------------------
+
+FORGET_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def unseen(server_factory, tmp_path_factory):  # noqa: F811
+    """A server on the shipped demo model with 2 CT volumes and 2 X-rays of seeds it never saw, and their truth."""
+    if not (DEMO_MODEL / "config.json").is_file():
+        pytest.skip("the shipped demo model (and its reference.json) is not there")
+    root = tmp_path_factory.mktemp("forget")
+    studies, truth = root / "studies", {}
+    studies.mkdir()
+    for name, seed, task in (("ct_a", 701, "liver"), ("ct_b", 702, "pancreas")):
+        image, label, _ = ct_phantom_image(seed=seed, size=96, slices=8, task=task)
+        sitk.WriteImage(image, str(studies / f"{name}.nii.gz"))
+        truth[name] = (label, {"segments": [{"name": task, "label_value": 1}, {"name": f"{task} tumour", "label_value": 2}],
+                               "detection": True, "diagnosis": f"{task.capitalize()} tumour"})
+    for name, seed in (("cxr_a", 703), ("cxr_b", 704)):
+        xray = xray_phantom(seed=seed, kind="COVID-19")
+        sitk.WriteImage(sitk.GetImageFromArray(xray.image), str(studies / f"{name}.png"))
+        label = sitk.GetImageFromArray((xray.lung + (xray.infection > 0)).astype(np.uint8))
+        truth[name] = (label, {"segments": [{"name": "lung", "label_value": 1}, {"name": "infection", "label_value": 2}],
+                               "detection": True, "diagnosis": "COVID-19 infection"})
+    server = server_factory(APP_DIR, studies, {"model_path": DEMO_MODEL, "work_dir": root / "work"})
+    return {"server": server, "truth": truth, "root": root}
+
+
+def test_corrections_alone_forget_and_the_gate_refuses_to_publish(unseen):
+    """The issue's case: a handful of corrected unseen-seed phantoms, trained on alone (no replay), learn them and
+    forget the rest; the candidate must be refused on the reference set, with both models' scores reported."""
+    server, root = unseen["server"], unseen["root"]
+    for name, (label, info) in unseen["truth"].items():
+        path = root / f"{name}_label.nii.gz"
+        sitk.WriteImage(label, str(path))
+        with open(path, "rb") as handle:
+            saved = requests.put(f"{server.url}/datastore/label", params={"image": name, "tag": "final"},
+                                 files={"label": (path.name, handle)}, data={"params": json.dumps(info)}, timeout=60)
+        assert saved.status_code == 200, saved.text
+    started = requests.post(f"{server.url}/train/raddiagseg", timeout=60,
+                            json={"max_steps": FORGET_STEPS, "replay_ratio": 0, "lr": 2e-3, "val_max_samples": 24})
+    assert started.status_code == 200, started.text
+    status = wait_for_training(server.url, timeout=900)
+    stats = requests.get(server.url + "/info/", timeout=10).json()["train_stats"]["raddiagseg"]
+    assert status["status"] == "DONE", f"{status}\n{stats}\n{server.log()}"
+    assert stats["data"]["images"] == 4 and stats["data"]["replay_rows"] == 0 and stats["data"]["val_on_train"]
+
+    sets = stats["gate"]["sets"]
+    assert set(sets) == {"reference", "corrections"}  # under 5 images: no held-out corrections
+    for entry in sets.values():  # both models scored on both sets, per modality
+        assert set(entry["served"]["metrics"]) == set(entry["candidate"]["metrics"]) == {"ct", "xray"}
+        assert entry["served"]["rows"] > 0 and entry["served"]["rows"] == entry["candidate"]["rows"]
+    assert sets["reference"]["served"]["rows"] == 24  # val_max_samples honoured
+    assert sets["reference"]["worse"], sets["reference"]  # it forgot: some metric dropped by more than 0.02
+    assert all(w["delta"] < -stats["gate"]["tolerance"] for w in sets["reference"]["worse"])
+    assert stats["published"] is False and "reference validation set" in stats["reason"], stats["reason"]
+    assert "published_model" not in stats and not (root / "work" / "models" / "CURRENT").exists()
+
+
+def test_train_params_are_checked(unseen):
+    reply = requests.post(f"{unseen['server'].url}/train/raddiagseg", json={"replay_ratio": "lots"}, timeout=60)
+    status = wait_for_training(unseen["server"].url, timeout=120)
+    stats = requests.get(unseen["server"].url + "/info/", timeout=10).json()["train_stats"]["raddiagseg"]
+    assert reply.status_code == 200 and status["status"] == "ERROR"
+    assert "replay_ratio must be a number between 0.0 and 50.0" in stats["error"]

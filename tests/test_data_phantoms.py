@@ -103,3 +103,101 @@ def test_phantom_files_do_not_depend_on_the_number_of_worker_processes(tmp_path)
     write_phantoms(tmp_path / "three", workers=3, **kwargs)
     assert _digest(tmp_path / "one") == _digest(tmp_path / "three")
     assert len(list((tmp_path / "one").rglob("*.nii.gz"))) == 6  # image + label per volume
+
+
+# Generator version 1 (variation "none") pinned: helpers regenerate the shipped model's training and held-out data
+# from seeds, so its voxels must not change when version 2 does. Digest of NIfTI voxels and PNG pixels.
+VERSION_1_PIXELS = "97e72a99b449a7f10fff952e692bd3a6a8eae9e008e353c5994e13335b0d1a8f"
+
+
+def _pixel_digest(root):
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".gz", ".png")):
+        h.update(str(path.relative_to(root)).encode())
+        a = np.asarray(nib.load(str(path)).dataobj) if path.name.endswith(".nii.gz") else np.asarray(Image.open(path))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def test_default_phantoms_are_generator_version_1_unchanged(tmp_path):
+    kwargs = dict(ct_volumes=2, xrays=6, seed=5, ct_size=64, ct_slices=6, xray_size=64, vqa_images=0, refseg_images=0,
+                  workers=1)
+    write_phantoms(tmp_path / "default", **kwargs)
+    write_phantoms(tmp_path / "scanner", variation="scanner", **kwargs)
+    assert _pixel_digest(tmp_path / "default") == VERSION_1_PIXELS != _pixel_digest(tmp_path / "scanner")
+    assert not (tmp_path / "default" / "phantoms.json").exists()
+    assert "generator_version" not in json.loads((tmp_path / "default" / "Task03_Liver" / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "scanner" / "Task07_Pancreas" / "dataset.json").read_text())
+    assert (meta["generator_version"], meta["variation"]) == (2, "scanner")
+    assert json.loads((tmp_path / "scanner" / "phantoms.json").read_text())["generator_version"] == 2
+    with pytest.raises(ValueError, match="unknown phantom variation"):
+        write_phantoms(tmp_path / "bad", variation="mri", **kwargs)
+
+
+def test_scanner_phantom_files_do_not_depend_on_the_number_of_worker_processes(tmp_path):
+    kwargs = dict(ct_volumes=3, xrays=6, ct_size=64, ct_slices=6, xray_size=64, vqa_images=4, refseg_images=3, seed=5,
+                  variation="scanner")
+    write_phantoms(tmp_path / "one", workers=1, **kwargs)
+    write_phantoms(tmp_path / "two", workers=2, **kwargs)
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+def _scan(**changes):
+    import dataclasses
+
+    base = phantoms.CTScan(phase="portal venous", kernel="standard", thickness=0.6, slab=1.0, contrast=1.0, noise=1.0,
+                           rotation=0.0, mirrored=False, zoom=1.0, tumour_radius=0.08)
+    return dataclasses.replace(base, **changes)
+
+
+def _ct(scan, seed=11, task="liver"):
+    return phantoms.generate_ct(np.random.default_rng(seed), task, size=96, slices=10, tumours=2, scan=scan)
+
+
+def test_scanner_ct_mirrored_anatomy_puts_the_liver_on_the_image_right():
+    for mirrored, side in ((False, "left"), (True, "right")):
+        ct = _ct(_scan(mirrored=mirrored))
+        cols = np.nonzero(ct.label > 0)[2]
+        assert (cols.mean() < 48) == (side == "left"), (mirrored, cols.mean())
+        assert ct.spacing[0] == 0.6
+
+
+def test_scanner_ct_thick_slices_average_neighbours_and_contrast_scales_the_tumour():
+    thin, thick = _ct(_scan(slab=1.0)), _ct(_scan(slab=3.0, thickness=5.0))
+    assert (thin.label == thick.label).all()  # the labels are the slice centre's; only the image is averaged
+    step = lambda ct: np.abs(np.diff(ct.hu.astype(float), axis=0)).mean()  # noqa: E731
+    assert step(thick) < 0.7 * step(thin)
+    assert thick.spacing[0] == 5.0
+    gap = {}
+    for factor in (1.0, 0.5):
+        ct = _ct(_scan(contrast=factor))
+        hu = ct.hu.astype(float)
+        gap[factor] = np.median(hu[ct.label == 1]) - np.median(hu[ct.label == 2])
+    assert 0.4 < gap[0.5] / gap[1.0] < 0.6
+
+
+def test_scanner_draws_vary_phase_kernel_position_and_keep_sides_when_asked():
+    draws = [phantoms.draw_ct_scan(np.random.default_rng([1, i])) for i in range(200)]
+    assert {d.phase for d in draws} == set(phantoms.CT_PHASES) and {d.kernel for d in draws} == set(phantoms.CT_KERNELS)
+    assert 0.6 <= min(d.thickness for d in draws) < 1.0 and 4.5 < max(d.thickness for d in draws) <= 5.0
+    assert 10 < sum(d.mirrored for d in draws) < 60 and any(abs(d.rotation) > np.pi / 2 for d in draws)
+    kept = [phantoms.draw_ct_scan(np.random.default_rng([1, i]), flips=False) for i in range(100)]
+    assert not any(d.mirrored for d in kept) and max(abs(d.rotation) for d in kept) <= phantoms.TILT
+    assert not any(phantoms.draw_xray_exposure(np.random.default_rng([2, i]), flips=False).mirrored for i in range(100))
+
+
+def test_scanner_xray_polarity_and_collimator_blades():
+    import dataclasses
+
+    exposure = phantoms.XrayExposure(rotation=0.0, zoom=1.0, mirrored=False, gamma=1.0, gain=0.9, offset=0.05, blur=0.8,
+                                     noise=0.01, inverted=False, shutters=(0.0, 0.0, 0.1, 0.0))
+    plain = phantoms.generate_xray(np.random.default_rng(4), "COVID-19", size=128, exposure=exposure)
+    inverted = phantoms.generate_xray(np.random.default_rng(4), "COVID-19", size=128,
+                                      exposure=dataclasses.replace(exposure, inverted=True))
+    lung = plain.lung.astype(bool)
+    assert plain.image[lung].mean() < plain.image[~lung].mean() and inverted.image[lung].mean() > inverted.image[~lung].mean()
+    assert (plain.image[:, :13] == 255).all() and (inverted.image[:, :13] == 0).all()  # unexposed under the blade
+    assert not plain.lung[:, :13].any() and not plain.infection[:, :13].any()  # nothing visible there is labelled
+    assert (plain.lung == inverted.lung).all()

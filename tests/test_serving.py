@@ -100,7 +100,9 @@ def test_roles_allow_what_they_should(env):
     assert requests.get(url + "/datastore/?output=all", headers=h(env, "user"), timeout=10).status_code == 200
     label = env["base"] / "ct2_label.nii.gz"
     array = (sitk.GetArrayFromImage(volume(seed=1)) > 300).astype(np.uint8)
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(label))
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(volume(seed=1))  # a label lies on its image's grid
+    sitk.WriteImage(mask, str(label))
     with open(label, "rb") as f:  # a plain user cannot save labels
         reply = requests.put(url + "/datastore/label?image=ct2", headers=h(env, "user"), files={"label": f}, timeout=30)
     assert reply.status_code == 403

@@ -18,6 +18,7 @@ def test_module_cmakelists_lists_every_script_and_resource():
 
 
 def test_raddiaglib_is_slicer_free_and_python39():
+    ast.parse((MODULE / "RadDiag.py").read_text(), feature_version=(3, 9))  # Slicer 5.8 embeds Python 3.9
     for path in (MODULE / "RadDiagLib").glob("*.py"):
         tree = ast.parse(path.read_text(), feature_version=(3, 9))
         for node in ast.walk(tree):
@@ -29,7 +30,13 @@ def test_raddiaglib_is_slicer_free_and_python39():
 
 def test_extension_metadata_and_index_entry():
     top = (EXT / "CMakeLists.txt").read_text()
-    assert "project(RadDiag)" in top and "add_subdirectory(RadDiag)" in top
+    assert "project(RadDiag)" in top and "add_subdirectory(${CMAKE_CURRENT_LIST_DIR}/RadDiag " in top
+    root = (EXT.parent / "CMakeLists.txt").read_text()  # what the Extensions Index builds
+    assert "include(${CMAKE_CURRENT_SOURCE_DIR}/SlicerRadDiag/CMakeLists.txt)" in root
+    assert "Apache License" in (EXT.parent / "LICENSE").read_text()
+    assert (MODULE / "Testing" / "Python" / "CMakeLists.txt").exists()
+    screenshot = re.search(r'set\(EXTENSION_SCREENSHOTURLS "[^"]*/main/(SlicerRadDiag/[^"]+\.png)"', top)
+    assert screenshot and (EXT.parent / screenshot.group(1)).exists()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key} \S", top), key

@@ -168,7 +168,7 @@ def test_seg_nrrd_segments_written_by_slicerio(tmp_path):
     assert [(s.name, s.label_value) for s, _ in found] == [("liver", 1), ("liver tumour", 2)]
     assert found[0][0].color == (221, 130, 101)
     assert slicerio.segmentation.terminology_entry_from_string(found[0][0].terminology)["type"] == ["SCT", "10200004", "Liver"]
-    assert present_label_values(path) == {1}  # the tumour segment is empty
+    assert present_label_values(path, segment_specs(LIVER_RESPONSE)) == {1}  # the tumour segment is empty
 
 
 def test_answer_html_escapes_and_highlights():

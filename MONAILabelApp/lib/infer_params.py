@@ -26,6 +26,7 @@ DEFAULTS = {
     "tts_masks": 4,
     "rvls2m": None,
     "cot": False,
+    "skip_slices": True,
 }
 MAX_TTS = 16
 COT_INSTRUCTION = templates.COT_QUESTION[len(templates.DEFAULT_QUESTION):]  # "\nReason step by step ..."
@@ -47,6 +48,7 @@ class InferParams:
     tts_masks: int = 4  # n: perturbed prompts per answer and seg token
     rvls2m: bool | None = None  # RVLS2M region prompts: None = as the model was trained, True/False overrides
     cot: bool = False  # ask for chain-of-thought reasoning before the answer (the conclusion is parsed)
+    skip_slices: bool = True  # whole volume: skip slices that cannot change a finding (raddiagseg.findings)
 
     def generation_options(self):
         options = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
@@ -158,4 +160,5 @@ def parse(request):
         tts_masks=_int(request, "tts_masks", 1, MAX_TTS, DEFAULTS["tts_masks"]),
         rvls2m=_optional_bool(request, "rvls2m"),
         cot=_bool(request, "cot", DEFAULTS["cot"]),
+        skip_slices=_bool(request, "skip_slices", DEFAULTS["skip_slices"]),
     )

@@ -55,14 +55,16 @@ class ModelRunner:
             self.encoded_images += len(missing)
         return features, keys, len(missing), time.perf_counter() - start, stages
 
-    def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False):
-        """GenerationResults for each (image, question), and stage timings summed over batches."""
+    def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False, progress=None):
+        """GenerationResults for each (image, question), and stage timings summed over batches.
+
+        `progress(k)` is called after each batch with the number of slices it answered."""
         import torch
 
         with torch.inference_mode():
-            return self._answer(images, questions, options, batch_size, show_progress, tts)
+            return self._answer(images, questions, options, batch_size, show_progress, tts, progress)
 
-    def _answer(self, images, questions, options, batch_size, show_progress, tts=False):
+    def _answer(self, images, questions, options, batch_size, show_progress, tts=False, progress=None):
         model, version = self.store.get()
         results = []
         timings = {"encode": 0.0, "generate": 0.0}
@@ -112,6 +114,8 @@ class ModelRunner:
                     model_stages[stage] = model_stages.get(stage, 0.0) + float(seconds)
                 if per_token:
                     decode_steps += round(stages.get("decode", 0.0) / per_token)
+            if progress is not None:
+                progress(len(batch))
         if decode_steps:
             model_stages["decode_per_token"] = model_stages.get("decode", 0.0) / decode_steps
         return results, {"timings": timings, "model": model_stages, "counts": counts, "version": version}

@@ -183,3 +183,44 @@ class ModelStore:
         for old in versions[: -self.keep]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+# the publishing gate -------------------------------------------------------------------------
+GATE_TOLERANCE = 0.02  # how much lower any metric of any modality may be on a guard set (scores in [0, 1])
+GUARD_SETS = ("reference", "heldout_corrections")  # sets the served model's quality is checked on
+SET_TITLES = {"reference": "the reference validation set", "heldout_corrections": "the held-out corrections",
+              "corrections": "the corrections it trained on"}
+
+
+def _worse_text(items):
+    titles = {"ct": "CT", "xray": "X-ray"}
+    return ", ".join(f"{titles.get(w['modality'], w['modality'])} {w['metric']} {w['served']:.3f} -> {w['candidate']:.3f}"
+                     for w in items)
+
+
+def gate(sets, tolerance=GATE_TOLERANCE):
+    """(publish, reason) for a retrained candidate, from `sets` = {name: comparison} where a comparison has `worse`
+    (regressions beyond `tolerance`, see `selection.regressions`) and each model's summary with its `score`
+    (`{"served": {"score": ...}, "candidate": {"score": ...}}`).
+
+    Publish only when the candidate is not worse on any guard set (the reference validation set of the model's
+    training distribution, the held-out corrections) and scores at least as well as the served model on the
+    corrected cases (held-out ones when there are, else the training rows: that it learnt them). The training
+    rows alone never publish.
+    """
+    guards = [name for name in GUARD_SETS if name in sets]
+    if not guards:
+        return False, ("nothing to check the candidate on but the corrections it trained on: give the model a "
+                       "reference set (--conf reference_manifest) or correct at least 5 images so some are held out")
+    for name in guards:
+        if sets[name]["worse"]:
+            return False, (f"worse than the served model on {SET_TITLES[name]} by more than {tolerance}: "
+                           f"{_worse_text(sets[name]['worse'])}; kept the served model")
+    corrected = "heldout_corrections" if "heldout_corrections" in sets else "corrections"
+    if corrected in sets:
+        old, new = sets[corrected]["served"]["score"], sets[corrected]["candidate"]["score"]
+        if old is not None and (new is None or new < old):
+            return False, (f"not better on {SET_TITLES[corrected]} ({new if new is None else round(new, 4)} vs the "
+                           f"served model's {round(old, 4)}); kept the served model")
+    checked = " and ".join(SET_TITLES[name] for name in guards)
+    return True, f"no metric of any modality lower by more than {tolerance} on {checked}; at least as good on {SET_TITLES[corrected]}"

@@ -1,16 +1,15 @@
-"""Turning per-slice model answers into the infer response: segments, masks and a volume summary.
+"""Turning model answers into the infer response: segments, masks, and the geometry of a volume's view.
 
 Each slice's answer is parsed (`raddiagseg.answers.parse_answer`); the label text written
 before each seg token names its mask (canonical vocabulary name, ambiguous synonyms resolved
-by the diagnosis). Masks of the same name are merged, across seg tokens and across slices.
+by the diagnosis). Masks of the same name are merged across seg tokens. A whole volume's slice
+answers are combined into 3D findings by `raddiagseg.findings`.
 """
 
-from collections import Counter
-
 import numpy as np
-from raddiagseg import templates
 from raddiagseg.answers import parse_answer
 
+from lib import image_io
 from lib import segments as segment_specs
 
 
@@ -37,26 +36,22 @@ def slice_summary(result, slice_index=None):
     return summary, named
 
 
-def volume_summary(slice_summaries):
-    """Whole-volume verdict: abnormal if any slice is; the most frequent diagnosis of the positive slices."""
-    positives = [s for s in slice_summaries if s["detection"]]
-    diagnoses = Counter(s["diagnosis"] for s in positives if s["diagnosis"])
-    diagnosis = diagnoses.most_common(1)[0][0] if diagnoses else None
-    unreadable = [s["slice"] for s in slice_summaries if s["detection"] is None]
-    return {
-        "n_slices": len(slice_summaries),
-        "detection": bool(positives),
-        "diagnosis": diagnosis,
-        "positive_slices": [s["slice"] for s in positives],
-        "unreadable_slices": unreadable,
-        "diagnosis_votes": dict(diagnoses),
-    }
+def view_to_lps(view, image, view_shape):
+    """4x4 matrix from a voxel index (slice, row, col) of the view array of `view` to LPS millimetres.
 
-
-def volume_answer(detection, diagnosis, names):
-    """The 3-step answer for a whole volume, written with the same template the model learns."""
-    names = list(names)[: templates.NUM_SEG_TOKENS]
-    return templates.vqaseg_answer(detection, diagnosis or "abnormality of uncertain type", names)
+    The whole-volume findings are measured with it (`raddiagseg.findings`), so oblique and anisotropic
+    files are measured in their own physical geometry."""
+    to_file = np.zeros((4, 4))  # view index -> file numpy index (K, J, I)
+    to_file[3, 3] = 1.0
+    for n in range(3):
+        m = view.order.index(n)  # file numpy axis n runs along view axis m (VolumeView.from_view)
+        if m in view.flips:
+            to_file[n, m], to_file[n, 3] = -1.0, view_shape[m] - 1
+        else:
+            to_file[n, m] = 1.0
+    numpy_to_itk = np.zeros((4, 4))
+    numpy_to_itk[0, 2] = numpy_to_itk[1, 1] = numpy_to_itk[2, 0] = numpy_to_itk[3, 3] = 1.0
+    return image_io.ijk_to_lps(image) @ numpy_to_itk @ to_file
 
 
 def collect_segments(named_per_slice, view_shape, to_file):

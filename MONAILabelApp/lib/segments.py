@@ -6,6 +6,7 @@ colours and SNOMED CT / DICOM codes, so the app, the trainer and the Slicer exte
 
 from slicerio.segmentation import terminology_entry_to_string
 from raddiagseg import templates
+from raddiagseg.findings import canonical_name, diagnosis_entry  # noqa: F401  (names of model text, for the app)
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79)]
@@ -14,34 +15,6 @@ FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184,
 def label_names():
     """Every canonical target name the model can emit, in vocabulary order."""
     return [t["name"] for t in templates.vocabulary()["targets"]]
-
-
-def diagnosis_entry(diagnosis):
-    """The vocabulary diagnosis named by free text (label or synonym, any case), or None."""
-    if not diagnosis:
-        return None
-    key = templates.normalise_label(diagnosis)
-    for entry in templates.vocabulary()["diagnoses"]:
-        names = [entry["label"], *entry.get("synonyms", [])]
-        if any(templates.normalise_label(n) == key for n in names):
-            return entry
-    for entry in templates.vocabulary()["diagnoses"]:  # e.g. "Liver tumour, likely HCC"
-        if templates.normalise_label(entry["label"]) in key:
-            return entry
-    return None
-
-
-def canonical_name(label_text, diagnosis=None):
-    """Canonical target name for label text; ambiguous synonyms ("tumour") are resolved by the diagnosis."""
-    name = templates.canonical_target(label_text)
-    if name:
-        return name
-    entry = diagnosis_entry(diagnosis)
-    if entry:
-        for candidate in (entry.get("abnormality"), entry.get("organ")):
-            if candidate and templates.matches_target(label_text, candidate):
-                return candidate
-    return templates.normalise_label(label_text) or "segment"
 
 
 def terminology(name):

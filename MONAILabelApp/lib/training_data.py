@@ -6,6 +6,9 @@ and one `refseg` sample per segment with voxels. 3D labels without a `slice` in 
 a sample for every slice that has label voxels; such a slice is positive when the volume is and
 an abnormality segment has voxels in it (or the volume's diagnosis has no abnormality mask).
 
+A label that cannot be used (unreadable, wrong size, bad label info) is skipped with its reason and
+the others are used; a segment whose name is not in the vocabulary is left out, the rest of its label used.
+
 Validation: with at least `min_images_for_holdout` labelled images every 5th image (sorted ids)
 is held out; with fewer, the training samples double as the validation set (`val_on_train`),
 which only checks that the model learnt the corrections, not that it generalises.
@@ -22,6 +25,7 @@ from raddiagseg.data import io as data_io
 from raddiagseg.imaging import CT_WINDOW
 
 from lib import image_io, label_info
+from lib import segments as segment_specs
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +69,23 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
     """Manifest rows (without split) for one labelled image; files are written under out_dir."""
     info = label_info.parse(info_dict)
     image = image_io.read_image(image_path)
-    labels_image = sitk.ReadImage(str(label_path))
+    try:
+        labels_image = sitk.ReadImage(str(label_path))
+    except RuntimeError:
+        raise label_info.LabelInfoError(f"the label file {Path(label_path).name} could not be read "
+                                        "(missing, not an image or corrupt)") from None
     if tuple(labels_image.GetSize()) != tuple(image.GetSize()) and not (
         image.GetDimension() == 2 and tuple(labels_image.GetSize())[:2] == tuple(image.GetSize())
     ):
         raise label_info.LabelInfoError(f"label size {labels_image.GetSize()} differs from image size {image.GetSize()}")
     labels = np.asarray(sitk.GetArrayFromImage(labels_image)).reshape(tuple(reversed(image.GetSize())))
-    if not info.segments:
-        values = sorted(int(v) for v in np.unique(labels) if v)
-        if values:
-            raise label_info.LabelInfoError("label info names no segments: send segments or label_names with the label")
+    if not info.segments and np.any(labels):
+        if info.unknown:
+            raise label_info.LabelInfoError(
+                f"no segment name RadDiag knows ({', '.join(repr(name) for name, _ in info.unknown)}); "
+                f"use one of {', '.join(segment_specs.label_names())} or a synonym")
+        raise label_info.LabelInfoError("label info names no segments: send segments, label_names or label_info "
+                                        "with the label")
     modality = info.modality or image_io.infer_modality(image, image_io.image_array(image))
     has_abnormality_segment = any(role == "abnormality" for _, _, role in info.segments)
     volume_detection = info.detection
@@ -137,34 +148,36 @@ def _label_path_function(datastore):
 
 
 def build(datastore, out_dir, min_images_for_holdout=5):
-    """Write out_dir/manifest.jsonl; returns a summary dict (counts, skipped images with reasons)."""
+    """Write out_dir/manifest.jsonl; returns a summary dict: counts, `skipped` (labels left out, with the
+    reason: unreadable file, wrong size, unusable label info) and `skipped_segments` (segments whose
+    name is not in the vocabulary; the rest of their label is used)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     label_path = _label_path_function(datastore)
     image_ids = sorted(datastore.get_labeled_images(FINAL))
     holdout = len(image_ids) >= min_images_for_holdout
-    rows, skipped = [], []
+    rows, skipped, skipped_segments = [], [], []
     for index, image_id in enumerate(image_ids):
         try:
-            image_rows = samples_for_image(
-                image_id,
-                datastore.get_image_uri(image_id),
-                label_path(image_id),
-                datastore.get_label_info(image_id, FINAL) or {},
-                out_dir,
-            )
-        except (label_info.LabelInfoError, image_io.InputError, RuntimeError) as error:
-            skipped.append({"image": image_id, "reason": str(error)})
-            logger.warning("Skipping %s: %s", image_id, error)
+            info = datastore.get_label_info(image_id, FINAL) or {}
+            image_rows = samples_for_image(image_id, datastore.get_image_uri(image_id), label_path(image_id), info,
+                                           out_dir)
+        except Exception as error:  # one bad label (info, file, size) must not stop training on the others
+            expected = isinstance(error, (label_info.LabelInfoError, image_io.InputError))
+            reason = str(error) if expected else f"{type(error).__name__}: {error}"
+            skipped.append({"image": image_id, "reason": reason or type(error).__name__})
+            logger.warning("Skipping the label of %s: %s", image_id, reason, exc_info=not expected)
             continue
+        for entry in label_info.unknown_reasons(label_info.parse(info)):
+            skipped_segments.append({"image": image_id, **entry})
+            logger.warning("Label of %s: %s", image_id, entry["reason"])
         split = "val" if holdout and index % 5 == 4 else "train"
         rows += [{**row, "split": split} for row in image_rows]
     if not holdout:
         rows += [{**row, "id": row["id"] + "_val", "split": "val"} for row in rows]
     manifest = out_dir / "manifest.jsonl"
     with open(manifest, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
     return {
         "manifest": str(manifest),
         "images": len(image_ids) - len(skipped),
@@ -172,4 +185,5 @@ def build(datastore, out_dir, min_images_for_holdout=5):
         "val_samples": sum(r["split"] == "val" for r in rows),
         "val_on_train": not holdout,
         "skipped": skipped,
+        "skipped_segments": skipped_segments,
     }

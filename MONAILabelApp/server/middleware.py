@@ -12,8 +12,8 @@ import logging
 import re
 from urllib.parse import parse_qsl, urlencode
 
-from .auth import Identity, TokenStore
-from .policy import PUBLIC, required_role
+from .auth import TokenStore
+from .policy import PUBLIC, PathError, normalise, required_role
 from .validation import ID_PATTERN, Limits
 
 logger = logging.getLogger(__name__)
@@ -75,16 +75,22 @@ class SecurityMiddleware:
         if scope["type"] != "http":  # MONAI Label serves no websockets
             await send({"type": "websocket.close", "code": 1008})
             return
-        method, path = scope["method"], scope["path"]
+        method = scope["method"]
+        try:
+            path = normalise(scope["path"], scope.get("raw_path"))
+        except PathError as e:
+            return await send_json(send, 400, {"detail": f"invalid request path: {e}"})
         role = required_role(method, path)
-        if role is PUBLIC:
+        if role == PUBLIC:
             return await send_json(send, 200, {"status": "ok"})
 
-        identity = self._identify(scope)
+        identity = self.tokens.identify(self._token(scope))
         if identity is None:
             return await send_json(
                 send, 401, {"detail": "missing or invalid token: send the header 'Authorization: Bearer <token>'"},
                 [(b"www-authenticate", b"Bearer")])
+        if role is None:
+            return await send_json(send, 404, {"detail": f"{method} {path} is not served by this server"})
         if not identity.has(role):
             return await send_json(send, 403, {
                 "detail": f"{method} {path} needs role '{role}'; user '{identity.name}' has role '{identity.role}'"})
@@ -100,7 +106,7 @@ class SecurityMiddleware:
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         for key, value in query:
             what = ID_QUERY_KEYS.get(key)
-            if what and value and (not ID_PATTERN.match(value) or ".." in value):
+            if what and value and (not ID_PATTERN.fullmatch(value) or ".." in value):
                 return await send_json(send, 400, {
                     "detail": f"invalid {what} id {value[:80]!r}: use a datastore id (letters, digits, '.', '_', '-'), not a path"})
         if path.startswith(USER_QUERY_PREFIXES):  # audit trail: the authenticated name, not a client claim
@@ -109,17 +115,17 @@ class SecurityMiddleware:
         scope = dict(scope)
         scope["state"] = dict(scope.get("state") or {}, identity=identity)
 
-        target = self.overrides if self.overrides is not None and self.overrides.handles(method, path) else self.app
+        target, routed = self.app, self.overrides.route_for(method, path) if self.overrides is not None else None
+        if routed is not None:
+            target = self.overrides
+            scope["path"], scope["raw_path"] = routed, routed.encode("ascii")
         await self._call_limited(target, scope, receive, send)
 
-    def _identify(self, scope) -> Identity | None:
+    @staticmethod
+    def _token(scope) -> str | None:
         header = _header(scope, b"authorization")
-        if not header:
-            return None
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        return self.tokens.identify(token.strip())
+        scheme, _, token = (header or "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
 
     async def _call_limited(self, app, scope, receive, send):
         """Stop reading a body that grows past the limit (chunked uploads carry no Content-Length)."""

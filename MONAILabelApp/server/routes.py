@@ -1,4 +1,5 @@
-"""Our handlers for the MONAI Label endpoints that take client input into the model or the datastore.
+"""Our handlers for the MONAI Label endpoints that take client input into the model, the datastore
+or the DICOMweb upstream.
 
 They validate first (ids, params, uploads), then call MONAI Label's own app/datastore methods:
 inference and active learning (which may run the model) go through the bounded model queue,
@@ -10,26 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
-from typing import Optional
 
 from fastapi import BackgroundTasks, Body, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
 
+from . import dicomweb
+from .uploads import Checked, remove_file, save_upload, upload_suffix
 from .validation import (
     RESERVED_PARAMS,
     InputError,
     Limits,
     check_id,
-    check_image_file,
     check_infer_params,
     parse_json_object,
-    upload_suffix,
 )
 from .work_queue import ModelQueue, QueueFull
 
 logger = logging.getLogger(__name__)
 OUTPUTS = ("image", "json", "all")
+GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing; absolute mm for origin; absolute for direction cosines
 
 
 def _instance():
@@ -38,36 +39,12 @@ def _instance():
     return app_instance()
 
 
-def _remove(path):
-    if path and os.path.exists(path):
-        os.unlink(path)
-
-
-async def _save_upload(upload: UploadFile, limits: Limits, what: str, label: bool = False) -> tuple[str, tuple]:
-    """Copy an upload to a private temp file and check it is an image we accept."""
-    suffix = upload_suffix(upload.filename)
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="raddiag-upload-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            total = 0
-            while chunk := await upload.read(1024 * 1024):
-                total += len(chunk)
-                if total > limits.max_upload_bytes:
-                    raise InputError(413, f"the uploaded {what} exceeds {limits.max_upload_bytes} bytes")
-                out.write(chunk)
-        size = await asyncio.to_thread(check_image_file, path, limits, what, label)
-        return path, size
-    except BaseException:
-        _remove(path)
-        raise
-
-
 async def _image_exists(datastore, image_id: str) -> bool:
     return image_id in await asyncio.to_thread(datastore.list_images)
 
 
-def _image_size(datastore, image_id: str):
-    """Size (x, y[, z]) of a datastore image when it is a file SimpleITK can read, else None."""
+def _image_geometry(datastore, image_id: str) -> Checked | None:
+    """Size and geometry of a datastore image when it is a file SimpleITK can read, else None."""
     import SimpleITK as sitk
 
     uri = datastore.get_image_uri(image_id)
@@ -79,57 +56,80 @@ def _image_size(datastore, image_id: str):
         reader.ReadImageInformation()
     except RuntimeError:
         return None
-    return tuple(int(s) for s in reader.GetSize())[:3]
+    dim = min(3, reader.GetDimension())
+    return Checked(size=tuple(int(s) for s in reader.GetSize())[:3], spacing=tuple(reader.GetSpacing())[:dim],
+                   origin=tuple(reader.GetOrigin())[:dim], direction=tuple(reader.GetDirection()))
+
+
+def check_label_matches(label: Checked, image: Checked, image_id: str) -> None:
+    """A label must lie on its image's grid: same size, spacing, origin and direction."""
+    if tuple(s for s in image.size if s > 1) != tuple(s for s in label.size if s > 1):
+        raise InputError(400, f"label size {label.size} does not match image {image_id!r} size {image.size}")
+    if len(label.spacing) != len(image.spacing):
+        return  # a 2D label of a one-slice volume: sizes already agree, geometry is the image's
+    close = all(abs(a - b) <= GEOMETRY_TOLERANCE * max(1.0, abs(b)) for a, b in zip(label.spacing, image.spacing))
+    if not close:
+        raise InputError(400, f"label spacing {label.spacing} does not match image {image_id!r} spacing {image.spacing}")
+    if any(abs(a - b) > max(GEOMETRY_TOLERANCE, 0.01 * s) for a, b, s in zip(label.origin, image.origin, image.spacing)):
+        raise InputError(400, f"label origin {label.origin} does not match image {image_id!r} origin {image.origin}")
+    if any(abs(a - b) > GEOMETRY_TOLERANCE for a, b in zip(label.direction, image.direction)):
+        raise InputError(400, f"label direction does not match image {image_id!r} direction")
+
+
+def check_label_info(info: dict, values: tuple) -> None:
+    """Label info must be readable by training (the same parser), and name every value in the label."""
+    from lib import label_info
+
+    try:
+        parsed = label_info.parse(info)
+    except label_info.LabelInfoError as e:
+        raise InputError(400, f"label info (params) cannot be used for training: {e}") from None
+    named = {value for _, value, _ in parsed.segments}
+    unnamed = sorted(set(values) - {0} - named)
+    if named and unnamed:
+        raise InputError(400, f"label values {unnamed[:20]} are not named by any segment in the label info; "
+                              f"named: {sorted(named)}")
 
 
 class Overrides:
-    """A small FastAPI app that replaces MONAI Label's infer, active-learning and upload routes."""
-
-    ROUTES = {
-        ("POST", "infer"), ("POST", "activelearning"), ("PUT", "datastore/image"), ("PUT", "datastore/label"),
-        ("PUT", "datastore"),
-    }
+    """A small FastAPI app that replaces MONAI Label's routes that take client input."""
 
     def __init__(self, queue: ModelQueue, limits: Limits):
         self.queue = queue
         self.limits = limits
         self.app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-        self._register()
+        self._register_errors()
+        self._register_model_routes()
+        self._register_upload_routes()
+        self._register_proxy_routes()
 
-    def handles(self, method: str, path: str) -> bool:
-        parts = path.strip("/").split("/")
-        if method == "POST" and len(parts) == 2 and parts[0] in ("infer", "activelearning"):
-            return parts[1] not in ("wsi", "wsi_v2")
-        if method == "PUT" and parts[0] == "datastore":
-            return parts[1:] in ([], ["image"], ["label"])
-        return False
+    def route_for(self, method: str, path: str) -> str | None:
+        """The path (with or without a final '/') one of our routes serves for ``method path``, else None."""
+        for candidate in dict.fromkeys((path, path.rstrip("/") or "/", path.rstrip("/") + "/")):
+            scope = {"type": "http", "method": method, "path": candidate, "root_path": ""}
+            if any(route.matches(scope)[0] == Match.FULL for route in self.app.router.routes):
+                return candidate
+        return None
 
     async def __call__(self, scope, receive, send):
         await self.app(scope, receive, send)
 
-    def _register(self):
-        app, limits, queue = self.app, self.limits, self.queue
-
-        @app.exception_handler(InputError)
+    def _register_errors(self):
+        @self.app.exception_handler(InputError)
         async def input_error(request: Request, exc: InputError):
             return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
-        @app.exception_handler(QueueFull)
+        @self.app.exception_handler(QueueFull)
         async def queue_full(request: Request, exc: QueueFull):
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
+    def _register_model_routes(self):
+        app, limits, queue = self.app, self.limits, self.queue
+
         @app.post("/infer/{model}")
-        async def infer(
-            request: Request,
-            background_tasks: BackgroundTasks,
-            model: str,
-            image: str = "",
-            session_id: str = "",
-            output: Optional[str] = None,
-            params: str = Form("{}"),
-            file: UploadFile = File(None),
-            label: UploadFile = File(None),
-        ):
+        async def infer(request: Request, background_tasks: BackgroundTasks, model: str, image: str = "",
+                        session_id: str = "", output: str | None = None, params: str = Form("{}"),
+                        file: UploadFile = File(None), label: UploadFile = File(None)):
             from monailabel.endpoints.infer import send_response
 
             instance = _instance()
@@ -155,22 +155,26 @@ class Overrides:
                 if not await _image_exists(datastore, image):
                     raise InputError(404, f"image {image!r} is not in the datastore")
             else:
-                upload, _ = await _save_upload(file, limits, "image")
-                background_tasks.add_task(_remove, upload)
-            req = {"model": model, **info.get("config", {}).get("infer", {}), **p}
+                upload, _ = await save_upload(file, limits, "image")
+            try:
+                req = {"model": model, **info.get("config", {}).get("infer", {}), **p}
 
-            def run():
-                # resolve the id to the datastore's own file (never a client path); for DICOMweb this downloads it
-                req["image"] = upload or datastore.get_image_uri(image)
-                if not req["image"]:
-                    raise InputError(404, f"image {image!r} is not in the datastore")
-                return instance.infer(req)
+                def run():
+                    # resolve the id to the datastore's own file (never a client path); DICOMweb downloads it
+                    req["image"] = upload or datastore.get_image_uri(image)
+                    if not req["image"]:
+                        raise InputError(404, f"image {image!r} is not in the datastore")
+                    return instance.infer(req)
 
-            result = await _run_model(queue, run)
+                result = await _run_model(queue, run)
+            except BaseException:
+                remove_file(upload)
+                raise
+            background_tasks.add_task(remove_file, upload)
             return send_response(datastore, result, output, background_tasks)
 
         @app.post("/activelearning/{strategy}")
-        async def activelearning(request: Request, strategy: str, params: Optional[dict] = Body(None)):
+        async def activelearning(request: Request, strategy: str, params: dict | None = Body(None)):
             from monailabel.endpoints.activelearning import sample
 
             instance = _instance()
@@ -185,7 +189,10 @@ class Overrides:
             user = request.state.identity.name
             return await _run_model(queue, sample, strategy, params, user)
 
-        async def add_image(request: Request, image: Optional[str], params: str, file: UploadFile):
+    def _register_upload_routes(self):
+        app, limits = self.app, self.limits
+
+        async def add_image(request: Request, image: str | None, params: str, file: UploadFile):
             instance = _instance()
             info = parse_json_object(params, limits)
             suffix = upload_suffix(file.filename if file else None)
@@ -194,21 +201,21 @@ class Overrides:
             datastore = instance.datastore()
             if await _image_exists(datastore, image_id):
                 raise InputError(409, f"image {image_id!r} already exists; choose another id")
-            path, _ = await _save_upload(file, limits, "image")
+            path, _ = await save_upload(file, limits, "image")
             try:
                 info["user"] = request.state.identity.name
                 image_id = await asyncio.to_thread(datastore.add_image, image_id, path, info)
             finally:
-                _remove(path)
+                remove_file(path)
             return {"image": image_id}
 
         @app.put("/datastore/image")
-        async def put_image(request: Request, image: Optional[str] = None, params: str = Form("{}"),
+        async def put_image(request: Request, image: str | None = None, params: str = Form("{}"),
                             file: UploadFile = File(...)):
             return await add_image(request, image, params, file)
 
         @app.put("/datastore/")
-        async def put_image_legacy(request: Request, image: Optional[str] = None, params: str = Form("{}"),
+        async def put_image_legacy(request: Request, image: str | None = None, params: str = Form("{}"),
                                    file: UploadFile = File(...)):
             return await add_image(request, image, params, file)
 
@@ -222,11 +229,12 @@ class Overrides:
             datastore = instance.datastore()
             if not await _image_exists(datastore, image):
                 raise InputError(404, f"image {image!r} is not in the datastore")
-            path, size = await _save_upload(label, limits, "label", label=True)
+            path, checked = await save_upload(label, limits, "label", label=True)
             try:
-                expected = await asyncio.to_thread(_image_size, datastore, image)
-                if expected is not None and tuple(s for s in expected if s > 1) != tuple(s for s in size if s > 1):
-                    raise InputError(400, f"label size {size} does not match image {image!r} size {expected}")
+                geometry = await asyncio.to_thread(_image_geometry, datastore, image)
+                if geometry is not None:
+                    check_label_matches(checked, geometry, image)
+                check_label_info(info, checked.values)
                 info["user"] = request.state.identity.name
 
                 def save():
@@ -237,7 +245,30 @@ class Overrides:
 
                 return await asyncio.to_thread(save)
             finally:
-                _remove(path)
+                remove_file(path)
+
+    def _register_proxy_routes(self):
+        app, limits = self.app, self.limits
+
+        async def proxy(request: Request, op: str, path: str):
+            body = await request.body() if request.method == "POST" else None
+            if body is not None and len(body) > limits.max_upload_bytes:
+                raise InputError(413, f"request body is larger than {limits.max_upload_bytes} bytes")
+            query = [(k, v) for k, v in request.query_params.multi_items()]
+            status, content, media = await dicomweb.forward(request.method, op, path, query, request.headers, body)
+            return Response(content=content, status_code=status, media_type=media)
+
+        @app.get("/proxy/dicom/{op}/{path:path}")
+        async def proxy_read(request: Request, op: str, path: str):
+            if op not in ("wado", "qido"):
+                raise InputError(404, "GET /proxy/dicom/ serves wado/ and qido/ only")
+            return await proxy(request, op, path)
+
+        @app.post("/proxy/dicom/{op}/{path:path}")
+        async def proxy_store(request: Request, op: str, path: str):
+            if op != "stow":
+                raise InputError(405, "POST /proxy/dicom/ serves stow/ only; read with GET")
+            return await proxy(request, op, path)
 
 
 async def _run_model(queue: ModelQueue, fn, *args):

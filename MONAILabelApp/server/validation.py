@@ -1,4 +1,4 @@
-"""Checks on what clients send: ids, request params, question text, uploaded images and labels.
+"""Checks on what clients send: ids, request params and question text (uploaded files: ``uploads``).
 
 Every failure is an :class:`InputError` carrying an HTTP status and one sentence telling the
 client what to fix; the server turns it into a 4xx and keeps serving.
@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 
-import numpy as np
-import SimpleITK as sitk
-
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # always fullmatch: "$" would allow a final "\n"
 # params a client may send to /infer: name -> checker; the model's own options are added at runtime
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
 MODALITIES = ("ct", "xray", "mri")
@@ -43,13 +38,14 @@ class Limits:
     max_question_chars: int = 2000
     max_params_bytes: int = 64 * 1024
     max_voxels: int = 1024 * 1024 * 1024 // 4  # 256 Mi voxels (e.g. 512 x 512 x 1000)
+    max_decoded_bytes: int = 1024 * 1024 * 1024  # pixel data after decompression (int16 at 512 Mi voxels)
     max_side: int = 8192
     max_new_tokens: int = 1024
 
 
 def check_id(value: str, what: str = "image") -> str:
     """Datastore ids are names, never paths: letters, digits, '.', '_' and '-' only."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
         raise InputError(400, f"invalid {what} id {value[:80]!r}: use a datastore id (letters, digits, '.', '_', '-'), not a path")
     return value
 
@@ -113,8 +109,8 @@ def check_infer_params(params: dict, limits: Limits, model_options: dict | None 
             if value not in RESULT_DTYPES:
                 raise InputError(400, f"result_dtype must be one of {', '.join(RESULT_DTYPES)}")
         elif key == "client_id":
-            if not isinstance(value, str) or len(value) > 128:
-                raise InputError(400, "client_id must be a string of at most 128 characters")
+            if value is not None and (not isinstance(value, str) or len(value) > 128):  # the stock client sends null
+                raise InputError(400, "client_id must be null or a string of at most 128 characters")
         elif key in model_options:
             _check_like(key, value, model_options[key])
         else:
@@ -142,58 +138,3 @@ def _check_like(key, value, default):
             raise InputError(400, f"{key} must be a string of at most 2000 characters")
     else:
         raise InputError(400, f"{key} cannot be set by clients")
-
-
-def upload_suffix(filename: str | None) -> str:
-    """The file type from an upload's name; only image formats SimpleITK reads are accepted."""
-    name = (filename or "").lower()
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return ".nii.gz" if suffix == ".nii.gz" else suffix
-    shown = os.path.splitext(name)[1] or "(none)"
-    raise InputError(415, f"unsupported file type {shown[:20]!r}; send one of {', '.join(IMAGE_SUFFIXES)}")
-
-
-def check_image_file(path: str, limits: Limits, what: str = "image", label: bool = False) -> tuple[int, ...]:
-    """Open an uploaded image fully and refuse what the model cannot use; returns its size (x, y[, z])."""
-    nbytes = os.path.getsize(path)
-    if nbytes == 0:
-        raise InputError(400, f"the uploaded {what} file is empty")
-    if nbytes > limits.max_upload_bytes:
-        raise InputError(413, f"the uploaded {what} is {nbytes} bytes; the limit is {limits.max_upload_bytes}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise InputError(400, f"the uploaded {what} could not be read: not an image or a corrupt file")
-    size = tuple(int(s) for s in reader.GetSize())
-    if len(size) > 3 and any(s > 1 for s in size[3:]):
-        raise InputError(400, f"the uploaded {what} is {len(size)}D {size}; send a 2D slice or a 3D volume")
-    size = size[:3]
-    if reader.GetNumberOfComponents() != 1:
-        raise InputError(400, f"the uploaded {what} has {reader.GetNumberOfComponents()} channels (RGB?); "
-                              "send a single-channel grayscale image")
-    if any(s == 0 for s in size):
-        raise InputError(400, f"the uploaded {what} has an empty dimension {size}")
-    if max(size) > limits.max_side or math.prod(size) > limits.max_voxels:
-        raise InputError(413, f"the uploaded {what} is {size}; limits are {limits.max_side} per side and "
-                              f"{limits.max_voxels} voxels")
-    try:
-        if path.endswith((".nii", ".nii.gz")):  # ITK zero-fills a short NIfTI and reads NaN as 0; nibabel sees both
-            import nibabel
-
-            array = np.asanyarray(nibabel.load(path).dataobj)
-        else:
-            image = sitk.ReadImage(path)  # held here: an array view of an image that is freed reads freed memory
-            array = sitk.GetArrayViewFromImage(image)
-    except (RuntimeError, OSError, EOFError, ValueError):
-        raise InputError(400, f"the uploaded {what} is truncated or corrupt: its pixel data could not be read")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InputError(400, f"the uploaded {what} contains NaN or infinite values")
-    if label:
-        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
-            raise InputError(400, "the uploaded label has non-integer values; send label values 0..N")
-        if array.min() < 0 or array.max() > 255:
-            raise InputError(400, "the uploaded label has values outside 0..255; send label values 0..N")
-    return size

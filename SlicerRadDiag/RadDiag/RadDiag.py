@@ -5,10 +5,12 @@ RadDiagLib (no Slicer imports, tested with pytest); this file moves data between
 files and RadDiagLib, and keeps the GUI responsive by polling background jobs with a QTimer.
 """
 
+import contextlib
 import logging
 import os
 import tempfile
 
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -22,7 +24,7 @@ from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, RVLS2M_CHOICES, Backgro
 from RadDiagLib.client import normalise_url
 from RadDiagLib.geometry import modality_hint, slice_index_at
 from RadDiagLib.labelmap import seg_nrrd_segments, read_nrrd
-from RadDiagLib.segments import SegmentSpec, import_segment_ids
+from RadDiagLib.segments import SegmentSpec, import_segment_ids, match_file_segments
 from RadDiagLib.workflow import diagnose, image_id_for, retrain, submit_correction
 
 ROLE_TAG = "RadDiag.Role"
@@ -92,6 +94,42 @@ def segmentTag(segment, key):
     return str(value) if segment.GetTag(key, value) else ""
 
 
+def isImageVolume(node):
+    """A scalar volume the user can ask about: not a label map (a subclass of scalar volumes)."""
+    return node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def writeNodeData(node, path):
+    """Write a node's data to `path` through a storage node of our own; returns success.
+
+    slicer.util.saveNode would re-point the node's own storage node to `path`, and File > Save and
+    saved scenes would then refer to our temporary folder. Volumes are written in their own (local)
+    geometry, which is what the server's answer refers to.
+    """
+    storageNode = node.CreateDefaultStorageNode()
+    storageNode.UnRegister(None)  # owned by the Python variable
+    storageNode.SetFileName(path)
+    storageNode.SetUseCompression(True)
+    return bool(storageNode.WriteData(node))
+
+
+@contextlib.contextmanager
+def temporaryNodes():
+    """Remove every node added to the scene inside the block when it ends.
+
+    RemoveNode does not take a node's display, storage or colour-table nodes with it, and loading
+    or exporting a label map creates them: all of them go.
+    """
+    scene = slicer.mrmlScene
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed([n for n in added if n.GetID() not in before]):
+            scene.RemoveNode(node)
+
+
 class RadDiagLogic(ScriptedLoadableModuleLogic):
     """Node handling and job creation; the widget only wires buttons to these methods."""
 
@@ -143,12 +181,31 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         matrix = [[ijkToRas.GetElement(r, c) for c in range(4)] for r in range(4)]
         return slice_index_at(matrix, volumeNode.GetImageData().GetDimensions(), center)
 
+    @staticmethod
+    def firstImageVolume():
+        """The first volume in the scene that can be asked about (label maps are not), or None."""
+        scene = slicer.mrmlScene
+        nodes = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+        return next((node for node in nodes if isImageVolume(node) and not node.GetHideFromEditors()), None)
+
+    @staticmethod
+    def segmentEditorNode():
+        """The embedded Segment Editor's own parameter node (a singleton, so it survives scene close)."""
+        editorNode = slicer.mrmlScene.GetSingletonNode("RadDiagSegmentEditor", "vtkMRMLSegmentEditorNode")
+        if editorNode is None:
+            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            editorNode.UnRegister(None)
+            editorNode.SetSingletonTag("RadDiagSegmentEditor")
+            editorNode = slicer.mrmlScene.AddNode(editorNode)
+        return editorNode
+
     def exportVolume(self, volumeNode):
         """Write the volume to a NRRD file (GUI thread: VTK is not thread-safe); returns (path, image id)."""
-        if volumeNode is None or volumeNode.GetImageData() is None:
+        if not isImageVolume(volumeNode) or volumeNode.GetImageData() is None:
             raise ValueError("Select an image (CT volume or X-ray) first.")
         path = os.path.join(self.workDir, f"{volumeNode.GetID().replace(':', '_')}.nrrd")
-        if not slicer.util.saveNode(volumeNode, path, {"useCompression": True}):
+        if not writeNodeData(volumeNode, path):
             raise ValueError(f"Could not write {volumeNode.GetName()} to {path}.")
         return path, image_id_for(volumeNode.GetName(), path)
 
@@ -178,17 +235,20 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
                                                              name or slicer.mrmlScene.GenerateUniqueName(
                                                                  f"{volumeNode.GetName()} RadDiag"))
         segmentationNode.CreateDefaultDisplayNodes()
+        # the answer refers to the volume's own voxel grid: drawn and exported in the volume's frame
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         specs = list(result.specs)
         if result.label_path and result.present:
-            self._importLabels(result.label_path, segmentationNode, specs)
+            with temporaryNodes():
+                self._importLabels(result.label_path, segmentationNode, specs)
         segmentation = segmentationNode.GetSegmentation()
         for spec in specs:
             if self.findSegment(segmentation, spec.name) is None:  # targets without voxels still get a segment
                 segmentation.AddEmptySegment(spec.name, spec.name, list(spec.color_float))
             self.applySpec(self.findSegment(segmentation, spec.name), spec)
         for segmentId in list(segmentation.GetSegmentIDs()):
-            if segmentId.startswith("unnamed_"):
+            if segmentId.startswith("unnamed_"):  # placeholders (no voxels: _importLabels cleared them)
                 segmentation.RemoveSegment(segmentId)
         segmentationNode.SetAttribute("RadDiag.ImageId", result.image_id)
         segmentationNode.SetAttribute("RadDiag.Answer", result.answer)
@@ -197,33 +257,29 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         return segmentationNode
 
     def _importLabels(self, labelPath, segmentationNode, specs):
+        """Add the result file's segments to the segmentation (inside temporaryNodes: loaded nodes are removed)."""
         if labelPath.lower().endswith(".seg.nrrd"):
             # a Slicer segmentation file (server asked with result_extension=.seg.nrrd): copy its segments,
             # matched to the specs by name, else by position (label values repeat across layers)
-            _, header = read_nrrd(labelPath)
-            fileSpecs = [spec for spec, _layer in seg_nrrd_segments(header)]
-            loaded = slicer.util.loadSegmentation(labelPath, {"show": False})
-            try:
-                source = loaded.GetSegmentation()
-                for index, segmentId in enumerate(list(source.GetSegmentIDs())):
-                    fileName = fileSpecs[index].name if index < len(fileSpecs) else ""
-                    spec = next((s for s in specs if s.name == fileName), specs[index] if index < len(specs) else None)
-                    if spec is None:
-                        continue
+            fileSpecs = [spec for spec, _layer in seg_nrrd_segments(read_nrrd(labelPath)[1])]
+            source = slicer.util.loadSegmentation(labelPath, {"show": False}).GetSegmentation()
+            for segmentId, spec in zip(list(source.GetSegmentIDs()), match_file_segments(fileSpecs, specs)):
+                if spec is not None:
                     source.GetSegment(segmentId).SetName(spec.name)
                     segmentationNode.GetSegmentation().CopySegmentFromSegmentation(source, segmentId, False)
-            finally:
-                slicer.mrmlScene.RemoveNode(loaded)
             return
         labelNode = slicer.util.loadLabelVolume(labelPath, {"show": False})
-        try:
-            segmentIds = vtk.vtkStringArray()
-            for segmentId in import_segment_ids(specs):
-                segmentIds.InsertNextValue(segmentId)
-            # maps label value i+1 to segmentIds[i]
-            slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentationNode, segmentIds)
-        finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
+        labelNode.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())  # same voxel grid, same frame
+        # voxels of values the answer does not name would stay in the shared layer after their segment is
+        # removed (or without any segment), and the next segment the user adds would silently hold them
+        voxels = slicer.util.arrayFromVolume(labelNode)
+        voxels[~np.isin(voxels, [spec.label_value for spec in specs])] = 0
+        slicer.util.arrayFromVolumeModified(labelNode)
+        segmentIds = vtk.vtkStringArray()
+        for segmentId in import_segment_ids(specs):
+            segmentIds.InsertNextValue(segmentId)
+        # maps label value i+1 to segmentIds[i]
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentationNode, segmentIds)
 
     @staticmethod
     def findSegment(segmentation, name):
@@ -270,17 +326,16 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         segmentIds = vtk.vtkStringArray()
         for spec in ordered:
             segmentIds.InsertNextValue(idOf[id(spec)])
-        labelNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "RadDiag correction")
-        try:
-            # writes position+1; later segments win on overlap (organs first, abnormalities on top)
+        with temporaryNodes():
+            labelNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "RadDiag correction")
+            labelNode.SetHideFromEditors(True)  # never offered in node selectors
+            # writes position+1 on the volume's voxel grid; later segments win on overlap (organs first)
             if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
                     segmentationNode, segmentIds, labelNode, volumeNode):
                 raise ValueError("Could not export the segments to a label map.")
             path = os.path.join(tempfile.mkdtemp(dir=self.workDir), "correction.nrrd")
-            if not slicer.util.saveNode(labelNode, path, {"useCompression": True}):
+            if not writeNodeData(labelNode, path):
                 raise ValueError(f"Could not write the correction to {path}.")
-        finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
         return path, ordered
 
     def startSubmission(self, segmentationNode, volumeNode, model, detection, diagnosis, answer=None,
@@ -334,13 +389,7 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.serverUrlComboBox.addItems(self.logic.history.urls())
         self.ui.questionTextEdit.setPlainText(DEFAULT_QUESTION)
-        editorNode = slicer.mrmlScene.GetSingletonNode("RadDiagSegmentEditor", "vtkMRMLSegmentEditorNode")
-        if editorNode is None:
-            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-            editorNode.UnRegister(None)
-            editorNode.SetSingletonTag("RadDiagSegmentEditor")
-            editorNode = slicer.mrmlScene.AddNode(editorNode)
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.diagnoseButton.connect("clicked(bool)", self.onDiagnoseOrCancel)
@@ -359,6 +408,7 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -366,19 +416,49 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
         if self.timer is not None:
             self.timer.stop()
+        self.releaseSegmentEditor()
         self.removeObservers()
+
+    # ------------------------------------------------------------------ the embedded Segment Editor
+    # As Slicer's Segment Editor module does: the editor takes keyboard shortcuts and view events only
+    # while this module is shown, so leaving it (or opening the Segment Editor module) leaves one editor.
+    def enter(self):
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        editor.installKeyboardShortcuts()
+        editor.updateWidgetFromMRML()
+
+    def exit(self):
+        self.releaseSegmentEditor()
+
+    def releaseSegmentEditor(self):
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
 
     def onSceneStartClose(self, caller, event):
         if self.job is not None:
             self.job.cancel()
         self.segmentationNode = None
+        self.lastResult = None
+        self.ui.segmentEditorWidget.setSegmentationNode(None)
+        self.ui.segmentEditorWidget.removeViewObservations()
+        self.ui.submitButton.setEnabled(False)
+        self.ui.openSegmentEditorButton.setEnabled(False)
+
+    def onSceneEndClose(self, caller, event):
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        if self.parent.isEntered:
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
+        self.initializeParameterNode()
 
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self):
         self._parameterNode = self.logic.getParameterNode()
         self.logic.setDefaultParameters(self._parameterNode)
-        if not self._parameterNode.GetNodeReference("InputVolume"):
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not isImageVolume(self._parameterNode.GetNodeReference("InputVolume")):
+            volume = self.logic.firstImageVolume()
             if volume:
                 self._parameterNode.SetNodeReferenceID("InputVolume", volume.GetID())
         self.ui.serverUrlComboBox.setCurrentText(self._parameterNode.GetParameter("ServerUrl"))
@@ -489,6 +569,7 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOpenSegmentEditor(self, *args):
         if self.segmentationNode is None:
             return
+        self.releaseSegmentEditor()  # one editor on the views: the Segment Editor module's
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.SegmentEditorWidget.editor
         editor.setSegmentationNode(self.segmentationNode)

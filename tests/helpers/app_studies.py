@@ -49,3 +49,13 @@ def random_model_dir(folder):
     folder = Path(folder)
     raddiagseg.build_model("demo").save_pretrained(str(folder))
     return folder
+
+
+def assert_same_geometry(label_path, image):
+    """The label file has the image's size, spacing, origin and direction; returns its array."""
+    label = sitk.ReadImage(str(label_path))
+    assert label.GetSize() == image.GetSize()
+    assert np.allclose(label.GetSpacing(), image.GetSpacing())
+    assert np.allclose(label.GetOrigin(), image.GetOrigin())
+    assert np.allclose(label.GetDirection(), image.GetDirection())
+    return sitk.GetArrayFromImage(label)

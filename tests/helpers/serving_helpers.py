@@ -1,10 +1,12 @@
 """Shared pieces of the team-serving tests: a tiny stand-in MONAI Label app (fast, controllable
-delay, deterministic label), test images, users/tokens, and starting MONAILabelApp/serve.py."""
+delay, deterministic label), test images, users/tokens, starting MONAILabelApp/serve.py, and either
+server of the app with MONAI Label's own client (`AppServer`)."""
 
 from __future__ import annotations
 
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / "MONAILabelApp" / "serve.py"
 
-from live_server import start_server
+from live_server import ServerHandle, start_server
 
 STUB_MAIN = textwrap.dedent('''
     """Stand-in app for serving tests: threshold 'model', counting trainer. Not RadDiag's model."""
@@ -121,3 +123,44 @@ def start_serve(app_dir, studies, auth_config, token, conf=None, extra=(), env=N
         return [sys.executable, str(SERVE), *args, "--auth-config", str(auth_config), "--log-level", "info", *extra]
 
     return start_server(app_dir, studies, conf, env=env, timeout=timeout, command=command, headers=bearer(token))
+
+
+SERVER_KINDS = ("monailabel", "serve")  # `monailabel start_server`, and serve.py with a token
+
+
+@dataclass
+class AppServer:
+    """One running server of an app: `monailabel start_server` (no token) or serve.py (`token` = an admin's)."""
+
+    kind: str
+    handle: ServerHandle
+    token: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.handle.url
+
+    @property
+    def headers(self) -> dict:
+        return bearer(self.token) if self.token else {}
+
+    def client(self, tmpdir):
+        """MONAI Label's own client (the one its Slicer plugin ships), authenticated as the plugin does."""
+        from monailabel.client import MONAILabelClient
+
+        client = MONAILabelClient(self.url, tmpdir=str(tmpdir))
+        if self.token:
+            client.update_auth({"token_type": "Bearer", "access_token": self.token})
+        return client
+
+    def stop(self):
+        self.handle.stop()
+
+
+def start_app_server(kind, app_dir, studies, conf, workdir: Path, timeout=300) -> AppServer:
+    """Start `kind` (one of SERVER_KINDS) on `studies`; serve.py gets users in workdir/auth.json and an admin token."""
+    if kind == "monailabel":
+        return AppServer(kind, start_server(app_dir, studies, conf, timeout=timeout))
+    tokens = make_users(workdir / "auth.json")
+    handle = start_serve(app_dir, studies, workdir / "auth.json", tokens["admin"], conf=conf, timeout=timeout)
+    return AppServer(kind, handle, tokens["admin"])

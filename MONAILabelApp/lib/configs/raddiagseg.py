@@ -12,6 +12,9 @@
     dtype               auto | float32 | bfloat16 | mixed (image encoders bf16, LM + mask decoder fp32);
                         default auto: bf16 on GPU; on CPU bf16 for the paper preset, mixed for the demo
                         preset when the CPU has native bf16, else fp32 (lib/model_store.serving_precision)
+    reference_manifest  manifest (or its folder) of the data the model was trained on: the train task replays its
+                        train rows and checks candidates on its val rows (default: the model folder's
+                        reference.json; without either, forgetting is unguarded, as train_stats says)
     uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
     uncertain_method    sampling (pairwise disagreement of sampled answers, default) | tts (the
                         disagreement test-time scaling reports: uncertain_samples answers x 3 perturbed prompts)
@@ -67,6 +70,7 @@ class RadDiagSegConfig:
             self.runner = ModelRunner(self.store, self.cache, drafts=conf.get("answer_drafts") or "slice")
         except ValueError as error:
             raise ValueError(f"--conf {error}") from None
+        self.reference_manifest = conf.get("reference_manifest") or None
         self.uncertain_samples = max(2, _positive_int(conf, "uncertain_samples", 3))
         self.uncertain_method = conf.get("uncertain_method", "sampling")
         if self.uncertain_method not in ("sampling", "tts"):
@@ -76,7 +80,7 @@ class RadDiagSegConfig:
         return RadDiagSegInfer(self.store, self.runner, images=self.images)
 
     def trainer(self):
-        return RadDiagSegTrain(self.store, self.work_dir)
+        return RadDiagSegTrain(self.store, self.work_dir, reference_manifest=self.reference_manifest)
 
     def strategies(self):
         return {

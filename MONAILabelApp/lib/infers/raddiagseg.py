@@ -9,8 +9,11 @@ import logging
 import tempfile
 import time
 
+import numpy as np
+
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from raddiagseg import findings
 from raddiagseg.imaging import to_unit_range
 
 from lib import image_io, infer_params, label_files, response
@@ -34,6 +37,7 @@ class RadDiagSegInfer(InferTask):
         self.store = store
         self.runner = runner
         self.images = images if images is not None else ImageCache(0)  # decoded files (lib/image_cache.py)
+        self.progress = None  # the running (or last) request: {image, started, stage, slices_done, ..., eta_s}
 
     def info(self):
         info = super().info()
@@ -79,7 +83,7 @@ class RadDiagSegInfer(InferTask):
             n_slices = volume.shape[0]
             if params.slice is not None and params.slice >= n_slices:
                 raise InputError(f"slice {params.slice} is outside the volume: it has {n_slices} slices (0..{n_slices - 1})")
-            file_indices = [params.slice] if params.slice is not None else list(range(n_slices))
+            file_indices = [params.slice] if params.slice is not None else []  # whole volume: the slices answered
             view_indices = [view.view_index(k, n_slices) for k in file_indices]
             inputs = [unit(volume[i]) for i in view_indices]
             view_shape, to_file = volume.shape, view.from_view
@@ -91,30 +95,32 @@ class RadDiagSegInfer(InferTask):
             view_shape, to_file = array.shape, lambda a: a
         t_pre = time.perf_counter()
 
-        results, run_stats = self.runner.answer(
-            inputs,
-            [params.model_question()] * len(inputs),
-            params.generation_options(),
-            batch_size=params.batch_size,
-            show_progress=len(inputs) > 1,
-            tts=params.tts_options(),
-        )
+        whole_volume = is_volume and params.slice is None
+        progress = findings.Progress(n_slices if whole_volume else 1, self._progress_reporter(image_path, request))
+        if whole_volume:
+            results, run_stats, volume_answer = self._answer_volume(params, image, view, volume, modality, unit, progress)
+            file_indices = [view.view_index(i, n_slices) for i in sorted(results)]  # the view index mapping is its own inverse
+            results = [results[i] for i in sorted(results)]
+        else:
+            progress.plan(len(inputs), "slices")
+            results, run_stats = self.runner.answer(
+                inputs, [params.model_question()] * len(inputs), params.generation_options(),
+                batch_size=params.batch_size, tts=params.tts_options(), progress=progress.advance,
+            )
         t_model = time.perf_counter()
 
-        slice_entries, named_per_slice = [], []
-        for file_index, view_index, result in zip(file_indices, view_indices, results):
-            entry, named = response.slice_summary(result, file_index)
-            slice_entries.append(entry)
-            named_per_slice.append((view_index, named))
-        segments, masks = response.collect_segments(named_per_slice, view_shape, to_file)
-
-        whole_volume = is_volume and params.slice is None
+        slice_entries = sorted((response.slice_summary(result, k)[0] for k, result in zip(file_indices, results)),
+                               key=lambda e: e.get("slice", 0))
         if whole_volume:
-            volume_summary = response.volume_summary(slice_entries)
-            detection, diagnosis = volume_summary["detection"], volume_summary["diagnosis"]
-            answer = response.volume_answer(detection, diagnosis, [s["name"] for s in segments])
+            segments = segment_specs.assign(volume_answer.names)
+            masks = {name: np.ascontiguousarray(to_file(m)) for name, m in volume_answer.masks.items()}
+            volume_answer.set_label_values({s["name"]: s["label_value"] for s in segments})
+            detection, diagnosis, answer = volume_answer.detection, volume_answer.diagnosis, volume_answer.answer_text()
+            volume_summary, volume_findings = volume_answer.summary, volume_answer.findings
         else:
-            volume_summary = None
+            _, named = response.slice_summary(results[0])
+            segments, masks = response.collect_segments([(view_indices[0], named)], view_shape, to_file)
+            volume_summary, volume_findings = None, []
             detection, diagnosis, answer = slice_entries[0]["detection"], slice_entries[0]["diagnosis"], results[0].answer
         t_post = time.perf_counter()
 
@@ -133,6 +139,7 @@ class RadDiagSegInfer(InferTask):
             "label_names": {s["name"]: s["label_value"] for s in segments},
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
+            "findings": volume_findings,
             "agreement": (results[0].agreement or None) if not whole_volume else None,
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
             "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
@@ -152,5 +159,54 @@ class RadDiagSegInfer(InferTask):
                 "total": round(t_write - start, 4),
             },
         }
-        logger.info("raddiagseg: %s slice(s), answer %r, %.2fs", len(inputs), answer[:80], t_write - start)
+        logger.info("raddiagseg: %s slice(s), answer %r, %.2fs", len(results), answer[:80], t_write - start)
         return output, result_json
+
+    def _answer_volume(self, params, image, view, volume, modality, unit, progress):
+        """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`)."""
+        stats = []
+
+        def ask(indices, question, advance):
+            results, run_stats = self.runner.answer(
+                [unit(volume[i]) for i in indices], [question] * len(indices), params.generation_options(),
+                batch_size=params.batch_size, show_progress=len(indices) > 1, tts=params.tts_options(), progress=advance,
+            )
+            stats.append(run_stats)
+            return results
+
+        n_slices = volume.shape[0]
+        volume_answer, results = findings.answer_volume(
+            ask, volume.shape, response.view_to_lps(view, image, volume.shape), params.model_question(), modality,
+            slice_numbers=[view.view_index(i, n_slices) for i in range(n_slices)],
+            in_body=findings.body_slices(volume) if modality == "ct" else None, skip=params.skip_slices, progress=progress,
+        )
+        return results, merge_stats(stats), volume_answer
+
+    def _progress_reporter(self, image_id, request):
+        """Keeps `self.progress` (the running request's state, for job/queue status) and calls a
+        `request["on_progress"]` callable given in-process (e.g. by serve.py's model thread)."""
+        callback = request.get("on_progress")
+        started = time.time()
+
+        def report(state):
+            self.progress = {"image": image_id, "started": started, **state}
+            if callable(callback):
+                callback(dict(self.progress))
+
+        return report
+
+
+def merge_stats(stats):
+    """One run-stats dict (timings, model stages, counts summed; version) from several `ModelRunner.answer` calls."""
+    merged = {"timings": {}, "model": {}, "counts": {}, "version": stats[-1]["version"] if stats else None}
+    steps = 0.0
+    for run in stats:
+        for key in ("timings", "model", "counts"):
+            for name, value in run[key].items():
+                if name != "decode_per_token":
+                    merged[key][name] = merged[key].get(name, 0) + value
+        if run["model"].get("decode_per_token"):
+            steps += run["model"].get("decode", 0.0) / run["model"]["decode_per_token"]
+    if steps:
+        merged["model"]["decode_per_token"] = merged["model"]["decode"] / steps
+    return merged

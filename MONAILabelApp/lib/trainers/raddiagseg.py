@@ -1,41 +1,43 @@
-"""Train task `raddiagseg`: fine-tune the served model on the corrected labels, publish it only if not worse.
+"""Train task `raddiagseg`: fine-tune the served model on the corrected labels mixed with replay of its training
+distribution, and publish it only if it is not worse than the served model.
 
-MONAI Label runs this in a separate process that re-creates the app, so everything it shares
-with the server goes through files in the work dir: `train_stats.json` (progress, read by
-`stats()` for `/info/`) and the published model (`models/CURRENT`, picked up by the infer task
-on its next request). A failure leaves the served model untouched and exits non-zero (ERROR).
+The served model's reference (`reference.json` in its folder, or `--conf reference_manifest`; see
+`raddiagseg.training.reference`) gives replay rows, mixed into the corrections at `replay_ratio` replay rows per
+correction row, and a fixed validation set. Candidate and served model are scored on that set, on the held-out
+corrections (every 5th image once there are 5) and, with fewer images, on the corrections trained on; the
+publishing gate (`model_store.gate`) compares them per modality and metric (`raddiagseg.training.selection`).
+
+MONAI Label runs this in a separate process that re-creates the app, so everything it shares with the server goes
+through files in the work dir: `train_stats.json` (progress and the gate report, read by `stats()` for `/info/`)
+and the published model (`models/CURRENT`, picked up by the infer task on its next request). A failure leaves the
+served model untouched and exits non-zero (ERROR).
 """
 
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib import training_data
+from lib import model_store, training_data
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("detection_acc", "diagnosis_acc", "dice_org", "dice_abn", "refseg_dice")
 TASK_RATIO = {"vqaseg": 0.7, "refseg": 0.3}  # corrected answers, and masks by name
-TRAIN_PARAMS = {"max_steps": (1, 20000, 60), "val_max_samples": (1, 10000, 200)}
-
-
-def validation_score(report, other=None):
-    """One number to compare two models on the same validation set: mean of the metrics either one has.
-
-    A metric missing (None) for a model that the other one has counts as 0 for it (e.g. no
-    true-positive masks to compute Dice on).
-    """
-    mine, theirs = report.get("overall", report), (other or {}).get("overall", other or {})
-    keys = [k for k in METRIC_KEYS if mine.get(k) is not None or theirs.get(k) is not None]
-    if not keys:
-        return 0.0
-    return sum(float(mine.get(k) or 0.0) for k in keys) / len(keys)
+# name: (type, low, high, default). replay_ratio 4 and lr 2e-4: benchmarks/RESULTS.md, "Retraining with replay".
+TRAIN_PARAMS = {
+    "max_steps": (int, 1, 20000, 60),
+    "val_max_samples": (int, 1, 10000, 200),
+    "replay_ratio": (float, 0.0, 50.0, 4.0),
+    "lr": (float, 1e-6, 1e-2, 2e-4),
+}
+UNGUARDED = ("no reference set for this model (no reference.json in its folder, no --conf reference_manifest): "
+             "forgetting is unguarded; retraining uses the corrections alone and is checked on held-out corrections only")
 
 
 def write_json_atomic(path, data):
@@ -46,15 +48,64 @@ def write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
+def _rows(manifest, split=None):
+    from raddiagseg.evaluation.files import read_manifest
+
+    return [r for r in read_manifest(manifest, split) if r["task"] in TASK_RATIO]
+
+
+def _absolute(row):
+    """A manifest row whose image and mask paths no longer depend on the manifest's folder."""
+    base = Path(row.pop("_base"))
+    targets = [{**t, "mask": str(base / t["mask"])} if t.get("mask") else t for t in row.get("targets") or []]
+    return {**row, "image": str(base / row["image"]), "targets": targets}
+
+
+def write_training_mix(corrections_manifest, replay, ratio, out):
+    """out/manifest.jsonl: the corrections' train rows and the rows of `replay` (a ReferenceSet or None) so that a
+    batch holds about `ratio` replay rows per correction row. The whole replay pool goes in (variety: few corrections
+    must not mean a few replay rows learnt by heart) and the corrections are repeated to reach the ratio; a pool
+    smaller than `ratio` x the corrections goes in whole. Returns (manifest path, correction rows, replay rows),
+    counting repeated rows."""
+    corrections = [_absolute(r) for r in _rows(corrections_manifest, "train")]
+    pool = _rows(replay.manifest, replay.split) if replay is not None and ratio > 0 else []
+    repeats = max(1, round(len(pool) / (ratio * len(corrections)))) if pool and corrections else 1
+    mixed = [{**row, "id": f"{row['id']}#{k}" if k else row["id"]} for k in range(repeats) for row in corrections]
+    mixed += [{**_absolute(r), "id": "replay/" + r["id"], "split": "train"} for r in pool]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.jsonl", "w") as handle:
+        for row in mixed:
+            handle.write(json.dumps(row) + "\n")
+    return out / "manifest.jsonl", len(corrections) * repeats, len(pool)
+
+
+def _summary(report):
+    from raddiagseg.training import selection
+
+    overall = report.get("overall", {})
+    return {"rows": int(overall.get("n") or 0) + int(overall.get("n_refseg") or 0),
+            "score": _round(selection.selection_score(report)),
+            "metrics": {m: {k: _round(v) for k, v in values.items()}
+                        for m, values in selection.per_modality(report, selection.STAGE_METRICS["finetune"]).items()}}
+
+
+def _round(value):
+    return None if value is None else round(float(value), 4)
+
+
 class RadDiagSegTrain(TrainTask):
-    def __init__(self, store, work_dir, description="Fine-tune RadDiagSeg on corrected labels (LoRA, projector, mask decoder)"):
+    def __init__(self, store, work_dir, reference_manifest=None,
+                 description="Fine-tune RadDiagSeg on corrected labels with replay; publish only if not worse"):
         super().__init__(description)
         self.store = store
         self.work_dir = Path(work_dir)
         self.stats_path = self.work_dir / "train_stats.json"
+        self.reference_manifest = reference_manifest
+        self.reference_cache = self.work_dir / "reference"
 
     def config(self):
-        return {k: default for k, (_, _, default) in TRAIN_PARAMS.items()}
+        return {k: default for k, (_, _, _, default) in TRAIN_PARAMS.items()}
 
     def stats(self):
         try:
@@ -64,12 +115,14 @@ class RadDiagSegTrain(TrainTask):
 
     def _params(self, request):
         params = {}
-        for key, (low, high, default) in TRAIN_PARAMS.items():
+        for key, (kind, low, high, default) in TRAIN_PARAMS.items():
             value = request.get(key, default)
             try:
-                value = int(value)
+                if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = kind(value)
             except (TypeError, ValueError):
-                raise ValueError(f"{key} must be an integer between {low} and {high}") from None
+                raise ValueError(f"{key} must be a{'n integer' if kind is int else ' number'} between {low} and {high}") from None
             if not low <= value <= high:
                 raise ValueError(f"{key} must be between {low} and {high}, got {value}")
             params[key] = value
@@ -88,9 +141,43 @@ class RadDiagSegTrain(TrainTask):
             write_json_atomic(self.stats_path, stats)
             raise
 
+    def reference_sets(self, model_dir, replay=True):
+        """({replay, validation} ReferenceSets (validation only without `replay`) or None, and the train_stats
+        entry saying where they come from)."""
+        from raddiagseg.training import reference
+
+        if self.reference_manifest:
+            spec = reference.manifest_reference(self.reference_manifest)
+        else:
+            spec = reference.read_reference(model_dir)
+        if spec is None:
+            return None, {"guarded": False, "warning": UNGUARDED}
+        sets = reference.resolve(spec, self.reference_cache, reference.PARTS if replay else ("validation",))
+        entry = {"guarded": True, **{part: s.source for part, s in sets.items()}}
+        warnings = [s.warning for s in sets.values() if s.warning]
+        if warnings:
+            entry["warning"] = "; ".join(warnings)
+        return sets, entry
+
+    def _served_report(self, served, gate_set, max_samples):
+        """The served model's report on a fixed set, kept per (model version, set, size) across runs."""
+        from raddiagseg.evaluation import evaluate_model
+
+        cache_path = self.reference_cache / "served_reports.json"
+        key = f"{self.store.version(served)}|{gate_set[0]}|{gate_set[1]}|{max_samples}"
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key not in cache:
+            cache[key] = evaluate_model(str(served), gate_set[0], split=gate_set[1], max_samples=max_samples,
+                                        tasks=tuple(TASK_RATIO))
+            write_json_atomic(cache_path, cache)
+        return cache[key]
+
     def _train(self, request, datastore, stats):
         from raddiagseg.evaluation import evaluate_model
-        from raddiagseg.training import TrainConfig, train
+        from raddiagseg.training import TrainConfig, selection, train
 
         params = self._params(request)
         run_dir = self.work_dir / "train" / time.strftime("run-%Y%m%dT%H%M%S")
@@ -101,44 +188,67 @@ class RadDiagSegTrain(TrainTask):
             raise ValueError("no usable corrected labels: save final labels with label info (segments, diagnosis) first")
 
         served = self.store.current_dir()
-        baseline = evaluate_model(str(served), data["manifest"], split="val")
+        references, stats["reference"] = self.reference_sets(served, replay=params["replay_ratio"] > 0)
+        manifest, n_corrections, n_replay = write_training_mix(
+            data["manifest"], (references or {}).get("replay"), params["replay_ratio"], run_dir / "mix")
+        data.update(correction_rows=n_corrections, replay_rows=n_replay)
+        # The sets both models are scored on: (manifest, split). Corrections trained on only without held-out ones.
+        gate_sets = {}
+        if references:
+            gate_sets["reference"] = (str(references["validation"].manifest), references["validation"].split)
+        if data["val_on_train"]:
+            gate_sets["corrections"] = (data["manifest"], "train")
+        else:
+            gate_sets["heldout_corrections"] = (data["manifest"], "val")
+        stats["gate"] = {"tolerance": model_store.GATE_TOLERANCE, "metrics": list(selection.STAGE_METRICS["finetune"])}
+        write_json_atomic(self.stats_path, stats)
 
+        n = params["val_max_samples"]
+        served_reports = {name: self._served_report(served, s, n) if name == "reference"
+                          else evaluate_model(str(served), s[0], split=s[1], max_samples=n, tasks=tuple(TASK_RATIO))
+                          for name, s in gate_sets.items()}
+        candidate_reports = {}
+
+        def evaluate(model):
+            for name, (path, split) in gate_sets.items():
+                candidate_reports[name] = evaluate_model(model, path, split=split, max_samples=n, tasks=tuple(TASK_RATIO))
+            return selection.selection_score(next(iter(candidate_reports.values())))
+
+        evaluate.metric_name = f"{selection.metric_name('finetune')} on {model_store.SET_TITLES[next(iter(gate_sets))]}"
         started = time.time()
 
         def progress(update):
-            stats.update({k: v for k, v in update.items() if v is not None})
+            stats.update({k: v for k, v in update.items() if v is not None and k != "sample_indices"})
             stats["epoch"], stats["total_epochs"] = update.get("step"), update.get("total_steps")
             stats["total_time"] = round(time.time() - started, 1)
             write_json_atomic(self.stats_path, stats)
 
-        wanted = {"data": data["manifest"], "stage": "finetune", "preset": _preset(served), "init": str(served),
-                  "out": str(run_dir / "run"), "max_steps": params["max_steps"], "ratio": dict(TASK_RATIO),
-                  "warmup": 0.1, "val_every": params["max_steps"], "augment": False, "progress_bar": False}
+        wanted = {"data": str(manifest), "stage": "finetune", "preset": model_store.folder_preset(served) or "demo",
+                  "init": str(served), "out": str(run_dir / "run"), "max_steps": params["max_steps"],
+                  "lr": params["lr"], "ratio": dict(TASK_RATIO), "warmup": 0.1, "val_every": params["max_steps"],
+                  "augment": False, "progress_bar": False}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress)
+        result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress, evaluate=evaluate)
+        return self._decide(served, result.best_checkpoint, served_reports, candidate_reports, evaluate.metric_name)
 
-        candidate = evaluate_model(str(result.best_checkpoint), data["manifest"], split="val")
-        old, new = validation_score(baseline, candidate), validation_score(candidate, baseline)
-        outcome = {
-            "metric_name": "mean(" + ", ".join(METRIC_KEYS) + ") on the validation set",
-            "baseline_metric": round(old, 4),
-            "new_metric": round(new, 4),
-            "best_metric": round(new, 4),
-            "val_on_train": data["val_on_train"],
-            "checkpoint": str(result.best_checkpoint),
-        }
-        if new >= old:
-            outcome["published_model"] = str(self.store.publish(result.best_checkpoint))
-            outcome["published"] = True
-        else:
-            outcome["published"] = False
-            outcome["reason"] = f"validation metric {new:.4f} is worse than the served model's {old:.4f}; kept the served model"
-        logger.info("Training finished: %s", outcome)
+    def _decide(self, served, checkpoint, served_reports, candidate_reports, metric_name):
+        from raddiagseg.training import reference, selection
+
+        sets = {}
+        for name, old in served_reports.items():
+            new = candidate_reports[name]
+            sets[name] = {"served": _summary(old), "candidate": _summary(new),
+                          "worse": selection.regressions(old, new, model_store.GATE_TOLERANCE)}
+        publish, reason = model_store.gate(sets)
+        first = next(iter(sets.values()))
+        outcome = {"metric_name": metric_name, "baseline_metric": first["served"]["score"],
+                   "new_metric": first["candidate"]["score"], "best_metric": first["candidate"]["score"],
+                   "checkpoint": str(checkpoint), "published": publish, "reason": reason}
+        outcome["gate"] = {"tolerance": model_store.GATE_TOLERANCE, "metrics": list(selection.STAGE_METRICS["finetune"]),
+                           "sets": sets, "published": publish, "reason": reason}
+        if publish:
+            if (Path(served) / reference.REFERENCE_FILE).is_file():  # the next retraining replays the same distribution
+                shutil.copyfile(Path(served) / reference.REFERENCE_FILE, Path(checkpoint) / reference.REFERENCE_FILE)
+            outcome["published_model"] = str(self.store.publish(checkpoint))
+        logger.info("Training finished: published=%s (%s)", publish, reason)
         return outcome
-
-
-def _preset(model_dir):
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("preset", "demo")
-    except (OSError, ValueError):
-        return "demo"

@@ -14,7 +14,7 @@ from .consent import UploadConsent, DictSettings
 from .answer import answer_html
 from .options import RVLS2M_CHOICES, infer_options
 from .history import UrlHistory
-from .training import TrainingProgress, training_progress
+from .training import TrainingProgress, gate_report, training_progress
 from .workflow import DiagnosisResult, diagnose, image_id_for, retrain, submit_correction
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "RadDiagClient", "InferResult", "ServerError",
     "SegmentSpec", "segment_specs", "export_order", "build_label_info",
     "BackgroundJob", "UploadConsent", "DictSettings", "answer_html", "UrlHistory", "RVLS2M_CHOICES", "infer_options",
-    "TrainingProgress", "training_progress",
+    "TrainingProgress", "gate_report", "training_progress",
     "DiagnosisResult", "diagnose", "image_id_for", "retrain", "submit_correction",
 ]

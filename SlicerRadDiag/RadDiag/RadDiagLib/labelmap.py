@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from .segments import SegmentSpec
+from .segments import SegmentSpec, match_file_segments
 
 _NRRD_TYPES = {
     "int8": "i1", "signed char": "i1", "char": "i1",
@@ -141,15 +141,20 @@ def read_label_array(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
-def present_label_values(path, specs=None):
-    """Label values that have at least one voxel in a label file (or .seg.nrrd, all layers)."""
+def present_label_values(path, specs=()):
+    """Label values (the response's, `specs`) that have at least one voxel in a label file.
+
+    For a `.seg.nrrd` the file's segments are matched to `specs` (segments.match_file_segments)
+    and each layer is searched for the file's own label value of the segment.
+    """
     array = read_label_array(path)
     if path.lower().endswith(".seg.nrrd"):
-        header = read_nrrd(path)[1]
+        file_segments = seg_nrrd_segments(read_nrrd(path)[1])
+        matched = match_file_segments([spec for spec, _layer in file_segments], list(specs))
         present = set()
-        for spec, layer in seg_nrrd_segments(header):
+        for (file_spec, layer), spec in zip(file_segments, matched):
             layer_array = array[layer] if array.ndim == 4 else array
-            if np.any(layer_array == spec.label_value):
+            if spec is not None and np.any(layer_array == file_spec.label_value):
                 present.add(spec.label_value)
         return present
     values = set(int(v) for v in np.unique(array))

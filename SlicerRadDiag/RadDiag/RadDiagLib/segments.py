@@ -163,3 +163,14 @@ def import_segment_ids(specs):
         return []
     by_value = {s.label_value: s.name for s in specs}
     return [by_value.get(v, f"unnamed_{v}") for v in range(1, max(by_value) + 1)]
+
+
+def match_file_segments(file_specs, specs):
+    """The response's spec for each segment of a `.seg.nrrd` result (by name, else by position; None if neither).
+
+    A `.seg.nrrd`'s label values count within each layer (overlapping segments get layers of their
+    own), so they cannot be compared with the response's label values.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    return [by_name.get(file_spec.name, specs[index] if index < len(specs) else None)
+            for index, file_spec in enumerate(file_specs)]

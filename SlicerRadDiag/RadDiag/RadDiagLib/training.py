@@ -2,8 +2,47 @@
 
 MONAI Label reports the task (`GET /train/`: status RUNNING / DONE / ERROR / STOPPED, log
 lines in `details`) and the trainer's own statistics (`train_stats` in `/info/`). The RadDiag
-trainer reports steps, loss, the validation metric and whether the new model was published.
+trainer reports steps, loss, the validation metric and whether the new model was published, with its
+publishing check (`gate`: both models' scores per modality on the reference validation set and on the
+corrections) that `gate_report` writes out for the Retrain panel.
 """
+
+MODALITY_TITLES = {"ct": "CT", "xray": "X-ray"}
+METRIC_TITLES = {"detection_f1": "detection F1", "diagnosis_f1": "diagnosis F1", "dice_org": "Dice organ",
+                 "dice_abn": "Dice abnormality", "refseg_dice": "Ref-Seg Dice"}
+SET_TITLES = {"reference": "Reference validation set", "heldout_corrections": "Held-out corrections",
+              "corrections": "Corrections trained on"}
+
+
+def _value(value):
+    return "–" if value is None else f"{value:.3f}"
+
+
+def gate_report(stats):
+    """Lines saying how the retrained model compared with the served one, set by set and metric by metric
+    (served → new, marked where the new one is worse than the tolerance allows); [] when the stats carry no
+    publishing check (the decision and its reason are in `stats["reason"]`)."""
+    gate = (stats or {}).get("gate") or {}
+    sets = gate.get("sets") or {}
+    lines = []
+    reference = (stats or {}).get("reference") or {}
+    if reference.get("warning"):
+        lines.append("Warning: " + reference["warning"])
+    if not sets:
+        return lines
+    lines.append(f"Publishing check (served → new; a metric may drop by at most {gate.get('tolerance')}):")
+    for name, entry in sets.items():
+        served, candidate = entry.get("served") or {}, entry.get("candidate") or {}
+        lines.append(f"{SET_TITLES.get(name, name)} ({served.get('rows', '?')} rows): score "
+                     f"{_value(served.get('score'))} → {_value(candidate.get('score'))}")
+        worse = {(w.get("modality"), w.get("metric")) for w in entry.get("worse") or []}
+        for modality, metrics in (served.get("metrics") or {}).items():
+            new = (candidate.get("metrics") or {}).get(modality) or {}
+            cells = [f"{METRIC_TITLES.get(k, k)} {_value(v)} → {_value(new.get(k))}" + (" (worse)" if (modality, k) in worse else "")
+                     for k, v in metrics.items() if v is not None or new.get(k) is not None]
+            lines.append(f"  {MODALITY_TITLES.get(modality, modality)}: " + ", ".join(cells))
+    return lines
+
 
 
 class TrainingProgress:
@@ -55,11 +94,14 @@ def training_progress(task, stats):
     if status in ("RUNNING", "QUEUED", "PENDING"):
         return TrainingProgress("running", fraction, "Training… " + (detail or "starting"))
     if status == "DONE":
+        report = "\n".join(["", *gate_report(stats)]) if stats.get("gate") or stats.get("reference") else ""
         if published is False:
             reason = stats.get("reason") or "its validation was not better than the served model's"
-            return TrainingProgress("done", 1.0, f"Training finished; the old model stays live ({reason}). {detail}".strip(),
-                                    published=False)
-        return TrainingProgress("done", 1.0, f"Training finished: the new model is live. {detail}".strip(), published=True)
+            return TrainingProgress("done", 1.0, f"Training finished; the old model stays live ({reason}). {detail}".strip()
+                                    + report, published=False)
+        why = f" ({stats['reason']})" if stats.get("reason") else ""
+        return TrainingProgress("done", 1.0, f"Training finished: the new model is live{why}. {detail}".strip() + report,
+                                published=True)
     if status in ("STOPPED", "CANCELLED"):
         return TrainingProgress("stopped", fraction, "Training was stopped; the previous model stays live.")
     last = str(stats.get("error") or "").strip()[-300:]

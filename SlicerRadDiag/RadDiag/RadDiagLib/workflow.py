@@ -73,7 +73,7 @@ def diagnose(client, model, image_path, image_id, question, slice_index=None, co
         context.check()
     progress(0.85, "Reading the segments…")
     specs = segment_specs(result.params)
-    present = present_label_values(result.label_path) if result.label_path else set()
+    present = present_label_values(result.label_path, specs) if result.label_path else set()
     progress(1.0, "Done")
     return DiagnosisResult(image_id, result.params, specs, result.label_path, present, slice_index)
 

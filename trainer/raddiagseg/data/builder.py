@@ -86,16 +86,18 @@ def check_volume_splits(rows):
 
 
 def build_phantom_dataset(out, ct_volumes=8, xrays=60, seed=0, ct_size=None, ct_slices=None, xray_size=256,
-                          vqa_images=None, refseg_images=None, reasonseg=False, workers=None):
+                          vqa_images=None, refseg_images=None, reasonseg=False, workers=None, variation="none"):
     """Phantom sources under `out/sources` built into `out` (manifest.jsonl); for the demo, tests and benchmarks.
 
+    variation: `layouts.write_phantoms`'s ("none" = generator version 1, "scanner" = version 2).
     Returns the manifest path. Raises ValueError if nothing usable was built.
     """
     from raddiagseg.data.layouts import write_phantoms
 
     out = Path(out)
     paths = write_phantoms(out / "sources", ct_volumes, xrays, seed=seed, ct_size=ct_size, ct_slices=ct_slices,
-                           xray_size=xray_size, vqa_images=vqa_images, refseg_images=refseg_images, workers=workers)
+                           xray_size=xray_size, vqa_images=vqa_images, refseg_images=refseg_images, workers=workers,
+                           variation=variation)
     rows, report = build_dataset(out, msd=paths["msd"], covidqu=paths["covidqu"], vqarad=paths["vqarad"],
                                  slake=paths["slake"], refseg=paths["refseg"], seed=seed, reasonseg=reasonseg)
     if not rows:

@@ -17,6 +17,9 @@ def register(sub):
     p.add_argument("--ct-size", type=int, default=None, help="in-plane CT size in pixels (default random 192-320)")
     p.add_argument("--ct-slices", type=int, default=None, help="slices per CT volume (default random 24-64)")
     p.add_argument("--xray-size", type=int, default=256, help="X-ray size in pixels (COVID-QU-Ex: 256)")
+    p.add_argument("--variation", choices=("none", "scanner"), default="none",
+                   help="none: generator version 1 (the shipped model's data); scanner: version 2, studies varying like "
+                        "real ones (contrast phase, kernel, slice thickness, position, mirrored anatomy, FOV, exposure)")
     p.set_defaults(func=run_phantoms)
 
     p = sub.add_parser("build", help="build RadDiagSeg-D (manifest.jsonl + 2D images and masks) from public layouts")
@@ -58,7 +61,7 @@ def run_phantoms(args):
     start = time.perf_counter()
     paths = write_phantoms(args.out, args.ct_volumes, args.xrays, seed=args.seed, ct_size=args.ct_size,
                            ct_slices=args.ct_slices, xray_size=args.xray_size, vqa_images=args.vqa_images,
-                           refseg_images=args.refseg_images, workers=args.workers)
+                           refseg_images=args.refseg_images, workers=args.workers, variation=args.variation)
     print(f"wrote phantoms to {args.out} in {time.perf_counter() - start:.1f} s; build them with:")
     cmd = ["raddiagseg build", "--out OUT"]
     if paths["msd"]:

@@ -8,6 +8,7 @@ fine-tuning: VQA-Seg 0.6 : VQA 0.4) that is reproducible across epochs and ranks
 
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,52 @@ def load_masks(row, root, shape=None):
     return masks
 
 
-def _augmenter():
-    """MONAI dictionary transforms applied jointly to image and masks; no flips (anatomy is lateralised)."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+AUGMENTATIONS = ("basic", "scanner")
+MIRROR_PROB = 0.1  # "scanner" augmentation: chance of a left-right mirror (only for texts that name no side)
+_SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
+
+def names_a_side(*texts):
+    """Whether a question/answer says "left" or "right": mirroring such a sample would make its text wrong."""
+    return any(_SIDE_WORDS.search(t or "") for t in texts)
+
+
+def _invert(image):
+    return 1.0 - image
+
+
+def _augmenter(kind="basic", modality="ct"):
+    """MONAI dictionary transforms applied jointly to image and masks (geometry) or to the image (intensity).
+
+    "basic": a small affine warp and mild intensity changes, no flips (anatomy is lateralised).
+    "scanner": the variation real studies show (issue 22; phantoms generator version 2 draws the same kinds):
+    in-plane rotation ±25° and zoom ±20 % (position, field of view, body size), contrast ×0.55-1.5 around the
+    mean (contrast phase, window), gamma 0.45-2.4 (exposure), Gaussian smoothing or sharpening (reconstruction
+    kernel, thick slices, detector blur), noise up to 0.08 of full range (≈ 30 HU in the CT window, 20 grey
+    levels on an X-ray) and, for X-rays, inverted polarity. Mirroring is applied by the dataset (`MIRROR_PROB`),
+    never to a sample whose text names a side.
+    """
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
+                                  RandGaussianSharpend, RandGaussianSmoothd, RandLambdad, RandScaleIntensityd,
+                                  RandScaleIntensityFixedMeand, RandShiftIntensityd)
+
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}")
+    if kind == "scanner":
+        steps = [
+            RandAffined(keys=("image", "masks"), prob=0.8, rotate_range=0.44, scale_range=(0.2, 0.2),
+                        translate_range=(16, 16), mode=("bilinear", "nearest"), padding_mode=("zeros", "zeros"),
+                        allow_missing_keys=True),
+            RandScaleIntensityFixedMeand(keys="image", factors=(-0.45, 0.5), prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.08, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.45, 2.4), prob=0.4),
+            RandGaussianSmoothd(keys="image", sigma_x=(0.3, 1.5), sigma_y=(0.3, 1.5), prob=0.3),
+            RandGaussianSharpend(keys="image", prob=0.2),
+            RandGaussianNoised(keys="image", std=0.08, prob=0.5),
+        ]
+        if modality == "xray":
+            steps.append(RandLambdad(keys="image", func=_invert, prob=0.15))
+        return Compose(steps)
     return Compose([
         RandAffined(keys=("image", "masks"), prob=0.7, rotate_range=0.12, scale_range=(0.1, 0.1),
                     translate_range=(12, 12), mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
@@ -71,6 +113,7 @@ class ManifestDataset(Dataset):
     """
 
     def __init__(self, manifest, split="train", tasks=None, augment=False, seed=0, synonym_prob=0.3, cot=False):
+        """augment: False, True / "basic" (small warp, mild intensity) or "scanner" (see `_augmenter`)."""
         path = Path(manifest)
         self.manifest_path = path / "manifest.jsonl" if path.is_dir() else path
         self.root = self.manifest_path.parent
@@ -81,7 +124,8 @@ class ManifestDataset(Dataset):
         self.cot = cot  # vqaseg samples ask templates.COT_QUESTION and answer with reasoning (vqaseg_cot_answer)
         self.epoch = 0
         self._visits = {}
-        self._transform = _augmenter() if augment else None
+        self.augmentation = ("basic" if augment is True else augment) if augment else None
+        self._transforms = {m: _augmenter(self.augmentation, m) for m in ("ct", "xray")} if augment else None
 
     def __len__(self):
         return len(self.rows)
@@ -103,8 +147,10 @@ class ManifestDataset(Dataset):
         image = load_image(row, self.root)
         masks = load_masks(row, self.root, image.shape)
         question, answer = self._texts(row, rng)
-        if self._transform is not None:
-            image, masks = self._augment(image, masks, rng)
+        if self._transforms is not None:
+            mirror = (self.augmentation == "scanner" and not names_a_side(question, answer)
+                      and rng.random() < MIRROR_PROB)
+            image, masks = self._augment(image, masks, rng, row.get("modality"), mirror)
         return {"id": row["id"], "task": row["task"], "modality": row["modality"], "image": image,
                 "question": question, "answer": answer, "masks": masks}
 
@@ -127,12 +173,15 @@ class ManifestDataset(Dataset):
             return templates.COT_QUESTION, templates.vqaseg_cot_answer(False, row["modality"])
         return row["question"], row["answer"]
 
-    def _augment(self, image, masks, rng):
-        self._transform.set_random_state(seed=rng.randrange(2**31))
+    def _augment(self, image, masks, rng, modality, mirror=False):
+        transform = self._transforms["xray" if modality == "xray" else "ct"]
+        transform.set_random_state(seed=rng.randrange(2**31))
+        if mirror:  # columns reversed: the image and its masks alike
+            image, masks = image[:, ::-1].copy(), [m[:, ::-1].copy() for m in masks]
         data = {"image": image[None]}
         if masks:
             data["masks"] = np.stack(masks).astype(np.float32)
-        out = self._transform(data)
+        out = transform(data)
         image = np.clip(np.asarray(torch.as_tensor(out["image"]))[0], 0.0, 1.0).astype(np.float32)
         if masks:
             masks = [(m > 0.5).astype(np.uint8) for m in np.asarray(torch.as_tensor(out["masks"]))]

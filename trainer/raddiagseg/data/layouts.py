@@ -107,37 +107,54 @@ def save_msd_volume(image_path, label_path, phantom, orientation, rng):
         nib.save(image, str(path))
 
 
-def _write_msd_case(item, root, task, seed, size, slices):
+def _ct_scan(rng, variation, flips=True):
+    """The CTScan a phantom of `variation` is drawn with (None for variation "none", generator version 1)."""
+    return phantoms.draw_ct_scan(rng, flips) if phantoms.VARIATIONS[variation] >= 2 else None
+
+
+def _xray_exposure(rng, variation, flips=True):
+    return phantoms.draw_xray_exposure(rng, flips) if phantoms.VARIATIONS[variation] >= 2 else None
+
+
+def _write_msd_case(item, root, task, seed, size, slices, variation="none"):
     k = item
     rng = item_rng(seed, task, k)
+    scan = _ct_scan(rng, variation)
     # Every 7th volume is tumour-free (MSD has such cases); small runs keep tumours in every split.
     tumours = 0 if k % 7 == 6 else int(rng.integers(1, 5) if task == "liver" else rng.integers(1, 3))
-    phantom = phantoms.generate_ct(rng, task, size=size, slices=slices, tumours=tumours)
+    phantom = phantoms.generate_ct(rng, task, size=size, slices=slices, tumours=tumours, scan=scan)
     name = f"{task}_{k}.nii.gz"
     orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
     save_msd_volume(root / "imagesTr" / name, root / "labelsTr" / name, phantom, orientation, rng)
     return {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
 
 
-def write_msd(out, task, count, seed, size=None, slices=None, start_index=0, workers=1):
-    """MSD task folder with `count` phantom volumes; returns the path of its dataset.json."""
+def write_msd(out, task, count, seed, size=None, slices=None, start_index=0, workers=1, variation="none"):
+    """MSD task folder with `count` phantom volumes; returns the path of its dataset.json.
+
+    variation "scanner" (generator version 2) is recorded in dataset.json as `generator_version`;
+    version 1 writes the file as it always did (no such key).
+    """
     spec = MSD_TASKS[task]
     root = Path(out) / spec["folder"]
-    write = partial(_write_msd_case, root=root, task=task, seed=seed, size=size, slices=slices)
+    write = partial(_write_msd_case, root=root, task=task, seed=seed, size=size, slices=slices, variation=variation)
     training = _map_items(write, range(start_index, start_index + count), workers, f"CT {task}", "vol")
     meta = {"name": spec["name"], "description": spec["description"],
             "reference": "RadDiag synthetic phantoms (layout of the Medical Segmentation Decathlon)",
             "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D",
             "modality": {"0": "CT"}, "labels": spec["labels"],
             "numTraining": len(training), "numTest": 0, "training": training, "test": []}
+    if phantoms.VARIATIONS[variation] >= 2:
+        meta["generator_version"], meta["variation"] = phantoms.VARIATIONS[variation], variation
     path = root / "dataset.json"
     path.write_text(json.dumps(meta, indent=4))
     return path
 
 
-def _write_xray(item, root, seed, size):
+def _write_xray(item, root, seed, size, variation="none"):
     k, kind, split, name = item
-    xray = phantoms.generate_xray(item_rng(seed, "covidqu", k), kind, size=size)
+    rng = item_rng(seed, "covidqu", k)
+    xray = phantoms.generate_xray(rng, kind, size=size, exposure=_xray_exposure(rng, variation))
     folder = root / split / kind
     for sub, array in (("images", xray.image), ("lung masks", xray.lung * 255), ("infection masks", xray.infection * 255)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -145,7 +162,7 @@ def _write_xray(item, root, seed, size):
     return split, kind
 
 
-def write_covidqu(out, count, seed, size=256, workers=1):
+def write_covidqu(out, count, seed, size=256, workers=1, variation="none"):
     """COVID-QU-Ex 'Infection Segmentation Data' tree with `count` X-rays spread over classes and splits.
 
     Masks are 0/255 PNGs; Non-COVID and Normal get blank infection masks, as in the release.
@@ -161,7 +178,8 @@ def write_covidqu(out, count, seed, size=256, workers=1):
         split = "Train" if position < 0.64 else "Val" if position < 0.8 else "Test"
         numbers[kind] += 1
         items.append((k, kind, split, COVIDQU_FILE[kind].format(numbers[kind])))
-    return _map_items(partial(_write_xray, root=root, seed=seed, size=size), items, workers, "X-rays", "img")
+    return _map_items(partial(_write_xray, root=root, seed=seed, size=size, variation=variation), items, workers,
+                      "X-rays", "img")
 
 
 def _vqa_items(rng, kind, info):
@@ -197,26 +215,29 @@ def _vqa_items(rng, kind, info):
     return items
 
 
-def _vqa_image(i, rng, ct_size):
-    """Fresh phantom image `i` for a VQA set (not shared with the segmentation sources): (kind, uint8 image, info)."""
+def _vqa_image(i, rng, ct_size, variation="none"):
+    """Fresh phantom image `i` for a VQA set (not shared with the segmentation sources): (kind, uint8 image, info).
+
+    Never mirrored nor turned over: the questions name the side of the image an organ or an opacity is on."""
     if i % 2 == 0:
         task = phantoms.CT_TASKS[(i // 2) % 2]
         tumour = (i // 4) % 2 == 0
-        ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=9, tumours=3 if tumour else 0)
+        scan = _ct_scan(rng, variation, flips=False)
+        ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=9, tumours=3 if tumour else 0, scan=scan)
         area = (ct.label == 2).sum((1, 2)) if tumour else (ct.label > 0).sum((1, 2))
         z = int(area.argmax())
         has = bool((ct.label[z] == 2).sum() >= 20)
         return "ct", phantoms.window_to_uint8(ct.hu[z]), {"organ": task, "tumour": has}
     kind = phantoms.XRAY_CLASSES[(i // 2) % 3]
-    xray = phantoms.generate_xray(rng, kind)
+    xray = phantoms.generate_xray(rng, kind, exposure=_xray_exposure(rng, variation, flips=False))
     side = int(np.argmax([xray.opacity[:, : xray.image.shape[1] // 2].sum(), xray.opacity[:, xray.image.shape[1] // 2:].sum()]))
     return "xray", xray.image, {"class": kind, "side": side}
 
 
-def _write_vqa_image(i, stream, seed, ct_size, save):
+def _write_vqa_image(i, stream, seed, ct_size, save, variation="none"):
     """Draw VQA image `i`, save it with `save(i, image)`; returns (kind, info, question items)."""
     rng = item_rng(seed, stream, i)
-    kind, image, info = _vqa_image(i, rng, ct_size)
+    kind, image, info = _vqa_image(i, rng, ct_size, variation)
     save(i, image)
     return kind, info, _vqa_items(rng, kind, info)
 
@@ -225,11 +246,12 @@ def _save_vqarad_image(i, image, root):
     Image.fromarray(image).save(root / "VQA_RAD Image Folder" / f"synpic{50000 + i}.jpg", quality=92)
 
 
-def write_vqarad(out, count, seed, ct_size=None, workers=1):
+def write_vqarad(out, count, seed, ct_size=None, workers=1, variation="none"):
     """`VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/synpicN.jpg`; the last fifth are `test_freeform`."""
     root = Path(out) / "VQA_RAD"
     (root / "VQA_RAD Image Folder").mkdir(parents=True, exist_ok=True)
-    draw = partial(_write_vqa_image, stream="vqarad", seed=seed, ct_size=ct_size, save=partial(_save_vqarad_image, root=root))
+    draw = partial(_write_vqa_image, stream="vqarad", seed=seed, ct_size=ct_size, save=partial(_save_vqarad_image, root=root),
+                   variation=variation)
     rows, qid = [], 0
     for i, (kind, info, items) in enumerate(_map_items(draw, range(count), workers, "VQA-RAD", "img")):
         name = f"synpic{50000 + i}.jpg"
@@ -251,11 +273,12 @@ def _save_slake_image(i, image, root):
     Image.fromarray(image).convert("RGB").save(folder / "source.jpg", quality=92)
 
 
-def write_slake(out, count, seed, ct_size=None, workers=1):
+def write_slake(out, count, seed, ct_size=None, workers=1, variation="none"):
     """SLAKE layout: train.json / validate.json / test.json + imgs/xmlabN/source.jpg, with a few Chinese rows (q_lang zh)."""
     root = Path(out) / "SLAKE"
     splits = {"train": [], "validate": [], "test": []}
-    draw = partial(_write_vqa_image, stream="slake", seed=seed, ct_size=ct_size, save=partial(_save_slake_image, root=root))
+    draw = partial(_write_vqa_image, stream="slake", seed=seed, ct_size=ct_size, save=partial(_save_slake_image, root=root),
+                   variation=variation)
     qid = 0
     for i, (kind, info, items) in enumerate(_map_items(draw, range(count), workers, "SLAKE", "img")):
         split = "test" if i >= count * 0.8 else "validate" if i >= count * 0.65 else "train"
@@ -277,10 +300,11 @@ def write_slake(out, count, seed, ct_size=None, workers=1):
     return root
 
 
-def _write_biomedparse_case(i, root, count, seed, ct_size):
+def _write_biomedparse_case(i, root, count, seed, ct_size, variation="none"):
     rng = item_rng(seed, "biomedparse", i)
     task = phantoms.CT_TASKS[i % 2]
-    ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=7, tumours=int(rng.integers(0, 3)))
+    scan = _ct_scan(rng, variation)
+    ct = phantoms.generate_ct(rng, task, size=ct_size or 192, slices=7, tumours=int(rng.integers(0, 3)), scan=scan)
     z = int(np.argmax((ct.label > 0).sum((1, 2))))
     split = "test" if i >= count * 0.8 else "train"
     stem = f"phantom{i}_{z}_CT_abdomen"
@@ -294,40 +318,49 @@ def _write_biomedparse_case(i, root, count, seed, ct_size):
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / f"{split}_mask" / f"{stem}_{target}.png")
 
 
-def write_biomedparse(out, count, seed, ct_size=None, workers=1):
+def write_biomedparse(out, count, seed, ct_size=None, workers=1, variation="none"):
     """BiomedParse-style Ref-Seg folder: `train|test/<case>_CT_abdomen.png` + one mask per target in
     `train_mask|test_mask/<case>_CT_abdomen_<target+words>.png` (liver, pancreas, spleen, kidney, tumours).
     The last fifth of the images go to test."""
     root = Path(out) / "BiomedParse"
-    _map_items(partial(_write_biomedparse_case, root=root, count=count, seed=seed, ct_size=ct_size), range(count),
-               workers, "BiomedParse", "img")
+    _map_items(partial(_write_biomedparse_case, root=root, count=count, seed=seed, ct_size=ct_size, variation=variation),
+               range(count), workers, "BiomedParse", "img")
     return root
 
 
 def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None, xray_size=256, vqa_images=None,
-                   refseg_images=None, workers=None):
+                   refseg_images=None, workers=None, variation="none"):
     """Everything `raddiagseg phantoms` writes. Returns a dict of the source paths for `build`.
 
     `workers` processes draw the phantoms (default: every CPU this process may use); the files do not
-    depend on it.
+    depend on it. `variation` (a `phantoms.VARIATIONS` key): "none" = generator version 1, the files
+    of every earlier release; "scanner" = version 2, studies that vary like real ones, recorded in
+    `OUT/phantoms.json` and each MSD dataset.json.
     """
+    if variation not in phantoms.VARIATIONS:
+        raise ValueError(f"unknown phantom variation {variation!r}; expected one of {sorted(phantoms.VARIATIONS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if workers is None else workers
+    version = phantoms.VARIATIONS[variation]
     n_liver = (ct_volumes + 1) // 2
     paths = {"msd": [], "covidqu": None, "vqarad": None, "slake": None, "refseg": None}
     for task, count in (("liver", n_liver), ("pancreas", ct_volumes - n_liver)):
         if count:
-            write_msd(out, task, count, seed, size=ct_size, slices=ct_slices, workers=workers)
+            write_msd(out, task, count, seed, size=ct_size, slices=ct_slices, workers=workers, variation=variation)
             paths["msd"].append(out / MSD_TASKS[task]["folder"])
     if xrays:
-        write_covidqu(out / "COVID-QU-Ex", xrays, seed, size=xray_size, workers=workers)
+        write_covidqu(out / "COVID-QU-Ex", xrays, seed, size=xray_size, workers=workers, variation=variation)
         paths["covidqu"] = out / "COVID-QU-Ex"
     n_vqa = vqa_images if vqa_images is not None else max(10, (ct_volumes + xrays) // 3)
     if n_vqa:
-        paths["vqarad"] = write_vqarad(out, n_vqa, seed, ct_size, workers=workers)
-        paths["slake"] = write_slake(out, n_vqa, seed, ct_size, workers=workers)
+        paths["vqarad"] = write_vqarad(out, n_vqa, seed, ct_size, workers=workers, variation=variation)
+        paths["slake"] = write_slake(out, n_vqa, seed, ct_size, workers=workers, variation=variation)
     n_refseg = refseg_images if refseg_images is not None else max(6, ct_volumes)
     if n_refseg:
-        paths["refseg"] = write_biomedparse(out, n_refseg, seed, ct_size, workers=workers)
+        paths["refseg"] = write_biomedparse(out, n_refseg, seed, ct_size, workers=workers, variation=variation)
+    if version >= 2:
+        (out / "phantoms.json").write_text(json.dumps({
+            "generator_version": version, "variation": variation, "seed": seed, "ct_volumes": ct_volumes,
+            "xrays": xrays, "ct_size": ct_size, "ct_slices": ct_slices, "xray_size": xray_size}, indent=1))
     return paths

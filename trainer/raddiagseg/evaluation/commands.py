@@ -51,6 +51,26 @@ def register(subparsers):
     )
     score.set_defaults(func=run_score)
 
+    volumes = subparsers.add_parser(
+        "score-volumes",
+        help="whole-volume benchmark: answer MSD-layout volumes as the app does and score the 3D findings",
+        description="Answer every volume of the MSD task folders under DATA (Task03_Liver, Task07_Pancreas, as written\n"
+        "by `raddiagseg phantoms`) with the 3-step question, combine the slice answers into 3D findings\n"
+        "(raddiagseg.findings) and score them against the label files: volume detection / diagnosis F1,\n"
+        "lesion recall / precision, 3D Dice of organ and lesions, lesion volume and diameter error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    volumes.add_argument("--model", required=True, type=Path, help="model folder (save_pretrained)")
+    volumes.add_argument("--data", required=True, type=Path, help="folder holding Task03_Liver/ and/or Task07_Pancreas/")
+    volumes.add_argument("--out", type=Path, default=Path("volume_report.json"), help="report JSON (+ .md next to it)")
+    volumes.add_argument("--max-volumes", type=int, default=None, help="score the first N volumes (tasks alternating)")
+    volumes.add_argument("--batch-size", type=int, default=8)
+    volumes.add_argument("--max-new-tokens", type=int, default=96)
+    volumes.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    volumes.add_argument("--compare-skip", action="store_true",
+                         help="also answer every slice (no skipping) and report the time saved and changed findings")
+    volumes.set_defaults(func=run_score_volumes)
+
     predict = subparsers.add_parser(
         "predict",
         help="run a model over a manifest and write PRED.jsonl + mask PNGs (batched, resumable)",
@@ -133,4 +153,27 @@ def run_predict(args):
     except BenchmarkInputError as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {written} predictions to {args.out} ({skipped} already there)")
+    return 0
+
+
+def run_score_volumes(args):
+    import json
+
+    import torch
+
+    from raddiagseg.cli import CommandError
+    from raddiagseg.evaluation.volumes import markdown, run_benchmark
+    from raddiagseg.model import load_model
+
+    if not (args.model / "config.json").is_file():
+        raise CommandError(f"{args.model} is not a model folder (no config.json)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(str(args.model)).eval()
+    summary, records = run_benchmark(model, args.data, max_volumes=args.max_volumes, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, compare_skip=args.compare_skip)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "volumes": records}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(summary) + "\n")
+    print(markdown(summary))
     return 0

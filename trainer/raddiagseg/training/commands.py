@@ -34,6 +34,9 @@ def register(subparsers):
     p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"), help="deepspeed = ZeRO-2 (needs deepspeed)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
+    p.add_argument("--augmentation", default="basic", choices=("basic", "scanner"),
+                   help="basic: small warp, mild intensity; scanner: rotation, zoom, contrast, gamma, blur/sharpen, "
+                        "noise, X-ray polarity and side-free mirroring (issue 22)")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the best/ model folder")
     p.add_argument("--rvls2m", action="store_true", help="train with RVLS2M region prompts (paper 003), saved in the model config")
@@ -80,7 +83,7 @@ def config_from_args(args):
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, ratio=ratio, val_every=args.val_every,
         val_samples=args.val_samples or None, save_every=args.save_every, seed=args.seed,
         num_workers=args.num_workers, precision=args.precision, engine=args.engine, device=args.device,
-        resume=args.resume, augment=not args.no_augment, save_dtype=args.save_dtype,
+        resume=args.resume, augment=not args.no_augment, augmentation=args.augmentation, save_dtype=args.save_dtype,
         rvls2m=_rvls2m_settings(args), cot=args.cot, trainable=_trainable_flags(args.trainable),
     )
 

@@ -64,6 +64,7 @@ class TrainConfig:
     device: Optional[str] = None  # "cpu", "cuda", "cuda:1"; default: cuda when available
     resume: bool = False
     augment: bool = True
+    augmentation: str = "basic"  # what `augment` applies: "basic" or "scanner" (data.dataset.AUGMENTATIONS)
     synonym_prob: float = 0.3
     save_dtype: str = "float32"  # dtype of the best/final model folder ("float16" halves its size)
     model_overrides: dict = field(default_factory=dict)  # build_model(preset, **overrides) for a fresh model
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be a positive integer, got {config.max_steps}")
         if config.max_steps is None and not config.epochs:
             raise ValueError("give --max-steps (or epochs) for this preset and stage")
+        if config.augmentation not in ("basic", "scanner"):
+            raise ValueError(f"--augmentation must be basic or scanner, got {config.augmentation!r}")
         if not config.lr or config.lr <= 0:
             raise ValueError(f"--lr must be positive, got {config.lr!r}")
         bad = [t for t, w in config.ratio.items() if w < 0]

@@ -212,6 +212,9 @@ def build_demo(settings: DemoSettings):
     timings = dict(steps.times)
     export_s = time.perf_counter() - t - timings["evaluate_s"]
     timings["total_s"] = None if None in timings.values() else sum(timings.values()) + export_s
+    from raddiagseg.training import reference  # replay + validation phantoms the app's train task regenerates
+
+    reference.write_reference(staging, reference.phantom_reference(settings.train_seed, settings.test_seed, work / "reference"))
     card = staging / "MODEL_CARD.md"
     card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused))
     if out.exists():

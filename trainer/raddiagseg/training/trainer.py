@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from raddiagseg.training import checkpoints, distributed
+from raddiagseg.training import checkpoints, distributed, selection
 from raddiagseg.training.batches import EpochIndexed, StepBatchPlan
 from raddiagseg.training.config import TrainConfig
 from raddiagseg.training.metrics_log import MetricsLog
@@ -31,11 +31,6 @@ from raddiagseg.training.metrics_log import MetricsLog
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "loss_text", "loss_bce", "loss_dice", "n_masks")
-# Validation metrics averaged (per modality, then over modalities) into the number that picks the best checkpoint.
-STAGE_METRICS = {
-    "finetune": ("detection_f1", "diagnosis_f1", "dice_org", "dice_abn"),
-    "pretrain": ("refseg_dice",),
-}
 
 
 @dataclass
@@ -54,20 +49,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def validation_metric(report, stage):
-    """Mean of the stage's metrics over modalities (a metric with no samples is skipped), or None."""
-    keys = STAGE_METRICS[stage]
-    per_modality = []
-    for modality, metrics in report.items():
-        if modality == "overall" or not isinstance(metrics, dict):
-            continue
-        values = [metrics.get(k) for k in keys]
-        values = [float(v) for v in values if v is not None]
-        if values:
-            per_modality.append(sum(values) / len(values))
-    return sum(per_modality) / len(per_modality) if per_modality else None
 
 
 def autocast_dtype(precision, device):
@@ -105,7 +86,7 @@ def _make_dataset(config, model):
 
     tasks = [t for t, w in config.ratio.items() if w > 0]
     return ManifestDataset(
-        str(config.manifest_path()), split="train", tasks=tasks, augment=config.augment,
+        str(config.manifest_path()), split="train", tasks=tasks, augment=config.augment and config.augmentation,
         seed=config.seed, synonym_prob=config.synonym_prob, cot=config.cot,
     )
 
@@ -379,7 +360,7 @@ def _dtype(name):
 def _metric_name(config, evaluate):
     if evaluate is not None:
         return getattr(evaluate, "metric_name", "val_metric")
-    return f"mean({', '.join(STAGE_METRICS[config.stage])})"
+    return selection.metric_name(config.stage)
 
 
 def _validate(model, config, ctx, evaluate):
@@ -410,7 +391,7 @@ def _evaluate_on_manifest(model, config):
             log.warning("validation skipped: %s", exc)
             return None
         raise
-    return validation_metric(report, config.stage)
+    return selection.selection_score(report, config.stage)
 
 
 def _save_last(model, optimizer, scheduler, config, ctx, run_dir, step, best_metric, best_step, plan):

@@ -1,0 +1,257 @@
+"""The holes an attack run found in serve.py (issue 18), each reproduced against a real serve.py
+process: path-suffix bypass of the upload checks, the DICOMweb proxy escaping its prefix with the
+client's token, gzip bombs, header files that point at server files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import nibabel
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from serving_helpers import bearer, make_users, start_serve, write_image, write_stub_app
+
+MAX_DECODED_MB = 64
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("attacks")
+    app = write_stub_app(base / "app")
+    studies = base / "studies"
+    studies.mkdir()
+    write_image(studies / "ct1.nii.gz")
+    auth = base / "auth.json"
+    tokens = make_users(auth)
+    server = start_serve(app, studies, auth, tokens["user"],
+                         extra=["--max-upload-mb", "8", "--max-decoded-mb", str(MAX_DECODED_MB)])
+    yield {"url": server.url, "tokens": tokens, "studies": studies, "base": base, "server": server}
+    server.stop()
+
+
+def h(env, role):
+    return bearer(env["tokens"][role])
+
+
+def _detail(reply):
+    assert reply.headers.get("content-type", "").startswith("application/json"), reply.text[:200]
+    detail = reply.json()["detail"]
+    assert isinstance(detail, str) and len(detail) > 10
+    return detail
+
+
+# ---------------------------------------------------------------- 1. path-suffix bypass
+
+@pytest.mark.parametrize("path", [
+    "/datastore/image%0A", "/datastore/image%0a/", "/datastore/image%00", "/datastore/image;x", "/datastore//image",
+    "/datastore/image/%2E%2E/image", "/datastore%2Fimage", "/datastore/image%20",
+])
+def test_a_path_suffix_never_reaches_the_stock_upload_handler(env, path):
+    original = (env["studies"] / "ct1.nii.gz").read_bytes()
+    reply = requests.put(env["url"] + path + "?image=ct1", headers=h(env, "annotator"),
+                         files={"file": ("ct1.nii.gz", b"not an image, just text")}, timeout=30)
+    assert reply.status_code == 400, (path, reply.status_code, reply.text)
+    assert "path" in _detail(reply)
+    label = np.random.default_rng(0).bytes(50_000)
+    reply = requests.put(env["url"] + path.replace("image", "label") + "?image=ct1", headers=h(env, "annotator"),
+                         files={"label": ("ct1.nii.gz", label)}, timeout=30)
+    assert reply.status_code in (400, 404), (path, reply.status_code, reply.text)
+    assert (env["studies"] / "ct1.nii.gz").read_bytes() == original
+    assert not (env["studies"] / "labels" / "final" / "ct1.nii.gz").exists()
+
+
+@pytest.mark.parametrize("method,path", [
+    ("PUT", "/session/"), ("POST", "/infer/wsi/raddiagseg"), ("GET", "/auth/token/valid"), ("GET", "/no/such/thing"),
+    ("POST", "/proxy/dicom/studies"),
+])
+def test_anything_not_explicitly_allowed_is_refused(env, method, path):
+    reply = requests.request(method, env["url"] + path, headers=h(env, "admin"), timeout=30)
+    assert reply.status_code == 404, (method, path, reply.text)
+    assert "not served" in _detail(reply)
+
+
+# ---------------------------------------------------------------- 3. gzip bomb
+
+def _nifti_bomb(path: Path, shape=(256, 256, 512), dtype=np.float64) -> Path:
+    """A .nii.gz of zeros whose header is honest: it really inflates to prod(shape) x 8 bytes."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    zeros = bytes(16 * 1024 * 1024)
+    with gzip.open(path, "wb", compresslevel=6) as f:
+        f.write(buf.getvalue().ljust(352, b"\0"))
+        for _ in range(int(np.prod(shape)) * np.dtype(dtype).itemsize // len(zeros)):
+            f.write(zeros)
+    return path
+
+
+def _peak_rss_mb(server) -> float:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_gzip_bomb_is_refused_from_its_header_without_inflating(env):
+    bomb = _nifti_bomb(env["base"] / "bomb.nii.gz")
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    before = _peak_rss_mb(env["server"])
+    url = env["url"]
+
+    def upload(_):
+        with open(bomb, "rb") as f:
+            return requests.put(url + "/datastore/image?image=bomb", headers=h(env, "annotator"),
+                                files={"file": ("bomb.nii.gz", f)}, timeout=120)
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = pool.map(upload, range(3))
+        slowest = 0.0
+        for _ in range(5):
+            start = time.perf_counter()
+            assert requests.get(url + "/info/", headers=h(env, "user"), timeout=30).status_code == 200
+            slowest = max(slowest, time.perf_counter() - start)
+        replies = list(replies)
+    for reply in replies:
+        assert reply.status_code == 413, reply.text
+        assert "decompress" in _detail(reply)
+    assert slowest < 2.0
+    assert _peak_rss_mb(env["server"]) - before < MAX_DECODED_MB, "the server inflated the bomb"
+    assert not (env["studies"] / "bomb.nii.gz").exists()
+
+
+def test_pixel_data_beyond_what_the_header_declares_is_refused(env):
+    """A small header with gigabytes of zeros behind it: inflation stops at the declared size."""
+    image = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))
+    plain = env["base"] / "small.nii"
+    sitk.WriteImage(image, str(plain))
+    padded = env["base"] / "padded.nii.gz"
+    with gzip.open(padded, "wb") as f:
+        f.write(plain.read_bytes())
+        f.write(bytes(64 * 1024 * 1024))
+    with open(padded, "rb") as f:
+        reply = requests.post(env["url"] + "/infer/raddiagseg?output=json", headers=h(env, "user"),
+                              files={"file": ("padded.nii.gz", f)}, timeout=60)
+    assert reply.status_code == 400 and "more data" in _detail(reply)
+
+
+# ---------------------------------------------------------------- 4. headers that point at server files
+
+def _mhd(data_file):
+    return (f"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+            f"ElementDataFile = {data_file}\n").encode()
+
+
+def _nhdr(data_file):
+    return f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: {data_file}\n\n".encode()
+
+
+@pytest.mark.parametrize("name,make", [("x.mhd", _mhd), ("x.mha", _mhd), ("x.nhdr", _nhdr), ("x.nrrd", _nhdr)])
+def test_headers_naming_a_data_file_are_refused_alike_whether_it_exists_or_not(env, name, make):
+    answers = []
+    for target in ("/etc/passwd", "/etc/no-such-file-here"):
+        for method, path, field in (("POST", "/infer/raddiagseg?output=json", "file"),
+                                    ("PUT", "/datastore/image?image=probe", "file")):
+            reply = requests.request(method, env["url"] + path, headers=h(env, "annotator"),
+                                     files={field: (name, make(target))}, timeout=30)
+            assert reply.status_code in (400, 415), (name, target, reply.text)
+            answers.append((target, method, reply.status_code, _detail(reply)))
+    first, second = answers[:2], answers[2:]
+    assert [a[1:] for a in first] == [a[1:] for a in second], "the answer tells whether a server file exists"
+    assert not (env["studies"] / "probe.nii.gz").exists()
+
+
+# ---------------------------------------------------------------- 2. DICOMweb proxy
+
+class _Upstream(BaseHTTPRequestHandler):
+    """Records every request; answers DICOMweb searches with an empty list."""
+
+    seen: ClassVar[list] = []
+
+    def _answer(self):
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        type(self).seen.append((self.command, self.path, dict(self.headers)))
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("content-type", "application/dicom+json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def dicomweb(tmp_path_factory):
+    base = tmp_path_factory.mktemp("proxy")
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    studies = f"http://127.0.0.1:{upstream.server_address[1]}/dicom-web"
+    auth = base / "auth.json"
+    tokens = make_users(auth)
+    server = start_serve(write_stub_app(base / "app"), studies, auth, tokens["user"],
+                         env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "cache"),
+                              "MONAI_LABEL_DATASTORE_USERNAME": "raddiag", "MONAI_LABEL_DATASTORE_PASSWORD": "s3rver"})
+    yield {"url": server.url, "tokens": tokens, "server": server}
+    server.stop()
+    upstream.shutdown()
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/proxy/dicom/wado/..%2F..%2Ftools%2Fshutdown"),
+    ("GET", "/proxy/dicom/wado/../../tools/shutdown"),
+    ("GET", "/proxy/dicom/qido/studies/..%2F..%2F..%2Finstances"),
+    ("GET", "/proxy/dicom/qido/studies/%2E%2E/%2E%2E/%2E%2E/instances"),
+    ("GET", "/proxy/dicom/wado/tools/execute-script"),
+    ("POST", "/proxy/dicom/wado/..%2F..%2Ftools%2Fexecute-script"),
+    ("POST", "/proxy/dicom/stow/studies"),  # a read-only user may not store
+    ("POST", "/proxy/dicom/..%2Ftools%2Fshutdown"),
+    ("GET", "/proxy/dicom/tools/shutdown"),
+])
+def test_the_proxy_never_leaves_the_dicomweb_prefix_or_the_role(dicomweb, method, path):
+    _Upstream.seen.clear()
+    reply = requests.request(method, dicomweb["url"] + path, headers=h(dicomweb, "user"), data=b"os.exit()",
+                             timeout=30)
+    assert 400 <= reply.status_code < 500, (path, reply.status_code, reply.text)
+    _detail(reply)
+    assert not _Upstream.seen, _Upstream.seen
+
+
+def test_the_proxy_uses_the_servers_credentials_never_the_clients(dicomweb):
+    import base64
+
+    _Upstream.seen.clear()
+    reply = requests.get(dicomweb["url"] + "/proxy/dicom/qido/studies?PatientID=P1", timeout=30,
+                         headers={**h(dicomweb, "user"), "Accept": "application/dicom+json", "X-Evil": "1"})
+    assert reply.status_code == 200 and reply.json() == []
+    stored = requests.post(dicomweb["url"] + "/proxy/dicom/stow/studies", headers=h(dicomweb, "annotator"),
+                           data=b"--x--", timeout=30)
+    assert stored.status_code == 200
+    (m1, p1, h1), (m2, p2, h2) = _Upstream.seen
+    assert (m1, p1) == ("GET", "/dicom-web/studies?PatientID=P1") and (m2, p2) == ("POST", "/dicom-web/studies")
+    server_auth = "Basic " + base64.b64encode(b"raddiag:s3rver").decode()
+    for headers in (h1, h2):
+        assert headers.get("Authorization") == server_auth
+        assert not any(t in json.dumps(headers) for t in dicomweb["tokens"].values())
+        assert "X-Evil" not in headers
+
+
+def test_the_proxy_in_local_mode_is_a_404_with_a_message(env):
+    reply = requests.get(env["url"] + "/proxy/dicom/qido/studies", headers=h(env, "user"), timeout=30)
+    assert reply.status_code == 404 and "DICOMweb" in _detail(reply)
