@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raddiagseg.model.raddiagseg import label_before
+from raddiagseg.answers import parse_answer, token_labels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,10 +84,21 @@ def test_answer_without_seg_tokens_gives_no_mask_and_no_decoder_call(model):
 
 def test_label_text_is_the_text_before_the_token_on_its_line():
     text = "3. liver <seg000>, tumour <seg001>\n- hepatic lesion: <seg002>\n<seg003>"
-    starts = [text.index(f"<seg00{i}>") for i in range(4)]
-    assert [label_before(text, s) for s in starts] == ["liver", "tumour", "hepatic lesion", ""]
-    refseg = "Here is the mask for left kidney <seg000>."
-    assert label_before(refseg, refseg.index("<seg000>")) == "left kidney"
+    assert [label for label, _ in token_labels(text)] == ["liver", "tumour", "hepatic lesion", ""]
+    assert token_labels("Here is the mask for left kidney <seg000>.") == [("left kidney", "<seg000>")]
+
+
+def test_the_model_and_the_scorer_name_the_masks_of_an_inline_list_alike(model):
+    """Regression: the model named these masks "Segmentation masks: liver" and "and liver tumour"."""
+    answer = "1. Yes\n2. Liver tumour\n3. Segmentation masks: liver <seg000> and liver tumour <seg001>"
+    restore = scripted(model, answer)
+    try:
+        res = model.generate(np.random.default_rng(2).random((40, 48), dtype=np.float32), "Segment.", max_new_tokens=64)
+    finally:
+        restore()
+    assert res.answer == answer
+    assert [(s.label, s.token) for s in res.segments] == [("liver", "<seg000>"), ("liver tumour", "<seg001>")]
+    assert parse_answer(answer).segments == [("liver", "<seg000>"), ("liver tumour", "<seg001>")]
 
 
 def test_bad_inputs_are_refused_clearly(model):

@@ -14,7 +14,7 @@ Chain-of-thought answers (`templates.vqaseg_cot_answer`) reason first and conclu
 import dataclasses
 import re
 
-SEG_TOKEN_RE = re.compile(r"<seg\d{3}>")
+from raddiagseg.templates import SEG_TOKEN_RE
 # "Conclusion:" / "**Conclusion**:" / "Final answer:" ending the reasoning of a chain-of-thought answer (the last one counts)
 _CONCLUSION_RE = re.compile(r"(?:^|\n|(?<=[.!?])\s)\W*(?:conclusion|final answer)\W*:", re.IGNORECASE)
 _REASONING_START_RE = re.compile(r"^\W*(?:reasoning|modality|finding)s?\s*:", re.IGNORECASE)
@@ -35,15 +35,18 @@ _POSITIVE_PHRASES = re.compile(
     r"|abnormalit(?:y|ies) (?:is |are )?(?:present|detected|seen|visible))"
 )
 # Where the diagnosis text stops when no "3." follows it.
-_SEGMENTATION_START_RE = re.compile(r"segmentation masks?\b|\n\s*[-*•]|<seg\d{3}>", re.IGNORECASE)
+_SEGMENTATION_START_RE = re.compile(rf"segmentation masks?\b|\n\s*[-*•]|{SEG_TOKEN_RE.pattern}", re.IGNORECASE)
 _DIAGNOSIS_PREFIX_RE = re.compile(
     r"^(?:if yes,?\s*)?(?:(?:the\s+)?(?:most likely\s+)?diagnosis(?:\s+is)?\s*[:\-]?\s*)", re.IGNORECASE
 )
 # What separates one "label <segNNN>" from the text before it.
 _LABEL_BOUNDARY_RE = re.compile(r"\n|[:;,•*]|(?:(?<=\s)|^)-\s|\band\b|(?:(?<=\s)|^)\(?\d[.)]\s|\.\s", re.IGNORECASE)
+# What precedes the label itself: "Here is the mask for", "the", a bare "Segmentation masks" heading.
 _LABEL_PREFIX_RE = re.compile(
-    r"^(?:here (?:is|are)\s+)?(?:the\s+)?(?:segmentation\s+)?(?:masks?\s+(?:for|of)\s+)?(?:the\s+)?", re.IGNORECASE
+    r"^(?:here (?:is|are)\s+)?(?:the\s+)?(?:segmentation\s+)?(?:masks?(?:\s+(?:for|of)\b|$)\s*)?(?:the\s+)?",
+    re.IGNORECASE,
 )
+_LABEL_STRIP = " \t-*•:,;.·"
 
 
 @dataclasses.dataclass
@@ -162,18 +165,38 @@ def clean_diagnosis(text, notes=None):
     return body or None
 
 
-def read_segments(text, notes=None):
-    """[(label, token)] for every seg token, the label being the words written just before it."""
-    notes = [] if notes is None else notes
-    segments, repeats, previous_end = [], {}, 0
+def token_labels(text):
+    """[(label, token)] for every seg token in `text`, repeats included, in order.
+
+    The one reading of which label a seg token names (the model names its masks with it, the scorer matches
+    masks with it): the words written just before the token, after the last boundary (line break, bullet,
+    numbering, ':', ',', ';', 'and', '. ') and after any earlier seg token; for "name: <segNNN>" the words
+    before the colon. "Here is the mask for" and a bare "Segmentation masks" heading are not part of a label."""
+    labels, previous_end = [], 0
     for match in SEG_TOKEN_RE.finditer(text):
-        token = match.group(0)
-        before = text[previous_end : match.start()]
+        labels.append((_label_before(text[previous_end : match.start()]), match.group(0)))
         previous_end = match.end()
-        boundaries = list(_LABEL_BOUNDARY_RE.finditer(before))
-        label = before[boundaries[-1].end() :] if boundaries else before
-        label = _LABEL_PREFIX_RE.sub("", label.strip())
-        label = " ".join(label.split()).strip(" .,;:-*")
+    return labels
+
+
+def _label_before(before):
+    boundaries = list(_LABEL_BOUNDARY_RE.finditer(before))
+    label = _clean_label(before[boundaries[-1].end() :] if boundaries else before)
+    if not label and boundaries and boundaries[-1].group(0) == ":":  # "hepatic lesion: <seg002>"
+        start = boundaries[-2].end() if len(boundaries) > 1 else 0
+        label = _clean_label(before[start : boundaries[-1].start()])
+    return label
+
+
+def _clean_label(text):
+    return " ".join(_LABEL_PREFIX_RE.sub("", text.strip()).split()).strip(_LABEL_STRIP)
+
+
+def read_segments(text, notes=None):
+    """[(label, token)] of `token_labels`, each token once (its first occurrence), with a note per decision."""
+    notes = [] if notes is None else notes
+    segments, repeats = [], {}
+    for label, token in token_labels(text):
         if token in repeats:
             repeats[token] += 1
             continue

@@ -7,10 +7,12 @@ the app all read, so that what the model is taught is exactly what the others pa
 import functools
 import json
 import random
+import re
 from importlib import resources
 
 NUM_SEG_TOKENS = 16
 SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(NUM_SEG_TOKENS))
+SEG_TOKEN_RE = re.compile(r"<seg\d{3}>")  # a seg token in an answer text: every SEG_TOKENS entry, in any answer
 IMAGE_TOKEN = "<image>"
 
 MODALITY_NAMES = {"ct": "CT scan", "xray": "chest X-ray", "mri": "MRI scan"}

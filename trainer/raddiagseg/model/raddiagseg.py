@@ -8,7 +8,6 @@ to a SAM prompt and decoded into one mask for that token.
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raddiagseg import templates
+from raddiagseg.answers import token_labels
 from raddiagseg.model.clip_encoder import ClipEncoder
 from raddiagseg.model.config import RadDiagSegConfig
 from raddiagseg.model.language_model import LanguageModel
@@ -34,7 +33,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 COMPONENTS = ("vision_backbone", "clip_encoder", "projector", "language_model", "mask_decoder")
-LABEL_STRIP = " \t-*•:,;.·"
 
 
 class RadDiagSegModel(nn.Module):
@@ -422,14 +420,12 @@ class RadDiagSegModel(nn.Module):
         return proc.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _result(self, b, ids, masks, latencies):
-        proc = self.processor
         text = self._decode_text(ids)
-        segments = []
-        matches = list(re.finditer("|".join(re.escape(t) for t in proc.seg_tokens), text))
-        if len(matches) != len(masks):
-            log.warning("answer text has %d seg tokens but %d were generated", len(matches), len(masks))
-        for match, (mask, score) in zip(matches, masks):
-            segments.append(SegmentResult(label=label_before(text, match.start()), token=match.group(0), mask=mask, score=score))
+        labels = token_labels(text)
+        if len(labels) != len(masks):
+            log.warning("answer text has %d seg tokens but %d were generated", len(labels), len(masks))
+        segments = [SegmentResult(label=label, token=token, mask=mask, score=score)
+                    for (label, token), (mask, score) in zip(labels, masks)]
         return GenerationResult(answer=text, segments=segments, latencies=dict(latencies), token_ids=list(ids))
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -518,18 +514,6 @@ def _draft_rows(drafts, batch, eos, max_new_tokens, image_id, vocab_size):
 
 def _module_dtype(module):
     return next(module.parameters()).dtype
-
-
-def label_before(text, index):
-    """The label a seg token refers to: the text on its line before it (after any earlier seg token), bullets,
-    numbering and the Ref-Seg template's "Here is the mask for" stripped."""
-    line = text[:index].rsplit("\n", 1)[-1]
-    line = re.split(r"<seg\d{3}>", line)[-1]
-    line = re.sub(r"^\s*(\d+[.)]\s*)?", "", line)
-    refseg_prefix = templates.REFSEG_ANSWER.split("{target}")[0]  # "Here is the mask for "
-    if line.lower().startswith(refseg_prefix.lower()):
-        line = line[len(refseg_prefix):]
-    return line.strip(LABEL_STRIP)
 
 
 def _dedupe_tied(state):

@@ -16,7 +16,7 @@ def build_demo_tokenizer(num_seg_tokens=templates.NUM_SEG_TOKENS, vocab_size=DEM
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    seg_tokens = [f"<seg{i:03d}>" for i in range(num_seg_tokens)]
+    seg_tokens = [templates.seg_token(i) for i in range(num_seg_tokens)]
     specials = [PAD, EOS, BOS, UNK, templates.IMAGE_TOKEN, *seg_tokens]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,7 +47,7 @@ def load_tokenizer(path):
 
 def special_token_ids(tokenizer, num_seg_tokens):
     """bos/eos/pad/image ids and the seg-token ids, checking the tokenizer knows every one of them."""
-    seg_tokens = [f"<seg{i:03d}>" for i in range(num_seg_tokens)]
+    seg_tokens = [templates.seg_token(i) for i in range(num_seg_tokens)]
     wanted = {"image": templates.IMAGE_TOKEN, **{t: t for t in seg_tokens}}
     vocab = tokenizer.get_vocab()
     missing = [tok for tok in wanted.values() if tok not in vocab]
