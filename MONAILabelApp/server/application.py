@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .auth import TokenStore
 from .validation import Limits
