@@ -724,6 +724,8 @@ class RadDiagTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_LoadResultAndExportCorrection()
+        self.setUp()
+        self.test_JumpToFinding()
 
     def test_LoadResultAndExportCorrection(self):
         import numpy as np
@@ -761,4 +763,30 @@ class RadDiagTest(ScriptedLoadableModuleTest):
         exported = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(correction))
         self.assertEqual(set(int(v) for v in np.unique(exported)), {0, 1, 3})  # the tumour segment is empty
         self.assertEqual(int((exported == 3).sum()), 16)
+        self.delayDisplay("Test passed")
+
+    def test_JumpToFinding(self):
+        from RadDiagLib import finding_rows
+
+        self.delayDisplay("A finding of a volume under a transform")
+        volumeNode = slicer.util.addVolumeFromArray(np.zeros((6, 32, 32), np.int16), name="phantom")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 15.0)
+        matrix.SetElement(2, 3, -4.0)
+        transform.SetMatrixTransformToParent(matrix)
+        volumeNode.SetAndObserveTransformNodeID(transform.GetID())
+        # the server's centroid of voxels i 8..11, j 8..11, k 2..3: RAS (9.5, 9.5, 2.5) is LPS (-9.5, -9.5, 2.5)
+        (row,) = finding_rows({"findings": [{"name": "lesion", "role": "abnormality", "volume_ml": 0.032,
+                                             "max_diameter_mm": 5.2, "slices": [2, 3],
+                                             "centroid_lps_mm": [-9.5, -9.5, 2.5]}]})
+        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        if sliceNode is None:  # no layout (e.g. slicer-core): a slice node as the layout manager makes one
+            sliceNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+        world = RadDiagLogic(settings=RadDiagLib.DictSettings(), ask=lambda url: (True, False)).jumpToFinding(
+            row, volumeNode)
+        self.assertEqual([round(v, 6) for v in world], [24.5, 9.5, -1.5])
+        sliceToRas = sliceNode.GetSliceToRAS()
+        for axis in range(3):
+            self.assertAlmostEqual(sliceToRas.GetElement(axis, 3), world[axis], places=6)
         self.delayDisplay("Test passed")
