@@ -14,7 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 import slicer_env
-from RadDiagLib import DictSettings, export_order, finding_rows, segment_specs
+import app_studies
+from RadDiagLib import DEFAULT_QUESTION, DictSettings, RadDiagClient, export_order, finding_rows, segment_specs
 from RadDiagLib.labelmap import present_label_values
 from RadDiagLib.workflow import DiagnosisResult, retrain
 
@@ -49,16 +50,21 @@ def load_ct(core, tmp_path, transformed):
     sitk.WriteImage(image, path)
     ct = core.slicer.util.loadVolume(path)
     if transformed:
-        import vtk
-
-        matrix = vtk.vtkMatrix4x4()
-        for r, row in enumerate([[0, -1, 0, 25.0], [1, 0, 0, -7.0], [0, 0, 1, 4.0]]):
-            for col, value in enumerate(row):
-                matrix.SetElement(r, col, value)
-        transform = core.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-        transform.SetMatrixTransformToParent(matrix)
-        ct.SetAndObserveTransformNodeID(transform.GetID())
+        put_under_transform(core, ct)
     return ct, path
+
+
+def put_under_transform(core, node):
+    """Place `node` under a linear transform (a 90° turn about S and a shift) as a registration would."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[0, -1, 0, 25.0], [1, 0, 0, -7.0], [0, 0, 1, 4.0]]):
+        for col, value in enumerate(row):
+            matrix.SetElement(r, col, value)
+    transform = core.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
 
 
 def masks():
@@ -481,13 +487,52 @@ def slice_views(scene):
     return nodes
 
 
+def click_finding(core, widget, ui, views, ct, row):
+    """Click table row `row`: every slice view must then be centred on the finding's centroid in world RAS (its LPS
+    centroid with x, y negated, through the CT's parent transform, computed here with numpy) and lie on each view's
+    plane. Returns the names of the segments holding the voxel there and the segment selected in the editor."""
+    import vtk
+
+    finding = widget.lastResult.params["findings"][row]
+    to_world = np.eye(4)
+    if ct.GetParentTransformNode() is not None:
+        matrix = vtk.vtkMatrix4x4()
+        ct.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+        to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    x, y, z = finding["centroid_lps_mm"]
+    expected = (to_world @ [-x, -y, z, 1.0])[:3]
+    widget.onFindingClicked(row, 0)
+    for view in views:
+        slice_to_ras = view.GetSliceToRAS()
+        centre = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
+        normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
+        assert np.allclose(centre, expected, atol=0.5), (view.GetName(), centre, expected)
+        assert abs(normal @ (expected - centre)) < 0.5  # the finding lies on every slice plane
+    assert "views centred" in ui.statusLabel.setText.call_args[0][0]
+    # the voxel there: world -> the CT's own frame -> IJK
+    local, ras_to_ijk = [0.0, 0.0, 0.0], vtk.vtkMatrix4x4()
+    ct.TransformPointFromWorld(list(expected), local)
+    ct.GetRASToIJKMatrix(ras_to_ijk)
+    i, j, k = (int(round(v)) for v in ras_to_ijk.MultiplyPoint([*local, 1.0])[:3])
+    segmentation = widget.segmentationNode.GetSegmentation()
+    holding = {segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()
+               if core.slicer.util.arrayFromSegmentBinaryLabelmap(widget.segmentationNode, sid, ct)[k, j, i]}
+    return holding, segmentation.GetSegment(ui.segmentEditorWidget.setCurrentSegmentID.call_args[0][0])
+
+
+def assert_finding_segment(core, segment, finding):
+    """The segment selected for a finding is the finding's, with the vocabulary's terminology."""
+    assert segment.GetName() == finding["name"]
+    entry = core.slicer.vtkSlicerTerminologyEntry()
+    assert core.terminologies.DeserializeTerminologyEntry(core.module.segmentTag(segment, "TerminologyEntry"), entry)
+    assert entry.GetTypeObject().GetCodeValue() == segments.terminology(finding["name"])["type"][1]
+
+
 @pytest.mark.parametrize("ext", [".nii.gz", ".seg.nrrd"])
 @pytest.mark.parametrize("transformed", [False, True])
 def test_clicking_a_finding_centres_the_views_on_its_segment(core, tmp_path, monkeypatch, ext, transformed):
     """Issue 23: the findings table lists the server's measurements; a click moves every slice view to the finding's
     centroid in world RAS (under the CT's parent transform), where the loaded segmentation holds that finding."""
-    import vtk
-
     ct, _ = load_ct(core, tmp_path, transformed)
     views = slice_views(core.scene)
     widget, ui = make_widget(core, monkeypatch, ct)
@@ -502,45 +547,43 @@ def test_clicking_a_finding_centres_the_views_on_its_segment(core, tmp_path, mon
     assert [cells[(0, c)] for c in range(4)] == ["liver tumour, in the liver", f"{tumour['volume_ml']:.1f}",
                                                   f"{tumour['max_diameter_mm']:.1f}", "2–4"]
     assert cells[(1, 0)] == "liver" and cells[(1, 3)] == "1–5"
-
-    to_world = np.eye(4)
-    if transformed:
-        matrix = vtk.vtkMatrix4x4()
-        ct.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
-        to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    ras_to_ijk = vtk.vtkMatrix4x4()
-    ct.GetRASToIJKMatrix(ras_to_ijk)
-    segmentation = widget.segmentationNode.GetSegmentation()
     for row, finding in enumerate(found):
         # the server's centroid is the physical centre of the finding's voxels in the exported file (LPS)
         centre_ijk = np.argwhere(truth[finding["name"]])[:, ::-1].mean(0)
         lps = image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_ijk))
         assert np.allclose(finding["centroid_lps_mm"], lps, atol=0.06)
-        expected = to_world @ [-lps[0], -lps[1], lps[2], 1.0]
-        widget.onFindingClicked(row, 0)
-        for view in views:
-            slice_to_ras = view.GetSliceToRAS()
-            centre = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
-            normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
-            assert np.allclose(centre, expected[:3], atol=0.5), (view.GetName(), centre, expected)
-            assert abs(normal @ (expected[:3] - centre)) < 0.5  # the finding lies on every slice plane
-        # the voxel there (world -> the CT's frame -> IJK) belongs to the finding's segment
-        local = [0.0, 0.0, 0.0]
-        ct.TransformPointFromWorld(list(expected[:3]), local)
-        i, j, k = (int(round(v)) for v in ras_to_ijk.MultiplyPoint([*local, 1.0])[:3])
-        holding = {segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()
-                   if core.slicer.util.arrayFromSegmentBinaryLabelmap(widget.segmentationNode, sid, ct)[k, j, i]}
+        holding, selected = click_finding(core, widget, ui, views, ct, row)
+        # one value per voxel in NIfTI; in .seg.nrrd the liver's layer includes the tumour in it
         assert holding == {finding["name"]} if ext == ".nii.gz" or row else holding == {"liver tumour", "liver"}
-        segment_id = ui.segmentEditorWidget.setCurrentSegmentID.call_args[0][0]  # selected in the editor
-        segment = segmentation.GetSegment(segment_id)
-        assert segment.GetName() == finding["name"]
-        entry = core.slicer.vtkSlicerTerminologyEntry()
-        assert core.terminologies.DeserializeTerminologyEntry(core.module.segmentTag(segment, "TerminologyEntry"), entry)
-        assert entry.GetTypeObject().GetCodeValue() == segments.terminology(finding["name"])["type"][1]
+        assert_finding_segment(core, selected, finding)
         if ext == ".nii.gz":  # and the server's own label file has the finding's label value there
             labels = sitk.ReadImage(result.label_path)
             assert labels[labels.TransformPhysicalPointToIndex(lps)] == finding["label_value"]
-        assert "views centred" in ui.statusLabel.setText.call_args[0][0]
+    widget.cleanup()
+
+
+@pytest.mark.skipif(not (app_studies.DEMO_MODEL / "model.safetensors").is_file(), reason="the demo model is not shipped")
+def test_shipped_model_findings_on_the_sample_ct_under_a_transform(core, tmp_path, monkeypatch, app_server):
+    """Issue 23 end to end: the module sends the bundled liver-tumour CT (under a parent transform) to a live server
+    with the shipped model; each lesion of the whole-volume answer, clicked, centres the views on its segment."""
+    (tmp_path / "no studies").mkdir()
+    server = app_server("slicer_findings", copy_studies=tmp_path / "no studies")["server"]
+    ct = core.slicer.util.loadVolume(str(app_studies.APP_DIR / "sample-studies" / "ct_liver_tumour.nii.gz"))
+    put_under_transform(core, ct)
+    views = slice_views(core.scene)
+    widget, ui = make_widget(core, monkeypatch, ct)
+    widget.logic.client = RadDiagClient(server.url, timeout=(5, 900))
+    widget.logic.consent = core.module.UploadConsent(DictSettings(), lambda url: (True, False))  # "Yes" to the upload
+    job = widget.logic.startDiagnosis(ct, DEFAULT_QUESTION, "raddiagseg")
+    assert job.wait(900) and job.state == "done", job.error
+    widget.onDiagnoseFinished(job.result)
+    lesions = [r for r, f in enumerate(job.result.params["findings"]) if f["role"] == "abnormality"]
+    assert lesions, job.result.answer
+    for row in lesions:
+        finding = job.result.params["findings"][row]
+        holding, selected = click_finding(core, widget, ui, views, ct, row)
+        assert finding["name"] in holding, (finding, holding)
+        assert_finding_segment(core, selected, finding)
     widget.cleanup()
 
 
