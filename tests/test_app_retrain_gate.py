@@ -185,5 +185,7 @@ def test_slicer_retrain_panel_shows_both_models_on_both_sets():
     progress = training_progress({"status": "DONE"}, stats)
     assert progress.published is False and "old model stays live" in progress.message
     assert "Dice abnormality 0.750 → 0.554 (worse)" in progress.message
+    ruled = gate_report({**stats, "gate": {**stats["gate"], "rule": model_store.TOLERANCE_RULE}})
+    assert ruled[0] == f"Publishing check (served → new; {model_store.TOLERANCE_RULE}):" and "0.05" in ruled[0]
     unguarded = gate_report({"reference": {"guarded": False, "warning": "forgetting is unguarded"}})
     assert unguarded == ["Warning: forgetting is unguarded"]
