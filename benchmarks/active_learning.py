@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import retraining
 
 STRATEGIES = {"uncertain": ("uncertain", {}), "uncertain-tts": ("uncertain", {"uncertain_method": "tts"}),
@@ -96,6 +97,49 @@ def main():
                     if (out / f"{name}.json").is_file()})
     print(table(results))
     print(plot(results, out / "active_learning.png"))
+    print(noise_table(out / "reference" / "served_reports.json", results))
+
+
+def reference_noise(served_reports, draws=300, seed=0):
+    """{modality: {metric: (value, bootstrap std, change from one flipped row)}} of the served model on the gate's
+    reference set: how precisely that set measures it, and how far one row whose diagnosis flips moves each metric."""
+    from raddiagseg.evaluation.scoring import summarise
+    from raddiagseg.training import selection
+
+    report, records = next(v for k, v in json.loads(Path(served_reports).read_text()).items() if k.startswith("records|"))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for modality in sorted({r["modality"] for r in records}):
+        rows = [r for r in records if r["modality"] == modality]
+        draws_ = [summarise([rows[i] for i in rng.integers(0, len(rows), len(rows))]) for _ in range(draws)]
+        vqaseg = [r for r in rows if r["task"] == "vqaseg" and r["c"]]
+        flipped = summarise([{**vqaseg[0], "c": 0, "dice": []}, *[r for r in rows if r is not vqaseg[0]]]) if vqaseg else {}
+        out[modality] = {key: (report[modality][key], float(np.std([d[key] for d in draws_ if d[key] is not None])),
+                               (flipped.get(key) or 0.0) - report[modality][key] if flipped else None)
+                         for key in selection.STAGE_METRICS["finetune"] if report[modality].get(key) is not None}
+        out[modality]["rows"] = len(rows)
+    return out
+
+
+def noise_table(served_reports, results):
+    """Markdown: the served model's reference-set metrics with their noise, and the paired noise the gate measured
+    for each candidate (max over the runs)."""
+    noise = reference_noise(served_reports)
+    paired = {}
+    for name, rounds in results.items():
+        for entry in rounds if name != "start" else []:
+            for modality, values in entry["gate"]["sets"].get("reference", {}).get("noise", {}).items():
+                for key, std in values.items():
+                    paired.setdefault((modality, key), []).append(std)
+    lines = ["| modality (rows) | metric | served | bootstrap std | one diagnosis flipped | paired noise of candidates "
+             "(min–max) |", "|---|---|---|---|---|---|"]
+    for modality, values in noise.items():
+        for key, (value, std, flip) in ((k, v) for k, v in values.items() if k != "rows"):
+            spread = paired.get((modality, key))
+            lines.append(f"| {modality} ({values['rows']}) | {key} | {value:.3f} | {std:.3f} | "
+                         + ("–" if flip is None else f"{flip:+.3f}") + " | "
+                         + (f"{min(spread):.3f}–{max(spread):.3f}" if spread else "–") + " |")
+    return "\n".join(lines)
 
 
 COLUMNS = [("xray", "diagnosis_f1", "X-ray diag F1"), ("xray", "dice_abn", "X-ray Dice-Abn"),
