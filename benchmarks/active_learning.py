@@ -152,21 +152,38 @@ def _cell(metrics, modality, key):
     return "–" if value is None else f"{value:.3f}"
 
 
+def _fixed_gate_refuses(gate):
+    """Whether the earlier fixed rule (any metric of a guard set lower by more than 0.02) would have refused."""
+    return any(v is not None and (entry["candidate"]["metrics"][m].get(k) or 0.0) < v - 0.02
+               for name, entry in gate["sets"].items() if name != "corrections"
+               for m, values in entry["served"]["metrics"].items() for k, v in values.items())
+
+
+def _largest_drop(metrics, start):
+    """(drop, 'modality metric') of the held-out metric that fell most below the start model's."""
+    drops = [(start[m][k] - (metrics.get(m, {}).get(k) or 0.0), f"{m} {k}")
+             for m in start for k in start[m] if start[m][k] is not None]
+    return max(drops)
+
+
 def table(results):
     lines = ["| strategy | corrections | chosen | candidate score | " + " | ".join(c[2] for c in COLUMNS)
-             + " | gate | served score after |", "|---" * (len(COLUMNS) + 6) + "|"]
+             + " | largest held-out fall vs start | gate (fixed 0.02 rule) | served score after |", "|---" * (len(COLUMNS) + 7) + "|"]
     start = results["start"]
     lines.append(f"| start (shipped demo) | 0 | | {start['score']:.3f} | "
-                 + " | ".join(_cell(start["metrics"], m, k) for m, k, _ in COLUMNS) + f" | | {start['score']:.3f} |")
+                 + " | ".join(_cell(start["metrics"], m, k) for m, k, _ in COLUMNS) + f" | | | {start['score']:.3f} |")
     for name, rounds in results.items():
         if name == "start":
             continue
         for entry in rounds:
             served = entry["served_score"] if entry["served_score"] is not None else start["score"]
             chosen = ", ".join(c["id"] for c in entry["chosen"])
+            drop, where = _largest_drop(entry["candidate"]["metrics"], start["metrics"])
+            fixed = "refused" if _fixed_gate_refuses(entry["gate"]) else "published"
             lines.append(f"| {name} | {entry['corrections']} | {chosen} | {entry['candidate']['score']:.3f} | "
                          + " | ".join(_cell(entry["candidate"]["metrics"], m, k) for m, k, _ in COLUMNS)
-                         + f" | {'published' if entry['published'] else 'refused'} | {served:.3f} |")
+                         + f" | {drop:.3f} {where} | {'published' if entry['published'] else 'refused'} ({fixed}) "
+                         f"| {served:.3f} |")
     return "\n".join(lines)
 
 
