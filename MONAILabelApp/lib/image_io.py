@@ -16,14 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
-MAX_VOXELS = 512 * 512 * 1024
+from lib.infer_params import MAX_VOXELS, InputError
+from lib.infer_params import RESULT_EXTENSIONS as LABEL_EXTENSIONS
+
 MODALITY_TAG = "0008|0060"  # DICOM Modality
 DICOM_XRAY = {"CR", "DX", "DR", "RG", "RF", "XA", "PX"}  # projection radiography
-
-
-class InputError(ValueError):
-    """The client sent an image or parameter we cannot use; the message says what to fix."""
 
 
 def read_image(path):

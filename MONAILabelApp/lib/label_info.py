@@ -31,8 +31,7 @@ from raddiagseg import templates
 from raddiagseg.answers import parse_answer
 
 from lib import segments as segment_specs
-
-MODALITIES = ("ct", "xray", "mri")
+from lib.infer_params import MODALITIES
 
 
 class LabelInfoError(ValueError):
