@@ -12,9 +12,10 @@ import hmac
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from raddiagseg.fileio import atomic_write
 
 ROLES = ("user", "annotator", "admin")
 ROLE_LEVEL = {name: level for level, name in enumerate(ROLES)}
@@ -100,12 +101,5 @@ def add_user(path: str | os.PathLike, name: str, role: str) -> str:
     token = secrets.token_urlsafe(32)
     users.append({"name": name, "role": role, "token_sha256": hash_token(token)})
     data["users"] = users
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2), mode=0o600)
     return token

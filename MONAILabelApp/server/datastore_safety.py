@@ -3,7 +3,7 @@
 MONAI Label copies labels and images straight onto their final name and rewrites
 ``datastore_v2.json`` in place, so a kill mid-write leaves a truncated label or an unreadable
 index (and an overwritten label is lost). We keep its datastore classes and make those two
-writes atomic: write a hidden temporary file in the same folder, fsync, then ``os.replace``.
+writes atomic with ``raddiagseg.fileio.atomic_write`` (hidden temporary file, fsync, ``os.replace``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import shutil as _shutil
-import tempfile
 import types
 from pathlib import Path
+
+from raddiagseg.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".partial-"
@@ -25,19 +26,12 @@ def atomic_copy(src, dst, *, follow_symlinks=True):
     dst = str(dst)
     if os.path.isdir(dst):
         dst = os.path.join(dst, os.path.basename(str(src)))
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+
+    def copy(tmp):
+        with open(tmp, "wb") as out, open(src, "rb") as inp:  # a stream copy: `src` may be a pipe
             _shutil.copyfileobj(inp, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(dst, copy, prefix=PARTIAL_PREFIX)
     return dst
 
 
@@ -60,14 +54,7 @@ def _atomic_update_datastore_file(self, lock=True):
     def write():
         self._ignore_event_config = True
         text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-        folder = os.path.dirname(os.path.abspath(self._datastore_config_path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self._datastore_config_path)
+        atomic_write(self._datastore_config_path, text, prefix=PARTIAL_PREFIX)
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
     if lock:

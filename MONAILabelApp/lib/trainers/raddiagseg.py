@@ -16,13 +16,12 @@ served model untouched and exits non-zero (ERROR).
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
+from raddiagseg.fileio import atomic_write
 
 from lib import model_store, training_data
 
@@ -41,11 +40,7 @@ UNGUARDED = ("no reference set for this model (no reference.json in its folder, 
 
 
 def write_json_atomic(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
 def _rows(manifest, split=None):

@@ -7,7 +7,6 @@ to a SAM prompt and decoded into one mask for that token.
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raddiagseg.fileio import atomic_write
 from raddiagseg.model.clip_encoder import ClipEncoder
 from raddiagseg.model import generation
 from raddiagseg.model.config import RadDiagSegConfig
@@ -330,15 +330,15 @@ class RadDiagSegModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         state = _dedupe_tied(self.state_dict())
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)}))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)}))
         config = {"model_type": "raddiagseg", "format_version": FORMAT_VERSION, **self.config.to_dict()}
-        _atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2))
         self.processor.tokenizer.save_pretrained(str(path))
         counts = self.parameter_counts()
         card = [f"# RadDiagSeg-M ({self.config.preset} preset)", "", "| component | parameters |", "|---|---|"]
         card += [f"| {name} | {total:,} |" for name, (total, _) in counts.items()]
         card += ["", "Load with `raddiagseg.load_model(path)`."]
-        _atomic_write(path / "MODEL_CARD.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
+        atomic_write(path / "MODEL_CARD.md", "\n".join(card) + "\n")
         return path
 
     @classmethod
@@ -390,16 +390,6 @@ def _dedupe_tied(state):
         seen.add(ident)
         out[key] = value
     return out
-
-
-def _atomic_write(target, write):
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class _eval_mode:
