@@ -8,6 +8,8 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from serving_helpers import bearer, make_users, start_serve, volume, write_image, write_stub_app
+from serving_helpers import SERVE, bearer, make_users, start_serve, volume, write_image, write_stub_app
 
 MAX_DECODED_MB = 64
 
@@ -385,3 +387,51 @@ def test_no_server_path_in_image_info_or_the_training_list(env):
     for reply in (info, train, requests.post(env["url"] + "/infer/raddiagseg?image=ct1&output=json",
                                              headers=h(env, "user"), timeout=60)):
         assert reply.status_code == 200 and server_dir not in reply.text, reply.text[:300]
+
+
+# ---------------------------------------------------------------- 7. revocation without a restart
+
+def _cli(env, *args):
+    done = subprocess.run([sys.executable, str(SERVE), *args, "--auth-config", str(env["base"] / "auth.json")],
+                          capture_output=True, text=True, timeout=60, cwd=SERVE.parent)
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
+def _status_within(env, token, expected, seconds=5.0):
+    """The status /info/ gives ``token`` once it is ``expected`` (polled), and how long that took."""
+    start = time.perf_counter()
+    while True:
+        status = requests.get(env["url"] + "/info/", headers=bearer(token), timeout=10).status_code
+        if status == expected or time.perf_counter() - start > seconds:
+            return status, time.perf_counter() - start
+        time.sleep(0.2)
+
+
+def test_replacing_and_removing_a_user_take_effect_on_the_running_server(env):
+    code, first, _ = _cli(env, "add-user", "--name", "carol", "--role", "annotator")
+    assert code == 0
+    assert _status_within(env, first, 200)[0] == 200  # a new user needs no restart either
+    code, second, _ = _cli(env, "add-user", "--name", "carol", "--role", "user")
+    assert code == 0 and second != first
+    status, waited = _status_within(env, first, 401)
+    assert status == 401 and waited < 5, "the replaced token still works"
+    assert _status_within(env, second, 200)[0] == 200
+    code, out, _ = _cli(env, "remove-user", "--name", "carol")
+    assert code == 0 and out == ""
+    assert _status_within(env, second, 401)[0] == 401
+    assert _status_within(env, env["tokens"]["user"], 200)[0] == 200  # the others keep working
+    code, _, err = _cli(env, "remove-user", "--name", "carol")
+    assert code == 2 and "no user 'carol'" in err and len(err.splitlines()) == 1
+
+
+def test_an_auth_config_broken_by_hand_refuses_every_token_until_fixed(env):
+    auth = env["base"] / "auth.json"
+    good = auth.read_text()
+    try:
+        auth.write_text(good[: len(good) // 2])  # an editor saved half a file
+        status, _ = _status_within(env, env["tokens"]["admin"], 503)
+        reply = requests.get(env["url"] + "/info/", headers=h(env, "admin"), timeout=10)
+        assert status == 503 and "auth config" in _detail(reply)
+    finally:
+        auth.write_text(good)
+    assert _status_within(env, env["tokens"]["admin"], 200)[0] == 200
