@@ -71,6 +71,7 @@ def prepare_datastore(options: ServeOptions):
 
     from .datastore_safety import install_atomic_writes, remove_partial_files
 
+    install_atomic_writes()  # before the datastore is created: its first index read may need recovery
     if not options.studies.startswith(("http://", "https://")):
         remove_partial_files(os.path.realpath(options.studies))
     instance = app_instance()
