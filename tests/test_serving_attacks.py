@@ -435,3 +435,54 @@ def test_an_auth_config_broken_by_hand_refuses_every_token_until_fixed(env):
     finally:
         auth.write_text(good)
     assert _status_within(env, env["tokens"]["admin"], 200)[0] == 200
+
+
+# ---------------------------------------------------------------- 12. labels off the image's grid or with unnamed values
+
+def _label_upload(env, image, array, spacing=(0.8, 0.8, 2.5), origin=(0.0, 0.0, 0.0), info=None):
+    label = sitk.GetImageFromArray(array.astype(np.uint8))
+    label.SetSpacing(spacing)
+    label.SetOrigin(origin)
+    path = env["base"] / "grid-label.nii.gz"
+    sitk.WriteImage(label, str(path))
+    return requests.put(env["url"] + f"/datastore/label?image={image}&tag=grid", headers=h(env, "annotator"),
+                        data={"params": json.dumps(info or {})},
+                        files={"label": ("label.nii.gz", path.read_bytes())}, timeout=60)
+
+
+@pytest.mark.parametrize("spacing,origin,says", [
+    ((1.0, 1.0, 2.5), (0.0, 0.0, 0.0), "spacing"),
+    ((0.8, 0.8, 2.5), (0.0, 12.0, 0.0), "origin"),
+])
+def test_a_label_of_the_right_size_on_another_grid_is_refused(env, spacing, origin, says):
+    reply = _label_upload(env, "ct1", np.ones((6, 24, 20)), spacing, origin)
+    assert reply.status_code == 400 and says in _detail(reply)
+    assert not (env["studies"] / "labels" / "grid" / "ct1.nii.gz").exists()
+
+
+def test_label_values_that_no_segment_names_are_refused(env):
+    array = np.zeros((6, 24, 20))
+    array[:, :8] = 1
+    array[:, 12:] = 2
+    named_one = {"label_info": [{"name": "liver", "idx": 1}]}
+    reply = _label_upload(env, "ct1", array, info=named_one)
+    assert reply.status_code == 400 and "[2]" in _detail(reply), reply.text
+    both = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}
+    assert _label_upload(env, "ct1", array, info=both).status_code == 200
+
+
+def test_error_messages_name_folders_not_server_paths(monkeypatch, tmp_path):
+    """What the InputError handler sends: e.g. a model's ValueError naming the file it could not read."""
+    import tempfile as tempfile_module
+
+    from monailabel.config import settings
+
+    from server.routes import hide_server_paths
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(tmp_path / "studies"))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(tmp_path / "app"))
+    monkeypatch.setattr(tempfile_module, "tempdir", str(tmp_path / "tmp"))
+    message = (f"cannot read {tmp_path}/studies/labels/final/ct1.nii.gz with {tmp_path}/app/model/x.pt "
+               f"or {tmp_path}/tmp/raddiag-upload-1.nii.gz")
+    assert hide_server_paths(message) == ("cannot read <studies>/labels/final/ct1.nii.gz with <app>/model/x.pt "
+                                          "or <tmp>/raddiag-upload-1.nii.gz")
