@@ -202,3 +202,86 @@ def test_a_kill_between_label_and_index_renames_never_mixes_the_pairs(site, cras
     finally:
         server.stop()
     assert not list(studies.glob(".pending-label-*")) and not list(studies.rglob(PARTIAL_PREFIX + "*"))
+
+
+# ---------------------------------------------------------------- issue 18, item 12: training outliving the server
+
+SLOW_TRAINER = """
+import sys, time
+from lib.trainers.raddiagseg import RadDiagSegTrain
+
+class Slow(RadDiagSegTrain):  # the real task around a training step that takes minutes
+    def _train(self, request, datastore, stats):
+        time.sleep(300)
+        return {}
+
+Slow(None, sys.argv[1])({}, None)
+"""
+STAND_IN_SERVER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]],
+                         env={**os.environ, "RADDIAG_SERVER_PID": str(os.getpid())})
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid, timeout):
+    """True once ``pid`` has exited (a zombie waiting for its new parent counts as exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X"):
+                return True
+        except (FileNotFoundError, IndexError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _start_training(tmp_path, server=True):
+    """A training run as MONAI Label starts it (a subprocess of the server); returns (server, trainer pid)."""
+    work = tmp_path / "work"
+    if server:
+        parent = subprocess.Popen([sys.executable, "-c", STAND_IN_SERVER, SLOW_TRAINER, str(work)],
+                                  cwd=ROOT / "MONAILabelApp", stdout=subprocess.PIPE, text=True)
+        pid = int(parent.stdout.readline())
+    else:
+        parent = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, str(work)], cwd=ROOT / "MONAILabelApp")
+        pid = parent.pid
+    from lib.trainers.raddiagseg import RadDiagSegTrain
+
+    task = RadDiagSegTrain(None, work)
+    deadline = time.time() + 60
+    while task.stats().get("pid") != pid:
+        assert time.time() < deadline, "the training run did not start"
+        time.sleep(0.2)
+    return parent, pid, task
+
+
+def test_a_training_run_stops_when_its_server_is_killed_and_no_second_one_starts_beside_it(tmp_path):
+    from lib.train_guard import TrainingBusy
+
+    server, pid, task = _start_training(tmp_path)
+    try:
+        with pytest.raises(TrainingBusy, match=f"pid {pid}"):
+            task({}, None)
+        assert task.stats()["status"] == "RUNNING" and task.stats()["pid"] == pid  # left alone
+        server.kill()  # kill -9: the server cannot stop its child itself
+        server.wait()
+        assert _gone(pid, timeout=10), "the training run outlived its server"
+        stats = task.stats()
+        assert stats["status"] == "INTERRUPTED" and "server" in stats["error"]
+    finally:
+        server.kill()
+        if not _gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_training_run_is_reported_interrupted_not_running(tmp_path):
+    trainer, pid, task = _start_training(tmp_path, server=False)
+    trainer.kill()
+    trainer.wait()
+    stats = task.stats()
+    assert stats["status"] == "INTERRUPTED" and "killed" in stats["error"]
+    assert json.loads((tmp_path / "work" / "train_stats.json").read_text())["status"] == "INTERRUPTED"
