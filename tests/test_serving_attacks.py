@@ -290,6 +290,8 @@ CRASHERS = [
     ("legacy label info of an unknown label", "PUT", "/datastore/updatelabelinfo?label=ct1&tag=nope",
      {"params": "{}"}, "nope"),
     ("dataset without labels", "GET", "/datastore/dataset", None, "label"),
+    ("delete an unknown image", "DELETE", "/datastore/image?id=nope", None, "nope"),
+    ("delete an unknown label", "DELETE", "/datastore/label?id=ct1&tag=nope", None, "nope"),
     ("dataset limit_cases not a number", "GET", "/datastore/dataset?limit_cases=abc", None, "limit_cases"),
 ]
 
@@ -377,15 +379,17 @@ def test_image_info_is_bounded_per_image_and_cannot_grow_past_it(env):
     assert index.stat().st_size < 200 * 1024
 
 
-def test_no_server_path_in_image_info_or_the_training_list(env):
+def test_no_server_path_in_image_info_the_training_list_or_active_learning(env):
     _save_label(env)
     server_dir = str(env["base"])
     info = requests.get(env["url"] + "/datastore/image/info?image=ct1", headers=h(env, "user"), timeout=30)
     assert info.status_code == 200 and info.json()["name"] == "ct1.nii.gz"
     train = requests.get(env["url"] + "/datastore/?output=train", headers=h(env, "user"), timeout=30)
     assert {"image": "ct2.nii.gz", "label": "labels/final/ct2.nii.gz"} in train.json()
-    for reply in (info, train, requests.post(env["url"] + "/infer/raddiagseg?image=ct1&output=json",
-                                             headers=h(env, "user"), timeout=60)):
+    sample = requests.post(env["url"] + "/activelearning/first", headers=h(env, "user"), timeout=60)
+    assert sample.status_code == 200 and sample.json()["path"] == sample.json()["id"] + ".nii.gz", sample.text
+    for reply in (info, train, sample, requests.post(env["url"] + "/infer/raddiagseg?image=ct1&output=json",
+                                                     headers=h(env, "user"), timeout=60)):
         assert reply.status_code == 200 and server_dir not in reply.text, reply.text[:300]
 
 

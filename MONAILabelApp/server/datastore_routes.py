@@ -7,6 +7,7 @@ paths or left files behind (issue 18):
   user downloads;
 - ``GET /datastore/image/info`` and ``GET /datastore/?output=train`` give ids and paths relative
   to the studies folder, never the server's absolute paths;
+- deleting an unknown image or label is a 404 (MONAI Label answered 500);
 - ``HEAD /datastore/image?check_sum=ALGO:HEX``: an unknown algorithm or a digest that is not hex is
   a 400 (MONAI Label crashed on it and never matched a valid one);
 - ``GET /datastore/dataset`` streams the zip MONAI Label builds in the temp folder and deletes it
@@ -23,20 +24,13 @@ import re
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import StreamingResponse
 
-from .routes import _image_exists, _instance, check_info_fits, check_label_info
+from .routes import _image_exists, _instance, check_info_fits, check_label_info, relative_path
 from .uploads import remove_file
 from .validation import InputError, Limits, check_id, parse_json_object
 
 CHECKSUM_ALGOS = ("SHA256", "SHA512", "MD5")  # the ones MONAI Label's client sends
 HEX = re.compile(r"[0-9a-fA-F]{32,128}")
 ZIP_CHUNK = 1024 * 1024
-
-
-def _relative(datastore, path: str) -> str:
-    """A datastore file as the client may see it: relative to the studies folder."""
-    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or os.sep)
-    path = os.path.realpath(path)
-    return os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
 
 
 def _label_exists(datastore, label: str, tag: str) -> bool:
@@ -53,7 +47,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
             return await asyncio.to_thread(datastore.json)
         if output == "train":
             items = await asyncio.to_thread(datastore.datalist)
-            return [{k: _relative(datastore, v) if k in ("image", "label") else v for k, v in d.items()} for d in items]
+            return [{k: relative_path(datastore, v) if k in ("image", "label") else v for k, v in d.items()} for d in items]
         return await asyncio.to_thread(datastore.status)
 
     @app.get("/datastore/image/info")
@@ -64,7 +58,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
             raise InputError(404, f"image {image!r} is not in the datastore")
         info = await asyncio.to_thread(datastore.get_image_info, image)
         if "path" in info:  # MONAI Label adds the server's absolute path
-            info["path"] = _relative(datastore, info["path"])
+            info["path"] = relative_path(datastore, info["path"])
         return info
 
     @app.put("/datastore/image/info")
@@ -102,6 +96,25 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
     @app.put("/datastore/updatelabelinfo")
     async def put_label_info_legacy(request: Request, label: str, tag: str, params: str = Form("{}")):
         return await update_label_info(request, label, tag, params)
+
+    @app.delete("/datastore/image")
+    async def delete_image(id: str):
+        check_id(id)
+        datastore = _instance().datastore()
+        if not await _image_exists(datastore, id):
+            raise InputError(404, f"image {id!r} is not in the datastore")
+        await asyncio.to_thread(datastore.remove_image, id)
+        return {}
+
+    @app.delete("/datastore/label")
+    async def delete_label(id: str, tag: str):
+        check_id(id, "label")
+        check_id(tag, "label tag")
+        datastore = _instance().datastore()
+        if not await asyncio.to_thread(_label_exists, datastore, id, tag):
+            raise InputError(404, f"label {id!r} with tag {tag!r} is not in the datastore")
+        await asyncio.to_thread(datastore.remove_label, id, tag)
+        return {}
 
     @app.head("/datastore/image")
     async def check_image(image: str, check_sum: str | None = None):

@@ -49,6 +49,13 @@ def hide_server_paths(text: str) -> str:
     return text
 
 
+def relative_path(datastore, path: str) -> str:
+    """A datastore file as the client may see it: relative to the studies folder."""
+    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or os.sep)
+    path = os.path.realpath(path)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
+
+
 def _instance():
     from monailabel.interfaces.utils.app import app_instance
 
@@ -224,7 +231,10 @@ class Overrides:
             if bad:
                 raise InputError(400, f"params {bad} cannot be set by clients")
             user = request.state.identity.name
-            return await _run_model(queue, sample, strategy, params, user)
+            result = await _run_model(queue, sample, strategy, params, user)
+            if isinstance(result, dict) and isinstance(result.get("path"), str):  # the chosen image's server path
+                result["path"] = relative_path(_instance().datastore(), result["path"])
+            return result
 
     def _register_upload_routes(self):
         app, limits = self.app, self.limits
