@@ -45,6 +45,7 @@ def configure_monailabel(options: ServeOptions) -> None:
         "MONAI_LABEL_TRACKING_ENABLED": "false",
         "MONAI_LABEL_SESSIONS": "false",
         "MONAI_LABEL_TASKS_BATCH_INFER": "false",
+        "RADDIAG_SERVER_PID": str(os.getpid()),  # training subprocesses stop when this server is gone (lib/train_guard.py)
     }
     os.environ.update(env)
     # tools the app may look up on PATH (e.g. dcmqi for DICOM SEG) live next to this Python
@@ -71,6 +72,7 @@ def prepare_datastore(options: ServeOptions):
 
     from .datastore_safety import install_atomic_writes, remove_partial_files
 
+    install_atomic_writes()  # before the datastore is created: its first index read may need recovery
     if not options.studies.startswith(("http://", "https://")):
         remove_partial_files(os.path.realpath(options.studies))
     instance = app_instance()

@@ -9,10 +9,12 @@ datastore writes run in a worker thread so the event loop keeps answering.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 
 from fastapi import BackgroundTasks, Body, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match
 
@@ -31,6 +33,27 @@ from .work_queue import ModelQueue, QueueFull
 logger = logging.getLogger(__name__)
 OUTPUTS = ("image", "json", "all")
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing; absolute mm for origin; absolute for direction cosines
+
+
+def hide_server_paths(text: str) -> str:
+    """Error messages name datastore ids, never where the server keeps its files."""
+    import tempfile
+
+    from monailabel.config import settings
+
+    folders = {"<studies>": settings.MONAI_LABEL_STUDIES, "<app>": settings.MONAI_LABEL_APP_DIR,
+               "<tmp>": tempfile.gettempdir()}
+    for name, folder in sorted(folders.items(), key=lambda kv: -len(str(kv[1] or ""))):
+        if folder and not str(folder).startswith(("http://", "https://")):
+            text = text.replace(os.path.realpath(str(folder)), name).replace(str(folder), name)
+    return text
+
+
+def relative_path(datastore, path: str) -> str:
+    """A datastore file as the client may see it: relative to the studies folder."""
+    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or os.sep)
+    path = os.path.realpath(path)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
 
 
 def _instance():
@@ -91,6 +114,19 @@ def check_label_info(info: dict, values: tuple) -> None:
                               f"named: {sorted(named)}")
 
 
+def check_info_fits(datastore, info: dict, limits: Limits, what: str) -> None:
+    """An info object (after merging an update) and the index holding it stay within the limits:
+    the index is rewritten on every save and any user downloads it."""
+    size = len(json.dumps(info, default=str).encode("utf-8"))
+    if size > limits.max_info_bytes:
+        raise InputError(413, f"{what} info would be {size} bytes; the limit is {limits.max_info_bytes} per image or label")
+    index = getattr(datastore, "_datastore_config_path", None)
+    current = os.path.getsize(index) if index and os.path.isfile(index) else 0
+    if current + size > limits.max_index_bytes:
+        raise InputError(413, f"the datastore index would exceed {limits.max_index_bytes} bytes; remove old info "
+                              "or images first")
+
+
 class Overrides:
     """A small FastAPI app that replaces MONAI Label's routes that take client input."""
 
@@ -102,6 +138,9 @@ class Overrides:
         self._register_model_routes()
         self._register_upload_routes()
         self._register_proxy_routes()
+        from .datastore_routes import register_datastore_routes
+
+        register_datastore_routes(self.app, limits)
 
     def route_for(self, method: str, path: str) -> str | None:
         """The path (with or without a final '/') one of our routes serves for ``method path``, else None."""
@@ -117,7 +156,12 @@ class Overrides:
     def _register_errors(self):
         @self.app.exception_handler(InputError)
         async def input_error(request: Request, exc: InputError):
-            return JSONResponse({"detail": exc.message}, status_code=exc.status)
+            return JSONResponse({"detail": hide_server_paths(exc.message)}, status_code=exc.status)
+
+        @self.app.exception_handler(RequestValidationError)
+        async def invalid_request(request: Request, exc: RequestValidationError):
+            problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
+            return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
 
         @self.app.exception_handler(QueueFull)
         async def queue_full(request: Request, exc: QueueFull):
@@ -187,7 +231,10 @@ class Overrides:
             if bad:
                 raise InputError(400, f"params {bad} cannot be set by clients")
             user = request.state.identity.name
-            return await _run_model(queue, sample, strategy, params, user)
+            result = await _run_model(queue, sample, strategy, params, user)
+            if isinstance(result, dict) and isinstance(result.get("path"), str):  # the chosen image's server path
+                result["path"] = relative_path(_instance().datastore(), result["path"])
+            return result
 
     def _register_upload_routes(self):
         app, limits = self.app, self.limits
@@ -201,9 +248,10 @@ class Overrides:
             datastore = instance.datastore()
             if await _image_exists(datastore, image_id):
                 raise InputError(409, f"image {image_id!r} already exists; choose another id")
+            info["user"] = request.state.identity.name
+            check_info_fits(datastore, info, limits, f"image {image_id!r}")
             path, _ = await save_upload(file, limits, "image")
             try:
-                info["user"] = request.state.identity.name
                 image_id = await asyncio.to_thread(datastore.add_image, image_id, path, info)
             finally:
                 remove_file(path)
@@ -236,6 +284,7 @@ class Overrides:
                     check_label_matches(checked, geometry, image)
                 check_label_info(info, checked.values)
                 info["user"] = request.state.identity.name
+                check_info_fits(datastore, info, limits, f"label {image!r}")
 
                 def save():
                     label_id = datastore.save_label(image, path, tag or "final", info)
