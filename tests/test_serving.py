@@ -288,6 +288,39 @@ def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(en
     still_serving(env)
 
 
+def test_training_runs_are_listed_in_the_queue_with_an_eta_once_one_has_run(env):
+    """MONAI Label's own training tasks (one at a time, FIFO with enqueue=true) appear in GET /queue/ for admins."""
+    url, admin = env["url"], h(env, "admin")
+
+    def start():
+        reply = requests.post(url + "/train/raddiagseg?enqueue=true", headers=admin, json={"steps": 10}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["id"]
+
+    def train_jobs():
+        return {j["id"]: j for j in requests.get(url + "/queue/", headers=admin, timeout=10).json()["jobs"]
+                if j["kind"] == "train"}
+
+    first, second = start(), start()
+    jobs = train_jobs()
+    assert jobs[second]["state"] == "queued" and jobs[second]["position"] == 1 and jobs[second]["eta_s"] is None
+    assert jobs[first]["state"] in ("queued", "running")
+    user_view = requests.get(url + "/queue/", headers=h(env, "user"), timeout=10).json()["jobs"]
+    assert not [j for j in user_view if j["kind"] == "train"]  # a user sees their own jobs only
+    deadline = time.time() + 120
+    while time.time() < deadline and [train_jobs()[j]["state"] for j in (first, second)] != ["done", "running"]:
+        time.sleep(0.2)
+    jobs = train_jobs()
+    assert jobs[first]["state"] == "done" and jobs[first]["finished"] > jobs[first]["started"], jobs
+    measured = jobs[first]["finished"] - jobs[first]["started"]
+    row = requests.get(url + f"/queue/{second}", headers=admin, timeout=10).json()
+    assert row["state"] == "running" and row["position"] == 0 and row["started"] >= jobs[first]["finished"]
+    assert row["eta_s"] is not None and row["eta_s"] <= measured + 1  # from the measured run, less its time so far
+    while time.time() < deadline and train_jobs()[second]["state"] != "done":
+        time.sleep(0.2)
+    assert train_jobs()[second]["state"] == "done"
+
+
 # ---------------------------------------------------------------- logs
 
 def test_tokens_never_appear_in_the_server_log(env):
