@@ -63,7 +63,7 @@ ENDPOINTS = [
     ("POST", "/activelearning/first"), ("GET", "/model/raddiagseg"), ("PUT", "/model/raddiagseg"),
     ("DELETE", "/model/raddiagseg"), ("GET", "/scoring/"), ("GET", "/batch/infer"), ("GET", "/logs/"),
     ("POST", "/reload"), ("GET", "/session/abc"), ("GET", "/proxy/dicom/qido/studies"), ("GET", "/static/favicon.ico"),
-    ("GET", "/ohif/"), ("GET", "/no/such/endpoint"),
+    ("GET", "/ohif/"), ("GET", "/queue/"), ("GET", "/queue/abc"), ("GET", "/no/such/endpoint"),
 ]
 
 
