@@ -79,14 +79,18 @@ def prepare(work: Path):
     return studies, model, token
 
 
-def start(work, studies, model, max_queue):
+def start(work, studies, model, max_queue, app=APP, extra=None, log_level="warning"):
+    """serve.py of the app folder `app` (another checkout's, to compare) on a free port; its output in work/server.log.
+    `extra` serve.py arguments; by default one user may hold the whole queue (the benchmark user stands in for a team)."""
     port = free_port()
-    cmd = [sys.executable, str(APP / "serve.py"), "--app", str(APP), "--studies", str(studies), "--port", str(port),
-           "--auth-config", str(work / "auth.json"), "--max-queue", str(max_queue), "--log-level", "warning",
-           "--max-queue-per-user", str(max_queue),  # the one benchmark user stands in for a whole team
+    extra = ["--max-queue-per-user", str(max_queue)] if extra is None else list(extra)
+    cmd = [sys.executable, str(app / "serve.py"), "--app", str(app), "--studies", str(studies), "--port", str(port),
+           "--auth-config", str(work / "auth.json"), "--max-queue", str(max_queue), "--log-level", log_level, *extra,
            "--conf", "model_path", str(model), "--conf", "work_dir", str(work / "work")]
     log = open(work / "server.log", "wb")
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    # the checkout's own app and trainer code, not this one's
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false",
+           "PYTHONPATH": os.pathsep.join([str(app.parent / "trainer"), str(app)])}
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
 
