@@ -34,6 +34,8 @@ def start_parser():
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ssl-certfile")
     p.add_argument("--max-queue", type=int, default=16, help="inference requests running + waiting before 503")
+    p.add_argument("--max-queue-per-user", type=int, default=None,
+                   help="of those, the most one user may hold before 429 (default: half of --max-queue, rounded up)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest request body (upload) accepted")
     p.add_argument("--max-decoded-mb", type=float, default=1024,
                    help="largest pixel data an upload may declare (after decompression); checked before inflating")
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
         return fail("give both --ssl-keyfile and --ssl-certfile, or neither")
     if args.max_queue < 1:
         return fail("--max-queue must be at least 1")
+    if args.max_queue_per_user is not None and not 1 <= args.max_queue_per_user <= args.max_queue:
+        return fail("--max-queue-per-user must be between 1 and --max-queue")
     try:
         TokenStore.load(args.auth_config)
     except AuthConfigError as e:
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
 
     options = ServeOptions(
         app_dir=args.app, studies=args.studies, auth_config=args.auth_config, conf=dict(args.conf),
-        cors_origins=args.cors_origin, max_queue=args.max_queue,
+        cors_origins=args.cors_origin, max_queue=args.max_queue, max_queue_per_user=args.max_queue_per_user,
         limits=Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_question_chars=args.max_question_chars,
                       max_decoded_bytes=int(args.max_decoded_mb * 1024 * 1024)),
     )

@@ -23,6 +23,7 @@ class ServeOptions:
     conf: dict = field(default_factory=dict)
     cors_origins: list = field(default_factory=list)
     max_queue: int = 16
+    max_queue_per_user: int | None = None  # None: half the queue
     limits: Limits = field(default_factory=Limits)
 
 
@@ -99,7 +100,7 @@ def build_app(options: ServeOptions):
     # MONAI Label installs CORS for any origin with credentials; drop it, ours is outermost
     monailabel_app.user_middleware = [m for m in monailabel_app.user_middleware if m.cls is not CORSMiddleware]
     monailabel_app.middleware_stack = None
-    queue = ModelQueue(capacity=options.max_queue)
+    queue = ModelQueue(capacity=options.max_queue, per_user=options.max_queue_per_user)
     overrides = Overrides(queue, options.limits)
     secured = SecurityMiddleware(monailabel_app, tokens, options.limits, overrides)
     app = CORSMiddleware(
@@ -108,6 +109,7 @@ def build_app(options: ServeOptions):
         allow_credentials=bool(options.cors_origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD"],
         allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["X-Job-Id", "Retry-After"],  # a browser client may read its job id and the wait
         max_age=600,
     )
     app.queue = queue  # for tests and diagnostics
