@@ -225,3 +225,39 @@ def test_uploads_whose_values_cannot_be_read_answer_400_with_the_reason(demo_mod
     with pytest.raises(HTTPException) as refused:
         task({"image": str(nan)})
     assert refused.value.status_code == 400 and "NaN" in refused.value.detail
+
+
+def write_dicom_series(volume, folder):
+    """One CT DICOM file per axial slice of `volume` (int16 HU), with its position and orientation tags."""
+    folder.mkdir()
+    direction = np.array(volume.GetDirection()).reshape(3, 3)
+    orientation = "\\".join(f"{v:.9f}" for v in (*direction[:, 0], *direction[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetSize()[2]):
+        cut = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(f"{v:.6f}" for v in position)), ("0020|0013", str(k + 1)),
+                           ("0018|0050", f"{volume.GetSpacing()[2]:.6f}"), ("0028|1052", "0"), ("0028|1053", "1")):
+            cut.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:02d}.dcm"))
+        writer.Execute(cut)
+
+
+def test_one_dicom_of_a_series_is_answered_as_its_slice_of_the_series(demo_model, tmp_path):
+    volume = sitk.Cast(oblique_volume(), sitk.sitkInt16)
+    write_dicom_series(volume, tmp_path / "series")
+    series = image_io.read_image(tmp_path / "series")
+    assert series.GetSize() == volume.GetSize()
+    whole, single = infer_task(demo_model), infer_task(demo_model)
+    for path in sorted((tmp_path / "series").iterdir())[::5]:
+        one = image_io.read_image(path)
+        assert one.GetSize()[2] == 1 and np.allclose(one.GetDirection(), series.GetDirection(), atol=1e-6)
+        k = int(round(series.TransformPhysicalPointToContinuousIndex(one.GetOrigin())[2]))
+        _, volume_answer = whole({"image": str(tmp_path / "series"), "slice": k})
+        label, answer = single({"image": str(path)})
+        assert np.array_equal(single.runner.inputs[-1], whole.runner.inputs[-1]), path.name
+        assert answer["answer"] == volume_answer["answer"]
+        assert sitk.ReadImage(label).GetSize() == one.GetSize()
