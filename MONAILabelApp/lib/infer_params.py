@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from raddiagseg import templates
 from raddiagseg.data.records import MODALITIES
+from raddiagseg.imaging import InputError  # one error type for the model view, the params and the server
 
 __all__ = ["InputError", "InferParams", "PARAMS", "DEFAULTS", "parse", "MODALITIES", "RESULT_EXTENSIONS",
            "MAX_NEW_TOKENS", "MAX_QUESTION_CHARS", "MAX_TTS", "MAX_VOXELS"]
@@ -30,20 +31,6 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
 COT_INSTRUCTION = templates.COT_QUESTION[len(templates.DEFAULT_QUESTION):]  # "\nReason step by step ..."
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 DEFAULT_WORDS = ("", "default", "auto", "none")  # an optional boolean: the model decides
-
-
-class InputError(ValueError):
-    """The client sent an image or parameter we cannot use: an HTTP `status` and one sentence saying what to fix.
-
-    `InputError(message)` is a 400; the serving layer also raises `InputError(status, message)`.
-    """
-
-    def __init__(self, status: int | str, message: str | None = None):
-        if message is None:
-            status, message = 400, str(status)
-        super().__init__(message)
-        self.status = int(status)
-        self.message = message
 
 
 Reader = Callable[[Any], Any]
