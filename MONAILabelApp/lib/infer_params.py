@@ -27,6 +27,7 @@ DEFAULTS = {
     "rvls2m": None,
     "cot": False,
     "skip_slices": True,
+    "force": False,
 }
 MAX_TTS = 16
 COT_INSTRUCTION = templates.COT_QUESTION[len(templates.DEFAULT_QUESTION):]  # "\nReason step by step ..."
@@ -49,6 +50,7 @@ class InferParams:
     rvls2m: bool | None = None  # RVLS2M region prompts: None = as the model was trained, True/False overrides
     cot: bool = False  # ask for chain-of-thought reasoning before the answer (the conclusion is parsed)
     skip_slices: bool = True  # whole volume: skip slices that cannot change a finding (raddiagseg.findings)
+    force: bool = False  # answer an image the domain guard flags as outside the model's domain (still flagged)
 
     def generation_options(self):
         options = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
@@ -161,4 +163,5 @@ def parse(request):
         rvls2m=_optional_bool(request, "rvls2m"),
         cot=_bool(request, "cot", DEFAULTS["cot"]),
         skip_slices=_bool(request, "skip_slices", DEFAULTS["skip_slices"]),
+        force=_bool(request, "force", DEFAULTS["force"]),
     )

@@ -58,9 +58,35 @@ def _slice_rows(slices):
     return list(slices or []), None
 
 
+def model_line(params):
+    """Which model answered, what it was trained on and that it is not for clinical use (issue 21), or ""."""
+    model = params.get("model")
+    if not isinstance(model, dict) or not model.get("name"):
+        return ""
+    text = f"Answered by {model['name']}"
+    if model.get("trained_on"):
+        text += f", trained on {model['trained_on']}"
+    if model.get("clinical_use"):
+        text += f"; {model['clinical_use']}"
+    return text + "."
+
+
+def domain_line(params):
+    """The domain guard's warning when the image is outside the model's domain, or ""."""
+    domain = params.get("domain")
+    if not isinstance(domain, dict) or domain.get("in_domain") is not False:
+        return ""
+    return f"Outside the model's domain: {domain.get('reason') or 'no reason given'}"
+
+
 def answer_html(params, specs=()):
-    """Full answer panel for an /infer response: summary, highlighted answer, per-slice table."""
-    parts = [_detection_text(params.get("detection"))]
+    """Full answer panel for an /infer response: which model answered, summary, highlighted answer, per-slice table."""
+    parts = []
+    if model_line(params):
+        parts.append(f'<i style="color:#7f8c8d">{html.escape(model_line(params))}</i>')
+    if domain_line(params):
+        parts.append(f'<b style="color:{POSITIVE}">{html.escape(domain_line(params))}</b>')
+    parts.append(_detection_text(params.get("detection")))
     if params.get("diagnosis"):
         parts.append(f'Diagnosis: <b style="background-color:#fff3b0">{html.escape(str(params["diagnosis"]))}</b>')
     parts.append("<hr>" + (answer_lines_html(params.get("answer", ""), specs) or "<i>(empty answer)</i>"))
