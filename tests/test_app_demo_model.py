@@ -42,7 +42,7 @@ def test_covid_xray_is_positive_with_named_lung_and_infection_segments(served):
     names = [s["name"] for s in result["segments"]]
     assert "lung" in names, result["answer"]
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(served["studies"] / "cxr_covid.png")))
-    assert result["slices"] == [] and result["modality"] == "xray" and image.ndim == 2
+    assert result["slices"] == [] and result["modality"]["value"] == "xray" and image.ndim == 2
 
 
 def test_normal_xray_is_negative(served):

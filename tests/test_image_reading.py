@@ -217,7 +217,7 @@ def test_uploads_whose_values_cannot_be_read_answer_400_with_the_reason(demo_mod
     assert refused.value.status_code == 400 and "cannot be Hounsfield units" in refused.value.detail
     assert "send window" in refused.value.detail and not task.runner.inputs  # nothing reached the model
     label, answer = task({"image": str(path), "window": [1064, 400], "max_new_tokens": 4})
-    assert answer["modality"] == "ct" and sitk.ReadImage(label).GetSize() == (128, 128, 1)
+    assert answer["modality"]["value"] == "ct" and sitk.ReadImage(label).GetSize() == (128, 128, 1)
     nan = tmp_path / "nan.nii.gz"
     values = np.zeros((3, 16, 16), np.float32)
     values[1, 2, 3] = np.nan

@@ -151,6 +151,7 @@ PARAMS: dict[str, Param] = {
     "rvls2m": Param(None, _optional_boolean("rvls2m")),
     "cot": Param(False, _boolean("cot")),
     "skip_slices": Param(True, _boolean("skip_slices")),
+    "force": Param(False, _boolean("force")),  # answer even outside the model's domain (the answer stays flagged)
 }
 # the infer task's config: what MONAI Label shows a client and merges into every request
 DEFAULTS = {key: p.default for key, p in PARAMS.items() if key not in ("slice", "modality", "window")}
@@ -173,6 +174,7 @@ class InferParams:
     rvls2m: bool | None = None  # RVLS2M region prompts: None = as the model was trained, True/False overrides
     cot: bool = False  # ask for chain-of-thought reasoning before the answer (the conclusion is parsed)
     skip_slices: bool = True  # whole volume: skip slices that cannot change a finding (raddiagseg.findings)
+    force: bool = False  # answer an image the domain guard flags as outside the model's domain (still flagged)
 
     def generation_options(self) -> dict:
         options = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}
