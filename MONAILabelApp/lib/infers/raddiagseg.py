@@ -42,8 +42,7 @@ class RadDiagSegInfer(InferTask):
 
     def info(self):
         info = super().info()
-        folder = self.store.current_dir()
-        info["model_dir"] = str(folder)
+        folder = self.store.current_dir()  # named, never as a server path (clients see only its name and version)
         if folder is not None:
             version = self.store.version(folder)
             info["model"] = {**self.guards.get(version, folder).identity(), "version": version}
@@ -156,7 +155,7 @@ class RadDiagSegInfer(InferTask):
             "findings": volume_findings,
             "agreement": (results[0].agreement or None) if not whole_volume else None,
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
-            "model": {**identity, "version": run_stats["version"], "dir": str(self.store.current_dir())},
+            "model": {**identity, "version": run_stats["version"]},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "image_cache": self.images.stats(),
             "latencies": {
