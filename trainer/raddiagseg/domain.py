@@ -32,7 +32,7 @@ THUMB = 8  # thumbnail side
 BLOCKS = ("vision", "clip", "pixels")
 MODALITY_TITLES = {"ct": "CT", "xray": "chest X-ray", "mri": "MR"}
 CLINICAL_USE = "not for clinical use: research software, not a medical device"
-PHANTOMS_TRAINED_ON = "synthetic phantoms only (CT slices of liver/pancreas volumes and chest X-rays from `raddiagseg phantoms`)"
+PHANTOMS_TRAINED_ON = "synthetic phantoms only: CT slices of liver/pancreas volumes and chest X-rays drawn by `raddiagseg phantoms`"
 SOURCE_TITLES = {"param": "the request's modality", "dicom": "the DICOM header", "intensities": "its intensities"}
 
 
@@ -349,3 +349,28 @@ def run_domain_stats(args):
               f"fitted on {stats.meta['images'][modality]['fit']}")
     print(f"wrote {args.model / STATS_FILE}")
     return 0
+
+
+def card_section(folder):
+    """The model card's "Domain" section, from the statistics in `folder` (or saying they are missing)."""
+    stats = DomainStats.load(folder)
+    identity = model_identity(folder, stats)
+    lines = ["## Domain", "", f"- Trained on: {identity['trained_on']}.", f"- Use: {identity['clinical_use']}.",
+             "- The app's domain guard (`raddiagseg.domain`, statistics in `domain_stats.safetensors`) refuses to "
+             "diagnose images unlike the training images (answer with `force: true` to override; still flagged)."]
+    if stats is None:
+        lines.append("- This folder has no domain statistics: every answer says `in_domain: null`; run "
+                     "`raddiagseg domain-stats --model DIR`.")
+        return "\n".join(lines) + "\n"
+    source = (f"phantoms of seed {stats.meta.get('fit_seed')} (fit) and unseen seed {stats.meta.get('calibration_seed')}"
+              " (calibration)" if stats.meta.get("data") == "phantoms" else
+              f"{stats.meta.get('fit')} (fit) and {stats.meta.get('calibration')} (calibration)")
+    lines.append(f"- Statistics from {source}; threshold = {stats.meta.get('quantile')} quantile of the calibration "
+                 "images' scores:")
+    lines += ["", "| modality | fit images | calibration images | threshold |", "|---|---|---|---|"]
+    for m in stats.modalities:
+        counts = stats.meta.get("images", {}).get(m, {})
+        lines.append(f"| {_title(m)} | {counts.get('fit')} | {counts.get('calibration')} | {stats.thresholds[m]:.3f} |")
+    lines += ["", f"- Images of another modality ({', '.join(t for m, t in MODALITY_TITLES.items() if m not in stats.blocks)})"
+              " are out of domain."]
+    return "\n".join(lines) + "\n"
