@@ -297,3 +297,66 @@ def test_infer_options_and_answer_panel_show_tts_and_reasoning():
                         "reasoning": "Modality: CT scan.\nFinding: a <focal> lesion."})
     assert "4 answers, 75% agree" in html and "0.90, 0.50" in html and "uncertainty 0.28" in html
     assert "Reasoning:</i> Modality: CT scan.<br>Finding: a &lt;focal&gt; lesion." in html
+
+
+OUT_OF_DOMAIN = {"answer": "The image is outside what this model was trained on.", "detection": None, "diagnosis": None,
+                 "segments": [], "domain": {"in_domain": False, "score": 41.7, "threshold": 12.5,
+                                            "reason": "the image's features are far from the <phantom> CTs"},
+                 "model": {"name": "raddiagseg-demo", "trained_on": "synthetic phantoms only", "clinical_use": False,
+                           "notice": "Answered by raddiagseg-demo: trained on synthetic phantoms only, "
+                                     "not for clinical use", "version": "v3", "dir": "/m"}}
+
+
+def test_answer_panel_names_the_model_and_warns_outside_its_domain():
+    """Issue 21: every answer says which model gave it; out of domain: a warning with the reason and no diagnosis."""
+    from RadDiagLib import answer_html, domain_warning, infer_options, model_notice
+
+    page = answer_html(OUT_OF_DOMAIN)
+    assert "Answered by raddiagseg-demo: trained on synthetic phantoms only, not for clinical use" in page
+    assert "<b>Warning:</b> This image is outside what the model was trained on: the image&#x27;s features are far " \
+           "from the &lt;phantom&gt; CTs (domain score 41.7, threshold 12.5). No diagnosis was given." in page
+    assert "No diagnosis given" in page and "Abnormality detected" not in page and "Diagnosis:" not in page
+    assert page.index("Warning") < page.index("Answered by") < page.index("No diagnosis given")
+    forced = dict(OUT_OF_DOMAIN, detection=True, diagnosis="Liver tumour", answer="1. Yes\n2. Liver tumour")
+    assert "Answered anyway on request: do not rely on this answer." in domain_warning(forced)
+    assert "Abnormality detected" in answer_html(forced) and "Liver tumour" in answer_html(forced)
+    inside = dict(forced, domain={"in_domain": True, "score": 3.0, "threshold": 12.5, "reason": "in domain"})
+    assert domain_warning(inside) == "" and "Warning" not in answer_html(inside)
+    assert domain_warning(dict(inside, domain={"in_domain": None, "reason": "no statistics"})) == ""
+    assert "Answered by raddiagseg-demo" in answer_html(inside)
+    # the notice built from its parts when the server sends no sentence; older servers: no KeyError
+    parts = {"name": "raddiagseg-paper", "trained_on": "MSD and COVID-QU-Ex", "clinical_use": False}
+    assert model_notice({"model": parts}) == \
+        "Answered by raddiagseg-paper: trained on MSD and COVID-QU-Ex, not for clinical use."
+    assert model_notice({"model": {"version": "20261130-1", "dir": "/m"}}) == \
+        "Answered by model version 20261130-1; the server does not say what it was trained on."
+    old = {"answer": "1. No", "detection": False}
+    assert model_notice(old) == "" and domain_warning(old) == "" and "No abnormality detected" in answer_html(old)
+    assert infer_options(force=True) == {"force": True} and "force" not in infer_options()
+
+
+def test_finding_rows_show_the_measurements_and_the_centroid_in_ras():
+    """Issue 23: one row per finding, with what the answer text says of it, and its centroid in RAS."""
+    from raddiagseg.findings import describe_finding
+
+    from RadDiagLib import FINDING_COLUMNS, finding_rows
+
+    lesion = {"name": "liver tumour", "role": "abnormality", "organ": "liver", "label_value": 2, "volume_ml": 14.34,
+              "max_diameter_mm": 32.1, "slices": [40, 52], "centroid_lps_mm": [12.5, -30.0, 80.25], "score": 0.91,
+              "index": 1, "count": 2}
+    second = dict(lesion, index=2, slices=[7, 7], centroid_lps_mm=[-1.0, 2.0, 3.0])
+    organ = {"name": "liver", "role": "organ", "organ": "liver", "label_value": 1, "volume_ml": 1500.0,
+             "max_diameter_mm": 180.44, "slices": [30, 70], "centroid_lps_mm": [0, 0, 0], "score": None}
+    rows = finding_rows({"findings": [lesion, second, organ]})
+    assert len(FINDING_COLUMNS) == 4
+    assert [r.cells for r in rows] == [("liver tumour 1 of 2, in the liver", "14.3", "32.1", "40–52"),
+                                       ("liver tumour 2 of 2, in the liver", "14.3", "32.1", "7"),
+                                       ("liver", "1500.0", "180.4", "30–70")]
+    text = describe_finding(lesion)  # the server's answer line for the same finding
+    assert "14.3 mL" in text and "max diameter 32.1 mm" in text and "slices 40-52" in text
+    assert rows[0].centroid_ras == (-12.5, 30.0, 80.25) and rows[1].centroid_ras == (1.0, -2.0, 3.0)
+    assert (rows[0].name, rows[0].label_value, rows[2].role) == ("liver tumour", 2, "organ")
+    # slice answers, older servers and garbled entries: no rows, or a row that cannot be jumped to
+    assert finding_rows({"findings": []}) == finding_rows({"findings": None}) == finding_rows({}) == []
+    (bad,) = finding_rows({"findings": [{"name": "lesion", "centroid_lps_mm": [1, "x"], "volume_ml": "big"}, "junk"]})
+    assert bad.cells == ("lesion", "–", "–", "–") and bad.centroid_ras is None

@@ -14,14 +14,17 @@ import pytest
 import SimpleITK as sitk
 
 import slicer_env
-from RadDiagLib import DictSettings, export_order, segment_specs
+import app_studies
+from RadDiagLib import DEFAULT_QUESTION, DictSettings, RadDiagClient, export_order, finding_rows, segment_specs
 from RadDiagLib.labelmap import present_label_values
-from RadDiagLib.workflow import DiagnosisResult
+from RadDiagLib.workflow import DiagnosisResult, retrain
 
 APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
-from lib import image_io, label_files, segments  # noqa: E402
+from lib import image_io, label_files, response, segments  # noqa: E402
+from raddiagseg import findings, templates  # noqa: E402
+from test_volume_findings import ScriptedModel, three_step  # noqa: E402
 
 SIZE = (20, 16, 6)  # i, j, k
 NAMES = ["liver", "liver tumour", "lung"]  # lung: a target without voxels
@@ -47,16 +50,21 @@ def load_ct(core, tmp_path, transformed):
     sitk.WriteImage(image, path)
     ct = core.slicer.util.loadVolume(path)
     if transformed:
-        import vtk
-
-        matrix = vtk.vtkMatrix4x4()
-        for r, row in enumerate([[0, -1, 0, 25.0], [1, 0, 0, -7.0], [0, 0, 1, 4.0]]):
-            for col, value in enumerate(row):
-                matrix.SetElement(r, col, value)
-        transform = core.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-        transform.SetMatrixTransformToParent(matrix)
-        ct.SetAndObserveTransformNodeID(transform.GetID())
+        put_under_transform(core, ct)
     return ct, path
+
+
+def put_under_transform(core, node):
+    """Place `node` under a linear transform (a 90° turn about S and a shift) as a registration would."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[0, -1, 0, 25.0], [1, 0, 0, -7.0], [0, 0, 1, 4.0]]):
+        for col, value in enumerate(row):
+            matrix.SetElement(r, col, value)
+    transform = core.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
 
 
 def masks():
@@ -190,6 +198,7 @@ def make_widget(core, monkeypatch, volume=None):
     ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = False, 4, 4
     ui.rvls2mComboBox.currentText = "model default"
     ui.cotCheckBox.checked = False
+    ui.forceCheckBox.checked = False
     ui.inputVolumeSelector.currentNode.return_value = volume
 
     @contextmanager
@@ -200,6 +209,7 @@ def make_widget(core, monkeypatch, volume=None):
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
     monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
     sys.modules["qt"].QTimer = mock.MagicMock
+    sys.modules["qt"].QTableWidgetItem = str  # a table cell is recorded as its text
     monkeypatch.setattr(core.module, "QSettingsStore", DictSettings)
     widget = core.module.RadDiagWidget(types.SimpleNamespace(isEntered=True))
     widget.layout = mock.MagicMock()
@@ -408,6 +418,7 @@ def test_widget_cancel_discards_the_answer_and_options_reach_the_request(core, m
     ui.ttsCheckBox.checked, ui.ttsAnswersSpinBox.value, ui.ttsMasksSpinBox.value = True, 3, 2
     ui.rvls2mComboBox.currentText = "off"
     ui.cotCheckBox.checked = True
+    ui.forceCheckBox.checked = True  # Answer anyway
     seen = {}
 
     def start_diagnosis(volume_node, question, model, slice_index, url, token, options=None):
@@ -423,10 +434,208 @@ def test_widget_cancel_discards_the_answer_and_options_reach_the_request(core, m
     ui.answerBrowser.setHtml.assert_not_called()
     assert widget.segmentationNode is None
     assert seen == {"slice": None, "options": {"tts": True, "tts_answers": 3, "tts_masks": 2, "rvls2m": False,
-                                               "cot": True}}
+                                               "cot": True, "force": True}}
     widget.cleanup()
 
 
 def test_module_self_test_runs_on_slicer_core(core):
     """RadDiagTest, the test Slicer's *Reload and Test* runs, passes on real slicer-core too."""
     core.module.RadDiagTest().runTest()
+
+
+# ----------------------------------------------------------------------------- whole-volume findings (issue 23)
+def volume_result(logic, ct, tmp_path, ext):
+    """A whole-volume answer made as the server's infer task makes one: slice answers (scripted from known masks)
+    combined by raddiagseg.findings on the exported image's view, label values and masks back in file order, and
+    label_files.write. Liver on slices 1-5, one tumour on slices 2-4 away from the liver's centre."""
+    path, image_id = logic.exportVolume(ct)
+    image = image_io.read_image(path)
+    liver, tumour = np.zeros(SIZE[::-1], bool), np.zeros(SIZE[::-1], bool)
+    liver[1:6, 2:14, 2:18] = True
+    tumour[2:5, 4:8, 11:16] = True
+    view = image_io.VolumeView.of(image)
+    organ, lesion = view.to_view(liver), view.to_view(tumour)
+    n = organ.shape[0]
+    model = ScriptedModel([three_step(organ[i], lesion[i]) for i in range(n)], organ)
+    answer, _ = findings.answer_volume(model.ask, organ.shape, response.view_to_lps(view, image, organ.shape),
+                                       templates.DEFAULT_QUESTION, slice_numbers=[view.view_index(i, n) for i in range(n)])
+    segment_list = segments.assign(answer.names)
+    answer.set_label_values({s["name"]: s["label_value"] for s in segment_list})
+    label_path = str(tmp_path / f"volume{ext}")
+    label_files.write(label_path, image, segment_list, {k: view.from_view(m) for k, m in answer.masks.items()})
+    params = {"answer": answer.answer_text(), "detection": answer.detection, "diagnosis": answer.diagnosis,
+              "segments": segment_list, "findings": answer.findings, "volume": answer.summary}
+    specs = segment_specs(params)
+    result = DiagnosisResult(image_id, params, specs, label_path, present_label_values(label_path, specs), None)
+    return result, image, {"liver": liver, "liver tumour": tumour}
+
+
+def slice_views(scene):
+    """Red, Yellow, Green slice nodes as Slicer's layout manager makes them (orientation presets from the scene)."""
+    import slicer
+
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    nodes = []
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        node.UnRegister(None)
+        node.SetName(name)
+        node.SetLayoutName(name)
+        node.SetDefaultOrientation(orientation)
+        node.SetOrientation(orientation)
+        nodes.append(scene.AddNode(node))
+    return nodes
+
+
+def click_finding(core, widget, ui, views, ct, row):
+    """Click table row `row`: every slice view must then be centred on the finding's centroid in world RAS (its LPS
+    centroid with x, y negated, through the CT's parent transform, computed here with numpy) and lie on each view's
+    plane. Returns the names of the segments holding the voxel there and the segment selected in the editor."""
+    import vtk
+
+    finding = widget.lastResult.params["findings"][row]
+    to_world = np.eye(4)
+    if ct.GetParentTransformNode() is not None:
+        matrix = vtk.vtkMatrix4x4()
+        ct.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+        to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    x, y, z = finding["centroid_lps_mm"]
+    expected = (to_world @ [-x, -y, z, 1.0])[:3]
+    widget.onFindingClicked(row, 0)
+    for view in views:
+        slice_to_ras = view.GetSliceToRAS()
+        centre = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
+        normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
+        assert np.allclose(centre, expected, atol=0.5), (view.GetName(), centre, expected)
+        assert abs(normal @ (expected - centre)) < 0.5  # the finding lies on every slice plane
+    assert "views centred" in ui.statusLabel.setText.call_args[0][0]
+    # the voxel there: world -> the CT's own frame -> IJK
+    local, ras_to_ijk = [0.0, 0.0, 0.0], vtk.vtkMatrix4x4()
+    ct.TransformPointFromWorld(list(expected), local)
+    ct.GetRASToIJKMatrix(ras_to_ijk)
+    i, j, k = (int(round(v)) for v in ras_to_ijk.MultiplyPoint([*local, 1.0])[:3])
+    segmentation = widget.segmentationNode.GetSegmentation()
+    holding = {segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()
+               if core.slicer.util.arrayFromSegmentBinaryLabelmap(widget.segmentationNode, sid, ct)[k, j, i]}
+    return holding, segmentation.GetSegment(ui.segmentEditorWidget.setCurrentSegmentID.call_args[0][0])
+
+
+def assert_finding_segment(core, segment, finding):
+    """The segment selected for a finding is the finding's, with the vocabulary's terminology."""
+    assert segment.GetName() == finding["name"]
+    entry = core.slicer.vtkSlicerTerminologyEntry()
+    assert core.terminologies.DeserializeTerminologyEntry(core.module.segmentTag(segment, "TerminologyEntry"), entry)
+    assert entry.GetTypeObject().GetCodeValue() == segments.terminology(finding["name"])["type"][1]
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".seg.nrrd"])
+@pytest.mark.parametrize("transformed", [False, True])
+def test_clicking_a_finding_centres_the_views_on_its_segment(core, tmp_path, monkeypatch, ext, transformed):
+    """Issue 23: the findings table lists the server's measurements; a click moves every slice view to the finding's
+    centroid in world RAS (under the CT's parent transform), where the loaded segmentation holds that finding."""
+    ct, _ = load_ct(core, tmp_path, transformed)
+    views = slice_views(core.scene)
+    widget, ui = make_widget(core, monkeypatch, ct)
+    result, image, truth = volume_result(widget.logic, ct, tmp_path, ext)
+    widget.onDiagnoseFinished(result)
+    found = result.params["findings"]
+    assert [(f["name"], f["role"]) for f in found] == [("liver tumour", "abnormality"), ("liver", "organ")]
+    ui.findingsTableWidget.setRowCount.assert_called_with(2)
+    ui.findingsTableWidget.setVisible.assert_called_with(True)
+    cells = {(c.args[0], c.args[1]): c.args[2] for c in ui.findingsTableWidget.setItem.call_args_list}
+    tumour = found[0]
+    assert [cells[(0, c)] for c in range(4)] == ["liver tumour, in the liver", f"{tumour['volume_ml']:.1f}",
+                                                  f"{tumour['max_diameter_mm']:.1f}", "2–4"]
+    assert cells[(1, 0)] == "liver" and cells[(1, 3)] == "1–5"
+    for row, finding in enumerate(found):
+        # the server's centroid is the physical centre of the finding's voxels in the exported file (LPS)
+        centre_ijk = np.argwhere(truth[finding["name"]])[:, ::-1].mean(0)
+        lps = image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_ijk))
+        assert np.allclose(finding["centroid_lps_mm"], lps, atol=0.06)
+        holding, selected = click_finding(core, widget, ui, views, ct, row)
+        # one value per voxel in NIfTI; in .seg.nrrd the liver's layer includes the tumour in it
+        assert holding == {finding["name"]} if ext == ".nii.gz" or row else holding == {"liver tumour", "liver"}
+        assert_finding_segment(core, selected, finding)
+        if ext == ".nii.gz":  # and the server's own label file has the finding's label value there
+            labels = sitk.ReadImage(result.label_path)
+            assert labels[labels.TransformPhysicalPointToIndex(lps)] == finding["label_value"]
+    widget.cleanup()
+
+
+@pytest.mark.skipif(not (app_studies.DEMO_MODEL / "model.safetensors").is_file(), reason="the demo model is not shipped")
+def test_shipped_model_findings_on_the_sample_ct_under_a_transform(core, tmp_path, monkeypatch, app_server):
+    """Issue 23 end to end: the module sends the bundled liver-tumour CT (under a parent transform) to a live server
+    with the shipped model; each lesion of the whole-volume answer, clicked, centres the views on its segment."""
+    (tmp_path / "no studies").mkdir()
+    server = app_server("slicer_findings", copy_studies=tmp_path / "no studies")["server"]
+    ct = core.slicer.util.loadVolume(str(app_studies.APP_DIR / "sample-studies" / "ct_liver_tumour.nii.gz"))
+    put_under_transform(core, ct)
+    views = slice_views(core.scene)
+    widget, ui = make_widget(core, monkeypatch, ct)
+    widget.logic.client = RadDiagClient(server.url, timeout=(5, 900))
+    widget.logic.consent = core.module.UploadConsent(DictSettings(), lambda url: (True, False))  # "Yes" to the upload
+    job = widget.logic.startDiagnosis(ct, DEFAULT_QUESTION, "raddiagseg")
+    assert job.wait(900) and job.state == "done", job.error
+    widget.onDiagnoseFinished(job.result)
+    lesions = [r for r, f in enumerate(job.result.params["findings"]) if f["role"] == "abnormality"]
+    assert lesions, job.result.answer
+    for row in lesions:
+        finding = job.result.params["findings"][row]
+        holding, selected = click_finding(core, widget, ui, views, ct, row)
+        assert finding["name"] in holding, (finding, holding)
+        assert_finding_segment(core, selected, finding)
+    widget.cleanup()
+
+
+def test_findings_of_older_servers_and_slice_answers_leave_the_table_hidden(core, tmp_path, monkeypatch):
+    ct, _ = load_ct(core, tmp_path, transformed=False)
+    widget, ui = make_widget(core, monkeypatch, ct)
+    result, _ = server_result(widget.logic, ct, tmp_path, ".nii.gz")  # no findings, no domain, no model keys
+    widget.onDiagnoseFinished(result)
+    ui.findingsTableWidget.setRowCount.assert_called_with(0)
+    ui.findingsTableWidget.setVisible.assert_called_with(False)
+    widget.onFindingClicked(0, 0)  # a stale click does nothing
+    assert finding_rows({"findings": [{"name": "liver tumour"}]})[0].centroid_ras is None
+    with pytest.raises(ValueError, match="no position"):
+        widget.logic.jumpToFinding(finding_rows({"findings": [{"name": "liver tumour"}]})[0], ct)
+    widget.cleanup()
+
+
+def test_retrain_panel_shows_the_publishing_decision(core, monkeypatch):
+    """Issue 26: after a run the Retrain panel says whether the new model went live, why, and both models' scores
+    on both sets (train_stats as the app's trainer writes them, followed by RadDiagLib's retrain)."""
+    def summary(score, dice_abn):
+        return {"rows": 15, "score": score, "metrics": {"xray": {"dice_org": 0.968, "dice_abn": dice_abn}}}
+
+    worse = [{"modality": "xray", "metric": "dice_abn", "served": 0.765, "candidate": 0.554}]
+    stats = {"status": "DONE", "published": False, "step": 60, "total_steps": 60, "loss": 0.25,
+             "reason": "X-ray Dice abnormality fell by 0.211 on the reference validation set (tolerance 0.02)",
+             "reference": {"guarded": True},
+             "gate": {"tolerance": 0.02, "sets": {
+                 "reference": {"served": summary(0.87, 0.765), "candidate": summary(0.76, 0.554), "worse": worse},
+                 "heldout_corrections": {"served": summary(0.7, 0.5), "candidate": summary(0.8, 0.6), "worse": []}}}}
+
+    class TrainingServer(FakeClient):
+        def start_training(self, model, params=None):
+            return {"id": "train-1"}
+
+        def training_status(self):
+            return {"id": "train-1", "status": "DONE"}
+
+        def train_stats(self, model):
+            return stats
+
+    widget, ui = make_widget(core, monkeypatch)
+    widget.logic.client = TrainingServer()
+    monkeypatch.setattr(core.module, "retrain", lambda client, model, ctx: retrain(client, model, ctx, poll_s=0.01))
+    widget.onRetrainOrCancel()
+    ui.retrainButton.setText.assert_called_with("Stop following")
+    assert widget.job.wait(5) and widget.job.state == "done", widget.job.error
+    widget.pollJob()
+    shown = ui.trainingStatusLabel.setText.call_args[0][0]
+    assert shown.startswith("Training finished; the old model stays live (X-ray Dice abnormality fell by 0.211")
+    assert "Reference validation set (15 rows): score 0.870 → 0.760" in shown
+    assert "X-ray: Dice organ 0.968 → 0.968, Dice abnormality 0.765 → 0.554 (worse)" in shown
+    assert "Held-out corrections (15 rows): score 0.700 → 0.800" in shown
+    ui.retrainButton.setText.assert_called_with("Retrain")
+    widget.cleanup()

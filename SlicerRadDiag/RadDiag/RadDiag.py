@@ -19,8 +19,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 import RadDiagLib
-from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, RVLS2M_CHOICES, BackgroundJob, RadDiagClient, ServerError,
-                        UploadConsent, UrlHistory, answer_html, export_order, infer_options)
+from RadDiagLib import (DEFAULT_MODEL, DEFAULT_QUESTION, FINDING_COLUMNS, RVLS2M_CHOICES, BackgroundJob, RadDiagClient,
+                        ServerError, UploadConsent, UrlHistory, answer_html, domain_warning, export_order,
+                        finding_rows, infer_options)
 from RadDiagLib.client import normalise_url
 from RadDiagLib.geometry import modality_hint, slice_index_at
 from RadDiagLib.labelmap import seg_nrrd_segments, read_nrrd
@@ -301,6 +302,30 @@ class RadDiagLogic(ScriptedLoadableModuleLogic):
         slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(
             segment, slicer.vtkSlicerSegmentationsModuleLogic.InProgress)
 
+    # ------------------------------------------------------------------ findings
+    @staticmethod
+    def findingWorldPosition(row, volumeNode):
+        """World RAS of a finding's centroid (a FindingRow): the server measured it in the volume's own frame,
+        so it goes through the volume's parent transform (linear or not)."""
+        if row.centroid_ras is None:
+            raise ValueError(f"The server gave no position for {row.name or 'this finding'}.")
+        if volumeNode is None or volumeNode.GetScene() is None:
+            raise ValueError("The image this answer is about is no longer in the scene.")
+        world = [0.0, 0.0, 0.0]
+        volumeNode.TransformPointToWorld(list(row.centroid_ras), world)
+        return world
+
+    def jumpToFinding(self, row, volumeNode):
+        """Centre every slice view on the finding (what Markups' "jump to point" does); returns the world point."""
+        world = self.findingWorldPosition(row, volumeNode)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *world, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return world
+
+    def findingSegmentId(self, segmentationNode, row):
+        """ID of the segment that holds the finding (segments are named as the server named its targets), or None."""
+        segment = self.findSegment(segmentationNode.GetSegmentation(), row.name) if segmentationNode else None
+        return segmentationNode.GetSegmentation().GetSegmentIdBySegment(segment) if segment else None
+
     # ------------------------------------------------------------------ submit
     def currentSpecs(self, segmentationNode):
         """[(segment ID, SegmentSpec)] of the segments as the user left them (names, colours may be edited)."""
@@ -373,6 +398,8 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobKind = None
         self.lastResult = None
         self.segmentationNode = None
+        self.findings = []  # FindingRows of the last answer, in table order
+        self.answerVolume = None  # the image they were measured in
         self.timer = None
 
     def setup(self):
@@ -404,6 +431,10 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.ttsCheckBox.connect("toggled(bool)", self.ui.ttsMasksSpinBox.setEnabled)
         self.ui.ttsAnswersSpinBox.setEnabled(False)
         self.ui.ttsMasksSpinBox.setEnabled(False)
+        self.ui.findingsTableWidget.setColumnCount(len(FINDING_COLUMNS))
+        self.ui.findingsTableWidget.setHorizontalHeaderLabels(list(FINDING_COLUMNS))
+        self.ui.findingsTableWidget.setVisible(False)
+        self.ui.findingsTableWidget.connect("cellClicked(int,int)", self.onFindingClicked)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
 
@@ -442,6 +473,8 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
         self.segmentationNode = None
         self.lastResult = None
+        self.answerVolume = None
+        self.showFindings([])
         self.ui.segmentEditorWidget.setSegmentationNode(None)
         self.ui.segmentEditorWidget.removeViewObservations()
         self.ui.submitButton.setEnabled(False)
@@ -504,10 +537,10 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.connectionStatusLabel.setText(f"Not connected: {e}")
 
     def modelOptions(self):
-        """Infer params of the Options section (test-time scaling, RVLS2M, chain of thought)."""
+        """Infer params of the Options section (test-time scaling, RVLS2M, chain of thought, answer anyway)."""
         return infer_options(tts=self.ui.ttsCheckBox.checked, tts_answers=self.ui.ttsAnswersSpinBox.value,
                              tts_masks=self.ui.ttsMasksSpinBox.value, rvls2m=self.ui.rvls2mComboBox.currentText,
-                             cot=self.ui.cotCheckBox.checked)
+                             cot=self.ui.cotCheckBox.checked, force=self.ui.forceCheckBox.checked)
 
     def onDiagnoseOrCancel(self, *args):
         if self.job is not None and self.jobKind == "diagnose":
@@ -565,6 +598,32 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.startJob(job, "retrain")
         self.ui.retrainButton.setText("Stop following")
+
+    def showFindings(self, rows):
+        """Fill the findings table (hidden when the answer has none: slice answers, older servers)."""
+        self.findings = rows
+        table = self.ui.findingsTableWidget
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row.cells):
+                table.setItem(r, c, qt.QTableWidgetItem(text))  # read-only: editTriggers in RadDiag.ui
+        table.setVisible(bool(rows))
+
+    def onFindingClicked(self, row, column=0):
+        """Centre the slice views on the clicked finding and select its segment in the editor."""
+        if not 0 <= row < len(self.findings):
+            return
+        finding = self.findings[row]
+        try:
+            world = self.logic.jumpToFinding(finding, self.answerVolume)
+        except ValueError as e:
+            self.ui.statusLabel.setText(str(e))
+            return
+        segmentId = self.logic.findingSegmentId(self.segmentationNode, finding)
+        if segmentId:
+            self.ui.segmentEditorWidget.setCurrentSegmentID(segmentId)
+        self.ui.statusLabel.setText(f"{finding.cells[0]}: views centred on R {world[0]:.1f}, A {world[1]:.1f}, "
+                                    f"S {world[2]:.1f} mm.")
 
     def onOpenSegmentEditor(self, *args):
         if self.segmentationNode is None:
@@ -627,6 +686,8 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         self.lastResult = result
         self.ui.answerBrowser.setHtml(answer_html(result.params, result.specs))
+        self.answerVolume = volumeNode
+        self.showFindings(finding_rows(result.params))
         self.ui.detectionCheckBox.setChecked(bool(result.detection))
         self.ui.diagnosisLineEdit.setText(result.diagnosis or "")
         self.ui.answerTextEdit.setPlainText(result.answer)
@@ -638,8 +699,9 @@ class RadDiagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.submitButton.setEnabled(True)
         empty = ", ".join(s.name for s in result.empty)
         latency = (result.params.get("latencies") or {}).get("total")
+        outside = " Outside the model's domain: see the warning in the answer." if domain_warning(result.params) else ""
         self.ui.statusLabel.setText(f"Answered{f' in {latency:.1f} s' if isinstance(latency, (int, float)) else ''}."
-                                    + (f" No voxels for: {empty} (empty segments created)." if empty else ""))
+                                    + outside + (f" No voxels for: {empty} (empty segments created)." if empty else ""))
         self.ui.progressBar.setVisible(False)
 
     def onSubmitFinished(self, result):
@@ -662,6 +724,8 @@ class RadDiagTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_LoadResultAndExportCorrection()
+        self.setUp()
+        self.test_JumpToFinding()
 
     def test_LoadResultAndExportCorrection(self):
         import numpy as np
@@ -699,4 +763,30 @@ class RadDiagTest(ScriptedLoadableModuleTest):
         exported = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(correction))
         self.assertEqual(set(int(v) for v in np.unique(exported)), {0, 1, 3})  # the tumour segment is empty
         self.assertEqual(int((exported == 3).sum()), 16)
+        self.delayDisplay("Test passed")
+
+    def test_JumpToFinding(self):
+        from RadDiagLib import finding_rows
+
+        self.delayDisplay("A finding of a volume under a transform")
+        volumeNode = slicer.util.addVolumeFromArray(np.zeros((6, 32, 32), np.int16), name="phantom")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 15.0)
+        matrix.SetElement(2, 3, -4.0)
+        transform.SetMatrixTransformToParent(matrix)
+        volumeNode.SetAndObserveTransformNodeID(transform.GetID())
+        # the server's centroid of voxels i 8..11, j 8..11, k 2..3: RAS (9.5, 9.5, 2.5) is LPS (-9.5, -9.5, 2.5)
+        (row,) = finding_rows({"findings": [{"name": "lesion", "role": "abnormality", "volume_ml": 0.032,
+                                             "max_diameter_mm": 5.2, "slices": [2, 3],
+                                             "centroid_lps_mm": [-9.5, -9.5, 2.5]}]})
+        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        if sliceNode is None:  # no layout (e.g. slicer-core): a slice node as the layout manager makes one
+            sliceNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+        world = RadDiagLogic(settings=RadDiagLib.DictSettings(), ask=lambda url: (True, False)).jumpToFinding(
+            row, volumeNode)
+        self.assertEqual([round(v, 6) for v in world], [24.5, 9.5, -1.5])
+        sliceToRas = sliceNode.GetSliceToRAS()
+        for axis in range(3):
+            self.assertAlmostEqual(sliceToRas.GetElement(axis, 3), world[axis], places=6)
         self.delayDisplay("Test passed")

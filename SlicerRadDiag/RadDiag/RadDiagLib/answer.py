@@ -1,7 +1,9 @@
 """The answer panel's HTML: the model's text escaped, detection and diagnosis highlighted.
 
 Model output is untrusted text; it is always HTML-escaped before any markup is added. Seg
-tokens become the name of the segment they produced, in its colour.
+tokens become the name of the segment they produced, in its colour. Every answer says which
+model gave it (the response's `model`), and an image outside the model's domain (`domain`) is
+flagged above everything else. Servers that send neither key are still displayed.
 """
 
 import html
@@ -10,6 +12,7 @@ import re
 SEG_TOKEN_RE = re.compile(r"&lt;seg(\d{3})&gt;")
 POSITIVE = "#c0392b"
 NEGATIVE = "#1e8449"
+WARNING = "#fde2c4"
 MAX_SLICE_ROWS = 40
 
 
@@ -58,35 +61,55 @@ def _slice_rows(slices):
     return list(slices or []), None
 
 
-def model_line(params):
-    """Which model answered, what it was trained on and that it is not for clinical use (issue 21), or ""."""
+def model_notice(params):
+    """Which model answered and what it may be used for, e.g. "Answered by raddiagseg-demo: trained on
+    synthetic phantoms only, not for clinical use"; "" when the server does not say."""
     model = params.get("model")
-    if not isinstance(model, dict) or not model.get("name"):
-        return ""
+    if not isinstance(model, dict):
+        return f"Answered by {model}." if isinstance(model, str) and model else ""
+    if model.get("notice"):
+        return str(model["notice"])
+    if not model.get("name"):
+        version = model.get("version")
+        return (f"Answered by model version {version}; the server does not say what it was trained on."
+                if version else "")
     text = f"Answered by {model['name']}"
     if model.get("trained_on"):
-        text += f", trained on {model['trained_on']}"
-    if model.get("clinical_use"):
-        text += f"; {model['clinical_use']}"
+        text += f": trained on {model['trained_on']}"
+    if model.get("clinical_use") is False:
+        text += ", not for clinical use"
     return text + "."
 
 
-def domain_line(params):
-    """The domain guard's warning when the image is outside the model's domain, or ""."""
+def domain_warning(params):
+    """Why the image is outside the model's domain and what that did to the answer; "" when it is inside
+    (or the server has no domain check)."""
     domain = params.get("domain")
     if not isinstance(domain, dict) or domain.get("in_domain") is not False:
         return ""
-    return f"Outside the model's domain: {domain.get('reason') or 'no reason given'}"
+    text = "This image is outside what the model was trained on"
+    if domain.get("reason"):
+        text += f": {str(domain['reason']).rstrip('.')}"
+    score, threshold = domain.get("score"), domain.get("threshold")
+    if isinstance(score, (int, float)) and isinstance(threshold, (int, float)):
+        text += f" (domain score {score:.3g}, threshold {threshold:.3g})"
+    if params.get("detection") is None and not params.get("diagnosis"):
+        return text + ". No diagnosis was given. To answer anyway, tick \"Answer anyway\" in Options and ask again."
+    return text + ". Answered anyway on request: do not rely on this answer."
 
 
 def answer_html(params, specs=()):
-    """Full answer panel for an /infer response: which model answered, summary, highlighted answer, per-slice table."""
+    """Full answer panel for an /infer response: domain warning, model notice, summary, highlighted answer,
+    per-slice table."""
     parts = []
-    if model_line(params):
-        parts.append(f'<i style="color:#7f8c8d">{html.escape(model_line(params))}</i>')
-    if domain_line(params):
-        parts.append(f'<b style="color:{POSITIVE}">{html.escape(domain_line(params))}</b>')
-    parts.append(_detection_text(params.get("detection")))
+    warning = domain_warning(params)
+    if warning:
+        parts.append(f'<p style="background-color:{WARNING}; color:black"><b>Warning:</b> {html.escape(warning)}</p>')
+    notice = model_notice(params)
+    if notice:
+        parts.append(f"<i>{html.escape(notice)}</i>")
+    no_answer = warning and params.get("detection") is None
+    parts.append("<b>No diagnosis given</b>" if no_answer else _detection_text(params.get("detection")))
     if params.get("diagnosis"):
         parts.append(f'Diagnosis: <b style="background-color:#fff3b0">{html.escape(str(params["diagnosis"]))}</b>')
     parts.append("<hr>" + (answer_lines_html(params.get("answer", ""), specs) or "<i>(empty answer)</i>"))

@@ -7,14 +7,16 @@ option still answers a plain request.
   agreed (`uncertainty` = 1 - mean agreement);
 - RVLS2M region prompts: "model default" (as the model was trained), "on" or "off";
 - chain of thought: the model reasons (modality -> finding -> diagnosis) before its answer;
-  the response's `reasoning` holds that text.
+  the response's `reasoning` holds that text;
+- answer anyway (`force`, issue 21): an image outside the model's domain gets a diagnosis and segments
+  too, still flagged in the response's `domain`.
 """
 
 RVLS2M_CHOICES = ("model default", "on", "off")
 MAX_TTS = 16
 
 
-def infer_options(tts=False, tts_answers=4, tts_masks=4, rvls2m="model default", cot=False):
+def infer_options(tts=False, tts_answers=4, tts_masks=4, rvls2m="model default", cot=False, force=False):
     """The infer params for these option settings (an empty dict for the defaults)."""
     if rvls2m not in RVLS2M_CHOICES:
         raise ValueError(f"RVLS2M must be one of {', '.join(RVLS2M_CHOICES)}, got {rvls2m!r}")
@@ -28,4 +30,6 @@ def infer_options(tts=False, tts_answers=4, tts_masks=4, rvls2m="model default",
         options["rvls2m"] = rvls2m == "on"
     if cot:
         options["cot"] = True
+    if force:
+        options["force"] = True
     return options
