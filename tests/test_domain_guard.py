@@ -68,7 +68,7 @@ def assert_refused(result, what):
     assert result["detection"] is None and result["diagnosis"] is None, (what, result["answer"])
     assert result["segments"] == [] and result["label_names"] == {}, what
     assert result["answer"].startswith("Not answered: this image is outside what the model raddiagseg-demo was "
-                                       "trained on (synthetic phantoms only"), result["answer"]
+                                       "trained on: synthetic phantoms only"), result["answer"]
     assert domain["reason"] in result["answer"]
 
 
@@ -76,8 +76,11 @@ def test_real_package_images_are_refused_with_no_diagnosis(infer, real_images):
     for what, path in real_images.items():
         result = infer(path)
         assert_refused(result, what)
-        if result["domain"]["score"] is not None:  # scored (not refused for its modality alone): a clear margin
-            assert result["domain"]["score"] > 1.5 * result["domain"]["threshold"], (what, result["domain"])
+        verdicts = [s["domain"] for s in result["slices"]] or [result["domain"]]  # a volume: each slice's own
+        for verdict in verdicts:
+            assert verdict["in_domain"] is False, (what, verdict)
+            if verdict["score"] is not None:  # scored (not refused for its modality alone): by a clear margin
+                assert verdict["score"] > 1.5 * verdict["threshold"], (what, verdict)
 
 
 def test_modality_is_returned_with_how_it_was_inferred(infer, real_images, tmp_path):
@@ -129,10 +132,11 @@ def test_every_answer_names_the_model_and_says_not_for_clinical_use(infer, tmp_p
     result = infer(_phantom_xray(tmp_path, 4005))
     model = result["model"]
     assert model["name"] == "raddiagseg-demo" and model["trained_on"].startswith("synthetic phantoms only"), model
-    assert model["clinical_use"] is False and "not for clinical use" in model["notice"], model
+    assert model["clinical_use"] is False and model["notice"].startswith(
+        "Answered by raddiagseg-demo: trained on synthetic phantoms only") and "not for clinical use" in model["notice"]
     info = infer.task.info()["model"]
-    assert {k: info[k] for k in ("name", "trained_on", "clinical_use", "notice")} == \
-        {k: model[k] for k in ("name", "trained_on", "clinical_use", "notice")}
+    keys = ("name", "trained_on", "clinical_use", "notice")
+    assert {k: info[k] for k in keys} == {k: model[k] for k in keys}
 
 
 def test_no_xray_answer_names_a_ct_only_diagnosis(infer, real_images, tmp_path):
@@ -172,6 +176,8 @@ def test_an_answer_of_the_other_modality_is_withheld():
 def test_slicer_answer_panel_says_which_model_answered_and_why_it_refused(infer, real_images):
     from RadDiagLib import answer_html
 
-    text = answer_html(infer(real_images["camera photo"]))
-    assert "Answered by raddiagseg-demo, trained on synthetic phantoms only" in text and "not for clinical use" in text
-    assert "Outside the model&#x27;s domain:" in text and "Not answered: this image is outside" in text
+    result = infer(real_images["camera photo"])
+    text = answer_html(result)
+    assert "Answered by raddiagseg-demo: trained on synthetic phantoms only" in text and "not for clinical use" in text
+    assert "This image is outside what the model was trained on: the image is unlike the model&#x27;s chest X-ray " \
+           "training images" in text and "No diagnosis was given." in text and "No diagnosis given" in text

@@ -67,5 +67,5 @@ class Screen:
 
 def refusal(verdict, identity):
     """The answer given instead of a diagnosis for an image out of domain."""
-    return (f"Not answered: this image is outside what the model {identity['name']} was trained on "
-            f"({identity['trained_on']}): {verdict['reason']}. Send force=true to get its answer anyway.")
+    return (f"Not answered: this image is outside what the model {identity['name']} was trained on: "
+            f"{identity['trained_on']}. Why: {verdict['reason']}. Send force=true to get its answer anyway.")

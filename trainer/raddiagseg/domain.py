@@ -31,8 +31,7 @@ HIST_BINS = 16
 THUMB = 8  # thumbnail side
 BLOCKS = ("vision", "clip", "pixels")
 MODALITY_TITLES = {"ct": "CT", "xray": "chest X-ray", "mri": "MR"}
-CLINICAL_USE = "not for clinical use: research software, not a medical device"
-PHANTOMS_TRAINED_ON = "synthetic phantoms only (CT slices of liver/pancreas volumes and chest X-rays from `raddiagseg phantoms`)"
+PHANTOMS_TRAINED_ON = "synthetic phantoms only (CT slices of liver/pancreas volumes and chest X-rays, `raddiagseg phantoms`)"
 SOURCE_TITLES = {"param": "the request's modality", "dicom": "the DICOM header", "intensities": "its intensities"}
 
 
@@ -170,13 +169,13 @@ class DomainStats:
 
 
 def model_identity(folder, stats=None):
-    """{name, trained_on, clinical_use (always False), notice} of the model in `folder`, said in every answer and
-    in /info/; `notice` is the sentence clients show (the Slicer answer panel does)."""
+    """{name, trained_on, clinical_use (always False: research software, not a medical device), notice (the sentence
+    clients show)} of the model in `folder`, said in every answer and in /info/."""
     folder = Path(folder)
     trained_on = (stats.meta.get("trained_on") if stats is not None else None) or \
-        "not recorded (the model folder has no domain statistics)"
+        "data not recorded (the model folder has no domain statistics)"
     return {"name": folder.name, "trained_on": trained_on, "clinical_use": False,
-            "notice": f"Answered by {folder.name}, trained on {trained_on}; {CLINICAL_USE}."}
+            "notice": f"Answered by {folder.name}: trained on {trained_on}, not for clinical use"}
 
 
 def _title(modality):
@@ -277,12 +276,16 @@ def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None):
     return manifest
 
 
-def write_stats(model, folder, fit_manifest, calib_manifest, quantile=DEFAULT_QUANTILE, components=COMPONENTS,
+def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_QUANTILE, components=COMPONENTS,
                 batch_size=16, meta=None):
-    """Fit on `fit_manifest`'s images, calibrate on `calib_manifest`'s (held out), save in `folder`; returns
-    (DomainStats, {modality: share of the calibration images in domain})."""
+    """Fit on `fit_manifest`'s images, calibrate on those of `calib_manifests` (held out, pooled), save in `folder`;
+    returns (DomainStats, {modality: share of the calibration images in domain}).
+
+    Slices of one volume are alike, so the quantile's tail is set by whole volumes: calibrate on many volumes."""
     fit = manifest_descriptors(model, fit_manifest, batch_size)
-    held_out = manifest_descriptors(model, calib_manifest, batch_size)
+    parts = [manifest_descriptors(model, m, batch_size) for m in calib_manifests]
+    held_out = {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
+                for m in sorted({m for p in parts for m in p})}
     missing = sorted(set(fit) ^ set(held_out))
     if not fit or missing:
         raise ValueError(f"fit and calibration data must hold the same modalities (ct/xray); got {sorted(fit)} "
@@ -306,11 +309,12 @@ def register(subparsers):
     )
     p.add_argument("--model", required=True, type=Path, help="model folder (save_pretrained); the stats are written there")
     p.add_argument("--fit-data", type=Path, default=None, help="manifest of the model's training images")
-    p.add_argument("--calib-data", type=Path, default=None, help="manifest of held-out in-domain images")
+    p.add_argument("--calib-data", type=Path, nargs="+", default=None, help="manifest(s) of held-out in-domain images")
     p.add_argument("--fit-seed", type=int, default=1234, help="phantom seed of the fit images (default 1234)")
-    p.add_argument("--calib-seed", type=int, default=2718, help="phantom seed of the calibration images (default 2718)")
-    p.add_argument("--ct-volumes", type=int, default=80, help="phantom CT volumes to fit on (half as many calibrate)")
-    p.add_argument("--xrays", type=int, default=600, help="phantom X-rays to fit on (half as many calibrate)")
+    p.add_argument("--calib-seed", type=int, nargs="+", default=[2718, 2719],
+                   help="phantom seed(s) of the calibration images, each half as many as the fit (default 2718 2719)")
+    p.add_argument("--ct-volumes", type=int, default=80, help="phantom CT volumes to fit on")
+    p.add_argument("--xrays", type=int, default=600, help="phantom X-rays to fit on")
     p.add_argument("--work", type=Path, default=None, help="folder for the phantoms (default: a temporary one)")
     p.add_argument("--trained-on", default=None,
                    help="what the model was trained on, said in every answer (default for phantoms: synthetic phantoms only)")
@@ -337,12 +341,13 @@ def run_domain_stats(args):
         if args.fit_data is None:
             work = args.work or Path(tmp)
             fit = phantom_manifest(work, args.fit_seed, args.ct_volumes, args.xrays)
-            calib = phantom_manifest(work, args.calib_seed, max(1, args.ct_volumes // 2), max(1, args.xrays // 2))
+            calib = [phantom_manifest(work, seed, max(1, args.ct_volumes // 2), max(1, args.xrays // 2))
+                     for seed in args.calib_seed]
             meta = {"data": "phantoms", "fit_seed": args.fit_seed, "calibration_seed": args.calib_seed,
                     "trained_on": args.trained_on or PHANTOMS_TRAINED_ON}
         else:
             fit, calib = args.fit_data, args.calib_data
-            meta = {"data": "manifests", "fit": str(fit), "calibration": str(calib),
+            meta = {"data": "manifests", "fit": str(fit), "calibration": ", ".join(str(c) for c in calib),
                     "trained_on": args.trained_on or f"the images of {fit.name} (not recorded further)"}
         stats, rates = write_stats(model, args.model, fit, calib, args.quantile, args.components, args.batch_size, meta)
     for modality in stats.modalities:
@@ -351,3 +356,30 @@ def run_domain_stats(args):
               f"fitted on {stats.meta['images'][modality]['fit']}")
     print(f"wrote {args.model / STATS_FILE}")
     return 0
+
+
+def card_section(folder):
+    """The model card's "Domain" section, from the statistics in `folder` (or saying they are missing)."""
+    stats = DomainStats.load(folder)
+    identity = model_identity(folder, stats)
+    lines = ["## Domain", "", f"- Trained on: {identity['trained_on']}.",
+             "- Use: not for clinical use (research software, not a medical device).",
+             "- The app's domain guard (`raddiagseg.domain`, statistics in `domain_stats.safetensors`) refuses to "
+             "diagnose images unlike the training images (answer with `force: true` to override; still flagged)."]
+    if stats is None:
+        lines.append("- This folder has no domain statistics: every answer says `in_domain: null`; run "
+                     "`raddiagseg domain-stats --model DIR`.")
+        return "\n".join(lines) + "\n"
+    seeds = stats.meta.get("calibration_seed")
+    seeds = ", ".join(str(s) for s in seeds) if isinstance(seeds, list) else seeds
+    source = (f"phantoms of seed {stats.meta.get('fit_seed')} (fit) and unseen seed(s) {seeds} (calibration)" if stats.meta.get("data") == "phantoms" else
+              f"{stats.meta.get('fit')} (fit) and {stats.meta.get('calibration')} (calibration)")
+    lines.append(f"- Statistics from {source}; threshold = {stats.meta.get('quantile')} quantile of the calibration "
+                 "images' scores:")
+    lines += ["", "| modality | fit images | calibration images | threshold |", "|---|---|---|---|"]
+    for m in stats.modalities:
+        counts = stats.meta.get("images", {}).get(m, {})
+        lines.append(f"| {_title(m)} | {counts.get('fit')} | {counts.get('calibration')} | {stats.thresholds[m]:.3f} |")
+    lines += ["", f"- Images of another modality ({', '.join(t for m, t in MODALITY_TITLES.items() if m not in stats.blocks)})"
+              " are out of domain."]
+    return "\n".join(lines) + "\n"

@@ -153,7 +153,7 @@ class RadDiagSegInfer(InferTask):
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
             "findings": volume_findings,
-            "agreement": (results[0].agreement or None) if not whole_volume else None,
+            "agreement": (results[0].agreement or None) if not whole_volume and results[0] is not None else None,
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
             "model": {**identity, "version": run_stats["version"]},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
