@@ -143,24 +143,50 @@ def bad_inputs(site):
     return len(cases), ok, server_errors, other
 
 
-def auth_matrix(site):
-    """Endpoints x identities; a cell is wrong when the answer disagrees with the policy or is a 5xx."""
-    from server.auth import ROLE_LEVEL
-    from server.policy import normalise, required_role
+PATH_VALUES = {"model": "raddiagseg", "strategy": "first", "scoring": "x", "id": "nope", "image": "nope",
+               "label": "nope", "tag": "final", "path": "studies", "op": "qido"}
+
+
+def endpoints(site):
+    """tests/test_serving.py's list plus every route MONAI Label documents in its /openapi.json, each with
+    harmless values (ids that do not exist: an admin's DELETE really deletes)."""
     from test_serving import ENDPOINTS
 
     harmless = {"/datastore/image?id=ct1": "/datastore/image?id=nope", "/datastore/label?id=ct1&tag=final":
-                "/datastore/label?id=nope&tag=final"}  # admins really delete: point them at nothing
+                "/datastore/label?id=nope&tag=final"}
+    found = {(m, harmless.get(p, p)) for m, p in ENDPOINTS}
+    spec = requests.get(site.url + "/openapi.json", headers=site.headers("user"), timeout=30).json()
+    for template, operations in spec["paths"].items():
+        path = template
+        for name, value in PATH_VALUES.items():
+            path = path.replace("{" + name + "}", value).replace("{" + name + ":path}", value)
+        for method, operation in operations.items():
+            query = [f"{q['name']}={PATH_VALUES.get(q['name'], 'x')}" for q in operation.get("parameters", [])
+                     if q.get("in") == "query" and q.get("required")]
+            found.add((method.upper(), path + ("?" + "&".join(query) if query else "")))
+    return sorted(found)
+
+
+def auth_matrix(site):
+    """Endpoints x identities; a cell is wrong when the answer disagrees with the policy or is a 5xx."""
+    from server.auth import ROLE_LEVEL
+    from server.policy import PathError, normalise, required_role
+
     identities = {"no token": {}, "wrong token": {"Authorization": "Bearer not-a-token"},
                   **{role: site.headers(role) for role in ROLES}}
+    routes = endpoints(site)
     cells, wrong = 0, []
-    for method, path in ENDPOINTS:
-        path = harmless.get(path, path)
-        need = required_role(method, normalise(path.split("?")[0]))
+    for method, path in routes:
+        try:
+            need = required_role(method, normalise(path.split("?")[0]))
+        except PathError:
+            need = "bad path"
         for who, headers in identities.items():
             reply = requests.request(method, site.url + path, headers=headers, timeout=60)
             cells += 1
-            if need == "public":
+            if need == "bad path":
+                expected_ok = reply.status_code == 400
+            elif need == "public":
                 expected_ok = reply.status_code == 200
             elif who in ("no token", "wrong token"):
                 expected_ok = reply.status_code == 401
@@ -174,7 +200,7 @@ def auth_matrix(site):
                 wrong.append((method, path, who, reply.status_code, reply.text[:100]))
     for cell in wrong:
         print("auth cell wrong:", cell)
-    return cells, wrong
+    return len(routes), cells, wrong
 
 
 def cors(site):
@@ -306,7 +332,7 @@ def main(argv=None):
     site.start()
     try:
         tried, refused, errors, other = bad_inputs(site)
-        cells, wrong = auth_matrix(site)
+        n_routes, cells, wrong = auth_matrix(site)
         cors_checks, cors_wrong = cors(site)
         mem = memory(site)
         leftovers = sorted(p.name for p in site.tmp.iterdir() if not p.name.startswith("torchinductor"))
@@ -320,7 +346,7 @@ def main(argv=None):
         ("5xx (target 0)", len(errors)),
         ("other answers (2xx/3xx, 4xx without a message)", len(other)),
         ("server crashes", site.crashes),
-        ("auth matrix cells (endpoints x no/wrong token, user, annotator, admin)", cells),
+        (f"auth matrix cells ({n_routes} method+path pairs x no/wrong token, user, annotator, admin)", cells),
         ("auth cells wrong", len(wrong)),
         ("CORS checks / wrong", f"{cors_checks} / {cors_wrong}"),
         (f"3 concurrent gzip bombs ({mem['bomb_mb']:.1f} MB, 2 GiB inflated): answers", mem["bomb_status"]),
