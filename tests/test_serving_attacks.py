@@ -304,6 +304,16 @@ def test_inputs_that_answered_500_are_4xx_with_a_message(env, name, method, path
     assert requests.get(env["url"] + "/info/", headers=h(env, "user"), timeout=10).status_code == 200
 
 
+def test_gpu_info_is_nvidia_smi_or_a_404_saying_there_is_none(env):
+    import shutil
+
+    reply = requests.get(env["url"] + "/logs/gpu", headers=h(env, "admin"), timeout=60)
+    if shutil.which("nvidia-smi"):  # the server runs on this machine
+        assert reply.status_code == 200 and "NVIDIA" in reply.text
+    else:
+        assert reply.status_code == 404 and "nvidia-smi" in _detail(reply)
+
+
 def test_image_check_with_an_unknown_checksum_algorithm_is_a_400_and_a_right_one_matches(env):
     url, headers = env["url"] + "/datastore/image", h(env, "user")
     digest = hashlib.sha256((env["studies"] / "ct1.nii.gz").read_bytes()).hexdigest()

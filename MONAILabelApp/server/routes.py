@@ -144,6 +144,17 @@ class Overrides:
 
         register_datastore_routes(self.app, limits)
 
+        @self.app.get("/logs/gpu")
+        async def gpu_info():
+            """MONAI Label's answered 500 on a machine without nvidia-smi, and blocked the event loop."""
+            import shutil
+            import subprocess
+
+            if shutil.which("nvidia-smi") is None:
+                raise InputError(404, "this server has no NVIDIA GPU tools (nvidia-smi not found)")
+            done = await asyncio.to_thread(subprocess.run, ["nvidia-smi"], capture_output=True, text=True, timeout=30)
+            return Response(content=done.stdout, media_type="text/plain")
+
     def route_for(self, method: str, path: str) -> str | None:
         """The path (with or without a final '/') one of our routes serves for ``method path``, else None."""
         for candidate in dict.fromkeys((path, path.rstrip("/") or "/", path.rstrip("/") + "/")):
