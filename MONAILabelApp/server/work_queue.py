@@ -7,8 +7,9 @@ thread and every request is a :class:`Job` with an id, a place in the queue and 
 - capacity: requests beyond ``capacity`` (running + waiting) are refused at once (503);
 - share: one user holds at most ``per_user`` of those slots (429), so others still get in;
 - estimates: the mean of the measured run times of recent jobs of the same kind, times the jobs
-  ahead, over the workers; a running job counts what is left of it (its own per-slice ETA when it
-  reports progress). ``Retry-After`` on a refusal is the ETA the request would have had;
+  ahead, over the workers; a running job counts what is left of it (the mean less its time so far, or
+  its own per-slice ETA when that is longer). ``Retry-After`` on a refusal is the ETA the request
+  would have had;
 - cancellation: a job whose client hung up is dropped before it runs, or, while it runs, stopped at
   its next progress report (``Job.report`` raises :class:`Cancelled`), so it frees its slot.
 """
@@ -104,10 +105,11 @@ class ModelQueue:
         return max([1.0, *elapsed])
 
     def _remaining_s(self, job: Job, now: float) -> float:
+        """A running job: the longer of the mean less its time so far and the model's own estimate (which
+        counts only the slices planned so far; a volume plans more as it goes)."""
         if job.state == "running":
-            if job.model_eta_s is not None:
-                return float(job.model_eta_s)
-            return max(0.0, self.typical_s(job.key) - (now - job.started))
+            left = max(0.0, self.typical_s(job.key) - (now - job.started))
+            return max(left, float(job.model_eta_s or 0.0))
         return self.typical_s(job.key)
 
     def estimates(self) -> dict[str, tuple[int, float]]:
