@@ -8,9 +8,10 @@ Model as in benchmarks/load.py (the shipped demo model); the study is a 32-slice
 a whole volume (about 19 slices answered; 4-5 s with its image features cached, 15-19 s without, on 2 CPU cores).
 Three parts, each on a fresh server:
 
-1. retry: capacity 2 (both for one user); user A fills it with two whole-volume answers, user B asks a third and gets
-   503. B then re-sends every 0.25 s until accepted. Every request has its own display window, so none reuses cached
-   features. Prints Retry-After against B's actual wait (503 -> accepted, 503 -> answered).
+1. retry: capacity 2 (both for one user). Each run: user A asks 6 single slices (a mixed load, as in issue 19's
+   "3 s while the last accepted request took 137 s"), then fills the queue with two whole-volume answers; user B asks a
+   third and gets 503, then re-sends every 0.25 s until accepted. Every whole-volume request has its own display
+   window, so none reuses cached features. Prints Retry-After against B's actual wait (503 -> accepted, -> answered).
 2. abandoned: capacity 10; one whole-volume request that waits, then N clients send whole-volume requests and hang up
    after 1 s, then a fresh one-slice request. Counts the abandoned requests the model still ran (the app's log line
    per answer) and the fresh request's latency.
@@ -106,6 +107,8 @@ def part_retry(server, runs):
     rows = []
     with ThreadPoolExecutor(2) as pool:
         for _ in range(runs):
+            for _ in range(6):
+                assert server.infer("alice", SLICE).status_code == 200
             ahead = [pool.submit(server.infer, "alice", cold()) for _ in range(2)]
             time.sleep(1.0)
             refused = server.infer("bob", cold())
