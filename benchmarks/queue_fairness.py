@@ -4,10 +4,14 @@
     .venv/bin/python benchmarks/queue_fairness.py                      # this checkout
     .venv/bin/python benchmarks/queue_fairness.py --repo /work/main    # another checkout's serve.py ("before")
 
-Studies and model as in benchmarks/load.py (a phantom CT, the shipped demo model). Three parts, each on a fresh server:
+Model as in benchmarks/load.py (the shipped demo model); the study is a 32-slice 128 x 128 phantom CT, asked about as
+a whole volume (about 19 slices answered; 4-5 s with its image features cached, 15-19 s without, on 2 CPU cores).
+Three parts, each on a fresh server:
 
-1. retry: capacity 2 (both for one user); user A fills it with two whole-volume answers, user B asks a third and gets 503. B then
-   re-sends every 0.25 s until accepted. Prints Retry-After against B's actual wait (503 -> accepted, 503 -> answered).
+1. retry: capacity 2 (both for one user). Each run: user A asks 6 single slices (a mixed load, as in issue 19's
+   "3 s while the last accepted request took 137 s"), then fills the queue with two whole-volume answers; user B asks a
+   third and gets 503, then re-sends every 0.25 s until accepted. Every whole-volume request has its own display
+   window, so none reuses cached features. Prints Retry-After against B's actual wait (503 -> accepted, -> answered).
 2. abandoned: capacity 10; one whole-volume request that waits, then N clients send whole-volume requests and hang up
    after 1 s, then a fresh one-slice request. Counts the abandoned requests the model still ran (the app's log line
    per answer) and the fresh request's latency.
@@ -20,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +31,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import requests
+import SimpleITK as sitk
 from load import prepare, start, wait_ready
 from repo_paths import ROOT
+from serving_helpers import send_infer
 
 VOLUME = {"max_new_tokens": 16, "batch_size": 1}
 SLICE = {"max_new_tokens": 16, "slice": 2}
+STUDY = "ctbig"
 ANSWER_LINE = "raddiagseg: "  # the app logs one line per answer (lib/infers/raddiagseg.py)
 
 
@@ -53,7 +60,7 @@ class Server:
         return {"Authorization": f"Bearer {self.tokens[who]}"}
 
     def infer(self, who, params):
-        return requests.post(f"{self.url}/infer/raddiagseg", params={"image": "ct", "output": "json"},
+        return requests.post(f"{self.url}/infer/raddiagseg", params={"image": STUDY, "output": "json"},
                              headers=self.headers(who), data={"params": json.dumps(params)}, timeout=900)
 
     def answers_logged(self):
@@ -65,14 +72,8 @@ class Server:
 
 
 def hang_up_after(server, who, params, seconds):
-    """An infer request on a raw socket, closed after `seconds` without reading the answer."""
-    prepared = requests.Request("POST", f"{server.url}/infer/raddiagseg", params={"image": "ct", "output": "json"},
-                                headers=server.headers(who), data={"params": json.dumps(params)}).prepare()
-    host, port = server.url.removeprefix("http://").split(":")
-    head = f"POST {prepared.path_url} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in prepared.headers.items()) + "\r\n"
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head.encode() + prepared.body.encode())
+    """An infer request closed after `seconds` without reading the answer."""
+    with send_infer(server.url, server.headers(who), STUDY, params):
         time.sleep(seconds)
 
 
@@ -87,22 +88,39 @@ def settle(server, quiet_s=15, limit_s=300):
     return last
 
 
+def write_study(studies: Path):
+    from raddiagseg.data import phantoms
+
+    ct = phantoms.generate_ct(np.random.default_rng(1), "liver", size=128, slices=32, tumours=1)
+    volume = sitk.GetImageFromArray(ct.hu.astype(np.int16))
+    volume.SetSpacing(tuple(float(s) for s in reversed(ct.spacing)))
+    sitk.WriteImage(volume, str(studies / f"{STUDY}.nii.gz"))
+
+
 def part_retry(server, runs):
-    assert server.infer("alice", VOLUME).status_code == 200  # loads the model
+    windows = iter(range(1, 10_000))
+
+    def cold():  # a display window of its own: no cached image features
+        return {**VOLUME, "window": [40 + 0.01 * next(windows), 400]}
+
+    assert server.infer("alice", cold()).status_code == 200  # loads the model
     rows = []
     with ThreadPoolExecutor(2) as pool:
         for _ in range(runs):
-            ahead = [pool.submit(server.infer, "alice", VOLUME) for _ in range(2)]
+            for _ in range(6):
+                assert server.infer("alice", SLICE).status_code == 200
+            ahead = [pool.submit(server.infer, "alice", cold()) for _ in range(2)]
             time.sleep(1.0)
-            refused = server.infer("bob", VOLUME)
+            refused = server.infer("bob", cold())
             t0 = time.perf_counter()
             if refused.status_code != 503:
                 rows.append(None)
                 [f.result() for f in ahead]
                 continue
             retry_after, accepted_last_503 = int(refused.headers["Retry-After"]), 0.0
+            mine = cold()
             while True:
-                reply = server.infer("bob", VOLUME)  # a 503 comes back at once; an accepted one after its answer
+                reply = server.infer("bob", mine)  # a 503 comes back at once; an accepted one after its answer
                 if reply.status_code != 503:
                     break
                 accepted_last_503 = time.perf_counter() - t0
@@ -153,6 +171,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="raddiag-queue-") as tmp:
         base = Path(tmp)
         studies, model, _ = prepare(base)
+        write_study(studies)
         for part, capacity in (("retry", 2), ("abandoned", args.abandoned + 2), ("share", 4)):
             if part not in parts:
                 continue

@@ -383,14 +383,15 @@ def test_launcher_add_user_and_refusals(tmp_path):
 
 def test_queue_refuses_over_capacity_with_a_retry_estimate_from_recent_runs():
     """Unit check of the bounded queue: capacity counts running + waiting; Retry-After is the ETA the refused
-    request would have had: the mean measured run time of its kind x the jobs ahead (and its own) / workers."""
+    request would have had: the mean measured run time of its kind x the jobs ahead (and its own) / workers;
+    the first run of the kind (the model load) is left out of the mean once later runs exist."""
     import asyncio
 
     from server.work_queue import ModelQueue, QueueFull
 
     async def scenario():
         queue = ModelQueue(capacity=2, per_user=2)
-        for seconds in (0.9, 0.3, 0.3):  # measured runs of this kind: mean 0.5 s
+        for seconds in (1.5, 0.3, 0.3):  # measured runs of this kind: a slow first one, then 0.3 s
             await queue.run(queue.admit("alice", "infer", "m"), time.sleep, seconds)
         release = threading.Event()
         running = [asyncio.ensure_future(queue.run(queue.admit("alice", "infer", "m"), release.wait, 10))
@@ -398,6 +399,7 @@ def test_queue_refuses_over_capacity_with_a_retry_estimate_from_recent_runs():
         await asyncio.sleep(0.1)
         assert queue.depth == 2
         positions = sorted(p for p, _ in queue.estimates().values())
+        assert queue.summary()["mean_run_s"] == {"infer/m": 0.3}
         with pytest.raises(QueueFull) as refused:
             queue.admit("bob", "infer", "m")
         release.set()
@@ -410,5 +412,6 @@ def test_queue_refuses_over_capacity_with_a_retry_estimate_from_recent_runs():
 
     refused, positions = asyncio.run(scenario())
     assert positions == [0, 1]  # one running, one waiting
-    # 0.4 s left of the running job + 0.5 s for the waiting one + 0.5 s of its own -> 1.4 s -> 2 s
-    assert refused.status == 503 and refused.retry_after == 2 and "busy" in str(refused)
+    # 0.2 s left of the running job + 0.3 s for the waiting one + 0.3 s of its own -> 0.8 s -> 1 s
+    # (with the first run in the mean, 0.7 s: 2 s)
+    assert refused.status == 503 and refused.retry_after == 1 and "busy" in str(refused)

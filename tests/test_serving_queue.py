@@ -6,13 +6,12 @@ Retry-After on 503/429 from the same estimate, the per-user share, and clients t
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from serving_helpers import bearer, make_users, start_serve
+from serving_helpers import bearer, make_users, send_infer, start_serve
 
 from server.auth import add_user
 
@@ -67,17 +66,10 @@ def running_with_progress(served):
 
 
 class HangingClient:
-    """An infer request on a raw socket that waits for its answer until `hang_up()` closes the connection."""
+    """An infer request that waits for its answer until `hang_up()` closes the connection."""
 
     def __init__(self, served, who, params):
-        prepared = requests.Request("POST", f"{served['url']}/infer/raddiagseg",
-                                    params={"image": "ct_liver", "output": "json"},
-                                    headers=bearer(served["tokens"][who]), data={"params": json.dumps(params)}).prepare()
-        host, port = served["url"].removeprefix("http://").split(":")
-        head = f"POST {prepared.path_url} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in prepared.headers.items()) + "\r\n"
-        self.sock = socket.create_connection((host, int(port)), timeout=30)
-        self.sock.sendall(head.encode() + prepared.body.encode())
+        self.sock = send_infer(served["url"], bearer(served["tokens"][who]), "ct_liver", params)
 
     def hang_up(self):
         self.sock.close()

@@ -6,9 +6,11 @@ thread and every request is a :class:`Job` with an id, a place in the queue and 
 
 - capacity: requests beyond ``capacity`` (running + waiting) are refused at once (503);
 - share: one user holds at most ``per_user`` of those slots (429), so others still get in;
-- estimates: the mean of the measured run times of recent jobs of the same kind, times the jobs
-  ahead, over the workers; a running job counts what is left of it (its own per-slice ETA when it
-  reports progress). ``Retry-After`` on a refusal is the ETA the request would have had;
+- estimates: the mean of the measured run times of recent jobs of the same kind (not the first, which
+  loads the model, once there are others), times the jobs
+  ahead, over the workers; a running job counts what is left of it (the mean less its time so far, or
+  its own per-slice ETA when that is longer). ``Retry-After`` on a refusal is the ETA the request
+  would have had;
 - cancellation: a job whose client hung up is dropped before it runs, or, while it runs, stopped at
   its next progress report (``Job.report`` raises :class:`Cancelled`), so it frees its slot.
 """
@@ -85,7 +87,8 @@ class ModelQueue:
         self._lock = threading.Lock()  # job state changes between the event loop and the model thread
         self._active: dict[str, Job] = {}  # in submission order, which is the order the worker takes them
         self._finished: deque[Job] = deque(maxlen=history)
-        self._durations: dict[str, deque] = {}  # key -> run times (s) of its last completed jobs
+        self._first: dict[str, float] = {}  # key -> run time (s) of its first job, which loads the model
+        self._durations: dict[str, deque] = {}  # key -> run times (s) of its last completed jobs after the first
         self.counts = {"done": 0, "failed": 0, "cancelled_queued": 0, "cancelled_running": 0, "refused": 0}
 
     @property
@@ -93,21 +96,31 @@ class ModelQueue:
         return len(self._active)
 
     # ------------------------------------------------------------------ estimates
-    def typical_s(self, key: str) -> float:
-        """Mean measured run time of recent ``key`` jobs; else of any job; else the longest-running job so
-        far (it takes at least that long); else 1 s."""
+    def _runs(self, key: str) -> list[float]:
+        """Measured run times that stand for ``key``: its recent ones after the first (which pays one-off
+        costs: the model load, 3x a later run on CPU), else its first, else any kind's."""
         with self._lock:
-            runs = list(self._durations.get(key, ())) or list(itertools.chain(*self._durations.values()))
+            if self._durations.get(key):
+                return list(self._durations[key])
+            if key in self._first:
+                return [self._first[key]]
+            return list(itertools.chain(*self._durations.values())) or list(self._first.values())
+
+    def typical_s(self, key: str) -> float:
+        """Mean measured run time of recent ``key`` jobs (see ``_runs``); else the longest-running job so
+        far (it takes at least that long); else 1 s."""
+        runs = self._runs(key)
         if runs:
             return sum(runs) / len(runs)
         elapsed = [time.time() - j.started for j in list(self._active.values()) if j.started]
         return max([1.0, *elapsed])
 
     def _remaining_s(self, job: Job, now: float) -> float:
+        """A running job: the longer of the mean less its time so far and the model's own estimate (which
+        counts only the slices planned so far; a volume plans more as it goes)."""
         if job.state == "running":
-            if job.model_eta_s is not None:
-                return float(job.model_eta_s)
-            return max(0.0, self.typical_s(job.key) - (now - job.started))
+            left = max(0.0, self.typical_s(job.key) - (now - job.started))
+            return max(left, float(job.model_eta_s or 0.0))
         return self.typical_s(job.key)
 
     def estimates(self) -> dict[str, tuple[int, float]]:
@@ -165,8 +178,12 @@ class ModelQueue:
                 job.state, job.started = "running", time.time()
             start = time.perf_counter()
             result = fn(*args)
+            seconds = time.perf_counter() - start
             with self._lock:
-                self._durations.setdefault(job.key, deque(maxlen=20)).append(time.perf_counter() - start)
+                if job.key in self._first:
+                    self._durations.setdefault(job.key, deque(maxlen=20)).append(seconds)
+                else:
+                    self._first[job.key] = seconds
             return result
 
         future = loop.run_in_executor(self._executor, work)
@@ -232,8 +249,7 @@ class ModelQueue:
         return out
 
     def summary(self) -> dict:
-        with self._lock:
-            means = {k: round(sum(v) / len(v), 2) for k, v in self._durations.items() if v}
+        means = {k: round(sum(runs) / len(runs), 2) for k in list(self._first) if (runs := self._runs(k))}
         return {"capacity": self.capacity, "per_user": self.per_user, "workers": self.workers, "depth": self.depth,
                 "mean_run_s": means, "counts": dict(self.counts)}
 
