@@ -18,7 +18,7 @@ import time
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 
 from lib import image_io, infer_params, response
 
@@ -40,7 +40,7 @@ def disagreement(samples):
         masks = {}
         for name, mask, _ in named:
             masks[name] = masks[name] | mask if name in masks else mask
-        diagnosis = templates.normalise_label(summary["diagnosis"] or "")
+        diagnosis = vocabulary.normalise_label(summary["diagnosis"] or "")
         views.append(((summary["detection"], diagnosis), masks))
     pairs = list(itertools.combinations(views, 2))
     if not pairs:

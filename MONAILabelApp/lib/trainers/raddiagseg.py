@@ -48,9 +48,9 @@ def write_json_atomic(path, data):
 
 
 def _rows(manifest, split=None):
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
 
-    return [r for r in read_manifest(manifest, split) if r["task"] in TASK_RATIO]
+    return [r for r in read_manifest(manifest, split, base=True) if r["task"] in TASK_RATIO]
 
 
 def _absolute(row):

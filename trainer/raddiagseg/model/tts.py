@@ -37,7 +37,7 @@ def answer_key(text):
     order), so chain-of-thought paths that reason differently but conclude alike agree; other answers count as
     the same when their conclusions differ only in case or whitespace."""
     from raddiagseg.answers import parse_answer, split_reasoning
-    from raddiagseg.templates import normalise_label
+    from raddiagseg.vocabulary import normalise_label
 
     parsed = parse_answer(text)
     if parsed.detection is not None:

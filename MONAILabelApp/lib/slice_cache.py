@@ -8,6 +8,8 @@ It also keeps the last answer to each question about any slice, a draft for a sl
 The key is a digest of the exact model input (the [0, 1] slice after windowing, which covers
 image content, slice choice and preprocessing) plus the model version, so a new model or a
 different window never reuses stale features or answers.
+It was `FeatureCache`; it holds answers too. The infer response still reports it as `feature_cache`
+(a documented response key that clients and benchmarks read).
 """
 
 import hashlib
@@ -21,7 +23,7 @@ DRAFTS_PER_SLICE = 8  # questions remembered per slice
 RECENT_QUESTIONS = 32  # questions whose last answer on any slice is remembered
 
 
-def feature_key(model_version, unit_image):
+def slice_key(model_version, unit_image):
     array = np.ascontiguousarray(unit_image, dtype=np.float32)
     digest = hashlib.blake2b(array.tobytes(), digest_size=16)
     digest.update(repr(array.shape).encode())
@@ -38,7 +40,7 @@ class _Slice:
     drafts: LRUCache = field(default_factory=lambda: LRUCache(maxsize=DRAFTS_PER_SLICE))  # question -> token ids
 
 
-class FeatureCache:
+class SliceCache:
     def __init__(self, max_items=64):
         self.max_items = max(0, int(max_items))
         self._items = LRUCache(maxsize=self.max_items)  # key -> _Slice: a slice's drafts go with its features
