@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from pydicom.data import get_testdata_file
 
 from lib import image_io
-from lib.feature_cache import FeatureCache
+from lib.slice_cache import SliceCache
 from lib.infers.raddiagseg import RadDiagSegInfer
 from lib.model_runner import ModelRunner
 from lib.model_store import load_for_serving
@@ -117,7 +117,7 @@ class Recording(ModelRunner):
     """The app's ModelRunner; keeps every image it is given (the model's exact input)."""
 
     def __init__(self, store):
-        super().__init__(store, FeatureCache(64), drafts="off")
+        super().__init__(store, SliceCache(64), drafts="off")
         self.inputs = []
 
     def answer(self, images, *args, **kwargs):
@@ -191,11 +191,11 @@ def test_one_slice_files_are_answered_as_the_same_slice_of_their_volume_with_the
 
 def test_the_app_and_predict_feed_the_model_the_same_array_for_the_same_file(demo_model, tmp_path):
     from raddiagseg.data.builder import build_phantom_dataset
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     build_phantom_dataset(tmp_path / "data", ct_volumes=2, xrays=6, vqa_images=2, refseg_images=2, workers=1)
-    rows = read_manifest(tmp_path / "data" / "manifest.jsonl", None)
+    rows = read_manifest(tmp_path / "data" / "manifest.jsonl", None, base=True)
     by_image = {}
     for row in rows:
         by_image.setdefault(row["image"], row)
