@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from raddiagseg.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("config.json", "model.safetensors")
@@ -163,9 +165,7 @@ class ModelStore:
         staging = self.models_dir / f".tmp-{uuid.uuid4().hex}"
         shutil.copytree(checkpoint_dir, staging)
         os.replace(staging, self.models_dir / name)  # the folder appears complete or not at all
-        pointer_tmp = self.models_dir / f".CURRENT-{uuid.uuid4().hex}"
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, self.models_dir / "CURRENT")
+        atomic_write(self.models_dir / "CURRENT", name + "\n", prefix=".CURRENT-")
         self._prune(keep_name=name)
         logger.info("Published model %s", name)
         return self.models_dir / name

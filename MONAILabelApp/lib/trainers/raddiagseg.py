@@ -19,12 +19,12 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
+from raddiagseg.fileio import atomic_write
 
-from lib import model_store, training_data
+from lib import model_store, train_guard, training_data
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,13 @@ UNGUARDED = ("no reference set for this model (no reference.json in its folder, 
 
 
 def write_json_atomic(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
 def _rows(manifest, split=None):
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
 
-    return [r for r in read_manifest(manifest, split) if r["task"] in TASK_RATIO]
+    return [r for r in read_manifest(manifest, split, base=True) if r["task"] in TASK_RATIO]
 
 
 def _absolute(row):
@@ -120,9 +116,18 @@ class RadDiagSegTrain(TrainTask):
 
     def stats(self):
         try:
-            return json.loads(self.stats_path.read_text())
+            stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             return {}
+        if stats.get("status") == "RUNNING" and not train_guard.is_running(self.work_dir):
+            stats = self._interrupted(stats, "the training process ended without finishing (killed?)")
+        return stats
+
+    def _interrupted(self, stats, why):
+        """Record that a run stopped without reaching DONE or ERROR (nothing was published by it after this)."""
+        stats = {**stats, "status": "INTERRUPTED", "error": why, "end_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json_atomic(self.stats_path, stats)
+        return stats
 
     def _params(self, request):
         params = {}
@@ -146,17 +151,21 @@ class RadDiagSegTrain(TrainTask):
         return params
 
     def __call__(self, request, datastore):
-        stats = {"status": "RUNNING", "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"), "published": False}
-        write_json_atomic(self.stats_path, stats)
-        try:
-            result = self._train(request, datastore, stats)
-            stats.update(result, status="DONE", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with train_guard.single_run(self.work_dir):  # refused before it touches the running one's stats
+            stats = {"status": "RUNNING", "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"), "published": False,
+                     "pid": os.getpid()}
             write_json_atomic(self.stats_path, stats)
-            return stats
-        except Exception as error:
-            stats.update(status="ERROR", error=f"{type(error).__name__}: {error}", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
-            write_json_atomic(self.stats_path, stats)
-            raise
+            train_guard.exit_with_parent(lambda: self._interrupted(stats, "the server that started it stopped"))
+            try:
+                result = self._train(request, datastore, stats)
+                stats.update(result, status="DONE", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+                write_json_atomic(self.stats_path, stats)
+                return stats
+            except Exception as error:
+                stats.update(status="ERROR", error=f"{type(error).__name__}: {error}",
+                             end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+                write_json_atomic(self.stats_path, stats)
+                raise
 
     def reference_sets(self, model_dir, replay=True):
         """({replay, validation} ReferenceSets (validation only without `replay`) or None, and the train_stats
