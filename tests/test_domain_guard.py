@@ -28,9 +28,9 @@ def _pydicom_file(name):
 @pytest.fixture(scope="module")
 def infer(tmp_path_factory):
     """Callable(path, **params) -> the infer task's JSON result (the label file is removed)."""
-    from lib.configs.raddiagseg import RadDiagSegConfig
+    from lib.configs.raddiagseg import RadDiagSegAppConfig
 
-    config = RadDiagSegConfig(str(APP_DIR), None, {"work_dir": str(tmp_path_factory.mktemp("work"))})
+    config = RadDiagSegAppConfig(str(APP_DIR), None, {"work_dir": str(tmp_path_factory.mktemp("work"))})
     task = config.infer()
 
     def run(path, **params):
@@ -88,7 +88,9 @@ def test_modality_is_returned_with_how_it_was_inferred(infer, real_images, tmp_p
     mr = infer(real_images["MR (MR_small.dcm)"])["domain"]["reason"]
     assert "MR (from the DICOM header)" in mr and "trained on CT and chest X-ray images only" in mr, mr
     assert infer(real_images["camera photo"])["modality"] == {"value": "xray", "source": "intensities"}
-    assert infer(real_images["camera photo"], modality="ct")["modality"] == {"value": "ct", "source": "param"}
+    # read as CT because the request says so (with a window in the file's units: 0..255 cannot be HU)
+    as_ct = infer(real_images["camera photo"], modality="ct", window=[128, 256])
+    assert as_ct["modality"] == {"value": "ct", "source": "param"} and as_ct["domain"]["in_domain"] is False
 
 
 def _phantom_xray(tmp_path, seed, kind="COVID-19"):

@@ -25,7 +25,7 @@ from live_server import wait_for_training
 from serving_helpers import SERVER_KINDS, start_app_server, volume, write_image
 
 pytest.importorskip("raddiagseg.training")
-from raddiagseg import templates  # noqa: E402
+from raddiagseg import vocabulary  # noqa: E402
 
 MODEL = "raddiagseg"
 STOCK_LABEL_INFO = {"label_info": [{"name": "liver", "idx": 1}, {"name": "liver tumour", "idx": 2}], "model": MODEL}
@@ -60,7 +60,7 @@ def keep(path, folder, name):
 def test_info_lists_model_labels_strategies_and_trainer(served):
     info = served["client"].info()
     assert info["name"] == "RadDiag" and info["version"]
-    names = [t["name"] for t in templates.vocabulary()["targets"]]
+    names = [t["name"] for t in vocabulary.load()["targets"]]
     assert set(names) <= set(info["labels"]) and set(names) <= set(info["models"][MODEL]["labels"])
     assert info["models"][MODEL]["type"] == "segmentation"
     assert set(info["strategies"]) == {"uncertain", "random", "first"}

@@ -5,9 +5,7 @@ The score itself is `raddiagseg.domain` (statistics in the model folder). An ima
 unless the request says `force: true`; then it is answered and still flagged.
 """
 
-from raddiagseg import domain
-
-from lib import image_io
+from raddiagseg import domain, imaging
 
 VOLUME_SHARE = 0.5  # a volume is in domain when at least this share of its checked slices is
 
@@ -16,9 +14,9 @@ def modality_of(image, array, requested=None):
     """{"value": "ct" | "xray" | "mri", "source": "param" | "dicom" | "intensities"}."""
     if requested:
         return {"value": requested, "source": "param"}
-    tag = image.GetMetaData(image_io.MODALITY_TAG).strip() if image.HasMetaDataKey(image_io.MODALITY_TAG) else ""
-    source = "dicom" if tag.upper() in ("CT", "MR") or tag.upper() in image_io.DICOM_XRAY else "intensities"
-    return {"value": image_io.infer_modality(image, array), "source": source}
+    tag = image.GetMetaData(imaging.MODALITY_TAG).strip() if image.HasMetaDataKey(imaging.MODALITY_TAG) else ""
+    source = "dicom" if tag.upper() in ("CT", "MR") or tag.upper() in imaging.DICOM_XRAY else "intensities"
+    return {"value": imaging.infer_modality(image, array), "source": source}
 
 
 class Guards:

@@ -1,6 +1,6 @@
 """Running the served model on slices, reusing cached image features and batching whole volumes.
 
-`encode_images` results are cached per slice (see `feature_cache`); only slices not seen
+`encode_images` results are cached per slice (see `slice_cache`); only slices not seen
 before with this model go through the image encoders. Decoding is batched with
 `generate_batch` (one `generate` call for a single slice). A greedy answer is remembered per slice
 and question and given back as the draft of a repeat question, so the LM verifies it in one pass
@@ -16,14 +16,7 @@ import time
 
 from tqdm import tqdm
 
-from lib.feature_cache import feature_key
-
-
-def join_features(model, features):
-    """One batch ImageFeatures from per-image ones (the model knows how to concatenate its own)."""
-    if len(features) == 1:
-        return features[0]
-    return type(features[0]).cat(features)
+from lib.slice_cache import slice_key
 
 
 DRAFT_MODES = ("slice", "recent", "off")
@@ -41,7 +34,7 @@ class ModelRunner:
     def features(self, model, version, images):
         """Per-image features, from the cache or encoded now; returns (features, cache keys, n_encoded, seconds,
         encoder stage seconds)."""
-        keys = [feature_key(version, image) for image in images]
+        keys = [slice_key(version, image) for image in images]
         features = [self.cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(features) if f is None]
         start = time.perf_counter()
@@ -122,7 +115,7 @@ class ModelRunner:
             results.append(model.generate(batch[0], batch_questions[0], features=features[0], draft=draft, **options))
         else:
             results.extend(
-                model.generate_batch(batch, batch_questions, features=join_features(model, features), drafts=drafts, **options)
+                model.generate_batch(batch, batch_questions, features=features, drafts=drafts, **options)
             )
         seconds = time.perf_counter() - t0
         if drafting:

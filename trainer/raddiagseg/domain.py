@@ -239,11 +239,11 @@ def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None):
     feeds them (`evaluation.predict.sample_image`)."""
     import torch
 
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     rows, seen = {}, set()
-    for row in read_manifest(manifest):
+    for row in read_manifest(manifest, base=True):
         modality = row.get("modality")
         if modality not in ("ct", "xray") or not row.get("image") or row["image"] in seen:
             continue

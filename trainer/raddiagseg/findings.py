@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 from raddiagseg.answers import parse_answer
 
 ORGAN_SHARE = 0.5  # an abnormality component must lie at least this much inside the diagnosis' organ
@@ -55,28 +55,28 @@ def diagnosis_entry(diagnosis):
     """The vocabulary diagnosis named by free text (label or synonym, any case), or None."""
     if not diagnosis:
         return None
-    key = templates.normalise_label(diagnosis)
-    for entry in templates.vocabulary()["diagnoses"]:
+    key = vocabulary.normalise_label(diagnosis)
+    for entry in vocabulary.load()["diagnoses"]:
         names = [entry["label"], *entry.get("synonyms", [])]
-        if any(templates.normalise_label(n) == key for n in names):
+        if any(vocabulary.normalise_label(n) == key for n in names):
             return entry
-    for entry in templates.vocabulary()["diagnoses"]:  # e.g. "Liver tumour, likely HCC"
-        if templates.normalise_label(entry["label"]) in key:
+    for entry in vocabulary.load()["diagnoses"]:  # e.g. "Liver tumour, likely HCC"
+        if vocabulary.normalise_label(entry["label"]) in key:
             return entry
     return None
 
 
 def canonical_name(label_text, diagnosis=None):
     """Canonical target name for label text; ambiguous synonyms ("tumour") are resolved by the diagnosis."""
-    name = templates.canonical_target(label_text)
+    name = vocabulary.canonical_target(label_text)
     if name:
         return name
     entry = diagnosis_entry(diagnosis)
     if entry:
         for candidate in (entry.get("abnormality"), entry.get("organ")):
-            if candidate and templates.matches_target(label_text, candidate):
+            if candidate and vocabulary.matches_target(label_text, candidate):
                 return candidate
-    return templates.normalise_label(label_text) or "segment"
+    return vocabulary.normalise_label(label_text) or "segment"
 
 
 def target_modalities(name):
@@ -115,7 +115,7 @@ def restrict_to_modality(result, modality):
 
 
 def role(name):
-    entry = templates.targets().get(name)
+    entry = vocabulary.targets().get(name)
     return entry["role"] if entry else "unknown"
 
 

@@ -18,10 +18,9 @@ import time
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
-from raddiagseg import templates
-from raddiagseg.imaging import to_unit_range
+from raddiagseg import templates, vocabulary
 
-from lib import image_io, response
+from lib import image_io, infer_params, response
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def disagreement(samples):
         masks = {}
         for name, mask, _ in named:
             masks[name] = masks[name] | mask if name in masks else mask
-        diagnosis = templates.normalise_label(summary["diagnosis"] or "")
+        diagnosis = vocabulary.normalise_label(summary["diagnosis"] or "")
         views.append(((summary["detection"], diagnosis), masks))
     pairs = list(itertools.combinations(views, 2))
     if not pairs:
@@ -60,14 +59,11 @@ def disagreement(samples):
 
 
 def scoring_slices(image):
-    array = image_io.image_array(image)
-    modality = image_io.infer_modality(image, array)
-    if image.GetDimension() == 2:
-        return [to_unit_range(array.astype("float32"), modality)]
-    volume = image_io.VolumeView.of(image).to_view(array)
-    n = volume.shape[0]
+    """The model's inputs for scoring: a 2D or one-slice image itself, a volume's axial slices at 25/50/75 %."""
+    view = image_io.model_view(image)
+    n = view.n_slices
     picks = sorted({int(n * f) for f in (0.25, 0.5, 0.75)})
-    return [to_unit_range(volume[k].astype("float32"), modality) for k in picks]
+    return [view.unit(k) for k in picks]
 
 
 class Uncertain(Strategy):
@@ -97,9 +93,12 @@ class Uncertain(Strategy):
         return float(np.mean(per_slice))
 
     def __call__(self, request, datastore):
-        max_new_tokens = request.get("max_new_tokens")
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 512):
-            raise HTTPException(status_code=400, detail="max_new_tokens must be an integer between 1 and 512")
+        max_new_tokens = request.get("max_new_tokens")  # None: this strategy's own default
+        try:
+            if max_new_tokens is not None:
+                max_new_tokens = infer_params.PARAMS["max_new_tokens"].read(max_new_tokens)
+        except infer_params.InputError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         if not images:
             return None
