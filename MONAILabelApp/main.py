@@ -10,7 +10,7 @@ import logging
 
 import raddiagseg
 from lib import dicom_seg
-from lib.configs.raddiagseg import RadDiagSegConfig
+from lib.configs.raddiagseg import RadDiagSegAppConfig
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
@@ -26,7 +26,7 @@ class RadDiagApp(MONAILabelApp):
         unknown = [m for m in requested if m not in MODELS and m != "all"]
         if unknown:
             raise ValueError(f"--conf models: unknown model(s) {', '.join(unknown)}; available: {', '.join(MODELS)}")
-        self.raddiag = RadDiagSegConfig(app_dir, studies, conf)
+        self.raddiag = RadDiagSegAppConfig(app_dir, studies, conf)
         logger.info("RadDiag: base model %s, work dir %s", self.raddiag.model_path, self.raddiag.work_dir)
         if not self.raddiag.store.available():
             logger.warning("RadDiag: no model folder at %s: model 'raddiagseg' is not served (absent from /info/) "

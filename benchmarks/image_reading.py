@@ -30,7 +30,7 @@ from repo_paths import ROOT
 
 
 def recording_task(model, folder):
-    from lib.feature_cache import FeatureCache
+    from lib.slice_cache import SliceCache
     from lib.infers.raddiagseg import RadDiagSegInfer
     from lib.model_runner import ModelRunner
 
@@ -49,7 +49,7 @@ def recording_task(model, folder):
             self.inputs += [np.array(i) for i in images]
             return super().answer(images, *args, **kwargs)
 
-    runner = Recording(Store(), FeatureCache(64), drafts="off")
+    runner = Recording(Store(), SliceCache(64), drafts="off")
     runner.inputs = []
     return RadDiagSegInfer(Store(), runner)
 
@@ -98,12 +98,12 @@ def one_slice_files(model, folder, tmp):
 
 def app_vs_predict(model, folder, tmp):
     from raddiagseg.data.builder import build_phantom_dataset
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     build_phantom_dataset(tmp / "data", ct_volumes=2, xrays=6, vqa_images=2, refseg_images=2, workers=1)
     by_image = {}
-    for row in read_manifest(tmp / "data" / "manifest.jsonl", None):
+    for row in read_manifest(tmp / "data" / "manifest.jsonl", None, base=True):
         by_image.setdefault(row["image"], row)
     files = list(by_image.values())
     picked = [files[i] for i in np.linspace(0, len(files) - 1, 40).round().astype(int)]  # every source

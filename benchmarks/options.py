@@ -56,9 +56,9 @@ def eval_rows(manifest, samples):
     """Evenly spread held-out rows: `samples` 3-step, samples/2 reasoning-segmentation, samples/4 Ref-Seg (all splits)."""
     import numpy as np
 
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
 
-    rows = read_manifest(manifest, None)
+    rows = read_manifest(manifest, None, base=True)
     chosen = []
     for task, n in (("vqaseg", samples), ("reasonseg", samples // 2), ("refseg", samples // 4)):
         pool = [r for r in rows if r["task"] == task]

@@ -94,7 +94,7 @@ def app_config(studies_dir, work_dir, model_path=DEMO_MODEL, reference_cache=Non
 
     `reference_cache`: a folder shared by several work dirs for the regenerated reference phantoms and the served
     model's scores on them (the train task keeps them in WORK/reference), so each run does not redo them."""
-    from lib.configs.raddiagseg import RadDiagSegConfig
+    from lib.configs.raddiagseg import RadDiagSegAppConfig
 
     if reference_cache is not None:
         Path(reference_cache).mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def app_config(studies_dir, work_dir, model_path=DEMO_MODEL, reference_cache=Non
         if not link.exists():
             link.symlink_to(Path(reference_cache).resolve(), target_is_directory=True)
 
-    return RadDiagSegConfig(str(APP_DIR), str(studies_dir), {"model_path": str(model_path), "work_dir": str(work_dir),
+    return RadDiagSegAppConfig(str(APP_DIR), str(studies_dir), {"model_path": str(model_path), "work_dir": str(work_dir),
                                                             "device": "cpu", **{k: str(v) for k, v in conf.items()}})
 
 

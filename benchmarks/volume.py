@@ -73,7 +73,7 @@ def main():
     from raddiagseg.imaging import to_unit_range
 
     from lib import infer_params
-    from lib.feature_cache import FeatureCache
+    from lib.slice_cache import SliceCache
     from lib.model_runner import ModelRunner
     from lib.model_store import load_for_serving
 
@@ -104,7 +104,7 @@ def main():
               f"question: the app's default 3-step question; batch_size {batch_size}, max_new_tokens {max_new}")
         questions = [templates.DEFAULT_QUESTION] * len(units)
         options = {"max_new_tokens": max_new}
-        runner = ModelRunner(Store(), FeatureCache(0))  # cache off: both runs encode every slice
+        runner = ModelRunner(Store(), SliceCache(0))  # cache off: both runs encode every slice
         counter = CountingEncoder(model)
         runner.answer(units[:2], questions[:2], options, batch_size=2)  # warm-up, not timed
 
@@ -147,7 +147,7 @@ def main():
         if args.answer_drafts == "recent":
             times = []
             for _ in range(2):
-                drafting = ModelRunner(Store(), FeatureCache(2 * len(units)), drafts="recent")  # a volume not seen before
+                drafting = ModelRunner(Store(), SliceCache(2 * len(units)), drafts="recent")  # a volume not seen before
                 t0 = time.perf_counter()
                 drafted, stats = drafting.answer(units, questions, options, batch_size=batch_size)
                 times.append(time.perf_counter() - t0)

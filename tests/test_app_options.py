@@ -67,3 +67,41 @@ def test_uncertain_tts_method_scores_by_reported_disagreement():
     assert calls == [{"num_answers": 5, "num_masks": 2}] and score == pytest.approx(0.4)
     with pytest.raises(ValueError, match="method"):
         Uncertain(None, None, method="entropy")
+
+
+# (params, accepted?): both layers must give the same answer for each
+SHARED_PARAM_TABLE = [
+    ({"rvls2m": "on"}, True), ({"rvls2m": "off"}, True), ({"rvls2m": True}, True), ({"rvls2m": "default"}, True),
+    ({"max_new_tokens": 512}, True), ({"max_new_tokens": "64"}, True), ({"tts": "true", "tts_answers": 16}, True),
+    ({"slice": "all"}, True), ({"slice": 3}, True), ({"window": [40, 400]}, True), ({"modality": "mri"}, True),
+    ({"result_extension": ".seg.nrrd"}, True), ({"temperature": 0.7}, True), ({"batch_size": 64}, True),
+    ({"max_new_tokens": 513}, False), ({"max_new_tokens": 1024}, False), ({"max_new_tokens": True}, False),
+    ({"rvls2m": "maybe"}, False), ({"modality": "pet"}, False), ({"result_extension": ".exe"}, False),
+    ({"window": [40, -1]}, False), ({"window": "40,400"}, False), ({"slice": -1}, False), ({"slice": "abc"}, False),
+    ({"question": "   "}, False), ({"question": 42}, False), ({"question": "a\x00b"}, False),
+    ({"question": "x" * 2001}, False), ({"temperature": 0}, False), ({"batch_size": 65}, False),
+    ({"tts_answers": 17}, False), ({"cot": "often"}, False), ({"do_sample": "maybe"}, False),
+]
+
+
+@pytest.mark.parametrize("params, accepted", SHARED_PARAM_TABLE)
+def test_app_and_server_accept_and_refuse_the_same_params(params, accepted):
+    """One schema: the infer task's parse and serve.py's check agree, and refuse with the same error type and text."""
+    from server.validation import InputError as ServerInputError
+    from server.validation import Limits, check_infer_params
+
+    assert ServerInputError is InputError
+    errors = []
+    for check in (infer_params.parse, lambda p: check_infer_params(p, Limits(), infer_params.DEFAULTS)):
+        try:
+            check(params)
+        except InputError as error:
+            errors.append(error)
+    if accepted:
+        assert errors == []
+        return
+    assert len(errors) == 2 and all(e.status in (400, 413) for e in errors)
+    key = next(iter(params))
+    assert all(key in e.message for e in errors), [e.message for e in errors]
+    if "question" not in params:
+        assert errors[0].message == errors[1].message

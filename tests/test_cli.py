@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 
 
 def run_cli(*args):
@@ -29,7 +29,7 @@ def test_vqaseg_answer_template_round_trip():
 
 
 def test_synonyms_map_to_canonical_targets():
-    assert templates.canonical_target("Hepatic organ") == "liver"
-    assert templates.canonical_target("tumour") is None  # shared by two targets
-    assert templates.matches_target("Tumor", "pancreas tumour")
-    assert not templates.matches_target("liver", "pancreas")
+    assert vocabulary.canonical_target("Hepatic organ") == "liver"
+    assert vocabulary.canonical_target("tumour") is None  # shared by two targets
+    assert vocabulary.matches_target("Tumor", "pancreas tumour")
+    assert not vocabulary.matches_target("liver", "pancreas")

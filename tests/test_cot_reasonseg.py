@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 from raddiagseg.answers import parse_answer
 from raddiagseg.data.builder import build_phantom_dataset
 from raddiagseg.data.dataset import ManifestDataset
@@ -40,10 +40,10 @@ def test_parser_reads_the_conclusion(text, detection, diagnosis, n_segments):
 
 
 def test_reasonseg_templates_describe_without_naming():
-    for target, entry in templates.targets().items():
-        assert templates.implicit_descriptions(target), f"{target} has implicit descriptions"
+    for target, entry in vocabulary.targets().items():
+        assert vocabulary.implicit_descriptions(target), f"{target} has implicit descriptions"
         if entry["role"] == "organ":  # abnormalities may say "where the infection is" (issue 10's example)
-            for description in templates.implicit_descriptions(target):
+            for description in vocabulary.implicit_descriptions(target):
                 assert target not in description.lower(), (target, description)
     answer = templates.reasonseg_answer("the organ that stores glycogen", "liver")
     assert parse_answer(answer).segments == [("liver", "<seg000>")]
@@ -68,7 +68,7 @@ def test_builder_writes_reasonseg_rows_per_segmented_target(built):
         source = by_id[r["id"].split("__reason_")[0]]
         assert r["split"] == source["split"] and r["image"] == source["image"]  # no leak across splits
         name = r["targets"][0]["name"]
-        assert r["description"] in templates.implicit_descriptions(name) and r["description"] in r["question"]
+        assert r["description"] in vocabulary.implicit_descriptions(name) and r["description"] in r["question"]
         assert r["answer"].endswith(templates.refseg_answer(name)) and r["subset"] == r["source"]
     assert len({(r["image"], r["targets"][0]["name"]) for r in reason}) == len(reason)
 

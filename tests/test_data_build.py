@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 from raddiagseg.data import io
 from raddiagseg.data.builder import build_dataset
 from raddiagseg.data.layouts import write_phantoms
@@ -124,7 +124,7 @@ def test_synonyms_are_sampled_consistently_in_question_and_answer(built):
     ref = next(i for i, r in enumerate(ds.rows) if r["task"] == "refseg" and r["targets"][0]["name"] == "liver")
     sample = ds[ref]
     label = sample["answer"][len("Here is the mask for "):-len(" <seg000>.")]
-    assert label in templates.target_names("liver")[1:]
+    assert label in vocabulary.target_names("liver")[1:]
     assert sample["question"] == templates.refseg_question(label, "ct")
     again = ManifestDataset(built["out"], split="train", tasks=["refseg", "vqaseg"], synonym_prob=1.0, seed=1)
     assert again[ref]["answer"] == sample["answer"]  # a fresh dataset replays the same draws
@@ -134,7 +134,7 @@ def test_synonyms_are_sampled_consistently_in_question_and_answer(built):
     names = [t["name"] for t in ds.rows[pos]["targets"]]
     for line, name in zip(lines[3:], names):
         label = line[2:].rsplit(" ", 1)[0]
-        assert label != name and templates.matches_target(label, name)
+        assert label != name and vocabulary.matches_target(label, name)
 
 
 def test_augmentation_moves_masks_with_the_image(tmp_path):

@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from pydicom.data import get_testdata_file
 
 from lib import image_io
-from lib.feature_cache import FeatureCache
+from lib.slice_cache import SliceCache
 from lib.infers.raddiagseg import RadDiagSegInfer
 from lib.model_runner import ModelRunner
 from lib.model_store import load_for_serving
@@ -119,7 +119,7 @@ class Recording(ModelRunner):
     """The app's ModelRunner; keeps every image it is given (the model's exact input)."""
 
     def __init__(self, store):
-        super().__init__(store, FeatureCache(64), drafts="off")
+        super().__init__(store, SliceCache(64), drafts="off")
         self.inputs = []
 
     def answer(self, images, *args, **kwargs):
@@ -193,11 +193,11 @@ def test_one_slice_files_are_answered_as_the_same_slice_of_their_volume_with_the
 
 def test_the_app_and_predict_feed_the_model_the_same_array_for_the_same_file(demo_model, tmp_path):
     from raddiagseg.data.builder import build_phantom_dataset
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     build_phantom_dataset(tmp_path / "data", ct_volumes=2, xrays=6, vqa_images=2, refseg_images=2, workers=1)
-    rows = read_manifest(tmp_path / "data" / "manifest.jsonl", None)
+    rows = read_manifest(tmp_path / "data" / "manifest.jsonl", None, base=True)
     by_image = {}
     for row in rows:
         by_image.setdefault(row["image"], row)
@@ -220,7 +220,7 @@ def test_uploads_whose_values_cannot_be_read_answer_400_with_the_reason(demo_mod
     assert refused.value.status_code == 400 and "cannot be Hounsfield units" in refused.value.detail
     assert "send window" in refused.value.detail and not task.runner.inputs  # nothing reached the model
     label, answer = task({"image": str(path), "window": [1064, 400], "max_new_tokens": 4})
-    assert answer["modality"] == "ct" and sitk.ReadImage(label).GetSize() == (128, 128, 1)
+    assert answer["modality"]["value"] == "ct" and sitk.ReadImage(label).GetSize() == (128, 128, 1)
     nan = tmp_path / "nan.nii.gz"
     values = np.zeros((3, 16, 16), np.float32)
     values[1, 2, 3] = np.nan

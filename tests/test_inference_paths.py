@@ -16,7 +16,7 @@ import pytest
 import torch
 from app_studies import APP_DIR
 
-from lib.feature_cache import FeatureCache
+from lib.slice_cache import SliceCache
 from lib.model_runner import ModelRunner
 from lib.model_store import folder_preset, load_for_serving, serving_precision
 
@@ -87,7 +87,7 @@ def runner_for(model, cache_items=8, drafts="slice"):
         def get(self):
             return model, "v1"
 
-    return ModelRunner(Store(), FeatureCache(cache_items), drafts=drafts)
+    return ModelRunner(Store(), SliceCache(cache_items), drafts=drafts)
 
 
 def slices(n, size=64, seed=0):
@@ -139,7 +139,7 @@ def test_repeat_of_the_same_question_verifies_the_earlier_answer_in_one_lm_pass(
 
 
 def test_draft_modes_recent_drafts_a_new_slice_and_off_drafts_nothing(model, tmp_path):
-    from lib.configs.raddiagseg import RadDiagSegConfig
+    from lib.configs.raddiagseg import RadDiagSegAppConfig
 
     a, b = slices(2, seed=5)
     options = {"max_new_tokens": 12}
@@ -159,7 +159,7 @@ def test_draft_modes_recent_drafts_a_new_slice_and_off_drafts_nothing(model, tmp
     assert single_stats["counts"]["draft_tokens"] == 0  # a new slice: nothing to draft from
     assert off_stats["counts"]["draft_tokens"] == 0 and counting.lm_calls == len(again[0].token_ids) + (len(again[0].token_ids) < 12)
     with pytest.raises(ValueError, match="answer_drafts must be one of slice, recent, off, got 'sometimes'"):
-        RadDiagSegConfig(APP_DIR, str(tmp_path), {"answer_drafts": "sometimes", "work_dir": str(tmp_path / "work")})
+        RadDiagSegAppConfig(APP_DIR, str(tmp_path), {"answer_drafts": "sometimes", "work_dir": str(tmp_path / "work")})
 
 
 def test_volume_batches_encoders_and_decoding_and_no_slices_skip_the_mask_decoder(model):

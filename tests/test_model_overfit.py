@@ -93,7 +93,7 @@ def test_kv_cached_decoding_matches_a_full_forward(trained, samples):
     ids = proc.prompt_ids(s["question"]) + res.token_ids
     with torch.no_grad():
         feats = model.encode_images([s["image"]])
-        embeds = model._input_embeds(torch.tensor([ids]), feats.image_embeds)
+        embeds = model.input_embeds(torch.tensor([ids]), feats.image_embeds)
         prompt = torch.zeros(1, len(ids), dtype=torch.bool)
         prompt[0, : len(ids) - len(res.token_ids)] = True
         hidden, _ = model.language_model(embeds, prefix_mask=prompt)

@@ -130,7 +130,6 @@ def test_generation_and_tts_with_rvls2m(models):
     image = phantom_sample("liver", size=64)["image"]
     result = model.generate(image, "Please segment liver in the CT scan.", max_new_tokens=6, rvls2m=True)
     assert isinstance(result.answer, str)
-    from raddiagseg.model.tts import generate_tts
 
     calls = []
     original = model.mask_decoder.region_prompt
@@ -149,7 +148,7 @@ def test_generation_and_tts_with_rvls2m(models):
             return out
 
         model.language_model.logits = scripted
-        res = generate_tts(model, image, "Please segment liver in the CT scan.", num_answers=1, num_masks=3, max_new_tokens=2)
+        res = model.generate_tts(image, "Please segment liver in the CT scan.", num_answers=1, num_masks=3, max_new_tokens=2)
     finally:
         model.language_model.logits = logits_fn
         model.mask_decoder.region_prompt = original

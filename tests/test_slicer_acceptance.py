@@ -1,5 +1,5 @@
 """Acceptance: RadDiagLib drives a live RadDiag MONAI Label server through the clinician's journey
-(DESIGN §1.1-1.2) without Slicer: ask -> segments -> change a mask -> submit with an edited
+(ask, review, correct, retrain) without Slicer: ask -> segments -> change a mask -> submit with an edited
 diagnosis -> retrain -> the new answer.
 
 Two servers: one with a randomly initialised demo-preset model (answers are gibberish, but every
@@ -19,7 +19,7 @@ from RadDiagLib.workflow import diagnose, image_id_for, retrain, submit_correcti
 
 sitk = pytest.importorskip("SimpleITK")
 app_studies = pytest.importorskip("app_studies")
-templates = pytest.importorskip("raddiagseg.templates")
+vocabulary = pytest.importorskip("raddiagseg.vocabulary")
 
 if not (app_studies.APP_DIR / "main.py").exists():
     pytest.skip("the MONAI Label app (MONAILabelApp/main.py) is not there yet", allow_module_level=True)
@@ -30,7 +30,7 @@ TRAIN_STEPS = 1  # the app's train task costs minutes on 2 shared cores (app sta
 
 
 def vocabulary_spec(name, label_value):
-    entry = templates.targets()[name]
+    entry = vocabulary.targets()[name]
     return SegmentSpec(name, label_value, entry["role"], entry["color"])
 
 
@@ -72,7 +72,7 @@ def assert_segments_consistent(result, info):
     names = set(info["models"][MODEL]["labels"])
     for spec in result.specs:
         assert spec.name in names, spec.name
-        entry = templates.targets().get(spec.name)
+        entry = vocabulary.targets().get(spec.name)
         if entry:
             assert spec.color == tuple(entry["color"])
             assert spec.role == entry["role"]

@@ -9,7 +9,8 @@ are always read (their files could change one by one). Entries of files that no 
 
 import os
 import threading
-from collections import OrderedDict
+
+from cachetools import LRUCache
 
 from lib import image_io
 
@@ -28,8 +29,8 @@ def _file_key(path):
 class ImageCache:
     def __init__(self, max_bytes=512 * 2**20):
         self.max_bytes = max(0, int(max_bytes))
-        self._items = OrderedDict()  # key -> (image, array, bytes)
-        self._bytes = 0
+        # key -> (image, array, bytes); cachetools evicts the least recently read when the bytes exceed the limit
+        self._items = LRUCache(maxsize=self.max_bytes, getsizeof=lambda entry: entry[2])
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -40,7 +41,6 @@ class ImageCache:
         if key is not None:
             with self._lock:
                 if key in self._items:
-                    self._items.move_to_end(key)
                     self.hits += 1
                     image, array, _ = self._items[key]
                     return image, array
@@ -58,17 +58,13 @@ class ImageCache:
         if size > self.max_bytes or key in self._items:  # too big, or another request read it meanwhile
             return
         for old in [k for k in self._items if not os.path.exists(k[0])]:
-            self._bytes -= self._items.pop(old)[2]
+            del self._items[old]
         self._items[key] = (image, array, size)
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            self._bytes -= self._items.popitem(last=False)[1][2]
 
     def clear(self):
         with self._lock:
             self._items.clear()
-            self._bytes = 0
 
     def stats(self):
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "bytes": self._bytes,
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "bytes": self._items.currsize,
                 "max_bytes": self.max_bytes}

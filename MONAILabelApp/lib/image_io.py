@@ -14,8 +14,8 @@ from raddiagseg.imaging import (  # noqa: F401 - the app reads images through th
     MODALITY_TAG, InputError, VolumeView, image_array, infer_modality, model_view,
 )
 
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
-MAX_VOXELS = 512 * 512 * 1024
+from lib.infer_params import MAX_VOXELS
+from lib.infer_params import RESULT_EXTENSIONS as LABEL_EXTENSIONS
 
 
 def read_image(path):

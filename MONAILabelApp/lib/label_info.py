@@ -27,12 +27,11 @@ training rules at save time; errors name the key to fix.
 
 from dataclasses import dataclass, field
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 from raddiagseg.answers import parse_answer
 
 from lib import segments as segment_specs
-
-MODALITIES = ("ct", "xray", "mri")
+from lib.infer_params import MODALITIES
 
 
 class LabelInfoError(ValueError):
@@ -79,17 +78,17 @@ def _named_values(info):
 
 def _diagnosis_of(abnormalities):
     """The one vocabulary diagnosis whose abnormality mask is among `abnormalities`, or None."""
-    labels = {d["label"] for d in templates.vocabulary()["diagnoses"] if d.get("abnormality") in abnormalities}
+    labels = {d["label"] for d in vocabulary.load()["diagnoses"] if d.get("abnormality") in abnormalities}
     return labels.pop() if len(labels) == 1 else None
 
 
 def _resolve(name, diagnosis, organs):
     """Canonical vocabulary target for a name, or None; a shared synonym is resolved by the diagnosis or an organ."""
     canonical = segment_specs.canonical_name(name, diagnosis)
-    if canonical in templates.targets():
+    if canonical in vocabulary.targets():
         return canonical
-    candidates = {d["abnormality"] for d in templates.vocabulary()["diagnoses"]
-                  if d.get("abnormality") and d.get("organ") in organs and templates.matches_target(name, d["abnormality"])}
+    candidates = {d["abnormality"] for d in vocabulary.load()["diagnoses"]
+                  if d.get("abnormality") and d.get("organ") in organs and vocabulary.matches_target(name, d["abnormality"])}
     return candidates.pop() if len(candidates) == 1 else None
 
 
@@ -125,14 +124,14 @@ def parse(info):
     if slice_index is not None and (isinstance(slice_index, bool) or not isinstance(slice_index, int) or slice_index < 0):
         raise LabelInfoError("slice must be a non-negative integer or null")
 
-    organs = {templates.canonical_target(name) for name, _, _ in pairs} - {None}
+    organs = {vocabulary.canonical_target(name) for name, _, _ in pairs} - {None}
     segments, unknown = [], []
     for name, value, role in pairs:
         canonical = _resolve(name, diagnosis, organs)
         if canonical is None:
             unknown.append((name, value))
         else:
-            segments.append((canonical, value, role or templates.targets()[canonical]["role"]))
+            segments.append((canonical, value, role or vocabulary.targets()[canonical]["role"]))
     names = [name for name, _, _ in segments]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:

@@ -5,7 +5,7 @@ colours and SNOMED CT / DICOM codes, so the app, the trainer and the Slicer exte
 """
 
 from slicerio.segmentation import terminology_entry_to_string
-from raddiagseg import templates
+from raddiagseg import vocabulary
 from raddiagseg.findings import canonical_name, diagnosis_entry  # noqa: F401  (names of model text, for the app)
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -14,12 +14,12 @@ FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184,
 
 def label_names():
     """Every canonical target name the model can emit, in vocabulary order."""
-    return [t["name"] for t in templates.vocabulary()["targets"]]
+    return [t["name"] for t in vocabulary.load()["targets"]]
 
 
 def terminology(name):
     """Coded terminology of a target: {category, type, slicer} (slicer = Slicer's TerminologyEntry string), or None."""
-    entry = templates.targets().get(name)
+    entry = vocabulary.targets().get(name)
     if not entry or "terminology" not in entry:
         return None
     coded = {"contextName": TERMINOLOGY_CONTEXT, **entry["terminology"]}
@@ -32,7 +32,7 @@ def terminology(name):
 
 def describe(name, label_value):
     """JSON description of one output segment."""
-    entry = templates.targets().get(name)
+    entry = vocabulary.targets().get(name)
     color = entry["color"] if entry else FALLBACK_COLORS[(label_value - 1) % len(FALLBACK_COLORS)]
     return {
         "name": name,

@@ -30,7 +30,17 @@ KEPT_TAGS = (MODALITY_TAG, *WINDOW_TAGS)  # kept through gray conversion and sli
 
 
 class InputError(ValueError):
-    """The client sent an image or parameter we cannot use; the message says what to fix."""
+    """The client sent an image or parameter we cannot use: an HTTP `status` and one sentence saying what to fix.
+
+    `InputError(message)` is a 400; the serving layer also raises `InputError(status, message)`.
+    """
+
+    def __init__(self, status: int | str, message: str | None = None):
+        if message is None:
+            status, message = 400, str(status)
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
 
 
 def read_image(path, max_voxels=None):

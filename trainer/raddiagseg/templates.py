@@ -1,14 +1,22 @@
-"""Question and answer templates and the target vocabulary (paper 001, Figures 3, 9, 10).
+"""Question and answer templates (paper 001, Figures 3, 9, 10); the names they use: `raddiagseg.vocabulary`.
 
 One place that data building, training, the model's demo tokenizer corpus, the scorer and
 the app all read, so that what the model is taught is exactly what the others parse.
 """
 
-import functools
-import json
-import random
 import re
-from importlib import resources
+
+# the vocabulary lookups live in raddiagseg.vocabulary; these names stay importable from here
+from raddiagseg.vocabulary import (  # noqa: F401
+    canonical_target,
+    implicit_descriptions,
+    matches_target,
+    normalise_label,
+    sample_label,
+    target_names,
+    targets,
+)
+from raddiagseg.vocabulary import load as vocabulary
 
 NUM_SEG_TOKENS = 16
 SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(NUM_SEG_TOKENS))
@@ -43,45 +51,6 @@ REASONSEG_QUESTIONS = (
     "Which region is {description}? Segment it in the {modality}.",
 )
 REASONSEG_ANSWER = "{description}: {target}.\n" + REFSEG_ANSWER
-
-
-@functools.lru_cache(maxsize=1)
-def vocabulary():
-    """The parsed `resources/vocabulary.json`: targets (names, synonyms, roles, colours, codes) and diagnoses."""
-    text = resources.files("raddiagseg").joinpath("resources/vocabulary.json").read_text()
-    return json.loads(text)
-
-
-def targets():
-    """Canonical target name -> its vocabulary entry."""
-    return {t["name"]: t for t in vocabulary()["targets"]}
-
-
-def target_names(name):
-    """All names (canonical first, then synonyms) that refer to target `name`."""
-    entry = targets().get(name)
-    return [name] + list(entry["synonyms"]) if entry else [name]
-
-
-def canonical_target(text):
-    """Map label text (a name or synonym, any case, surrounding punctuation ignored) to its canonical target name, or None.
-
-    A synonym shared by several targets (e.g. "tumour") maps to None: callers that know the
-    candidate targets should use `matches_target` instead.
-    """
-    key = normalise_label(text)
-    hits = {t["name"] for t in vocabulary()["targets"] if key in (normalise_label(n) for n in [t["name"], *t["synonyms"]])}
-    return hits.pop() if len(hits) == 1 else None
-
-
-def matches_target(text, name):
-    """True when label text names target `name` by its canonical name or one of its synonyms."""
-    key = normalise_label(text)
-    return any(key == normalise_label(n) for n in target_names(name))
-
-
-def normalise_label(text):
-    return " ".join(text.lower().replace("-", " ").strip(" \t\n:,;.-*•").split())
 
 
 def seg_token(i):
@@ -125,12 +94,6 @@ def vqaseg_cot_answer(detection, modality, diagnosis=None, target_labels=()):
     return f"{cot_reasoning(detection, modality, diagnosis)}\n{COT_CONCLUSION}\n{vqaseg_answer(detection, diagnosis, target_labels)}"
 
 
-def implicit_descriptions(name):
-    """The vocabulary's implicit descriptions of target `name` (reasoning segmentation); [] when it has none."""
-    entry = targets().get(name)
-    return list(entry.get("implicit", [])) if entry else []
-
-
 def reasonseg_question(description, modality, variant=0):
     template = REASONSEG_QUESTIONS[variant % len(REASONSEG_QUESTIONS)]
     return template.format(description=description, modality=MODALITY_NAMES.get(modality, modality))
@@ -147,14 +110,6 @@ def refseg_question(target_label, modality):
 
 def refseg_answer(target_label):
     return REFSEG_ANSWER.format(target=target_label, seg=seg_token(0))
-
-
-def sample_label(name, rng: random.Random, synonym_prob=0.3):
-    """A name for target `name`: the canonical one, or with probability `synonym_prob` a random synonym."""
-    names = target_names(name)
-    if len(names) > 1 and rng.random() < synonym_prob:
-        return rng.choice(names[1:])
-    return name
 
 
 def template_corpus():

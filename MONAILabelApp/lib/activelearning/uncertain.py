@@ -18,9 +18,9 @@ import time
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 
-from lib import image_io, response
+from lib import image_io, infer_params, response
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def disagreement(samples):
         masks = {}
         for name, mask, _ in named:
             masks[name] = masks[name] | mask if name in masks else mask
-        diagnosis = templates.normalise_label(summary["diagnosis"] or "")
+        diagnosis = vocabulary.normalise_label(summary["diagnosis"] or "")
         views.append(((summary["detection"], diagnosis), masks))
     pairs = list(itertools.combinations(views, 2))
     if not pairs:
@@ -93,9 +93,12 @@ class Uncertain(Strategy):
         return float(np.mean(per_slice))
 
     def __call__(self, request, datastore):
-        max_new_tokens = request.get("max_new_tokens")
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 512):
-            raise HTTPException(status_code=400, detail="max_new_tokens must be an integer between 1 and 512")
+        max_new_tokens = request.get("max_new_tokens")  # None: this strategy's own default
+        try:
+            if max_new_tokens is not None:
+                max_new_tokens = infer_params.PARAMS["max_new_tokens"].read(max_new_tokens)
+        except infer_params.InputError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         if not images:
             return None

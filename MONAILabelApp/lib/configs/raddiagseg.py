@@ -28,7 +28,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.uncertain import Uncertain
-from lib.feature_cache import FeatureCache
+from lib.slice_cache import SliceCache
 from lib.image_cache import ImageCache
 from lib.infers.raddiagseg import RadDiagSegInfer
 from lib.model_runner import ModelRunner
@@ -54,14 +54,17 @@ def default_work_dir(studies):
     return Path.home() / ".cache" / "raddiag" / "monailabel" / digest
 
 
-class RadDiagSegConfig:
+class RadDiagSegAppConfig:
+    """The app's side of the `raddiagseg` model: its store, caches, runner and MONAI Label tasks (the model's own
+    settings are `raddiagseg.model.config.RadDiagSegConfig`). main.py builds it; MONAI Label does not scan for it."""
+
     name = "raddiagseg"
 
     def __init__(self, app_dir, studies, conf):
         self.model_path = Path(conf.get("model_path") or Path(app_dir) / "model" / "raddiagseg-demo").expanduser()
         self.work_dir = Path(conf.get("work_dir") or default_work_dir(studies)).expanduser()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.cache = FeatureCache(_positive_int(conf, "feature_cache_size", 64))
+        self.cache = SliceCache(_positive_int(conf, "feature_cache_size", 64))
         self.images = ImageCache(_positive_int(conf, "image_cache_mb", 512) * 2**20)
         self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
                                 dtype=conf.get("dtype") or "auto")

@@ -3,6 +3,8 @@
 Subclasses MONAI Label's raw `InferTask` (not `BasicInferTask`): the label names differ per
 answer, and this task merges its own defaults into the request. Bad input becomes HTTP 400
 with a message; the model is loaded on the first request, not when the app starts.
+Every slice passes the domain guard (`lib.domain_guard`) before it is decoded, and every answer is kept to what
+the vocabulary allows for the image's modality (`raddiagseg.findings.restrict_to_modality`).
 """
 
 import logging
@@ -12,8 +14,9 @@ import time
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from raddiagseg import findings
+from raddiagseg.model.outputs import GenerationResult
 
-from lib import image_io, infer_params, label_files, response
+from lib import domain_guard, image_io, infer_params, label_files, response
 from lib import segments as segment_specs
 from lib.image_cache import ImageCache
 from lib.image_io import InputError
@@ -35,10 +38,14 @@ class RadDiagSegInfer(InferTask):
         self.runner = runner
         self.images = images if images is not None else ImageCache(0)  # decoded files (lib/image_cache.py)
         self.progress = None  # the running (or last) request: {image, started, stage, slices_done, ..., eta_s}
+        self.guards = domain_guard.Guards()
 
     def info(self):
         info = super().info()
-        info["model_dir"] = str(self.store.current_dir())
+        folder = self.store.current_dir()  # named, never as a server path (clients see only its name and version)
+        if folder is not None:
+            version = self.store.version(folder)
+            info["model"] = {**self.guards.get(version, folder).identity(), "version": version}
         return info
 
     def is_valid(self):
@@ -67,9 +74,13 @@ class RadDiagSegInfer(InferTask):
 
         image, array = self.images.read(image_path)
         is_volume = image.GetDimension() == 3
-        view = image_io.model_view(image, array, params.modality)  # the same array `raddiagseg predict` feeds
+        read_as = domain_guard.modality_of(image, array, params.modality)
+        view = image_io.model_view(image, array, read_as["value"])  # the same array `raddiagseg predict` feeds
         n_slices, modality = view.n_slices, view.modality
         extension = image_io.label_extension(params.result_extension, n_slices > 1)
+        _, version = self.store.get()
+        guard = self.guards.get(version, self.store.current_dir())
+        screen = domain_guard.Screen(guard, read_as, params.force)
         t_read = time.perf_counter()
 
         def unit(index):
@@ -87,20 +98,32 @@ class RadDiagSegInfer(InferTask):
         whole_volume = not file_indices
         progress = findings.Progress(n_slices if whole_volume else 1, self._progress_reporter(image_path, request))
         if whole_volume:
-            results, run_stats, volume_answer = self._answer_volume(params, image, view, unit, progress)
-            file_indices = [view.view_index(i) for i in sorted(results)]  # the view index mapping is its own inverse
-            results = [results[i] for i in sorted(results)]
+            results, run_stats, volume_answer = self._answer_volume(params, image, view, unit, progress, screen)
+            checked = sorted(results)  # view indices: the screen's keys
+            file_indices = [view.view_index(i) for i in checked]  # the view index mapping is its own inverse
+            results = [results[i] for i in checked]
         else:
             progress.plan(len(inputs), "slices")
             results, run_stats = self.runner.answer(
                 inputs, [params.model_question()] * len(inputs), params.generation_options(),
                 batch_size=params.batch_size, tts=params.tts_options(), progress=progress.advance,
+                screen=screen.for_slices(file_indices),
             )
+            results = [findings.restrict_to_modality(r, modality)[0] if r is not None else None for r in results]
+            checked = file_indices
         t_model = time.perf_counter()
+        verdict = screen.volume_verdict() if whole_volume else screen.verdicts[file_indices[0]]
+        identity = guard.identity()
+        refused = verdict["in_domain"] is False and not params.force
 
-        slice_entries = sorted((response.slice_summary(result, k)[0] for k, result in zip(file_indices, results)),
+        slice_entries = sorted((self._slice_entry(result, k, screen.verdicts.get(i))
+                                for k, i, result in zip(file_indices, checked, results)),
                                key=lambda e: e.get("slice", 0))
-        if whole_volume:
+        if refused:  # no diagnosis, no segments: say why
+            segments, masks, volume_findings = [], {}, []
+            detection, diagnosis, answer = None, None, domain_guard.refusal(verdict, identity)
+            volume_summary = volume_answer.summary if whole_volume else None
+        elif whole_volume:
             segments = segment_specs.assign(volume_answer.names)
             masks = {name: view.to_file(m) for name, m in volume_answer.masks.items()}
             volume_answer.set_label_values({s["name"]: s["label_value"] for s in segments})
@@ -123,15 +146,16 @@ class RadDiagSegInfer(InferTask):
             "diagnosis": diagnosis,
             "question": params.question,
             "options": {"tts": params.tts_options(), "rvls2m": params.rvls2m, "cot": params.cot},
-            "modality": modality,
+            "modality": read_as,
+            "domain": verdict,
             "segments": segments,
             "label_names": {s["name"]: s["label_value"] for s in segments},
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
             "findings": volume_findings,
-            "agreement": (results[0].agreement or None) if not whole_volume else None,
+            "agreement": (results[0].agreement or None) if not whole_volume and results[0] is not None else None,
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
-            "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
+            "model": {**identity, "version": run_stats["version"]},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "image_cache": self.images.stats(),
             "latencies": {
@@ -151,17 +175,31 @@ class RadDiagSegInfer(InferTask):
         logger.info("raddiagseg: %s slice(s), answer %r, %.2fs", len(results), answer[:80], t_write - start)
         return output, result_json
 
-    def _answer_volume(self, params, image, view, unit, progress):
-        """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`)."""
+    @staticmethod
+    def _slice_entry(result, number, verdict):
+        """The response's entry for one answered (or refused: result None) slice, with its domain verdict."""
+        if result is None or not result.answer:
+            entry = {"answer": None, "detection": None, "diagnosis": None, "segments": []}
+            entry = entry if number is None else {"slice": int(number), **entry}
+        else:
+            entry = response.slice_summary(result, number)[0]
+        if verdict is not None:
+            entry["domain"] = verdict
+        return entry
+
+    def _answer_volume(self, params, image, view, unit, progress, screen):
+        """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`); slices
+        the domain guard refuses read as unanswered (no detection, no masks)."""
         stats = []
 
         def ask(indices, question, advance):
             results, run_stats = self.runner.answer(
                 [unit(i) for i in indices], [question] * len(indices), params.generation_options(),
                 batch_size=params.batch_size, show_progress=len(indices) > 1, tts=params.tts_options(), progress=advance,
+                screen=screen.for_slices(indices),
             )
             stats.append(run_stats)
-            return results
+            return [findings.restrict_to_modality(r, view.modality)[0] if r is not None else NOT_ANSWERED for r in results]
 
         volume, n_slices = view.slices, view.n_slices
         volume_answer, results = findings.answer_volume(
@@ -184,6 +222,9 @@ class RadDiagSegInfer(InferTask):
                 callback(dict(self.progress))
 
         return report
+
+
+NOT_ANSWERED = GenerationResult(answer="", segments=[], latencies={})  # a slice the domain guard refused
 
 
 def merge_stats(stats):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from raddiagseg import imaging, templates
+from raddiagseg import imaging, templates, vocabulary
 from raddiagseg.data import io
 from raddiagseg.data.records import read_manifest
 
@@ -156,16 +156,16 @@ class ManifestDataset(Dataset):
 
     def _texts(self, row, rng):
         if row["task"] == "refseg":
-            label = templates.sample_label(row["targets"][0]["name"], rng, self.synonym_prob)
+            label = vocabulary.sample_label(row["targets"][0]["name"], rng, self.synonym_prob)
             return templates.refseg_question(label, row["modality"]), templates.refseg_answer(label)
         if row["task"] == "reasonseg":  # a fresh description and wording per visit; the answer names the target
             target = row["targets"][0]
-            descriptions = templates.implicit_descriptions(target["name"]) or [row.get("description")]
+            descriptions = vocabulary.implicit_descriptions(target["name"]) or [row.get("description")]
             description = rng.choice(descriptions)
             question = templates.reasonseg_question(description, row["modality"], rng.randrange(len(templates.REASONSEG_QUESTIONS)))
-            return question, templates.reasonseg_answer(description, templates.sample_label(target["name"], rng, self.synonym_prob))
+            return question, templates.reasonseg_answer(description, vocabulary.sample_label(target["name"], rng, self.synonym_prob))
         if row["task"] == "vqaseg" and row.get("detection"):
-            labels = [templates.sample_label(t["name"], rng, self.synonym_prob) for t in row["targets"]]
+            labels = [vocabulary.sample_label(t["name"], rng, self.synonym_prob) for t in row["targets"]]
             if self.cot:
                 return templates.COT_QUESTION, templates.vqaseg_cot_answer(True, row["modality"], row["diagnosis"], labels)
             return row["question"], templates.vqaseg_answer(True, row["diagnosis"], labels)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from raddiagseg import imaging, templates
+from raddiagseg import imaging, vocabulary
 from raddiagseg.data import io
 from raddiagseg.data.records import assign_splits, diagnosis_for, refseg_row, vqaseg_row
 
@@ -44,11 +44,11 @@ def read_task(task_dir, report):
         return None
     organ, roles = None, {}
     for value, name in sorted(labels.items()):
-        key = templates.normalise_label(name)
+        key = vocabulary.normalise_label(name)
         if value == 0 or key == "background":
             continue
-        canonical = templates.canonical_target(key)
-        if canonical and templates.targets()[canonical]["role"] == "organ" and organ in (None, canonical):
+        canonical = vocabulary.canonical_target(key)
+        if canonical and vocabulary.targets()[canonical]["role"] == "organ" and organ in (None, canonical):
             organ, roles[value] = canonical, "organ"
         elif key in ABNORMALITY_WORDS or any(w in ABNORMALITY_WORDS for w in key.split()):
             roles[value] = "abnormality"
@@ -84,7 +84,7 @@ def convert_msd(task_dir, out, report, seed=0, min_organ_pixels=MIN_ORGAN_PIXELS
     if task is None:
         return []
     organ, roles, pairs = task
-    abnormality = f"{organ} tumour" if "abnormality" in roles.values() and f"{organ} tumour" in templates.targets() else None
+    abnormality = f"{organ} tumour" if "abnormality" in roles.values() and f"{organ} tumour" in vocabulary.targets() else None
     diagnosis = diagnosis_for(organ, abnormality) if abnormality else None
     source = f"msd_{organ}"
     organ_values = [v for v, r in roles.items() if r in ("organ", "abnormality")]

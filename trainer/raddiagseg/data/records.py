@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
+from raddiagseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class BuildReport:
 
 def diagnosis_for(organ, abnormality):
     """The vocabulary diagnosis label for (organ, abnormality), or None."""
-    for d in templates.vocabulary()["diagnoses"]:
+    for d in vocabulary.load()["diagnoses"]:
         if d["organ"] == organ and d["abnormality"] == abnormality:
             return d["label"]
     return None
@@ -77,7 +78,7 @@ def reasonseg_rows(rows, seed=0):
         if row["task"] not in ("refseg", "vqaseg") or (row["task"] == "vqaseg" and not row.get("detection")):
             continue
         for target in row.get("targets") or []:
-            descriptions = templates.implicit_descriptions(target["name"])
+            descriptions = vocabulary.implicit_descriptions(target["name"])
             key = (row["image"], target["name"])
             if not descriptions or not target.get("mask") or key in seen:
                 continue
@@ -114,30 +115,49 @@ def assign_splits(groups, seed, name, fractions=(0.7, 0.15, 0.15)):
     return {g: ("test" if g in test else "val" if g in val else "train") for g in ids}
 
 
-def read_manifest(path):
-    """Rows of a manifest.jsonl (blank lines ignored); a clear error names the bad line."""
+class InputFileError(ValueError):
+    """A user's input file (manifest, predictions, mask) cannot be used: one line naming it and what to fix."""
+
+
+def read_jsonl(path, what="file"):
+    """[(line number, object)] of a JSONL file; blank lines skipped; a broken line is an error naming it."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest at {path}")
+        raise InputFileError(f"{what} {path} not found")
     rows = []
-    with path.open() as handle:
+    with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                raise InputFileError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputFileError(f"{path} line {number} is not a JSON object")
+            rows.append((number, obj))
+    return rows
+
+
+def read_manifest(path, split=None, base=False):
+    """Manifest rows (dicts), optionally only one split; `path` may be the dataset folder holding manifest.jsonl.
+
+    Every row needs an `id` and a `task`. `base=True` adds `_base` to each row: the manifest's folder, which the
+    image and mask paths are relative to (the scorer and predictor carry rows on their own)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    rows = []
+    for number, row in read_jsonl(path, "manifest"):
+        missing = [key for key in ("id", "task") if key not in row]
+        if missing:
+            raise InputFileError(f"{path} line {number} has no {', '.join(missing)}")
+        if split and row.get("split") != split:
+            continue
+        rows.append({**row, "_base": str(path.parent)} if base else row)
     return rows
 
 
 def write_manifest(path, rows):
     """Write rows as JSONL atomically (a crash never leaves a half-written manifest)."""
-    path = Path(path)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from raddiagseg import templates
+from raddiagseg import vocabulary
 from raddiagseg.data import io
 from raddiagseg.data.covidqu import safe_stem
 from raddiagseg.data.records import assign_splits, refseg_row
@@ -27,9 +27,9 @@ ABNORMAL_WORDS = ("tumor", "tumour", "lesion", "cancer", "infection", "nodule", 
 
 def _target(text):
     words = text.replace("+", " ").strip()
-    canonical = templates.canonical_target(words)
-    name = canonical or templates.normalise_label(words)
-    role = templates.targets()[canonical]["role"] if canonical else (
+    canonical = vocabulary.canonical_target(words)
+    name = canonical or vocabulary.normalise_label(words)
+    role = vocabulary.targets()[canonical]["role"] if canonical else (
         "abnormality" if any(w in name for w in ABNORMAL_WORDS) else "organ")
     return name, role
 

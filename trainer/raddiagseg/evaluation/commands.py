@@ -96,20 +96,20 @@ def register(subparsers):
 
 def _user_errors():
     from raddiagseg.cli import CommandError
-    from raddiagseg.evaluation.files import BenchmarkInputError
+    from raddiagseg.data.records import InputFileError  # BenchmarkInputError is one
 
-    return CommandError, BenchmarkInputError
+    return CommandError, InputFileError
 
 
 def run_score(args):
     from raddiagseg.evaluation import report as reports
-    from raddiagseg.evaluation.files import read_manifest
+    from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predictions import read_predictions
     from raddiagseg.evaluation.scoring import score
 
     CommandError, BenchmarkInputError = _user_errors()
     try:
-        rows = read_manifest(args.data, args.split)
+        rows = read_manifest(args.data, args.split, base=True)
         predictions = read_predictions(args.pred, {row["id"] for row in rows})
         if args.split is None:  # count missing predictions only in the splits that were predicted
             splits = {row.get("split") for row in rows if row["id"] in predictions}

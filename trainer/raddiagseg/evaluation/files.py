@@ -1,57 +1,19 @@
-"""Reading and writing the benchmark's files: JSONL manifests and prediction files, 2D masks and slices.
+"""Reading and writing the benchmark's files: 2D masks and slices (JSONL manifests and predictions: `data.records`).
 
 Masks and slices are PNG (X-ray, predictions) or 2D NIfTI (CT, HU), read through the data
 package's `read_slice` so that a mask written from the model's output for a slice lands on the
 same pixels as the GT mask the dataset reads.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from raddiagseg.data.records import InputFileError
 
-class BenchmarkInputError(ValueError):
+
+class BenchmarkInputError(InputFileError):
     """Bad benchmark input (file missing, unreadable, wrong size): one line saying which file and what to fix."""
-
-
-def read_jsonl(path, what="file"):
-    """[(line number, object)] of a JSONL file; blank lines skipped; a broken line is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkInputError(f"{what} {path} not found")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkInputError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise BenchmarkInputError(f"{path} line {number} is not a JSON object")
-            rows.append((number, obj))
-    return rows
-
-
-def read_manifest(path, split=None):
-    """Manifest rows (dicts), optionally only one split. Each row gets `_base` = the manifest's folder.
-
-    `path` may also be the dataset folder holding `manifest.jsonl`.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.jsonl"
-    rows = []
-    for number, row in read_jsonl(path, "manifest"):
-        missing = [key for key in ("id", "task") if key not in row]
-        if missing:
-            raise BenchmarkInputError(f"{path} line {number} has no {', '.join(missing)}")
-        if split and row.get("split") != split:
-            continue
-        rows.append({**row, "_base": str(path.parent)})
-    return rows
 
 
 def read_array(path):

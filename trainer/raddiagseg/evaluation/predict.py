@@ -12,7 +12,8 @@ import numpy as np
 
 from raddiagseg import templates
 from raddiagseg.evaluation import scoring
-from raddiagseg.evaluation.files import BenchmarkInputError, read_manifest
+from raddiagseg.data.records import read_manifest
+from raddiagseg.evaluation.files import BenchmarkInputError
 from raddiagseg.evaluation.predictions import AMPUTATED_QUESTIONS, PredictionWriter
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def _select(rows, tasks=None, max_samples=None):
 def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=False, max_new_tokens=128,
             tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None):
     """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped)."""
-    rows = _select(read_manifest(manifest, None if split == "all" else split), tasks, max_samples)
+    rows = _select(read_manifest(manifest, None if split == "all" else split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
     writer = PredictionWriter(out)
@@ -152,7 +153,7 @@ def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_
     """
     import torch
 
-    rows = _select(read_manifest(manifest, split), tasks, max_samples)
+    rows = _select(read_manifest(manifest, split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to evaluate for split {split!r}")
     model = _load(model_or_dir, device)

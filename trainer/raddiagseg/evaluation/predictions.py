@@ -19,7 +19,8 @@ import os
 import re
 from pathlib import Path
 
-from raddiagseg.evaluation.files import BenchmarkInputError, read_jsonl, write_mask_png
+from raddiagseg.data.records import read_jsonl
+from raddiagseg.evaluation.files import BenchmarkInputError, write_mask_png
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from raddiagseg.fileio import atomic_write
 
 MODALITY_TITLES = {"xray": "X-ray", "ct": "CT", "mri": "MRI"}
 MODALITY_ORDER = ("xray", "ct", "mri")
@@ -16,18 +16,8 @@ CSV_COLUMNS = (
 )
 
 
-def _atomic_write_text(path, text):
-    """Write a file in one step (temp file + rename) so an interrupted run never leaves half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(report, path):
-    _atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 def _modalities(report):
@@ -101,7 +91,7 @@ def markdown(report, name="model"):
 
 
 def write_markdown(report, path, name="model"):
-    _atomic_write_text(path, markdown(report, name))
+    atomic_write(path, markdown(report, name))
 
 
 def update_comparison(path, name, report):
@@ -112,8 +102,8 @@ def update_comparison(path, name, report):
     if not isinstance(entries, dict):
         raise ValueError(f"{store} is not a comparison table store (expected a JSON object name -> report)")
     entries[name] = report
-    _atomic_write_text(store, json.dumps(entries, indent=2) + "\n")
-    _atomic_write_text(path, "\n".join(["## RadDiagSeg-D", ""] + table3(list(entries.items()))) + "\n")
+    atomic_write(store, json.dumps(entries, indent=2) + "\n")
+    atomic_write(path, "\n".join(["## RadDiagSeg-D", ""] + table3(list(entries.items()))) + "\n")
     return path
 
 
@@ -145,7 +135,7 @@ def write_csv(records, path):
     writer.writeheader()
     for row in csv_rows(records):
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _atomic_write_text(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def dice_groups(records):

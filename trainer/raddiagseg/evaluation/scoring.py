@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raddiagseg import templates
+from raddiagseg import templates, vocabulary
 from raddiagseg.answers import parse_answer, read_yes_no
 from raddiagseg.evaluation import metrics
 from raddiagseg.evaluation.files import BenchmarkInputError, read_mask
@@ -39,7 +39,7 @@ SCORED_TASKS = ("vqaseg", "refseg", "vqa", "reasonseg")
 
 
 def _diagnosis_entries():
-    return templates.vocabulary()["diagnoses"]
+    return vocabulary.load()["diagnoses"]
 
 
 def diagnosis_names(label, synonyms=True):
@@ -150,7 +150,7 @@ def match_targets(targets, segments, notes):
     chosen, used = {}, set()
     for i, target in enumerate(targets):
         for label, token in segments:
-            if token not in used and templates.matches_target(label, target["name"]):
+            if token not in used and vocabulary.matches_target(label, target["name"]):
                 chosen[i] = token
                 used.add(token)
                 notes.append(f"{token} ({label!r}) scored against GT target {target['name']!r}")
@@ -277,10 +277,10 @@ def score_reasonseg(row, record, root):
     target = row["targets"][0]["name"]
     parsed = parse_answer(record.get("answer"))
     labels = [label for label, _ in parsed.segments]
-    named = any(templates.matches_target(label, target) for label in labels)
+    named = any(vocabulary.matches_target(label, target) for label in labels)
     if not named and isinstance(record.get("answer"), str):  # "…: liver." before a bare seg token
-        words = templates.normalise_label(record["answer"])
-        named = any(f" {templates.normalise_label(n)} " in f" {words} " for n in templates.target_names(target))
+        words = vocabulary.normalise_label(record["answer"])
+        named = any(f" {vocabulary.normalise_label(n)} " in f" {words} " for n in vocabulary.target_names(target))
     out["target_correct"] = bool(named)
     out["notes"].append(f"target {target!r} {'named' if named else 'not named'} by the answer (labels {labels})")
     return out

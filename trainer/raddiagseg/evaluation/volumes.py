@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raddiagseg import findings, templates
+from raddiagseg import findings, templates, vocabulary
 from raddiagseg.data.io import load_volume_lps
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def score_volume(volume_answer, label, view_to_lps, diagnosis):
         matches.append(match)
     true_union = label == 2
     precise = sum(bool((m & true_union).any()) for m in lesion_masks)
-    organ_name = templates.normalise_label(diagnosis.split()[0])
+    organ_name = vocabulary.normalise_label(diagnosis.split()[0])
     pred_organ = volume_answer.masks.get(organ_name)
     contradictions = [name for name in volume_answer.masks if allowed and name not in allowed]
     contradictions += [f"{f['name']} in {f['organ']}" for f in predicted if entry and f["organ"] != entry.get("organ")]

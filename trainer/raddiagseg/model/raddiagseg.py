@@ -7,21 +7,23 @@ to a SAM prompt and decoded into one mask for that token.
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raddiagseg.answers import token_labels
+from raddiagseg.fileio import atomic_write
 from raddiagseg.model.clip_encoder import ClipEncoder
+from raddiagseg.model import generation
 from raddiagseg.model.config import RadDiagSegConfig
+from raddiagseg.model.generation import GenerationConfig
 from raddiagseg.model.language_model import LanguageModel
 from raddiagseg.model.mask_decoder import SegMaskDecoder
-from raddiagseg.model.outputs import GenerationResult, ImageFeatures, SegmentResult
+from raddiagseg.model.outputs import GenerationResult, ImageFeatures
 from raddiagseg.model.processor import IGNORE_INDEX, RadDiagSegProcessor
 from raddiagseg.model.projector import Projector
 from raddiagseg.model.tokenizer import build_demo_tokenizer, load_tokenizer, special_token_ids
@@ -179,7 +181,8 @@ class RadDiagSegModel(nn.Module):
             latencies["clip"] = time.perf_counter() - t1
         return vision, image_embeds
 
-    def _input_embeds(self, input_ids, image_embeds):
+    def input_embeds(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of `input_ids`, the image placeholder tokens replaced by the projected image tokens."""
         embeds = self.language_model.embed(input_ids)
         is_image = input_ids == self.processor.ids["image"]
         per_row = is_image.sum(1)
@@ -198,7 +201,7 @@ class RadDiagSegModel(nn.Module):
         attention = batch["attention_mask"].to(dev)
         vision, image_embeds = self._encode(batch["vision"], batch["clip"])
         prefix = (labels == IGNORE_INDEX) & attention.bool()  # image + question (answer and padding excluded)
-        hidden, _ = self.language_model(self._input_embeds(input_ids, image_embeds), attention_mask=attention, prefix_mask=prefix)
+        hidden, _ = self.language_model(self.input_embeds(input_ids, image_embeds), attention_mask=attention, prefix_mask=prefix)
 
         # text: the state at t predicts label t+1
         targets = labels[:, 1:]
@@ -240,20 +243,28 @@ class RadDiagSegModel(nn.Module):
             vision, image_embeds = self._encode(pixels["vision"], pixels["clip"], latencies)
         return ImageFeatures(vision, image_embeds, [tuple(s) for s in pixels["image_sizes"].tolist()], latencies)
 
-    def generate(self, image, question, max_new_tokens=128, features=None, do_sample=False, temperature=1.0, seed=None,
-                 rvls2m=None, draft=None):
-        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult (rvls2m, draft: see `generate_batch`)."""
+    def generate(self, image: np.ndarray | None, question: str, max_new_tokens: int = 128,
+                 features: ImageFeatures | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 seed: int | None = None, rvls2m: bool | None = None, draft: Sequence[int] | None = None,
+                 config: GenerationConfig | None = None) -> GenerationResult:
+        """Answer `question` about one (H, W) image in [0, 1] -> GenerationResult (rvls2m, draft, config: see `generate_batch`)."""
         images = None if image is None else [image]
         if features is not None and len(features) != 1:
             raise ValueError(f"generate takes features of one image, got {len(features)}")
         drafts = None if draft is None else [draft]
-        return self.generate_batch(images, [question], features, max_new_tokens, do_sample, temperature, seed, rvls2m, drafts)[0]
+        config = config or GenerationConfig(max_new_tokens, do_sample, temperature, seed, rvls2m)
+        return self.generate_batch(images, [question], features, drafts=drafts, config=config)[0]
 
     @torch.inference_mode()
-    def generate_batch(self, images, questions, features=None, max_new_tokens=128, do_sample=False, temperature=1.0, seed=None,
-                       rvls2m=None, drafts=None):
+    def generate_batch(self, images: Sequence[np.ndarray] | None, questions: Sequence[str] | str,
+                       features: ImageFeatures | Sequence[ImageFeatures] | None = None, max_new_tokens: int = 128,
+                       do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
+                       rvls2m: bool | None = None, drafts: Sequence[Sequence[int] | None] | None = None,
+                       config: GenerationConfig | None = None) -> list[GenerationResult]:
         """Answer one question per image, decoding all together (left padding, KV cache) -> list[GenerationResult].
 
+        config: a `GenerationConfig`; when given, it replaces the keywords max_new_tokens, do_sample, temperature,
+        seed and rvls2m (kept for callers that pass them one by one).
         rvls2m: None decodes masks as the model was configured; True/False turns RVLS2M region prompts on/off.
         drafts: None, or per image a guess of the answer's token ids (e.g. `token_ids` of an earlier answer to the
         same question about the same image); greedy decoding then verifies the guess in the prefill pass and keeps
@@ -261,8 +272,9 @@ class RadDiagSegModel(nn.Module):
         single steps, as with batching), only faster when the guess is right.
         `result.draft` says how many guessed tokens were kept. Ignored when sampling.
         """
-        region = self.region_config(rvls2m)
-        latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
+        config = config or GenerationConfig(max_new_tokens, do_sample, temperature, seed, rvls2m)
+        region = self.region_config(config.rvls2m)
+        latencies = dict.fromkeys(generation.LATENCY_KEYS, 0.0)
         if features is not None and not isinstance(features, ImageFeatures):
             features = ImageFeatures.cat(features)  # a list of cached per-image features
         n_images = len(features) if features is not None else len(images or [])
@@ -272,161 +284,42 @@ class RadDiagSegModel(nn.Module):
             raise ValueError(f"{len(questions)} questions for {n_images} images")
         for q in questions:
             self.processor.prompt_ids(q)  # refuse bad questions before any encoder runs
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
         if drafts is not None and len(drafts) != n_images:
             raise ValueError(f"{len(drafts)} drafts for {n_images} images")
-        if features is None:
-            if not images:
-                raise ValueError("give images or precomputed features")
-            features = self.encode_images(images)
-            latencies.update(features.latencies)
-        features = features.to(self.device, self.dtype)
+        features = self.image_features(images, features, latencies)
         with _eval_mode(self):
-            decoded = self._decode(features, questions, max_new_tokens, do_sample, temperature, seed, drafts)
+            decoded = generation.decode(self, features, questions, config, drafts)
             latencies["prefill"], latencies["decode"] = decoded.prefill, decoded.decode
             latencies["decode_per_token"] = decoded.decode / decoded.steps if decoded.steps else 0.0  # one step: a token per unfinished row
             t0 = time.perf_counter()
-            masks = self._masks(features, decoded.tokens, decoded.states, region)
+            masks = generation.decode_masks(self, features, decoded.tokens, decoded.states, region)
             latencies["mask_decoder"] = time.perf_counter() - t0 if masks else 0.0
-        results = [self._result(i, decoded.tokens[i], masks.get(i, []), latencies) for i in range(len(decoded.tokens))]
+        results = [generation.build_result(self.processor, ids, masks.get(i, []), latencies) for i, ids in enumerate(decoded.tokens)]
         if drafts is not None:
             for result, accepted, offered in zip(results, decoded.accepted, decoded.offered):
                 result.draft = {"offered": offered, "accepted": accepted}
         return results
 
-    def generate_tts(self, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
-                     max_new_tokens=128, features=None, seed=0, rvls2m=None):
+    def image_features(self, images: Sequence[np.ndarray] | None, features: ImageFeatures | None,
+                       latencies: dict | None = None) -> ImageFeatures:
+        """`features` on the model's device and dtype, or the images encoded (their latencies added to `latencies`)."""
+        if features is None:
+            if not images:
+                raise ValueError("give images or precomputed features")
+            features = self.encode_images(images)
+            if latencies is not None:
+                latencies.update(features.latencies)
+        return features.to(self.device, self.dtype)
+
+    def generate_tts(self, image: np.ndarray | None, question: str, num_answers: int = 4, num_masks: int = 4,
+                     temperature: float = 0.7, prompt_noise: float = 0.05, max_new_tokens: int = 128,
+                     features: ImageFeatures | None = None, seed: int = 0, rvls2m: bool | None = None) -> GenerationResult:
         """Test-time scaling (paper 003): majority answer of `num_answers` paths, consensus mask of the
         perturbed prompts; `result.agreement` says how much they agreed. See `raddiagseg.model.tts`."""
-        from raddiagseg.model.tts import generate_tts
+        from raddiagseg.model.tts import TTSConfig, generate_tts
 
-        return generate_tts(self, image, question, num_answers, num_masks, temperature, prompt_noise, max_new_tokens, features, seed,
-                            rvls2m=rvls2m)
-
-    def _decode(self, features, questions, max_new_tokens, do_sample, temperature, seed, drafts=None):
-        """KV-cached decoding -> `Decoded`: per sample the generated ids (eos dropped) and the hidden state that
-        produced each, prefill and decode seconds, decode steps and how many draft tokens were accepted.
-
-        `drafts` (greedy only): per sample a guess of the answer's token ids, e.g. the answer the model gave
-        before to the same question about the same slice. The guess is fed after the prompt in the prefill
-        pass, and each token is kept only while it is the argmax of the state before it, exactly as greedy
-        decoding would have chosen it (speculative decoding with a cached draft); decoding goes on step by
-        step from the first token that differs. A right guess turns ~25 decode steps into one pass."""
-        proc = self.processor
-        prompts = [proc.prompt_ids(q) for q in questions]
-        batch, length = len(prompts), max(len(p) for p in prompts)
-        eos = proc.ids["eos"]
-        vocab = self.config.language.vocab_size
-        guesses = _draft_rows(drafts, batch, eos, max_new_tokens, proc.ids["image"], vocab) if drafts is not None and not do_sample else [[]] * batch
-        if length + max(map(len, guesses)) > (self.language_model.causal_lm.config.sliding_window or 1 << 30):
-            guesses = [[]] * batch  # the rollback below assumes the whole sequence fits in the sliding window
-        width = max(map(len, guesses))
-        dev = self.device
-        input_ids = torch.full((batch, length + width), proc.ids["pad"], dtype=torch.long, device=dev)
-        attention = torch.zeros((batch, length + width), dtype=torch.long, device=dev)
-        for b, (p, g) in enumerate(zip(prompts, guesses)):  # prompts left-padded, draft tokens right after them
-            input_ids[b, length - len(p) : length + len(g)] = torch.tensor(p + g, device=dev)
-            attention[b, length - len(p) : length + len(g)] = 1
-        prompt_mask = attention.bool()
-        prompt_mask[:, length:] = False  # the whole prompt is the prefix; draft tokens are causal like generated ones
-        position_ids = (attention.cumsum(1) - 1).clamp_min(0)
-        generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-
-        t0 = time.perf_counter()
-        hidden, cache = self.language_model(
-            self._input_embeds(input_ids, features.image_embeds), attention_mask=attention, position_ids=position_ids, use_cache=True,
-            prefix_mask=prompt_mask,
-        )
-        tokens, states = [[] for _ in range(batch)], [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool, device=dev)
-        accepted = [0] * batch
-        last_index = torch.full((batch,), length - 1, dtype=torch.long, device=dev)
-        for b, guess in enumerate(guesses):
-            if not guess:
-                continue
-            chosen = self.language_model.logits(hidden[b, length - 1 : length - 1 + len(guess)]).float().argmax(-1).tolist()
-            while accepted[b] < len(guess) and chosen[accepted[b]] == guess[accepted[b]]:
-                token = guess[accepted[b]]
-                if token == eos:
-                    done[b] = True
-                else:
-                    tokens[b].append(token)
-                    states[b].append(hidden[b, length - 1 + accepted[b]])
-                accepted[b] += 1
-                if done[b]:
-                    break
-            if len(tokens[b]) >= max_new_tokens:
-                done[b] = True
-            attention[b, length + accepted[b] :] = 0  # rejected draft tokens stay in the cache, masked out
-            last_index[b] += accepted[b]
-        t_prefill = time.perf_counter() - t0
-        rows = torch.arange(batch, device=dev)
-        last = hidden[rows, last_index]
-        position = position_ids[rows, last_index][:, None]
-        t0 = time.perf_counter()
-        steps = 0
-        while not bool(done.all()):
-            steps += 1
-            logits = self.language_model.logits(last).float()
-            if do_sample:
-                probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
-                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                next_ids = logits.argmax(-1)
-            for b in range(batch):
-                if not done[b]:
-                    if next_ids[b].item() == eos:
-                        done[b] = True
-                    else:
-                        tokens[b].append(next_ids[b].item())
-                        states[b].append(last[b])
-                        done[b] = len(tokens[b]) >= max_new_tokens
-            if bool(done.all()):
-                break
-            next_ids = torch.where(done, torch.full_like(next_ids, proc.ids["pad"]), next_ids)
-            attention = torch.cat([attention, (~done).long()[:, None]], dim=1)
-            position = position + 1
-            hidden, cache = self.language_model(
-                self.language_model.embed(next_ids[:, None]), attention_mask=attention, position_ids=position, past_key_values=cache, use_cache=True
-            )
-            last = hidden[:, -1]
-        return Decoded(tokens, states, t_prefill, time.perf_counter() - t0, steps, accepted, [len(g) for g in guesses])
-
-    def _masks(self, features, ids, states, region=None):
-        """One bool mask per generated seg token at its image's original size; no decoder call without seg tokens."""
-        seg = self.processor.seg_id_to_index
-        picks = [(b, k) for b, row in enumerate(ids) for k, t in enumerate(row) if t in seg]
-        if not picks:
-            return {}
-        self.mask_decoder_calls += 1
-        hidden = torch.stack([states[b][k] for b, k in picks])
-        image_index = torch.tensor([b for b, _ in picks], device=self.device)
-        low_res = self.mask_decoder(features.vision, hidden, image_index, region=region).float()
-        out = {}
-        for j, (b, _) in enumerate(picks):
-            h, w = features.image_sizes[b]
-            prob = torch.sigmoid(F.interpolate(low_res[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0])
-            mask = prob > self.config.mask_threshold
-            score = float(prob[mask].mean()) if bool(mask.any()) else 0.0
-            out.setdefault(b, []).append((mask.cpu().numpy(), score))
-        return out
-
-    def _decode_text(self, ids):
-        """Answer text of generated ids, seg tokens kept verbatim (bos/pad/image placeholders dropped)."""
-        proc = self.processor
-        hidden_ids = {proc.ids["bos"], proc.ids["pad"], proc.ids["image"]}
-        kept = [t for t in ids if t not in hidden_ids]
-        return proc.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def _result(self, b, ids, masks, latencies):
-        text = self._decode_text(ids)
-        labels = token_labels(text)
-        if len(labels) != len(masks):
-            log.warning("answer text has %d seg tokens but %d were generated", len(labels), len(masks))
-        segments = [SegmentResult(label=label, token=token, mask=mask, score=score)
-                    for (label, token), (mask, score) in zip(labels, masks)]
-        return GenerationResult(answer=text, segments=segments, latencies=dict(latencies), token_ids=list(ids))
+        sampling = GenerationConfig(max_new_tokens, do_sample=True, temperature=temperature, seed=seed, rvls2m=rvls2m)
+        return generate_tts(self, image, question, TTSConfig(num_answers, num_masks, prompt_noise), sampling, features)
 
     # --- checkpoints ------------------------------------------------------------------------
     def save_pretrained(self, path, dtype=None):
@@ -437,15 +330,15 @@ class RadDiagSegModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         state = _dedupe_tied(self.state_dict())
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)}))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)}))
         config = {"model_type": "raddiagseg", "format_version": FORMAT_VERSION, **self.config.to_dict()}
-        _atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2))
         self.processor.tokenizer.save_pretrained(str(path))
         counts = self.parameter_counts()
         card = [f"# RadDiagSeg-M ({self.config.preset} preset)", "", "| component | parameters |", "|---|---|"]
         card += [f"| {name} | {total:,} |" for name, (total, _) in counts.items()]
         card += ["", "Load with `raddiagseg.load_model(path)`."]
-        _atomic_write(path / "MODEL_CARD.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
+        atomic_write(path / "MODEL_CARD.md", "\n".join(card) + "\n")
         return path
 
     @classmethod
@@ -483,35 +376,6 @@ class RadDiagSegModel(nn.Module):
         return model
 
 
-class Decoded(NamedTuple):
-    tokens: list  # per sample: generated token ids, eos dropped
-    states: list  # per sample: the hidden state that produced each token
-    prefill: float  # seconds of the prompt (+ draft) pass
-    decode: float  # seconds of the step-by-step decoding after it
-    steps: int  # decode steps taken (0 when the drafts were accepted to the end)
-    accepted: list  # per sample: draft tokens accepted, eos included
-    offered: list  # per sample: draft tokens verified, eos included (0: no draft)
-
-
-def _draft_rows(drafts, batch, eos, max_new_tokens, image_id, vocab_size):
-    """Per sample the tokens to verify: the draft cut at its first token that cannot be generated (image
-    placeholder, outside the vocabulary), then eos when there is room for one more step."""
-    if len(drafts) != batch:
-        raise ValueError(f"{len(drafts)} drafts for {batch} questions")
-    rows = []
-    for draft in drafts:
-        row = []
-        for token in list(draft or [])[:max_new_tokens]:
-            token = int(token)
-            if token == image_id or not 0 <= token < vocab_size:
-                break
-            row.append(token)
-        if row and len(row) < max_new_tokens and row[-1] != eos:
-            row.append(eos)
-        rows.append(row)
-    return rows
-
-
 def _module_dtype(module):
     return next(module.parameters()).dtype
 
@@ -526,16 +390,6 @@ def _dedupe_tied(state):
         seen.add(ident)
         out[key] = value
     return out
-
-
-def _atomic_write(target, write):
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class _eval_mode:

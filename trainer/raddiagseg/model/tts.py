@@ -10,15 +10,26 @@ agreement levels come back in `result.agreement`, a confidence signal for the us
 active learning.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from raddiagseg.model.outputs import ImageFeatures
+from raddiagseg.model import generation
+from raddiagseg.model.generation import GenerationConfig
+from raddiagseg.model.outputs import GenerationResult, ImageFeatures
+
+if TYPE_CHECKING:
+    from raddiagseg.model.raddiagseg import RadDiagSegModel
+
+SAMPLING = GenerationConfig(do_sample=True, temperature=0.7, seed=0)  # the sampled paths' default settings
 
 
 def answer_key(text):
@@ -26,7 +37,7 @@ def answer_key(text):
     order), so chain-of-thought paths that reason differently but conclude alike agree; other answers count as
     the same when their conclusions differ only in case or whitespace."""
     from raddiagseg.answers import parse_answer, split_reasoning
-    from raddiagseg.templates import normalise_label
+    from raddiagseg.vocabulary import normalise_label
 
     parsed = parse_answer(text)
     if parsed.detection is not None:
@@ -66,36 +77,38 @@ def uncertainty(answer_share, mask_agreement):
     return float(1.0 - sum(parts) / len(parts))
 
 
+@dataclass(frozen=True)
+class TTSConfig:
+    """m answer paths (`num_answers`: the greedy one + m-1 sampled), n perturbed prompts per path and seg token
+    (`num_masks`: 1 keeps the prompt as is), and the hidden-state noise without RVLS2M (`prompt_noise` x its std)."""
+
+    num_answers: int = 4
+    num_masks: int = 4
+    prompt_noise: float = 0.05
+
+    def __post_init__(self):
+        if self.num_answers < 1 or self.num_masks < 1:
+            raise ValueError("num_answers and num_masks must be at least 1")
+
+
 @torch.inference_mode()
-def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature=0.7, prompt_noise=0.05,
-                 max_new_tokens=128, features=None, seed=0, rvls2m=None):
-    """`model.generate` with test-time scaling -> GenerationResult with `agreement` = {"answer", "masks"}."""
-    if num_answers < 1 or num_masks < 1:
-        raise ValueError("num_answers and num_masks must be at least 1")
+def generate_tts(model: RadDiagSegModel, image: np.ndarray | None, question: str, tts: TTSConfig = TTSConfig(),
+                 sampling: GenerationConfig = SAMPLING, features: ImageFeatures | None = None) -> GenerationResult:
+    """`model.generate` with test-time scaling -> GenerationResult with `agreement` = {"answer", "masks", ...}.
+
+    `sampling` decodes the m-1 sampled paths (its max_new_tokens and rvls2m also hold for the greedy path; its
+    seed also seeds the prompt perturbations)."""
     model.processor.prompt_ids(question)  # validate before any work
-    latencies = dict.fromkeys(("preprocess", "vision", "clip", "prefill", "decode", "mask_decoder"), 0.0)
-    if features is None:
-        if image is None:
-            raise ValueError("give an image or precomputed features")
-        features = model.encode_images([image])
-        latencies.update(features.latencies)
+    latencies = dict.fromkeys(generation.LATENCY_KEYS, 0.0)
+    features = model.image_features(None if image is None else [image], features, latencies)
     if len(features) != 1:
         raise ValueError(f"generate_tts takes one image, got features of {len(features)}")
-    features = features.to(model.device, model.dtype)
-    region = model.region_config(rvls2m)
+    region = model.region_config(sampling.rvls2m)
     was_training = model.training
     model.eval()
     try:
-        ids, states, t_prefill, t_decode = model._decode(features, [question], max_new_tokens, False, 1.0, None)[:4]
-        if num_answers > 1:
-            repeated = ImageFeatures.cat([features] * (num_answers - 1))
-            s_ids, s_states, t2, t3 = model._decode(repeated, [question] * (num_answers - 1), max_new_tokens, True, temperature, seed)[:4]
-            ids, states = ids + s_ids, states + s_states
-            t_prefill, t_decode = t_prefill + t2, t_decode + t3
-        latencies["prefill"], latencies["decode"] = t_prefill, t_decode
-        texts = [model._decode_text(row) for row in ids]
-        first, group, answer_share = majority_answer(texts, prefer=0)
-
+        ids, states = _answer_paths(model, features, question, tts.num_answers, sampling, latencies)
+        first, group, answer_share = majority_answer([generation.answer_text(model.processor, row) for row in ids], prefer=0)
         t0 = time.perf_counter()
         seg_ids = model.processor.seg_id_to_index
         positions = {p: [k for k, t in enumerate(ids[p]) if t in seg_ids] for p in group}
@@ -103,45 +116,69 @@ def generate_tts(model, image, question, num_answers=4, num_masks=4, temperature
         group = [p for p in group if len(positions[p]) == n_tokens]  # same conclusion, same number of masks
         chosen, mask_agreement = [], []
         if n_tokens:
-            generator = torch.Generator().manual_seed(seed)
-            prompts = []
-            for token in range(n_tokens):
-                for p in group:
-                    state = states[p][positions[p][token]]
-                    for j in range(num_masks):
-                        if region is not None:  # the region mask is perturbed below, the prompt kept
-                            prompts.append(state)
-                            continue
-                        noise = torch.randn(state.shape, generator=generator).to(state) if j else torch.zeros_like(state)
-                        prompts.append(state + prompt_noise * state.float().std().to(state.dtype) * noise)
-            prompts = torch.stack(prompts)
-            image_index = torch.zeros(len(prompts), dtype=torch.long, device=model.device)
-            regions = None
-            if region is not None:
-                from raddiagseg.model.rvls2m import perturb_regions
-
-                sparse = model.mask_decoder.text_to_prompt(prompts.to(model.mask_decoder.text_to_prompt.weight.dtype))
-                regions = model.mask_decoder.region_masks(features.vision, sparse, image_index, region)
-                perturbed = perturb_regions(regions.cpu(), generator).to(regions)
-                keep = torch.tensor([j == 0 for _ in range(len(prompts) // num_masks) for j in range(num_masks)], device=regions.device)
-                regions = torch.where(keep[:, None, None], regions, perturbed)
-            model.mask_decoder_calls += 1
-            low_res = model.mask_decoder(features.vision, prompts, image_index, region=region, regions=regions)
-            h, w = features.image_sizes[0]
-            probs = torch.sigmoid(F.interpolate(low_res[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0])
-            per_token = len(group) * num_masks
-            for token in range(n_tokens):
-                candidates = probs[token * per_token : (token + 1) * per_token]
-                binary = (candidates > model.config.mask_threshold).cpu().numpy()
-                best, agreement = consensus_index(binary)
-                mask = binary[best]
-                score = float(candidates[best][torch.from_numpy(mask)].mean()) if mask.any() else 0.0
-                chosen.append((mask, score))
-                mask_agreement.append(agreement)
+            prompt_states = [[states[p][positions[p][token]] for p in group] for token in range(n_tokens)]
+            chosen, mask_agreement = _consensus_masks(model, features, prompt_states, tts, region, sampling.seed)
             latencies["mask_decoder"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    result = model._result(0, ids[first], chosen, latencies)
-    result.agreement = {"answer": answer_share, "masks": mask_agreement, "paths": len(ids), "masks_per_path": num_masks,
+    result = generation.build_result(model.processor, ids[first], chosen, latencies)
+    result.agreement = {"answer": answer_share, "masks": mask_agreement, "paths": len(ids), "masks_per_path": tts.num_masks,
                         "uncertainty": uncertainty(answer_share, mask_agreement)}
     return result
+
+
+def _answer_paths(model, features, question, num_answers, sampling, latencies):
+    """The greedy answer and num_answers - 1 sampled ones -> (token ids, hidden states) per path."""
+    greedy = dataclasses.replace(sampling, do_sample=False, temperature=1.0, seed=None)
+    decoded = generation.decode(model, features, [question], greedy)
+    ids, states, latencies["prefill"], latencies["decode"] = decoded.tokens, decoded.states, decoded.prefill, decoded.decode
+    if num_answers > 1:
+        repeated = ImageFeatures.cat([features] * (num_answers - 1))
+        sampled = generation.decode(model, repeated, [question] * (num_answers - 1), sampling)
+        ids, states = ids + sampled.tokens, states + sampled.states
+        latencies["prefill"] += sampled.prefill
+        latencies["decode"] += sampled.decode
+    return ids, states
+
+
+def _perturbed_prompts(prompt_states, num_masks, prompt_noise, region, generator):
+    """n prompts per (seg token, path) state, token-major: the state itself first, then noisy copies (with RVLS2M
+    the region masks are perturbed instead and every prompt is the state)."""
+    prompts = []
+    for per_path in prompt_states:
+        for state in per_path:
+            for j in range(num_masks):
+                if region is not None:
+                    prompts.append(state)
+                    continue
+                noise = torch.randn(state.shape, generator=generator).to(state) if j else torch.zeros_like(state)
+                prompts.append(state + prompt_noise * state.float().std().to(state.dtype) * noise)
+    return torch.stack(prompts)
+
+
+def _consensus_masks(model, features, prompt_states, tts, region, seed):
+    """Per seg token the consensus of its candidate masks -> ([(mask, score)], [consensus IoU])."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = _perturbed_prompts(prompt_states, tts.num_masks, tts.prompt_noise, region, generator)
+    image_index = torch.zeros(len(prompts), dtype=torch.long, device=model.device)
+    regions = None
+    if region is not None:
+        from raddiagseg.model.rvls2m import perturb_regions
+
+        sparse = model.mask_decoder.text_to_prompt(prompts.to(model.mask_decoder.text_to_prompt.weight.dtype))
+        regions = model.mask_decoder.region_masks(features.vision, sparse, image_index, region)
+        perturbed = perturb_regions(regions.cpu(), generator).to(regions)
+        keep = torch.tensor([j == 0 for _ in range(len(prompts) // tts.num_masks) for j in range(tts.num_masks)], device=regions.device)
+        regions = torch.where(keep[:, None, None], regions, perturbed)
+    model.mask_decoder_calls += 1
+    low_res = model.mask_decoder(features.vision, prompts, image_index, region=region, regions=regions)
+    probs = generation.mask_probabilities(low_res, features.image_sizes[0])
+    per_token = len(prompt_states[0]) * tts.num_masks
+    chosen, agreement = [], []
+    for token in range(len(prompt_states)):
+        candidates = probs[token * per_token : (token + 1) * per_token]
+        binary = (candidates > model.config.mask_threshold).cpu().numpy()
+        best, consensus = consensus_index(binary)
+        chosen.append(generation.mask_and_score(candidates[best], model.config.mask_threshold))
+        agreement.append(consensus)
+    return chosen, agreement

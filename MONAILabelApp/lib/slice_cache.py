@@ -8,19 +8,22 @@ It also keeps the last answer to each question about any slice, a draft for a sl
 The key is a digest of the exact model input (the [0, 1] slice after windowing, which covers
 image content, slice choice and preprocessing) plus the model version, so a new model or a
 different window never reuses stale features or answers.
+The infer response reports its counters as `feature_cache` (a documented response key that clients and
+benchmarks read).
 """
 
 import hashlib
 import threading
-from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
+from cachetools import LRUCache
 
 DRAFTS_PER_SLICE = 8  # questions remembered per slice
 RECENT_QUESTIONS = 32  # questions whose last answer on any slice is remembered
 
 
-def feature_key(model_version, unit_image):
+def slice_key(model_version, unit_image):
     array = np.ascontiguousarray(unit_image, dtype=np.float32)
     digest = hashlib.blake2b(array.tobytes(), digest_size=16)
     digest.update(repr(array.shape).encode())
@@ -31,12 +34,17 @@ def _version(key):
     return key.rsplit(":", 1)[0]
 
 
-class FeatureCache:
+@dataclass
+class _Slice:
+    features: object
+    drafts: LRUCache = field(default_factory=lambda: LRUCache(maxsize=DRAFTS_PER_SLICE))  # question -> token ids
+
+
+class SliceCache:
     def __init__(self, max_items=64):
         self.max_items = max(0, int(max_items))
-        self._items = OrderedDict()  # key -> features
-        self._drafts = {}  # key -> OrderedDict(question -> answer token ids), dropped with the features
-        self._recent = OrderedDict()  # (model version, question) -> the last answer's token ids, any slice
+        self._items = LRUCache(maxsize=self.max_items)  # key -> _Slice: a slice's drafts go with its features
+        self._recent = LRUCache(maxsize=RECENT_QUESTIONS)  # (model version, question) -> last answer's ids, any slice
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -44,9 +52,8 @@ class FeatureCache:
     def get(self, key):
         with self._lock:
             if key in self._items:
-                self._items.move_to_end(key)
                 self.hits += 1
-                return self._items[key]
+                return self._items[key].features
             self.misses += 1
             return None
 
@@ -54,17 +61,18 @@ class FeatureCache:
         if not self.max_items:
             return
         with self._lock:
-            self._items[key] = features
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                old, _ = self._items.popitem(last=False)
-                self._drafts.pop(old, None)
+            entry = self._items.get(key)
+            if entry is None:
+                self._items[key] = _Slice(features)
+            else:  # same slice encoded again: keep its drafts
+                entry.features = features
 
     def draft(self, key, question, any_slice=False):
         """Token ids of the last greedy answer to `question` about the slice `key`; with `any_slice`, else the
         last answer to it about any slice with the same model version; or None."""
         with self._lock:
-            same = self._drafts.get(key, {}).get(question)
+            entry = self._items.get(key)
+            same = entry.drafts.get(question) if entry is not None else None
             if same is not None or not any_slice:
                 return same
             return self._recent.get((_version(key), question))
@@ -75,23 +83,14 @@ class FeatureCache:
         if not self.max_items:
             return
         with self._lock:
-            recent = (_version(key), question)
-            self._recent[recent] = list(token_ids)
-            self._recent.move_to_end(recent)
-            while len(self._recent) > RECENT_QUESTIONS:
-                self._recent.popitem(last=False)
-            if key not in self._items:
-                return
-            answers = self._drafts.setdefault(key, OrderedDict())
-            answers[question] = list(token_ids)
-            answers.move_to_end(question)
-            while len(answers) > DRAFTS_PER_SLICE:
-                answers.popitem(last=False)
+            self._recent[(_version(key), question)] = list(token_ids)
+            entry = self._items.get(key)
+            if entry is not None:
+                entry.drafts[question] = list(token_ids)
 
     def clear(self):
         with self._lock:
             self._items.clear()
-            self._drafts.clear()
             self._recent.clear()
 
     def __len__(self):
