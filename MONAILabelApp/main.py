@@ -9,7 +9,9 @@ See MONAILabelApp/README.md for the request parameters, the response and the lab
 import logging
 
 import raddiagseg
+from lib import dicom_seg
 from lib.configs.raddiagseg import RadDiagSegAppConfig
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ class RadDiagApp(MONAILabelApp):
             description="Ask a question about a CT or chest X-ray; get a diagnostic answer and named segmentation masks",
             version=raddiagseg.__version__,
         )
+
+    def init_datastore(self):
+        datastore = super().init_datastore()
+        if isinstance(datastore, DICOMWebDatastore):  # labels go to the PACS as DICOM SEG: name and code them
+            dicom_seg.code_saved_labels(datastore)
+        return datastore
 
     def init_infers(self):
         return {self.raddiag.name: self.raddiag.infer()}

@@ -9,6 +9,7 @@ the test starts its own instance on free ports with storage in a temporary folde
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
@@ -206,6 +208,18 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
         segs = requests.post(orthanc + "/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
                              timeout=30).json()
         assert len(segs) == 1
+        # the DICOM SEG in the PACS names and codes each segment (SNOMED CT), with each segment's voxels
+        [instance] = requests.get(f"{orthanc}/series/{segs[0]}", timeout=30).json()["Instances"]
+        seg = pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc}/instances/{instance}/file", timeout=30).content))
+        assert [(s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+                 s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator)
+                for s in seg.SegmentSequence] == [(1, "liver", "123037004", "10200004", "SCT"),
+                                                 (2, "liver tumour", "49755003", "108369006", "SCT")]
+        frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+        per_segment = {1: 0, 2: 0}
+        for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+            per_segment[int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] += int(frame.sum())
+        assert per_segment == {1: int((array == 1).sum()), 2: int((array == 2).sum())}
 
         reply = requests.post(url + "/train/raddiagseg", headers=admin, json={"max_steps": 3}, timeout=60)
         assert reply.status_code == 200, reply.text

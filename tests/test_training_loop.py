@@ -128,3 +128,18 @@ def test_deepspeed_without_the_package_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="needs the deepspeed package"):
         deepspeed_engine(None, None, None, 1, 1, 1, False, 1.0)
+
+
+def test_epochs_set_the_run_length_when_no_step_count_is_given(tmp_path):
+    from raddiagseg.training.config import TrainConfig
+
+    (tmp_path / "manifest.jsonl").write_text("")
+
+    def resolved(**kwargs):
+        return TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), preset="demo", stage="finetune",
+                           **kwargs).resolved()
+
+    assert resolved().max_steps == 900  # the preset's own length
+    by_epochs = resolved(epochs=1.5)
+    assert by_epochs.max_steps is None and by_epochs.epochs == 1.5  # the loop derives steps from the data
+    assert resolved(epochs=1.5, max_steps=7).max_steps == 7

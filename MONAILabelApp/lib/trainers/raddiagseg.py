@@ -35,6 +35,9 @@ TRAIN_PARAMS = {
     "replay_ratio": (float, 0.0, 50.0, 4.0),
     "lr": (float, 1e-6, 1e-2, 2e-4),
 }
+# MONAI Label's own name for the length of a run (its sample apps and integration tests send it): passes over the
+# training mix (corrections + replay). Used when `max_steps` is not given.
+MAX_EPOCHS = (float, 0.01, 1000.0)
 UNGUARDED = ("no reference set for this model (no reference.json in its folder, no --conf reference_manifest): "
              "forgetting is unguarded; retraining uses the corrections alone and is checked on held-out corrections only")
 
@@ -121,6 +124,12 @@ class RadDiagSegTrain(TrainTask):
             if not low <= value <= high:
                 raise ValueError(f"{key} must be between {low} and {high}, got {value}")
             params[key] = value
+        if "max_epochs" in request and "max_steps" not in request:
+            kind, low, high = MAX_EPOCHS
+            value = request["max_epochs"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"max_epochs must be a number between {low} and {high}, got {value!r}")
+            params["max_epochs"], params["max_steps"] = float(value), None
         return params
 
     def __call__(self, request, datastore):
@@ -220,7 +229,8 @@ class RadDiagSegTrain(TrainTask):
 
         wanted = {"data": str(manifest), "stage": "finetune", "preset": model_store.folder_preset(served) or "demo",
                   "init": str(served), "out": str(run_dir / "run"), "max_steps": params["max_steps"],
-                  "lr": params["lr"], "ratio": dict(TASK_RATIO), "warmup": 0.1, "val_every": params["max_steps"],
+                  "epochs": params.get("max_epochs"), "lr": params["lr"], "ratio": dict(TASK_RATIO), "warmup": 0.1,
+                  "val_every": params["max_steps"],
                   "augment": False, "progress_bar": False}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress, evaluate=evaluate)

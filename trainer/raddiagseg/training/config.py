@@ -90,7 +90,7 @@ class TrainConfig:
         defaults = PRESET_DEFAULTS[(self.preset, self.stage)]
         values = dataclasses.asdict(self)
         for key in ("lr", "batch_size", "grad_accum", "warmup", "val_every", "epochs", "max_steps"):
-            if values.get(key) is None and key in defaults:
+            if values.get(key) is None and key in defaults and not (key == "max_steps" and values.get("epochs")):
                 values[key] = defaults[key]
         if values["ratio"] is None:
             values["ratio"] = dict(STAGE_TASKS[self.stage])
