@@ -4,6 +4,7 @@ origins, validated inputs, inference off the event loop behind a bounded queue, 
 datastore writes. Wraps MONAI Label (its app, datastore and tasks) without changing it.
 
     python MONAILabelApp/serve.py add-user --auth-config auth.json --name alice --role admin
+    python MONAILabelApp/serve.py remove-user --auth-config auth.json --name alice
     python MONAILabelApp/serve.py --app MONAILabelApp --studies DIR|http://host:8042/dicom-web \
         --conf models raddiagseg --auth-config auth.json [--host 127.0.0.1 --port 8000]
 """
@@ -15,7 +16,7 @@ import logging
 import os
 import sys
 
-from server.auth import ROLES, AuthConfigError, TokenStore, add_user  # `server` sits next to this script
+from server.auth import ROLES, AuthConfigError, TokenStore, add_user, remove_user  # `server` sits next to this script
 from server.validation import Limits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +34,8 @@ def start_parser():
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ssl-certfile")
     p.add_argument("--max-queue", type=int, default=16, help="inference requests running + waiting before 503")
+    p.add_argument("--max-queue-per-user", type=int, default=None,
+                   help="of those, the most one user may hold before 429 (default: half of --max-queue, rounded up)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest request body (upload) accepted")
     p.add_argument("--max-decoded-mb", type=float, default=1024,
                    help="largest pixel data an upload may declare (after decompression); checked before inflating")
@@ -41,11 +44,14 @@ def start_parser():
     return p
 
 
-def user_parser():
-    p = argparse.ArgumentParser(prog="serve.py add-user", description="create or replace a user; prints the new token once")
+def user_parser(command="add-user"):
+    what = {"add-user": "create or replace a user; prints the new token once (a running server uses it within seconds)",
+            "remove-user": "delete a user; a running server refuses their token within seconds"}[command]
+    p = argparse.ArgumentParser(prog=f"serve.py {command}", description=what)
     p.add_argument("--auth-config", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--role", required=True, choices=ROLES)
+    if command == "add-user":
+        p.add_argument("--role", required=True, choices=ROLES)
     return p
 
 
@@ -56,13 +62,15 @@ def fail(message: str) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["add-user"]:
-        args = user_parser().parse_args(argv[1:])
+    if argv[:1] in (["add-user"], ["remove-user"]):
+        args = user_parser(argv[0]).parse_args(argv[1:])
         try:
-            token = add_user(args.auth_config, args.name, args.role)
+            if argv[0] == "remove-user":
+                remove_user(args.auth_config, args.name)
+            else:
+                print(add_user(args.auth_config, args.name, args.role))
         except AuthConfigError as e:
             return fail(str(e))
-        print(token)
         return 0
 
     args = start_parser().parse_args(argv)
@@ -72,6 +80,8 @@ def main(argv=None) -> int:
         return fail("give both --ssl-keyfile and --ssl-certfile, or neither")
     if args.max_queue < 1:
         return fail("--max-queue must be at least 1")
+    if args.max_queue_per_user is not None and not 1 <= args.max_queue_per_user <= args.max_queue:
+        return fail("--max-queue-per-user must be between 1 and --max-queue")
     try:
         TokenStore.load(args.auth_config)
     except AuthConfigError as e:
@@ -87,7 +97,7 @@ def main(argv=None) -> int:
 
     options = ServeOptions(
         app_dir=args.app, studies=args.studies, auth_config=args.auth_config, conf=dict(args.conf),
-        cors_origins=args.cors_origin, max_queue=args.max_queue,
+        cors_origins=args.cors_origin, max_queue=args.max_queue, max_queue_per_user=args.max_queue_per_user,
         limits=Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_question_chars=args.max_question_chars,
                       max_decoded_bytes=int(args.max_decoded_mb * 1024 * 1024)),
     )

@@ -110,14 +110,10 @@ def write_studies(folder: Path, n: int, size: int):
 
 
 def app_unit(path):
-    """The [0, 1] model input the app makes from an image file (read, modality, window)."""
-    from raddiagseg.imaging import to_unit_range
-
+    """The [0, 1] model input the app makes from a 2D image file (its model view: read, orient, modality, window)."""
     from lib import image_io
 
-    image = image_io.read_image(str(path))
-    array = image_io.image_array(image)
-    return to_unit_range(array.astype("float32"), image_io.infer_modality(image, array), None)
+    return image_io.model_view(image_io.read_image(str(path))).unit(0)
 
 
 def model_folder(args, work: Path):

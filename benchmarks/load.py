@@ -79,13 +79,18 @@ def prepare(work: Path):
     return studies, model, token
 
 
-def start(work, studies, model, max_queue):
+def start(work, studies, model, max_queue, app=APP, extra=None, log_level="warning"):
+    """serve.py of the app folder `app` (another checkout's, to compare) on a free port; its output in work/server.log.
+    `extra` serve.py arguments; by default one user may hold the whole queue (the benchmark user stands in for a team)."""
     port = free_port()
-    cmd = [sys.executable, str(APP / "serve.py"), "--app", str(APP), "--studies", str(studies), "--port", str(port),
-           "--auth-config", str(work / "auth.json"), "--max-queue", str(max_queue), "--log-level", "warning",
+    extra = ["--max-queue-per-user", str(max_queue)] if extra is None else list(extra)
+    cmd = [sys.executable, str(app / "serve.py"), "--app", str(app), "--studies", str(studies), "--port", str(port),
+           "--auth-config", str(work / "auth.json"), "--max-queue", str(max_queue), "--log-level", log_level, *extra,
            "--conf", "model_path", str(model), "--conf", "work_dir", str(work / "work")]
     log = open(work / "server.log", "wb")
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    # the checkout's own app and trainer code, not this one's
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false",
+           "PYTHONPATH": os.pathsep.join([str(app.parent / "trainer"), str(app)])}
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
 
@@ -140,7 +145,7 @@ def run_load(url, headers, image, clients, per_client, params, mode="cached", n_
                 while True:
                     reply = session.post(url + f"/infer/raddiagseg?image={image}&output=json", headers=headers,
                                          data={"params": json.dumps(sent)}, timeout=600)
-                    if reply.status_code != 503:
+                    if reply.status_code not in (429, 503):  # queue full, or this user's share of it
                         break
                     busy.append(int(reply.headers.get("Retry-After") or 0))
                     if not retry_busy:

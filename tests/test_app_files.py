@@ -129,8 +129,9 @@ def test_2d_png_reads_as_xray_and_label_keeps_its_size(tmp_path):
 def test_2d_formats_read_as_one_grey_slice_with_their_modality(tmp_path, name, write, expected):
     path = str(tmp_path / name)
     write(path)
-    image = image_io.read_image(path)
-    assert image.GetDimension() == 2 and image.GetSize() == (40, 30) and image.GetNumberOfComponentsPerPixel() == 1
+    image = image_io.read_image(path)  # a one-slice DICOM keeps its 3D geometry; the model sees one slice
+    assert image.GetSize()[:2] == (40, 30) and image.GetNumberOfComponentsPerPixel() == 1
+    assert image_io.model_view(image).slices.shape == (1, 30, 40)
     assert image_io.infer_modality(image, image_io.image_array(image)) == expected
 
 

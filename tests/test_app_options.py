@@ -57,7 +57,7 @@ def test_uncertain_tts_method_scores_by_reported_disagreement():
     strategy = Uncertain(store=None, runner=Runner(), n_samples=5, method="tts", tts_masks=2)
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (3, 8, 8)).astype(np.int16))
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (3, 8, 8)).astype(np.int16))
     path = Path(__file__).parent / "_tmp_uncertain.nii.gz"
     sitk.WriteImage(image, str(path))
     try:

@@ -69,7 +69,7 @@ def test_ct_slice_label_has_input_geometry_and_only_that_slice(served, tmp_path)
     result, label_path = infer(served["server"], "ct_liver", {"slice": 4}, tmp_path)
     assert_response_shape(result)
     assert [s["slice"] for s in result["slices"]] == [4] and result["volume"] is None
-    assert result["modality"] == "ct"
+    assert result["modality"]["value"] == "ct"
     labels = assert_same_geometry(label_path, image)
     assert labels.max() <= len(result["segments"])
     outside = np.delete(labels, 4, axis=0)  # k = 4 is numpy axis 0 of the (K, J, I) array
@@ -102,7 +102,7 @@ def test_whole_volume_answers_every_slice_in_file_order(served, tmp_path):
 def test_xray_png_gives_2d_label_of_the_same_size(served, tmp_path):
     result, label_path = infer(served["server"], "cxr_covid", {}, tmp_path)
     assert_response_shape(result)
-    assert result["modality"] == "xray" and result["slices"] == []
+    assert result["modality"]["value"] == "xray" and result["slices"] == []
     label = sitk.ReadImage(str(label_path))
     assert label.GetSize()[:2] == served["studies"]["cxr_covid"][0].shape[::-1]
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from raddiagseg import templates
 from raddiagseg.cli import main
+from raddiagseg.data.io import VIEW_SLICE_AFFINE
 from raddiagseg.evaluation import evaluate_model, predict
 from raddiagseg.evaluation.predictions import AMPUTATED_QUESTIONS
 
@@ -68,8 +69,9 @@ def manifest(tmp_path):
     liver = np.zeros(SIZE, np.uint8)
     liver[:, SIZE[1] // 2 :] = 1
     image = np.where(liver > 0, 60.0, -100.0).astype(np.float32)  # HU: liver bright in the [40, 400] window
-    nibabel.save(nibabel.Nifti1Image(image, np.eye(4)), str(data / "images/ct.nii.gz"))
-    nibabel.save(nibabel.Nifti1Image(liver, np.eye(4)), str(data / "masks/liver.nii.gz"))
+    affine = VIEW_SLICE_AFFINE  # as the builder stores slices: the array is what the model sees
+    nibabel.save(nibabel.Nifti1Image(image, affine), str(data / "images/ct.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(liver, affine), str(data / "masks/liver.nii.gz"))
     Image.fromarray((liver * 200).astype(np.uint8)).save(data / "images/vqa.png")
     liver_target = {"name": "liver", "role": "organ", "mask": "masks/liver.nii.gz"}
     rows = []

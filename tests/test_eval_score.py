@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from raddiagseg.cli import main
+from raddiagseg.data.io import VIEW_SLICE_AFFINE
 
 N = 8
 
@@ -73,7 +74,7 @@ VQA_GT = {"vqa_closed": ("yes", "closed"), "vqa_open": ("left lung", "open"), "v
 def write_mask(path, mask, nifti):
     path.parent.mkdir(parents=True, exist_ok=True)
     if nifti:
-        nibabel.save(nibabel.Nifti1Image(mask.astype(np.uint8), np.eye(4)), str(path))
+        nibabel.save(nibabel.Nifti1Image(mask.astype(np.uint8), VIEW_SLICE_AFFINE), str(path))  # as the builder stores
     else:
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 

@@ -36,7 +36,8 @@ def env(tmp_path_factory):
     auth = base / "auth.json"
     tokens = make_users(auth)
     server = start_serve(app, studies, auth, tokens["user"], conf={"delay": DELAY_S},
-                         extra=["--max-queue", "2", "--max-upload-mb", "1", "--cors-origin", ALLOWED_ORIGIN])
+                         extra=["--max-queue", "2", "--max-queue-per-user", "2", "--max-upload-mb", "1",
+                                "--cors-origin", ALLOWED_ORIGIN])
     yield {"url": server.url, "tokens": tokens, "studies": studies, "base": base, "server": server}
     server.stop()
 
@@ -62,7 +63,7 @@ ENDPOINTS = [
     ("POST", "/activelearning/first"), ("GET", "/model/raddiagseg"), ("PUT", "/model/raddiagseg"),
     ("DELETE", "/model/raddiagseg"), ("GET", "/scoring/"), ("GET", "/batch/infer"), ("GET", "/logs/"),
     ("POST", "/reload"), ("GET", "/session/abc"), ("GET", "/proxy/dicom/qido/studies"), ("GET", "/static/favicon.ico"),
-    ("GET", "/ohif/"), ("GET", "/no/such/endpoint"),
+    ("GET", "/ohif/"), ("GET", "/queue/"), ("GET", "/queue/abc"), ("GET", "/no/such/endpoint"),
 ]
 
 
@@ -287,6 +288,40 @@ def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(en
     still_serving(env)
 
 
+def test_training_runs_are_listed_in_the_queue_with_an_eta_once_one_has_run(env):
+    """MONAI Label's own training tasks (one at a time, FIFO with enqueue=true) appear in GET /queue/ for admins."""
+    url, admin = env["url"], h(env, "admin")
+
+    def start():
+        reply = requests.post(url + "/train/raddiagseg?enqueue=true", headers=admin, json={"steps": 10}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["id"]
+
+    def train_jobs():
+        return {j["id"]: j for j in requests.get(url + "/queue/", headers=admin, timeout=10).json()["jobs"]
+                if j["kind"] == "train"}
+
+    first, second = start(), start()
+    jobs = train_jobs()
+    assert jobs[second]["state"] == "queued" and jobs[second]["position"] == 1 and jobs[second]["eta_s"] is None
+    assert jobs[first]["state"] in ("queued", "running")
+    user_view = requests.get(url + "/queue/", headers=h(env, "user"), timeout=10).json()["jobs"]
+    assert not [j for j in user_view if j["kind"] == "train"]  # a user sees their own jobs only
+    deadline = time.time() + 300
+    while time.time() < deadline and [train_jobs()[j]["state"] for j in (first, second)] != ["done", "running"]:
+        time.sleep(0.2)
+    jobs = train_jobs()
+    assert jobs[first]["state"] == "done" and jobs[first]["finished"] > jobs[first]["started"], jobs
+    measured = jobs[first]["finished"] - jobs[first]["started"]
+    row = requests.get(url + f"/queue/{second}", headers=admin, timeout=10).json()
+    assert row["state"] == "running" and row["position"] == 0 and row["started"] >= jobs[first]["finished"]
+    assert row["eta_s"] is not None and row["eta_s"] <= measured + 1  # from the measured run, less its time so far
+    deadline = time.time() + 300  # a training subprocess starts slowly on a loaded box
+    while time.time() < deadline and train_jobs()[second]["state"] != "done":
+        time.sleep(0.2)
+    assert train_jobs()[second]["state"] == "done"
+
+
 # ---------------------------------------------------------------- logs
 
 def test_tokens_never_appear_in_the_server_log(env):
@@ -348,27 +383,36 @@ def test_launcher_add_user_and_refusals(tmp_path):
 
 
 def test_queue_refuses_over_capacity_with_a_retry_estimate_from_recent_runs():
-    """Unit check of the bounded queue: capacity counts running + waiting; Retry-After follows the typical
-    run time (the median, so one slow model-loading run does not inflate it) times the runs ahead."""
+    """Unit check of the bounded queue: capacity counts running + waiting; Retry-After is the ETA the refused
+    request would have had: the mean measured run time of its kind x the jobs ahead (and its own) / workers;
+    the first run of the kind (the model load) is left out of the mean once later runs exist."""
     import asyncio
 
     from server.work_queue import ModelQueue, QueueFull
 
     async def scenario():
-        queue = ModelQueue(capacity=2)
-        await queue.run(time.sleep, 1.2)  # a slow first run (model load)
-        for _ in range(4):
-            await queue.run(time.sleep, 0.3)
+        queue = ModelQueue(capacity=2, per_user=2)
+        for seconds in (1.5, 0.3, 0.3):  # measured runs of this kind: a slow first one, then 0.3 s
+            await queue.run(queue.admit("alice", "infer", "m"), time.sleep, seconds)
         release = threading.Event()
-        running = [asyncio.ensure_future(queue.run(release.wait, 10)) for _ in range(2)]
+        running = [asyncio.ensure_future(queue.run(queue.admit("alice", "infer", "m"), release.wait, 10))
+                   for _ in range(2)]
         await asyncio.sleep(0.1)
         assert queue.depth == 2
+        positions = sorted(p for p, _ in queue.estimates().values())
+        assert queue.summary()["mean_run_s"] == {"infer/m": 0.3}
         with pytest.raises(QueueFull) as refused:
-            await queue.run(time.sleep, 0)
+            queue.admit("bob", "infer", "m")
         release.set()
         assert await asyncio.gather(*running) == [True, True]
-        assert queue.depth == 0 and await queue.run(lambda: "served") == "served"
+        job = queue.admit("bob", "infer", "m")
+        assert queue.depth == 1 and await queue.run(job, lambda: "served") == "served"
+        assert queue.find(job.id).state == "done" and queue.find(refused.value.job.id).state == "refused"
         queue.shutdown()
-        return refused.value.retry_after
+        return refused.value, positions
 
-    assert asyncio.run(scenario()) == 1  # median 0.3 s x 3 runs ahead -> 1 s, not 1.2 s x 3
+    refused, positions = asyncio.run(scenario())
+    assert positions == [0, 1]  # one running, one waiting
+    # 0.2 s left of the running job + 0.3 s for the waiting one + 0.3 s of its own -> 0.8 s -> 1 s
+    # (with the first run in the mean, 0.7 s: 2 s)
+    assert refused.status == 503 and refused.retry_after == 1 and "busy" in str(refused)

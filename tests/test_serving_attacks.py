@@ -5,8 +5,11 @@ client's token, gzip bombs, header files that point at server files."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from serving_helpers import bearer, make_users, start_serve, write_image, write_stub_app
+from serving_helpers import SERVE, bearer, make_users, start_serve, volume, write_image, write_stub_app
 
 MAX_DECODED_MB = 64
 
@@ -31,11 +34,14 @@ def env(tmp_path_factory):
     studies = base / "studies"
     studies.mkdir()
     write_image(studies / "ct1.nii.gz")
+    write_image(studies / "ct2.nii.gz", volume(seed=2))
     auth = base / "auth.json"
     tokens = make_users(auth)
-    server = start_serve(app, studies, auth, tokens["user"],
+    tmp = base / "tmp"  # the server's temp folder, to see what it leaves behind
+    tmp.mkdir()
+    server = start_serve(app, studies, auth, tokens["user"], env={"TMPDIR": str(tmp)},
                          extra=["--max-upload-mb", "8", "--max-decoded-mb", str(MAX_DECODED_MB)])
-    yield {"url": server.url, "tokens": tokens, "studies": studies, "base": base, "server": server}
+    yield {"url": server.url, "tokens": tokens, "studies": studies, "base": base, "server": server, "tmp": tmp}
     server.stop()
 
 
@@ -255,3 +261,242 @@ def test_the_proxy_uses_the_servers_credentials_never_the_clients(dicomweb):
 def test_the_proxy_in_local_mode_is_a_404_with_a_message(env):
     reply = requests.get(env["url"] + "/proxy/dicom/qido/studies", headers=h(env, "user"), timeout=30)
     assert reply.status_code == 404 and "DICOMweb" in _detail(reply)
+
+
+# ---------------------------------------------------------------- 11. inputs that answered 500
+
+def _raw_get(env, path, role="user"):
+    """A request with the path exactly as given (requests and urllib3 drop '..' segments)."""
+    import http.client
+
+    host, port = env["url"].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", path, headers=h(env, role))
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read() or b"{}")
+    finally:
+        connection.close()
+
+
+CRASHERS = [
+    ("question with a lone surrogate", "POST", "/infer/raddiagseg?image=ct1&output=json",
+     {"params": '{"question": "\\udfff"}'}, "surrogate"),
+    ("params nested 20,000 levels", "POST", "/infer/raddiagseg?image=ct1&output=json",
+     {"params": '{"question": ' + "[" * 20000 + "]" * 20000 + "}"}, "nested"),
+    ("image info not JSON", "PUT", "/datastore/image/info?image=ct1", {"info": "{not json"}, "JSON"),
+    ("image info of an unknown image", "PUT", "/datastore/image/info?image=nope", {"info": "{}"}, "nope"),
+    ("label info of an unknown label", "PUT", "/datastore/label/info?label=ct1&tag=final", {"info": "{}"}, "ct1"),
+    ("legacy label info of an unknown label", "PUT", "/datastore/updatelabelinfo?label=ct1&tag=nope",
+     {"params": "{}"}, "nope"),
+    ("dataset without labels", "GET", "/datastore/dataset", None, "label"),
+    ("delete an unknown image", "DELETE", "/datastore/image?id=nope", None, "nope"),
+    ("delete an unknown label", "DELETE", "/datastore/label?id=ct1&tag=nope", None, "nope"),
+    ("dataset limit_cases not a number", "GET", "/datastore/dataset?limit_cases=abc", None, "limit_cases"),
+]
+
+
+@pytest.mark.parametrize("name,method,path,data,says", CRASHERS, ids=[c[0] for c in CRASHERS])
+def test_inputs_that_answered_500_are_4xx_with_a_message(env, name, method, path, data, says):
+    reply = requests.request(method, env["url"] + path, headers=h(env, "admin"), data=data, timeout=60)
+    assert 400 <= reply.status_code < 500, (name, reply.status_code, reply.text[:300])
+    assert says in _detail(reply), reply.text[:300]
+    assert requests.get(env["url"] + "/info/", headers=h(env, "user"), timeout=10).status_code == 200
+
+
+def test_gpu_info_is_nvidia_smi_or_a_404_saying_there_is_none(env):
+    import shutil
+
+    reply = requests.get(env["url"] + "/logs/gpu", headers=h(env, "admin"), timeout=60)
+    if shutil.which("nvidia-smi"):  # the server runs on this machine
+        assert reply.status_code == 200 and "NVIDIA" in reply.text
+    else:
+        assert reply.status_code == 404 and "nvidia-smi" in _detail(reply)
+
+
+def test_image_check_with_an_unknown_checksum_algorithm_is_a_400_and_a_right_one_matches(env):
+    url, headers = env["url"] + "/datastore/image", h(env, "user")
+    digest = hashlib.sha256((env["studies"] / "ct1.nii.gz").read_bytes()).hexdigest()
+    assert requests.head(url, params={"image": "ct1", "check_sum": "NOPE:abc"}, headers=headers).status_code == 400
+    assert requests.head(url, params={"image": "ct1", "check_sum": f"SHA256:{digest}"}, headers=headers).status_code == 200
+    assert requests.head(url, params={"image": "ct1", "check_sum": "SHA256:" + "0" * 64}, headers=headers).status_code == 404
+    assert requests.head(url, params={"image": "nope"}, headers=headers).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/ohif/..", "/ohif/../datastore/", "/ohif/%2e%2e/logs/"])
+def test_dot_segments_under_ohif_are_a_400(env, path):
+    status, body = _raw_get(env, path)
+    assert status == 400 and "'..'" in body["detail"], (status, body)
+
+
+@pytest.mark.parametrize("method,op", [("GET", "wado"), ("GET", "qido"), ("POST", "stow")])
+def test_every_proxy_route_in_local_mode_is_a_404_with_a_message(env, method, op):
+    reply = requests.request(method, f"{env['url']}/proxy/dicom/{op}/studies", headers=h(env, "annotator"), timeout=30)
+    assert reply.status_code == 404 and "DICOMweb" in _detail(reply)
+
+
+# ---------------------------------------------------------------- 9 and 12: nothing left behind, bounded, no paths
+
+def _save_label(env, image="ct2", info=None):
+    label = sitk.GetImageFromArray((sitk.GetArrayFromImage(volume(seed=2)) > 300).astype(np.uint8))
+    label.SetSpacing((0.8, 0.8, 2.5))
+    path = env["base"] / f"{image}-label.nii.gz"
+    sitk.WriteImage(label, str(path))
+    reply = requests.put(env["url"] + f"/datastore/label?image={image}", headers=h(env, "annotator"),
+                         data={"params": json.dumps(info or {"answer": "1. No"})},
+                         files={"label": ("label.nii.gz", path.read_bytes())}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return path
+
+
+def test_dataset_downloads_leave_nothing_in_the_temp_folder(env):
+    import zipfile
+
+    _save_label(env)
+    before = sorted(p.name for p in env["tmp"].iterdir())
+    for _ in range(3):
+        reply = requests.get(env["url"] + "/datastore/dataset", headers=h(env, "annotator"), timeout=60)
+        assert reply.status_code == 200, reply.text[:300]
+        names = zipfile.ZipFile(io.BytesIO(reply.content)).namelist()
+        assert {"image/ct2.nii.gz", "label/ct2.nii.gz", "metadata.json"} <= set(names)
+    with requests.get(env["url"] + "/datastore/dataset", headers=h(env, "annotator"), stream=True, timeout=60) as r:
+        r.raw.read(10)  # a client that hangs up after the first bytes
+    time.sleep(0.5)
+    assert sorted(p.name for p in env["tmp"].iterdir()) == before
+
+
+def test_label_info_updates_follow_the_training_rules(env):
+    _save_label(env)
+    url = env["url"] + "/datastore/label/info?label=ct2&tag=final"
+    bad = requests.put(url, headers=h(env, "annotator"), data={"info": '{"question": 12345}'}, timeout=30)
+    assert bad.status_code == 400 and "training" in _detail(bad)
+    good = requests.put(url, headers=h(env, "annotator"), data={"info": '{"answer": "2. Yes"}'}, timeout=30)
+    assert good.status_code == 200, good.text
+    info = requests.get(env["url"] + "/datastore/label/info?label=ct2&tag=final", headers=h(env, "user")).json()
+    assert info["answer"] == "2. Yes" and info["user"] == "annotator1" and "question" not in info
+
+
+def test_image_info_is_bounded_per_image_and_cannot_grow_past_it(env):
+    url, headers = env["url"] + "/datastore/image/info?image=ct1", h(env, "annotator")
+    index = env["studies"] / "datastore_v2.json"
+    too_big = requests.put(url, headers=headers, data={"info": json.dumps({"notes": "x" * 70_000})}, timeout=30)
+    assert too_big.status_code == 413, too_big.text
+    statuses = [requests.put(url, headers=headers, data={"info": json.dumps({f"k{i}": "x" * 30_000})},
+                             timeout=30).status_code for i in range(4)]
+    assert statuses[0] == 200 and 413 in statuses[1:], statuses
+    info = requests.get(url, headers=h(env, "user"), timeout=30).json()
+    assert len(json.dumps(info)) <= 64 * 1024
+    assert index.stat().st_size < 200 * 1024
+
+
+def test_no_server_path_in_image_info_the_training_list_or_active_learning(env):
+    _save_label(env)
+    server_dir = str(env["base"])
+    info = requests.get(env["url"] + "/datastore/image/info?image=ct1", headers=h(env, "user"), timeout=30)
+    assert info.status_code == 200 and info.json()["name"] == "ct1.nii.gz"
+    train = requests.get(env["url"] + "/datastore/?output=train", headers=h(env, "user"), timeout=30)
+    assert {"image": "ct2.nii.gz", "label": "labels/final/ct2.nii.gz"} in train.json()
+    sample = requests.post(env["url"] + "/activelearning/first", headers=h(env, "user"), timeout=60)
+    assert sample.status_code == 200 and sample.json()["path"] == sample.json()["id"] + ".nii.gz", sample.text
+    for reply in (info, train, sample, requests.post(env["url"] + "/infer/raddiagseg?image=ct1&output=json",
+                                                     headers=h(env, "user"), timeout=60)):
+        assert reply.status_code == 200 and server_dir not in reply.text, reply.text[:300]
+
+
+# ---------------------------------------------------------------- 7. revocation without a restart
+
+def _cli(env, *args):
+    done = subprocess.run([sys.executable, str(SERVE), *args, "--auth-config", str(env["base"] / "auth.json")],
+                          capture_output=True, text=True, timeout=60, cwd=SERVE.parent)
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
+def _status_within(env, token, expected, seconds=5.0):
+    """The status /info/ gives ``token`` once it is ``expected`` (polled), and how long that took."""
+    start = time.perf_counter()
+    while True:
+        status = requests.get(env["url"] + "/info/", headers=bearer(token), timeout=10).status_code
+        if status == expected or time.perf_counter() - start > seconds:
+            return status, time.perf_counter() - start
+        time.sleep(0.2)
+
+
+def test_replacing_and_removing_a_user_take_effect_on_the_running_server(env):
+    code, first, _ = _cli(env, "add-user", "--name", "carol", "--role", "annotator")
+    assert code == 0
+    assert _status_within(env, first, 200)[0] == 200  # a new user needs no restart either
+    code, second, _ = _cli(env, "add-user", "--name", "carol", "--role", "user")
+    assert code == 0 and second != first
+    status, waited = _status_within(env, first, 401)
+    assert status == 401 and waited < 5, "the replaced token still works"
+    assert _status_within(env, second, 200)[0] == 200
+    code, out, _ = _cli(env, "remove-user", "--name", "carol")
+    assert code == 0 and out == ""
+    assert _status_within(env, second, 401)[0] == 401
+    assert _status_within(env, env["tokens"]["user"], 200)[0] == 200  # the others keep working
+    code, _, err = _cli(env, "remove-user", "--name", "carol")
+    assert code == 2 and "no user 'carol'" in err and len(err.splitlines()) == 1
+
+
+def test_an_auth_config_broken_by_hand_refuses_every_token_until_fixed(env):
+    auth = env["base"] / "auth.json"
+    good = auth.read_text()
+    try:
+        auth.write_text(good[: len(good) // 2])  # an editor saved half a file
+        status, _ = _status_within(env, env["tokens"]["admin"], 503)
+        reply = requests.get(env["url"] + "/info/", headers=h(env, "admin"), timeout=10)
+        assert status == 503 and "auth config" in _detail(reply)
+    finally:
+        auth.write_text(good)
+    assert _status_within(env, env["tokens"]["admin"], 200)[0] == 200
+
+
+# ---------------------------------------------------------------- 12. labels off the image's grid or with unnamed values
+
+def _label_upload(env, image, array, spacing=(0.8, 0.8, 2.5), origin=(0.0, 0.0, 0.0), info=None):
+    label = sitk.GetImageFromArray(array.astype(np.uint8))
+    label.SetSpacing(spacing)
+    label.SetOrigin(origin)
+    path = env["base"] / "grid-label.nii.gz"
+    sitk.WriteImage(label, str(path))
+    return requests.put(env["url"] + f"/datastore/label?image={image}&tag=grid", headers=h(env, "annotator"),
+                        data={"params": json.dumps(info or {})},
+                        files={"label": ("label.nii.gz", path.read_bytes())}, timeout=60)
+
+
+@pytest.mark.parametrize("spacing,origin,says", [
+    ((1.0, 1.0, 2.5), (0.0, 0.0, 0.0), "spacing"),
+    ((0.8, 0.8, 2.5), (0.0, 12.0, 0.0), "origin"),
+])
+def test_a_label_of_the_right_size_on_another_grid_is_refused(env, spacing, origin, says):
+    reply = _label_upload(env, "ct1", np.ones((6, 24, 20)), spacing, origin)
+    assert reply.status_code == 400 and says in _detail(reply)
+    assert not (env["studies"] / "labels" / "grid" / "ct1.nii.gz").exists()
+
+
+def test_label_values_that_no_segment_names_are_refused(env):
+    array = np.zeros((6, 24, 20))
+    array[:, :8] = 1
+    array[:, 12:] = 2
+    named_one = {"label_info": [{"name": "liver", "idx": 1}]}
+    reply = _label_upload(env, "ct1", array, info=named_one)
+    assert reply.status_code == 400 and "[2]" in _detail(reply), reply.text
+    both = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}
+    assert _label_upload(env, "ct1", array, info=both).status_code == 200
+
+
+def test_error_messages_name_folders_not_server_paths(monkeypatch, tmp_path):
+    """What the InputError handler sends: e.g. a model's ValueError naming the file it could not read."""
+    import tempfile as tempfile_module
+
+    from monailabel.config import settings
+
+    from server.routes import hide_server_paths
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(tmp_path / "studies"))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(tmp_path / "app"))
+    monkeypatch.setattr(tempfile_module, "tempdir", str(tmp_path / "tmp"))
+    message = (f"cannot read {tmp_path}/studies/labels/final/ct1.nii.gz with {tmp_path}/app/model/x.pt "
+               f"or {tmp_path}/tmp/raddiag-upload-1.nii.gz")
+    assert hide_server_paths(message) == ("cannot read <studies>/labels/final/ct1.nii.gz with <app>/model/x.pt "
+                                          "or <tmp>/raddiag-upload-1.nii.gz")

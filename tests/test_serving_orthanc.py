@@ -180,7 +180,7 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
                               timeout=300)
         assert reply.status_code == 200, server.log()
         result = reply.json()
-        assert result["modality"] == "ct" and [s["slice"] for s in result["slices"]] == [3]
+        assert result["modality"]["value"] == "ct" and [s["slice"] for s in result["slices"]] == [3]
         reply = requests.post(url + f"/infer/raddiagseg?image={series}&output=image", headers=user, data=params,
                               timeout=300)
         assert reply.status_code == 200, server.log()

@@ -83,7 +83,7 @@ def test_infer_default_output_nrrd_nii_gz_and_uint8(served):
     client, root = served["client"], served["root"]
     image = served["studies"]["ct_liver"][0]
     default_file, result = client.infer(MODEL, "ct_liver", {"slice": 4, **SHORT})
-    assert default_file.endswith(".nii.gz") and result["modality"] == "ct"
+    assert default_file.endswith(".nii.gz") and result["modality"]["value"] == "ct"
     default = assert_same_geometry(keep(default_file, root, "default.nii.gz"), image)
     assert set(np.unique(default)) <= {0, *result["label_names"].values()}
     assert not np.delete(default, 4, axis=0).any()  # only the asked slice (numpy axis 0 is the file's k)
@@ -95,7 +95,7 @@ def test_infer_default_output_nrrd_nii_gz_and_uint8(served):
     assert sitk.ReadImage(label_file).GetPixelID() == sitk.sitkUInt8
     xray = served["studies"]["cxr_covid"][0]
     label_file, result = client.infer(MODEL, "cxr_covid", dict(SHORT))
-    assert result["modality"] == "xray" and sitk.GetArrayFromImage(sitk.ReadImage(label_file)).shape == xray.shape
+    assert result["modality"]["value"] == "xray" and sitk.GetArrayFromImage(sitk.ReadImage(label_file)).shape == xray.shape
 
 
 def test_save_label_in_the_stock_plugin_format_and_ours(served):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from raddiagseg import templates
 from raddiagseg.data.records import MODALITIES
+from raddiagseg.imaging import InputError  # one error type for the model view, the params and the server
 
 __all__ = ["InputError", "InferParams", "PARAMS", "DEFAULTS", "parse", "MODALITIES", "RESULT_EXTENSIONS",
            "MAX_NEW_TOKENS", "MAX_QUESTION_CHARS", "MAX_TTS", "MAX_VOXELS"]
@@ -30,20 +31,6 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".png")
 COT_INSTRUCTION = templates.COT_QUESTION[len(templates.DEFAULT_QUESTION):]  # "\nReason step by step ..."
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 DEFAULT_WORDS = ("", "default", "auto", "none")  # an optional boolean: the model decides
-
-
-class InputError(ValueError):
-    """The client sent an image or parameter we cannot use: an HTTP `status` and one sentence saying what to fix.
-
-    `InputError(message)` is a 400; the serving layer also raises `InputError(status, message)`.
-    """
-
-    def __init__(self, status: int | str, message: str | None = None):
-        if message is None:
-            status, message = 400, str(status)
-        super().__init__(message)
-        self.status = int(status)
-        self.message = message
 
 
 Reader = Callable[[Any], Any]
@@ -164,6 +151,7 @@ PARAMS: dict[str, Param] = {
     "rvls2m": Param(None, _optional_boolean("rvls2m")),
     "cot": Param(False, _boolean("cot")),
     "skip_slices": Param(True, _boolean("skip_slices")),
+    "force": Param(False, _boolean("force")),  # answer even outside the model's domain (the answer stays flagged)
 }
 # the infer task's config: what MONAI Label shows a client and merges into every request
 DEFAULTS = {key: p.default for key, p in PARAMS.items() if key not in ("slice", "modality", "window")}
@@ -186,6 +174,7 @@ class InferParams:
     rvls2m: bool | None = None  # RVLS2M region prompts: None = as the model was trained, True/False overrides
     cot: bool = False  # ask for chain-of-thought reasoning before the answer (the conclusion is parsed)
     skip_slices: bool = True  # whole volume: skip slices that cannot change a finding (raddiagseg.findings)
+    force: bool = False  # answer an image the domain guard flags as outside the model's domain (still flagged)
 
     def generation_options(self) -> dict:
         options = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature}

@@ -8,8 +8,8 @@ It also keeps the last answer to each question about any slice, a draft for a sl
 The key is a digest of the exact model input (the [0, 1] slice after windowing, which covers
 image content, slice choice and preprocessing) plus the model version, so a new model or a
 different window never reuses stale features or answers.
-It was `FeatureCache`; it holds answers too. The infer response still reports it as `feature_cache`
-(a documented response key that clients and benchmarks read).
+The infer response reports its counters as `feature_cache` (a documented response key that clients and
+benchmarks read).
 """
 
 import hashlib

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from raddiagseg import templates
 from raddiagseg.data import io as data_io
-from raddiagseg.imaging import CT_WINDOW
+from raddiagseg import imaging
 
 from lib import image_io, label_info
 from lib import segments as segment_specs
@@ -45,24 +45,23 @@ def _write_image(path_base, array, modality):
         data_io.write_png(path, array.astype(np.uint8))
     else:
         path = Path(str(path_base) + ".nii.gz")
-        data_io.write_nifti_slice(path, np.asarray(array, dtype=np.float32), np.eye(4))
+        data_io.write_nifti_slice(path, np.asarray(array, dtype=np.float32), data_io.VIEW_SLICE_AFFINE)
     return path
 
 
-def _slices(image, labels, info):
-    """[(file slice index or None, image slice, label slice)] in the model's view."""
-    if image.GetDimension() == 2:
-        return [(None, image_io.image_array(image), labels)]
-    view = image_io.VolumeView.of(image)
-    volume, label_volume = view.to_view(image_io.image_array(image)), view.to_view(labels)
-    n = volume.shape[0]
+def _slices(view, labels, info):
+    """[(file slice index or None for a 2D image, image slice, label slice)] in the model's view."""
+    label_volume = view.orientation.to_view(labels.reshape((-1, *labels.shape[-2:])))
+    if len(view.file_shape) == 2:
+        return [(None, view.slices[0], label_volume[0])]
+    n = view.n_slices
     if info.slice is not None:
         if info.slice >= n:
             raise label_info.LabelInfoError(f"slice {info.slice} is outside the volume ({n} slices)")
         wanted = [info.slice]
     else:
-        wanted = [k for k in range(n) if label_volume[view.view_index(k, n)].any()]
-    return [(k, volume[view.view_index(k, n)], label_volume[view.view_index(k, n)]) for k in wanted]
+        wanted = [k for k in range(n) if label_volume[view.view_index(k)].any()]
+    return [(k, view.slices[view.view_index(k)], label_volume[view.view_index(k)]) for k in wanted]
 
 
 def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
@@ -74,8 +73,9 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
     except RuntimeError:
         raise label_info.LabelInfoError(f"the label file {Path(label_path).name} could not be read "
                                         "(missing, not an image or corrupt)") from None
-    if tuple(labels_image.GetSize()) != tuple(image.GetSize()) and not (
-        image.GetDimension() == 2 and tuple(labels_image.GetSize())[:2] == tuple(image.GetSize())
+    if tuple(labels_image.GetSize()) != tuple(image.GetSize()) and not (  # a 2D label of a one-slice image fits
+        tuple(labels_image.GetSize())[:2] == tuple(image.GetSize())[:2]
+        and np.prod(labels_image.GetSize()) == np.prod(image.GetSize())
     ):
         raise label_info.LabelInfoError(f"label size {labels_image.GetSize()} differs from image size {image.GetSize()}")
     labels = np.asarray(sitk.GetArrayFromImage(labels_image)).reshape(tuple(reversed(image.GetSize())))
@@ -86,14 +86,15 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
                 f"use one of {', '.join(segment_specs.label_names())} or a synonym")
         raise label_info.LabelInfoError("label info names no segments: send segments, label_names or label_info "
                                         "with the label")
-    modality = info.modality or image_io.infer_modality(image, image_io.image_array(image))
+    view = image_io.model_view(image, modality=info.modality)
+    modality, window = view.modality, view.window_for()  # the window the app shows these slices with
     has_abnormality_segment = any(role == "abnormality" for _, _, role in info.segments)
     volume_detection = info.detection
     if volume_detection is None:
         volume_detection = bool(any(role == "abnormality" and (labels == v).any() for _, v, role in info.segments))
 
     rows = []
-    for k, image2d, label2d in _slices(image, labels, info):
+    for k, image2d, label2d in _slices(view, labels, info):
         present = [(name, value, role) for name, value, role in info.segments if (label2d == value).any()]
         present.sort(key=lambda s: 0 if s[2] == "organ" else 1)
         if info.slice is not None or image.GetDimension() == 2 or not has_abnormality_segment:
@@ -101,10 +102,11 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
         else:
             detection = volume_detection and any(role == "abnormality" for _, _, role in present)
         stem = _safe(f"{image_id}_s{k}" if k is not None else image_id)
+        if modality != "ct" and window:  # an X-ray's own window, applied here as `ModelView.unit` applies it
+            image2d = imaging.to_unit_range(image2d, modality, window)
         image_file = _write_image(out_dir / "images" / stem, image2d, modality)
-        window = list(CT_WINDOW) if modality == "ct" else None
         base = {"source": "monailabel", "modality": modality, "image": str(image_file.relative_to(out_dir)),
-                "window": window, "volume": image_id, "slice": k}
+                "window": list(window) if modality == "ct" else None, "volume": image_id, "slice": k}
         masks = {}
         for name, value, _ in present:
             masks[name] = _write_image(out_dir / "masks" / f"{stem}_{_safe(name)}", (label2d == value).astype(np.uint8), modality)

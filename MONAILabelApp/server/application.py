@@ -23,6 +23,7 @@ class ServeOptions:
     conf: dict = field(default_factory=dict)
     cors_origins: list = field(default_factory=list)
     max_queue: int = 16
+    max_queue_per_user: int | None = None  # None: half the queue
     limits: Limits = field(default_factory=Limits)
 
 
@@ -45,6 +46,7 @@ def configure_monailabel(options: ServeOptions) -> None:
         "MONAI_LABEL_TRACKING_ENABLED": "false",
         "MONAI_LABEL_SESSIONS": "false",
         "MONAI_LABEL_TASKS_BATCH_INFER": "false",
+        "RADDIAG_SERVER_PID": str(os.getpid()),  # training subprocesses stop when this server is gone (lib/train_guard.py)
     }
     os.environ.update(env)
     # tools the app may look up on PATH (e.g. dcmqi for DICOM SEG) live next to this Python
@@ -71,6 +73,7 @@ def prepare_datastore(options: ServeOptions):
 
     from .datastore_safety import install_atomic_writes, remove_partial_files
 
+    install_atomic_writes()  # before the datastore is created: its first index read may need recovery
     if not options.studies.startswith(("http://", "https://")):
         remove_partial_files(os.path.realpath(options.studies))
     instance = app_instance()
@@ -97,7 +100,7 @@ def build_app(options: ServeOptions):
     # MONAI Label installs CORS for any origin with credentials; drop it, ours is outermost
     monailabel_app.user_middleware = [m for m in monailabel_app.user_middleware if m.cls is not CORSMiddleware]
     monailabel_app.middleware_stack = None
-    queue = ModelQueue(capacity=options.max_queue)
+    queue = ModelQueue(capacity=options.max_queue, per_user=options.max_queue_per_user)
     overrides = Overrides(queue, options.limits)
     secured = SecurityMiddleware(monailabel_app, tokens, options.limits, overrides)
     app = CORSMiddleware(
@@ -106,6 +109,7 @@ def build_app(options: ServeOptions):
         allow_credentials=bool(options.cors_origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD"],
         allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["X-Job-Id", "Retry-After"],  # a browser client may read its job id and the wait
         max_age=600,
     )
     app.queue = queue  # for tests and diagnostics

@@ -3,6 +3,10 @@
 Only SHA-256 hashes of tokens are stored: tokens are long random strings (``secrets``), so a
 fast hash is enough and a leaked config file does not leak credentials. Lookups compare every
 stored hash in constant time so timing does not reveal which prefix matched.
+
+The file is re-read when it changes (checked at most once a second), so ``serve.py add-user``
+replacing a user and ``serve.py remove-user`` take effect on a running server without a restart.
+A file that no longer loads refuses every token (fail closed) until it is fixed.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,8 @@ from raddiagseg.fileio import atomic_write
 
 ROLES = ("user", "annotator", "admin")
 ROLE_LEVEL = {name: level for level, name in enumerate(ROLES)}
+RECHECK_S = 1.0  # how often a running server looks at the auth config for changes
+logger = logging.getLogger(__name__)
 
 
 class AuthConfigError(ValueError):
@@ -41,8 +49,12 @@ def hash_token(token: str) -> str:
 class TokenStore:
     """Maps a presented bearer token to an :class:`Identity` (or ``None``)."""
 
-    def __init__(self, entries: list[tuple[str, str, str]]):
+    def __init__(self, entries: list[tuple[str, str, str]], path: Path | None = None):
         self._entries = [(bytes.fromhex(h), Identity(name, role)) for name, role, h in entries]
+        self._path = path
+        self._signature = _signature(path) if path else None
+        self._checked = time.monotonic()
+        self.problem: str | None = None  # why no token is accepted (the file stopped loading)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenStore":
@@ -71,9 +83,29 @@ class TokenStore:
                 raise AuthConfigError(f"auth config {path}: user {name!r} is listed twice")
             names.add(name)
             entries.append((name, role, digest))
-        return cls(entries)
+        return cls(entries, path)
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last look (at most every ``RECHECK_S``)."""
+        now = time.monotonic()
+        if self._path is None or now - self._checked < RECHECK_S:
+            return
+        self._checked = now
+        signature = _signature(self._path)
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
+            self._entries = TokenStore.load(self._path)._entries
+            self.problem = None
+            logger.info("auth config %s changed: %d user(s)", self._path, len(self._entries))
+        except AuthConfigError as e:
+            self._entries = []
+            self.problem = str(e)
+            logger.error("%s; every token is refused until it is fixed", e)
 
     def identify(self, token: str | None) -> Identity | None:
+        self.refresh()
         if not token:
             return None
         presented = hashlib.sha256(token.encode("utf-8")).digest()
@@ -84,6 +116,28 @@ class TokenStore:
         return found
 
 
+def _signature(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_users(path: Path) -> dict:
+    if not path.exists():
+        return {"users": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AuthConfigError(f"auth config {path} is not valid JSON: {e}")
+
+
+def _write_users(path: Path, data: dict) -> None:
+    """Replace the file atomically (owner-only), so a running server never reads half of it."""
+    atomic_write(path, json.dumps(data, indent=2), mode=0o600)
+
+
 def add_user(path: str | os.PathLike, name: str, role: str) -> str:
     """Create (or replace) ``name`` with a new random token; returns the token, stores only its hash."""
     if role not in ROLE_LEVEL:
@@ -91,15 +145,26 @@ def add_user(path: str | os.PathLike, name: str, role: str) -> str:
     if not name or any(c.isspace() for c in name):
         raise AuthConfigError("user name must be non-empty without spaces")
     path = Path(path)
-    data = {"users": []}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise AuthConfigError(f"auth config {path} is not valid JSON: {e}")
+    data = _read_users(path)
     users = [u for u in data.get("users", []) if u.get("name") != name]
     token = secrets.token_urlsafe(32)
     users.append({"name": name, "role": role, "token_sha256": hash_token(token)})
     data["users"] = users
-    atomic_write(path, json.dumps(data, indent=2), mode=0o600)
+    _write_users(path, data)
     return token
+
+
+def remove_user(path: str | os.PathLike, name: str) -> None:
+    """Delete ``name`` (its token stops working on a running server within seconds)."""
+    path = Path(path)
+    if not path.exists():
+        raise AuthConfigError(f"auth config {path} does not exist")
+    data = _read_users(path)
+    users = data.get("users", [])
+    kept = [u for u in users if u.get("name") != name]
+    if len(kept) == len(users):
+        raise AuthConfigError(f"auth config {path} has no user {name!r}")
+    if not kept:
+        raise AuthConfigError(f"{name!r} is the last user in {path}; add another user first (or stop the server)")
+    data["users"] = kept
+    _write_users(path, data)

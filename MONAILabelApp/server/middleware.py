@@ -85,6 +85,10 @@ class SecurityMiddleware:
             return await send_json(send, 200, {"status": "ok"})
 
         identity = self.tokens.identify(self._token(scope))
+        if identity is None and self.tokens.problem:
+            return await send_json(send, 503, {
+                "detail": "the server's user list cannot be read, so no token is accepted; an admin must fix the "
+                          "auth config (see the server log)"})
         if identity is None:
             return await send_json(
                 send, 401, {"detail": "missing or invalid token: send the header 'Authorization: Bearer <token>'"},

@@ -2,17 +2,20 @@
 or the DICOMweb upstream.
 
 They validate first (ids, params, uploads), then call MONAI Label's own app/datastore methods:
-inference and active learning (which may run the model) go through the bounded model queue,
-datastore writes run in a worker thread so the event loop keeps answering.
+inference and active learning (which may run the model) go through the bounded model queue
+(``work_queue``; its jobs are listed by ``GET /queue/``), datastore writes run in a worker thread so
+the event loop keeps answering.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 
 from fastapi import BackgroundTasks, Body, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match
 
@@ -26,11 +29,32 @@ from .validation import (
     check_infer_params,
     parse_json_object,
 )
-from .work_queue import ModelQueue, QueueFull
+from .work_queue import Cancelled, ModelQueue, QueueFull, training_jobs
 
 logger = logging.getLogger(__name__)
 OUTPUTS = ("image", "json", "all")
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing; absolute mm for origin; absolute for direction cosines
+
+
+def hide_server_paths(text: str) -> str:
+    """Error messages name datastore ids, never where the server keeps its files."""
+    import tempfile
+
+    from monailabel.config import settings
+
+    folders = {"<studies>": settings.MONAI_LABEL_STUDIES, "<app>": settings.MONAI_LABEL_APP_DIR,
+               "<tmp>": tempfile.gettempdir()}
+    for name, folder in sorted(folders.items(), key=lambda kv: -len(str(kv[1] or ""))):
+        if folder and not str(folder).startswith(("http://", "https://")):
+            text = text.replace(os.path.realpath(str(folder)), name).replace(str(folder), name)
+    return text
+
+
+def relative_path(datastore, path: str) -> str:
+    """A datastore file as the client may see it: relative to the studies folder."""
+    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or os.sep)
+    path = os.path.realpath(path)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
 
 
 def _instance():
@@ -91,6 +115,19 @@ def check_label_info(info: dict, values: tuple) -> None:
                               f"named: {sorted(named)}")
 
 
+def check_info_fits(datastore, info: dict, limits: Limits, what: str) -> None:
+    """An info object (after merging an update) and the index holding it stay within the limits:
+    the index is rewritten on every save and any user downloads it."""
+    size = len(json.dumps(info, default=str).encode("utf-8"))
+    if size > limits.max_info_bytes:
+        raise InputError(413, f"{what} info would be {size} bytes; the limit is {limits.max_info_bytes} per image or label")
+    index = getattr(datastore, "_datastore_config_path", None)
+    current = os.path.getsize(index) if index and os.path.isfile(index) else 0
+    if current + size > limits.max_index_bytes:
+        raise InputError(413, f"the datastore index would exceed {limits.max_index_bytes} bytes; remove old info "
+                              "or images first")
+
+
 class Overrides:
     """A small FastAPI app that replaces MONAI Label's routes that take client input."""
 
@@ -102,6 +139,21 @@ class Overrides:
         self._register_model_routes()
         self._register_upload_routes()
         self._register_proxy_routes()
+        self._register_queue_routes()
+        from .datastore_routes import register_datastore_routes
+
+        register_datastore_routes(self.app, limits)
+
+        @self.app.get("/logs/gpu")
+        async def gpu_info():
+            """MONAI Label's answered 500 on a machine without nvidia-smi, and blocked the event loop."""
+            import shutil
+            import subprocess
+
+            if shutil.which("nvidia-smi") is None:
+                raise InputError(404, "this server has no NVIDIA GPU tools (nvidia-smi not found)")
+            done = await asyncio.to_thread(subprocess.run, ["nvidia-smi"], capture_output=True, text=True, timeout=30)
+            return Response(content=done.stdout, media_type="text/plain")
 
     def route_for(self, method: str, path: str) -> str | None:
         """The path (with or without a final '/') one of our routes serves for ``method path``, else None."""
@@ -112,16 +164,29 @@ class Overrides:
         return None
 
     async def __call__(self, scope, receive, send):
-        await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+
+        async def send_with_job_id(message):  # every answer to a queued request names its job
+            if message["type"] == "http.response.start" and state.get("job_id"):
+                message = {**message, "headers": [*message.get("headers", []), (b"x-job-id", state["job_id"].encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_job_id)
 
     def _register_errors(self):
         @self.app.exception_handler(InputError)
         async def input_error(request: Request, exc: InputError):
-            return JSONResponse({"detail": exc.message}, status_code=exc.status)
+            return JSONResponse({"detail": hide_server_paths(exc.message)}, status_code=exc.status)
+
+        @self.app.exception_handler(RequestValidationError)
+        async def invalid_request(request: Request, exc: RequestValidationError):
+            problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
+            return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
 
         @self.app.exception_handler(QueueFull)
         async def queue_full(request: Request, exc: QueueFull):
-            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+            return JSONResponse({"detail": str(exc), "job": exc.job.id, "retry_after_s": exc.retry_after},
+                                status_code=exc.status, headers={"Retry-After": str(exc.retry_after)})
 
     def _register_model_routes(self):
         app, limits, queue = self.app, self.limits, self.queue
@@ -157,7 +222,12 @@ class Overrides:
             else:
                 upload, _ = await save_upload(file, limits, "image")
             try:
-                req = {"model": model, **info.get("config", {}).get("infer", {}), **p}
+                job = _admit(queue, request, "infer", model, image=image or None,
+                             key=f"infer/{model}/{'volume' if p.get('slice') in (None, '', 'all') else 'slice'}")
+                # the model reports progress after each batch; a hung-up client's job stops there. A plain
+                # function: MONAI Label deep-copies the request, which would copy a bound method's job
+                req = {"model": model, **info.get("config", {}).get("infer", {}), **p,
+                       "on_progress": lambda state: job.report(state)}
 
                 def run():
                     # resolve the id to the datastore's own file (never a client path); DICOMweb downloads it
@@ -166,7 +236,7 @@ class Overrides:
                         raise InputError(404, f"image {image!r} is not in the datastore")
                     return instance.infer(req)
 
-                result = await _run_model(queue, run)
+                result = await _run_model(queue, request, job, run)
             except BaseException:
                 remove_file(upload)
                 raise
@@ -187,7 +257,11 @@ class Overrides:
             if bad:
                 raise InputError(400, f"params {bad} cannot be set by clients")
             user = request.state.identity.name
-            return await _run_model(queue, sample, strategy, params, user)
+            job = _admit(queue, request, "activelearning", strategy)
+            result = await _run_model(queue, request, job, sample, strategy, params, user)
+            if isinstance(result, dict) and isinstance(result.get("path"), str):  # the chosen image's server path
+                result["path"] = relative_path(_instance().datastore(), result["path"])
+            return result
 
     def _register_upload_routes(self):
         app, limits = self.app, self.limits
@@ -201,9 +275,10 @@ class Overrides:
             datastore = instance.datastore()
             if await _image_exists(datastore, image_id):
                 raise InputError(409, f"image {image_id!r} already exists; choose another id")
+            info["user"] = request.state.identity.name
+            check_info_fits(datastore, info, limits, f"image {image_id!r}")
             path, _ = await save_upload(file, limits, "image")
             try:
-                info["user"] = request.state.identity.name
                 image_id = await asyncio.to_thread(datastore.add_image, image_id, path, info)
             finally:
                 remove_file(path)
@@ -236,6 +311,7 @@ class Overrides:
                     check_label_matches(checked, geometry, image)
                 check_label_info(info, checked.values)
                 info["user"] = request.state.identity.name
+                check_info_fits(datastore, info, limits, f"label {image!r}")
 
                 def save():
                     label_id = datastore.save_label(image, path, tag or "final", info)
@@ -246,6 +322,34 @@ class Overrides:
                 return await asyncio.to_thread(save)
             finally:
                 remove_file(path)
+
+    def _register_queue_routes(self):
+        app, queue = self.app, self.queue
+
+        def visible(request: Request):
+            """The jobs the caller may see: a user their own; an admin everyone's (images only of their own)."""
+            me = request.state.identity
+            estimates = queue.estimates()
+            rows = [queue.describe(j, estimates, owner_view=j.user == me.name)
+                    for j in queue.jobs() if j.user == me.name or me.has("admin")]
+            if me.has("admin"):
+                from monailabel.utils.async_tasks.utils import background_tasks
+
+                rows += training_jobs(list(background_tasks.get("train", [])))
+            return rows
+
+        @app.get("/queue/")
+        async def queue_list(request: Request):
+            return {**queue.summary(), "jobs": visible(request)}
+
+        @app.get("/queue/{job_id}")
+        async def queue_job(request: Request, job_id: str):
+            check_id(job_id, "job")
+            found = next((row for row in visible(request) if row["id"] == job_id), None)
+            if found is None:
+                raise InputError(404, f"no job {job_id!r} of yours is queued or recently finished "
+                                      f"(the last {queue.history} jobs are kept)")
+            return found
 
     def _register_proxy_routes(self):
         app, limits = self.app, self.limits
@@ -271,15 +375,34 @@ class Overrides:
             return await proxy(request, op, path)
 
 
-async def _run_model(queue: ModelQueue, fn, *args):
+def _admit(queue: ModelQueue, request: Request, kind: str, target: str, key=None, image=None):
+    """A queued job for the signed-in user; its id goes back in ``X-Job-Id``, also when refused."""
+    try:
+        job = queue.admit(request.state.identity.name, kind, target, key=key, image=image)
+    except QueueFull as e:
+        request.state.job_id = e.job.id
+        raise
+    request.state.job_id = job.id
+    return job
+
+
+async def _hung_up(request: Request):
+    """Completes when the client disconnects (the body is read: the server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run_model(queue: ModelQueue, request: Request, job, fn, *args):
     """Run on the model thread; map the app's own input complaints to 4xx, crashes to a 500 that says so."""
     from fastapi import HTTPException
     from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
     try:
-        return await queue.run(fn, *args)
+        return await queue.run(job, fn, *args, hung_up=_hung_up(request))
     except (InputError, QueueFull):
         raise
+    except Cancelled as e:  # nobody reads this answer: the client is gone (499, as nginx logs it)
+        raise InputError(499, str(e))
     except HTTPException as e:  # a task's own 4xx (e.g. a strategy refusing a param) keeps its status
         raise InputError(e.status_code, str(e.detail))
     except MONAILabelException as e:

@@ -15,6 +15,8 @@ from lib.infer_params import MAX_QUESTION_CHARS, MAX_VOXELS, PARAMS, InputError
 
 __all__ = ["InputError", "Limits", "check_id", "parse_json_object", "check_infer_params", "RESERVED_PARAMS"]
 
+MAX_JSON_DEPTH = 32  # params and info objects a client sends
+SURROGATE = re.compile("[\ud800-\udfff]")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # always fullmatch: "$" would allow a final "\n"
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32")
 # params MONAI Label's own writer and clients send besides the model's (lib.infer_params.PARAMS)
@@ -34,6 +36,8 @@ class Limits:
     max_voxels: int = MAX_VOXELS
     max_decoded_bytes: int = 1024 * 1024 * 1024  # pixel data after decompression (int16 at 512 Mi voxels)
     max_side: int = 8192
+    max_info_bytes: int = 64 * 1024  # one image's or label's info in the index (after merging updates)
+    max_index_bytes: int = 64 * 1024 * 1024  # the whole datastore index, which any user downloads
 
 
 def check_id(value: str, what: str = "image") -> str:
@@ -52,9 +56,29 @@ def parse_json_object(text: str | None, limits: Limits, what: str = "params") ->
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(400, f"{what} is not valid JSON: {e.msg} at position {e.pos}")
+    except RecursionError:
+        raise InputError(400, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep") from None
     if not isinstance(value, dict):
         raise InputError(400, f"{what} must be a JSON object, got {type(value).__name__}")
+    _check_json_value(value, what)
     return value
+
+
+def _check_json_value(value, what: str) -> None:
+    """Refuse what later layers cannot handle: deep nesting (recursive copies, pydantic) and lone
+    surrogates such as "\\udfff" (JSON allows them; UTF-8 responses and log lines do not)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InputError(400, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            for text in (key, child):
+                if isinstance(text, str) and SURROGATE.search(text):
+                    raise InputError(400, f"{what} contains a lone UTF-16 surrogate (e.g. \\udfff): send valid Unicode text")
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
 
 
 def _is_int(v):

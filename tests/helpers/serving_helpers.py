@@ -4,6 +4,8 @@ server of the app with MONAI Label's own client (`AppServer`)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -114,6 +116,20 @@ def make_users(auth_config: Path) -> dict:
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
+
+
+def send_infer(url, headers, image, params) -> socket.socket:
+    """POST /infer/raddiagseg on a raw socket without reading the answer: a client that may hang up (close it)."""
+    import requests
+
+    prepared = requests.Request("POST", f"{url}/infer/raddiagseg", params={"image": image, "output": "json"},
+                                headers=headers, data={"params": json.dumps(params)}).prepare()
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST {prepared.path_url} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in prepared.headers.items()) + "\r\n"
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode() + prepared.body.encode())
+    return sock
 
 
 def start_serve(app_dir, studies, auth_config, token, conf=None, extra=(), env=None, timeout=180):

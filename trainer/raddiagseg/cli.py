@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "raddiagseg.data.commands",  # phantoms, build, stats
     "raddiagseg.training.commands",  # train, demo
     "raddiagseg.evaluation.commands",  # score, predict
+    "raddiagseg.domain",  # domain-stats
 )
 
 

@@ -49,4 +49,9 @@ def atomic_write(path: str | os.PathLike, content: Content, *, mode: int | None 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
     return path

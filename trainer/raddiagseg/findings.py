@@ -79,6 +79,41 @@ def canonical_name(label_text, diagnosis=None):
     return vocabulary.normalise_label(label_text) or "segment"
 
 
+def target_modalities(name):
+    """Modalities the vocabulary ties target `name` to (all of them when it does not say or the name is unknown)."""
+    entry = templates.targets().get(name)
+    return set(entry.get("modality") or templates.MODALITY_NAMES) if entry else set(templates.MODALITY_NAMES)
+
+
+def restrict_to_modality(result, modality):
+    """(result, note): a GenerationResult that says nothing the vocabulary ties to another modality.
+
+    A diagnosis of another modality (a "Pancreas tumour" on a chest X-ray) withholds the whole answer (its masks
+    belong to that diagnosis); a target of another modality (a "liver" on an X-ray) loses its mask and its line.
+    `note` says what was withheld, or is None when the answer was already consistent."""
+    import dataclasses
+
+    parsed = parse_answer(result.answer)
+    entry = diagnosis_entry(parsed.diagnosis) if parsed.detection is True else None
+    title = templates.MODALITY_NAMES.get(modality, modality)
+    if entry and entry.get("modality") and entry["modality"] != modality:
+        note = (f"The model named {entry['label']}, a {templates.MODALITY_NAMES.get(entry['modality'], entry['modality'])} "
+                f"diagnosis, on a {title}: the answer is withheld.")
+        return dataclasses.replace(result, answer=note, segments=[]), note
+    diagnosis = parsed.diagnosis if parsed.detection is True else None
+    dropped = [s for s in result.segments if modality not in target_modalities(canonical_name(s.label, diagnosis))]
+    if not dropped:
+        return result, None
+    answer = result.answer
+    for segment in dropped:
+        answer = answer.replace(f"{segment.label} {segment.token}", "").replace(segment.token, "")
+    answer = "\n".join(line for line in answer.splitlines() if line.strip(" -*•"))
+    names = ", ".join(dict.fromkeys(canonical_name(s.label, diagnosis) for s in dropped))
+    note = f"Not shown: {names}, not a target of a {title}."
+    kept = [s for s in result.segments if s not in dropped]
+    return dataclasses.replace(result, answer=f"{answer}\n{note}", segments=kept), note
+
+
 def role(name):
     entry = vocabulary.targets().get(name)
     return entry["role"] if entry else "unknown"

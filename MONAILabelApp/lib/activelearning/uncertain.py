@@ -19,7 +19,6 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
 from raddiagseg import templates, vocabulary
-from raddiagseg.imaging import to_unit_range
 
 from lib import image_io, infer_params, response
 
@@ -60,14 +59,11 @@ def disagreement(samples):
 
 
 def scoring_slices(image):
-    array = image_io.image_array(image)
-    modality = image_io.infer_modality(image, array)
-    if image.GetDimension() == 2:
-        return [to_unit_range(array.astype("float32"), modality)]
-    volume = image_io.VolumeView.of(image).to_view(array)
-    n = volume.shape[0]
+    """The model's inputs for scoring: a 2D or one-slice image itself, a volume's axial slices at 25/50/75 %."""
+    view = image_io.model_view(image)
+    n = view.n_slices
     picks = sorted({int(n * f) for f in (0.25, 0.5, 0.75)})
-    return [to_unit_range(volume[k].astype("float32"), modality) for k in picks]
+    return [view.unit(k) for k in picks]
 
 
 class Uncertain(Strategy):

@@ -3,20 +3,20 @@
 Subclasses MONAI Label's raw `InferTask` (not `BasicInferTask`): the label names differ per
 answer, and this task merges its own defaults into the request. Bad input becomes HTTP 400
 with a message; the model is loaded on the first request, not when the app starts.
+Every slice passes the domain guard (`lib.domain_guard`) before it is decoded, and every answer is kept to what
+the vocabulary allows for the image's modality (`raddiagseg.findings.restrict_to_modality`).
 """
 
 import logging
 import tempfile
 import time
 
-import numpy as np
-
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from raddiagseg import findings
-from raddiagseg.imaging import to_unit_range
+from raddiagseg.model.outputs import GenerationResult
 
-from lib import image_io, infer_params, label_files, response
+from lib import domain_guard, image_io, infer_params, label_files, response
 from lib import segments as segment_specs
 from lib.image_cache import ImageCache
 from lib.image_io import InputError
@@ -38,10 +38,14 @@ class RadDiagSegInfer(InferTask):
         self.runner = runner
         self.images = images if images is not None else ImageCache(0)  # decoded files (lib/image_cache.py)
         self.progress = None  # the running (or last) request: {image, started, stage, slices_done, ..., eta_s}
+        self.guards = domain_guard.Guards()
 
     def info(self):
         info = super().info()
-        info["model_dir"] = str(self.store.current_dir())
+        folder = self.store.current_dir()  # named, never as a server path (clients see only its name and version)
+        if folder is not None:
+            version = self.store.version(folder)
+            info["model"] = {**self.guards.get(version, folder).identity(), "version": version}
         return info
 
     def is_valid(self):
@@ -70,56 +74,64 @@ class RadDiagSegInfer(InferTask):
 
         image, array = self.images.read(image_path)
         is_volume = image.GetDimension() == 3
-        extension = image_io.label_extension(params.result_extension, is_volume)
-        modality = params.modality or image_io.infer_modality(image, array)
+        read_as = domain_guard.modality_of(image, array, params.modality)
+        view = image_io.model_view(image, array, read_as["value"])  # the same array `raddiagseg predict` feeds
+        n_slices, modality = view.n_slices, view.modality
+        extension = image_io.label_extension(params.result_extension, n_slices > 1)
+        _, version = self.store.get()
+        guard = self.guards.get(version, self.store.current_dir())
+        screen = domain_guard.Screen(guard, read_as, params.force)
         t_read = time.perf_counter()
 
-        def unit(slice2d):
-            return to_unit_range(slice2d.astype("float32"), modality, params.window)
+        def unit(index):
+            return view.unit(index, params.window)
 
-        if is_volume:
-            view = image_io.VolumeView.of(image)
-            volume = view.to_view(array)
-            n_slices = volume.shape[0]
-            if params.slice is not None and params.slice >= n_slices:
-                raise InputError(f"slice {params.slice} is outside the volume: it has {n_slices} slices (0..{n_slices - 1})")
-            file_indices = [params.slice] if params.slice is not None else []  # whole volume: the slices answered
-            view_indices = [view.view_index(k, n_slices) for k in file_indices]
-            inputs = [unit(volume[i]) for i in view_indices]
-            view_shape, to_file = volume.shape, view.from_view
-        else:
-            if params.slice not in (None, 0):
+        if params.slice is not None and params.slice >= n_slices:
+            if not is_volume:
                 raise InputError("slice only applies to 3D volumes; this image is 2D")
-            file_indices, view_indices = [None], [None]
-            inputs = [unit(array)]
-            view_shape, to_file = array.shape, lambda a: a
+            raise InputError(f"slice {params.slice} is outside the volume: it has {n_slices} slices (0..{n_slices - 1})")
+        file_indices = [params.slice or 0] if params.slice is not None or n_slices == 1 else []  # [] = whole volume
+        view_indices = [view.view_index(k) for k in file_indices]
+        inputs = [unit(i) for i in view_indices]
         t_pre = time.perf_counter()
 
-        whole_volume = is_volume and params.slice is None
+        whole_volume = not file_indices
         progress = findings.Progress(n_slices if whole_volume else 1, self._progress_reporter(image_path, request))
         if whole_volume:
-            results, run_stats, volume_answer = self._answer_volume(params, image, view, volume, modality, unit, progress)
-            file_indices = [view.view_index(i, n_slices) for i in sorted(results)]  # the view index mapping is its own inverse
-            results = [results[i] for i in sorted(results)]
+            results, run_stats, volume_answer = self._answer_volume(params, image, view, unit, progress, screen)
+            checked = sorted(results)  # view indices: the screen's keys
+            file_indices = [view.view_index(i) for i in checked]  # the view index mapping is its own inverse
+            results = [results[i] for i in checked]
         else:
             progress.plan(len(inputs), "slices")
             results, run_stats = self.runner.answer(
                 inputs, [params.model_question()] * len(inputs), params.generation_options(),
                 batch_size=params.batch_size, tts=params.tts_options(), progress=progress.advance,
+                screen=screen.for_slices(file_indices),
             )
+            results = [findings.restrict_to_modality(r, modality)[0] if r is not None else None for r in results]
+            checked = file_indices
         t_model = time.perf_counter()
+        verdict = screen.volume_verdict() if whole_volume else screen.verdicts[file_indices[0]]
+        identity = guard.identity()
+        refused = verdict["in_domain"] is False and not params.force
 
-        slice_entries = sorted((response.slice_summary(result, k)[0] for k, result in zip(file_indices, results)),
+        slice_entries = sorted((self._slice_entry(result, k, screen.verdicts.get(i))
+                                for k, i, result in zip(file_indices, checked, results)),
                                key=lambda e: e.get("slice", 0))
-        if whole_volume:
+        if refused:  # no diagnosis, no segments: say why
+            segments, masks, volume_findings = [], {}, []
+            detection, diagnosis, answer = None, None, domain_guard.refusal(verdict, identity)
+            volume_summary = volume_answer.summary if whole_volume else None
+        elif whole_volume:
             segments = segment_specs.assign(volume_answer.names)
-            masks = {name: np.ascontiguousarray(to_file(m)) for name, m in volume_answer.masks.items()}
+            masks = {name: view.to_file(m) for name, m in volume_answer.masks.items()}
             volume_answer.set_label_values({s["name"]: s["label_value"] for s in segments})
             detection, diagnosis, answer = volume_answer.detection, volume_answer.diagnosis, volume_answer.answer_text()
             volume_summary, volume_findings = volume_answer.summary, volume_answer.findings
         else:
             _, named = response.slice_summary(results[0])
-            segments, masks = response.collect_segments([(view_indices[0], named)], view_shape, to_file)
+            segments, masks = response.collect_segments([(view_indices[0], named)], view.slices.shape, view.to_file)
             volume_summary, volume_findings = None, []
             detection, diagnosis, answer = slice_entries[0]["detection"], slice_entries[0]["diagnosis"], results[0].answer
         t_post = time.perf_counter()
@@ -134,15 +146,16 @@ class RadDiagSegInfer(InferTask):
             "diagnosis": diagnosis,
             "question": params.question,
             "options": {"tts": params.tts_options(), "rvls2m": params.rvls2m, "cot": params.cot},
-            "modality": modality,
+            "modality": read_as,
+            "domain": verdict,
             "segments": segments,
             "label_names": {s["name"]: s["label_value"] for s in segments},
             "slices": slice_entries if is_volume else [],
             "volume": volume_summary,
             "findings": volume_findings,
-            "agreement": (results[0].agreement or None) if not whole_volume else None,
+            "agreement": (results[0].agreement or None) if not whole_volume and results[0] is not None else None,
             "reasoning": slice_entries[0].get("reasoning") if not whole_volume else None,
-            "model": {"version": run_stats["version"], "dir": str(self.store.current_dir())},
+            "model": {**identity, "version": run_stats["version"]},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "image_cache": self.images.stats(),
             "latencies": {
@@ -162,23 +175,38 @@ class RadDiagSegInfer(InferTask):
         logger.info("raddiagseg: %s slice(s), answer %r, %.2fs", len(results), answer[:80], t_write - start)
         return output, result_json
 
-    def _answer_volume(self, params, image, view, volume, modality, unit, progress):
-        """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`)."""
+    @staticmethod
+    def _slice_entry(result, number, verdict):
+        """The response's entry for one answered (or refused: result None) slice, with its domain verdict."""
+        if result is None or not result.answer:
+            entry = {"answer": None, "detection": None, "diagnosis": None, "segments": []}
+            entry = entry if number is None else {"slice": int(number), **entry}
+        else:
+            entry = response.slice_summary(result, number)[0]
+        if verdict is not None:
+            entry["domain"] = verdict
+        return entry
+
+    def _answer_volume(self, params, image, view, unit, progress, screen):
+        """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`); slices
+        the domain guard refuses read as unanswered (no detection, no masks)."""
         stats = []
 
         def ask(indices, question, advance):
             results, run_stats = self.runner.answer(
-                [unit(volume[i]) for i in indices], [question] * len(indices), params.generation_options(),
+                [unit(i) for i in indices], [question] * len(indices), params.generation_options(),
                 batch_size=params.batch_size, show_progress=len(indices) > 1, tts=params.tts_options(), progress=advance,
+                screen=screen.for_slices(indices),
             )
             stats.append(run_stats)
-            return results
+            return [findings.restrict_to_modality(r, view.modality)[0] if r is not None else NOT_ANSWERED for r in results]
 
-        n_slices = volume.shape[0]
+        volume, n_slices = view.slices, view.n_slices
         volume_answer, results = findings.answer_volume(
-            ask, volume.shape, response.view_to_lps(view, image, volume.shape), params.model_question(), modality,
-            slice_numbers=[view.view_index(i, n_slices) for i in range(n_slices)],
-            in_body=findings.body_slices(volume) if modality == "ct" else None, skip=params.skip_slices, progress=progress,
+            ask, volume.shape, response.view_to_lps(view.orientation, image, volume.shape), params.model_question(),
+            view.modality, slice_numbers=[view.view_index(i) for i in range(n_slices)],
+            in_body=findings.body_slices(volume) if view.modality == "ct" else None, skip=params.skip_slices,
+            progress=progress,
         )
         return results, merge_stats(stats), volume_answer
 
@@ -194,6 +222,9 @@ class RadDiagSegInfer(InferTask):
                 callback(dict(self.progress))
 
         return report
+
+
+NOT_ANSWERED = GenerationResult(answer="", segments=[], latencies={})  # a slice the domain guard refused
 
 
 def merge_stats(stats):

@@ -16,6 +16,7 @@ served model untouched and exits non-zero (ERROR).
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from monailabel.interfaces.tasks.train import TrainTask
 from raddiagseg.fileio import atomic_write
 
-from lib import model_store, training_data
+from lib import model_store, train_guard, training_data
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,14 @@ def _summary(report):
                         for m, values in selection.per_modality(report, selection.STAGE_METRICS["finetune"]).items()}}
 
 
+def _evaluate(model, gate_set, max_samples):
+    """(report, per-row records) of a model (folder or loaded) on one gate set (manifest, split)."""
+    from raddiagseg.evaluation import evaluate_model
+
+    return evaluate_model(model, gate_set[0], split=gate_set[1], max_samples=max_samples, tasks=tuple(TASK_RATIO),
+                          return_records=True)
+
+
 def _round(value):
     return None if value is None else round(float(value), 4)
 
@@ -107,9 +116,18 @@ class RadDiagSegTrain(TrainTask):
 
     def stats(self):
         try:
-            return json.loads(self.stats_path.read_text())
+            stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             return {}
+        if stats.get("status") == "RUNNING" and not train_guard.is_running(self.work_dir):
+            stats = self._interrupted(stats, "the training process ended without finishing (killed?)")
+        return stats
+
+    def _interrupted(self, stats, why):
+        """Record that a run stopped without reaching DONE or ERROR (nothing was published by it after this)."""
+        stats = {**stats, "status": "INTERRUPTED", "error": why, "end_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json_atomic(self.stats_path, stats)
+        return stats
 
     def _params(self, request):
         params = {}
@@ -133,17 +151,21 @@ class RadDiagSegTrain(TrainTask):
         return params
 
     def __call__(self, request, datastore):
-        stats = {"status": "RUNNING", "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"), "published": False}
-        write_json_atomic(self.stats_path, stats)
-        try:
-            result = self._train(request, datastore, stats)
-            stats.update(result, status="DONE", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with train_guard.single_run(self.work_dir):  # refused before it touches the running one's stats
+            stats = {"status": "RUNNING", "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"), "published": False,
+                     "pid": os.getpid()}
             write_json_atomic(self.stats_path, stats)
-            return stats
-        except Exception as error:
-            stats.update(status="ERROR", error=f"{type(error).__name__}: {error}", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
-            write_json_atomic(self.stats_path, stats)
-            raise
+            train_guard.exit_with_parent(lambda: self._interrupted(stats, "the server that started it stopped"))
+            try:
+                result = self._train(request, datastore, stats)
+                stats.update(result, status="DONE", end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+                write_json_atomic(self.stats_path, stats)
+                return stats
+            except Exception as error:
+                stats.update(status="ERROR", error=f"{type(error).__name__}: {error}",
+                             end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+                write_json_atomic(self.stats_path, stats)
+                raise
 
     def reference_sets(self, model_dir, replay=True):
         """({replay, validation} ReferenceSets (validation only without `replay`) or None, and the train_stats
@@ -164,23 +186,20 @@ class RadDiagSegTrain(TrainTask):
         return sets, entry
 
     def _served_report(self, served, gate_set, max_samples):
-        """The served model's report on a fixed set, kept per (model version, set, size) across runs."""
-        from raddiagseg.evaluation import evaluate_model
-
+        """The served model's (report, per-row records) on a fixed set, kept per (model version, set, size) across
+        runs."""
         cache_path = self.reference_cache / "served_reports.json"
-        key = f"{self.store.version(served)}|{gate_set[0]}|{gate_set[1]}|{max_samples}"
+        key = f"records|{self.store.version(served)}|{os.path.realpath(gate_set[0])}|{gate_set[1]}|{max_samples}"
         try:
             cache = json.loads(cache_path.read_text())
         except (OSError, ValueError):
             cache = {}
         if key not in cache:
-            cache[key] = evaluate_model(str(served), gate_set[0], split=gate_set[1], max_samples=max_samples,
-                                        tasks=tuple(TASK_RATIO))
+            cache[key] = _evaluate(served, gate_set, max_samples)
             write_json_atomic(cache_path, cache)
-        return cache[key]
+        return tuple(cache[key])
 
     def _train(self, request, datastore, stats):
-        from raddiagseg.evaluation import evaluate_model
         from raddiagseg.training import TrainConfig, selection, train
 
         params = self._params(request)
@@ -204,19 +223,18 @@ class RadDiagSegTrain(TrainTask):
             gate_sets["corrections"] = (data["manifest"], "train")
         else:
             gate_sets["heldout_corrections"] = (data["manifest"], "val")
-        stats["gate"] = {"tolerance": model_store.GATE_TOLERANCE, "metrics": list(selection.STAGE_METRICS["finetune"])}
+        stats["gate"] = self._gate_settings()
         write_json_atomic(self.stats_path, stats)
 
         n = params["val_max_samples"]
-        served_reports = {name: self._served_report(served, s, n) if name == "reference"
-                          else evaluate_model(str(served), s[0], split=s[1], max_samples=n, tasks=tuple(TASK_RATIO))
+        served_reports = {name: self._served_report(served, s, n) if name == "reference" else _evaluate(str(served), s, n)
                           for name, s in gate_sets.items()}
         candidate_reports = {}
 
         def evaluate(model):
-            for name, (path, split) in gate_sets.items():
-                candidate_reports[name] = evaluate_model(model, path, split=split, max_samples=n, tasks=tuple(TASK_RATIO))
-            return selection.selection_score(next(iter(candidate_reports.values())))
+            for name, gate_set in gate_sets.items():
+                candidate_reports[name] = _evaluate(model, gate_set, n)
+            return selection.selection_score(next(iter(candidate_reports.values()))[0])
 
         evaluate.metric_name = f"{selection.metric_name('finetune')} on {model_store.SET_TITLES[next(iter(gate_sets))]}"
         started = time.time()
@@ -236,21 +254,33 @@ class RadDiagSegTrain(TrainTask):
         result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress, evaluate=evaluate)
         return self._decide(served, result.best_checkpoint, served_reports, candidate_reports, evaluate.metric_name)
 
+    @staticmethod
+    def _gate_settings():
+        from raddiagseg.training import selection
+
+        return {"tolerance": model_store.GATE_TOLERANCE, "tolerance_cap": model_store.GATE_TOLERANCE_CAP,
+                "noise_z": model_store.NOISE_Z, "rule": model_store.TOLERANCE_RULE,
+                "metrics": list(selection.STAGE_METRICS["finetune"])}
+
     def _decide(self, served, checkpoint, served_reports, candidate_reports, metric_name):
+        """Compare both models set by set: per metric, the candidate's drop against a tolerance raised to the
+        measured noise of this comparison (paired bootstrap over the rows both scored)."""
         from raddiagseg.training import reference, selection
 
         sets = {}
-        for name, old in served_reports.items():
-            new = candidate_reports[name]
-            sets[name] = {"served": _summary(old), "candidate": _summary(new),
-                          "worse": selection.regressions(old, new, model_store.GATE_TOLERANCE)}
+        for name, (old, old_records) in served_reports.items():
+            new, new_records = candidate_reports[name]
+            noise = selection.paired_noise(old_records, new_records)
+            tolerances = selection.noise_tolerances(noise, model_store.GATE_TOLERANCE, model_store.GATE_TOLERANCE_CAP,
+                                                    model_store.NOISE_Z)
+            sets[name] = {"served": _summary(old), "candidate": _summary(new), "noise": noise, "tolerances": tolerances,
+                          "worse": selection.regressions(old, new, model_store.GATE_TOLERANCE, tolerances=tolerances)}
         publish, reason = model_store.gate(sets)
         first = next(iter(sets.values()))
         outcome = {"metric_name": metric_name, "baseline_metric": first["served"]["score"],
                    "new_metric": first["candidate"]["score"], "best_metric": first["candidate"]["score"],
                    "checkpoint": str(checkpoint), "published": publish, "reason": reason}
-        outcome["gate"] = {"tolerance": model_store.GATE_TOLERANCE, "metrics": list(selection.STAGE_METRICS["finetune"]),
-                           "sets": sets, "published": publish, "reason": reason}
+        outcome["gate"] = {**self._gate_settings(), "sets": sets, "published": publish, "reason": reason}
         if publish:
             if (Path(served) / reference.REFERENCE_FILE).is_file():  # the next retraining replays the same distribution
                 shutil.copyfile(Path(served) / reference.REFERENCE_FILE, Path(checkpoint) / reference.REFERENCE_FILE)

@@ -30,7 +30,8 @@ def gate_report(stats):
         lines.append("Warning: " + reference["warning"])
     if not sets:
         return lines
-    lines.append(f"Publishing check (served → new; a metric may drop by at most {gate.get('tolerance')}):")
+    rule = gate.get("rule") or f"a metric may drop by at most {gate.get('tolerance')}"
+    lines.append(f"Publishing check (served → new; {rule}):")
     for name, entry in sets.items():
         served, candidate = entry.get("served") or {}, entry.get("candidate") or {}
         lines.append(f"{SET_TITLES.get(name, name)} ({served.get('rows', '?')} rows): score "

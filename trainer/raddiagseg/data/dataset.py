@@ -23,22 +23,22 @@ log = logging.getLogger(__name__)
 
 
 def load_image(row, root):
-    """The row's image as the model's float32 (H, W) input in [0, 1].
+    """The row's image as the model's float32 (H, W) input in [0, 1]: the app's view of the same file
+    (`imaging.model_view`, so training, `predict` and the app feed the model the same array).
 
     HU slices (NIfTI, CT) are windowed with the row's `window`; 8-bit rasters (X-ray PNG, VQA
     images, Ref-Seg PNGs) are min-max scaled whatever their modality.
     """
-    array = io.read_slice(Path(root) / row["image"])
-    if io.is_nifti(row["image"]) and row.get("modality") == "ct":
-        return imaging.to_unit_range(array, "ct", row.get("window"))
-    return imaging.to_unit_range(array, "xray")
+    modality = "ct" if io.is_nifti(row["image"]) and row.get("modality") == "ct" else "xray"
+    return imaging.read_slice_view(Path(root) / row["image"], modality).unit(0, row.get("window"))
 
 
 def load_masks(row, root, shape=None):
-    """The row's target masks (uint8 0/1, in target order); raises if one differs in shape from the image."""
+    """The row's target masks (uint8 0/1, in target order), in the model's view as the image is; raises if one
+    differs in shape from the image."""
     masks = []
     for target in row.get("targets", []):
-        mask = (io.read_slice(Path(root) / target["mask"]) > 0).astype(np.uint8)
+        mask = (imaging.read_slice_view(Path(root) / target["mask"]).slices[0] > 0).astype(np.uint8)
         if shape is not None and mask.shape != tuple(shape):
             raise ValueError(f"mask {target['mask']} has shape {mask.shape}, image has {tuple(shape)}")
         masks.append(mask)

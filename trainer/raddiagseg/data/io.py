@@ -90,3 +90,8 @@ def axial_slice_affine(lps_affine, k):
     """Affine of `axial_slice(data, k)` viewed as a 2D image (row, col) → RAS mm, so masks keep the slice geometry."""
     swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]], dtype=float)
     return lps_affine @ swap
+
+
+# NIfTI affine of a 2D slice stored as the model sees it (rows to posterior, columns to patient left, unit spacing):
+# what `axial_slice_affine` gives an LPS volume at the origin; `raddiagseg.imaging.model_view` reads it unchanged
+VIEW_SLICE_AFFINE = axial_slice_affine(np.diag([-1.0, -1.0, 1.0, 1.0]), 0)

@@ -17,11 +17,12 @@ class BenchmarkInputError(InputFileError):
 
 
 def read_array(path):
-    """A 2D array from a PNG or a 2D NIfTI file, read the way the dataset reads it (`data.io.read_slice`)."""
-    from raddiagseg.data.io import read_slice
+    """A 2D array from a PNG or a 2D NIfTI file, read the way the dataset and the app read it (in the model's
+    view, `imaging.read_slice_view`), so a GT mask lies on the image the model saw."""
+    from raddiagseg.imaging import read_slice_view
 
     try:
-        return read_slice(path)
+        return read_slice_view(path).slices[0]
     except FileNotFoundError:
         raise BenchmarkInputError(f"{path} not found") from None
     except ValueError as exc:

@@ -20,14 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def sample_image(row):
-    """The model input of a manifest row, normalised exactly as in training (`data.dataset.load_image`)."""
+    """The model input of a manifest row, read and normalised exactly as in training and in the app
+    (`data.dataset.load_image`: `imaging.model_view`)."""
     from raddiagseg.data.dataset import load_image
+    from raddiagseg.imaging import InputError
 
     if not row.get("image"):
         raise BenchmarkInputError(f"manifest row {row['id']!r} has no image")
     try:
         return load_image(row, row["_base"])
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, InputError) as exc:
         raise BenchmarkInputError(f"manifest row {row['id']!r}: {exc}") from None
 
 

@@ -215,8 +215,17 @@ def build_demo(settings: DemoSettings):
     from raddiagseg.training import reference  # replay + validation phantoms the app's train task regenerates
 
     reference.write_reference(staging, reference.phantom_reference(settings.train_seed, settings.test_seed, work / "reference"))
+    # the domain guard's statistics: phantoms of the training seed (fit) and of an unseen one (calibration)
+    code = cli.main(["domain-stats", "--model", str(staging), "--fit-seed", str(settings.train_seed),
+                     "--ct-volumes", str(min(80, settings.train_ct_volumes)), "--xrays", str(min(600, settings.train_xrays)),
+                     "--work", str(work / "domain")])
+    if code:
+        raise RuntimeError(f"`raddiagseg domain-stats` failed with exit code {code}")
+    from raddiagseg import domain
+
     card = staging / "MODEL_CARD.md"
-    card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused))
+    card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused)
+                    + "\n" + domain.card_section(staging))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -1,0 +1,111 @@
+"""Domain guard numbers (issue 21): in-domain share of held-out phantoms of an unseen seed, every real file that
+packages ship (score vs threshold), and the share flagged under each issue-22 shift.
+
+    .venv/bin/python benchmarks/domain_guard.py [--model DIR] [--seed 31415] [--ct-volumes 26] [--xrays 240]
+
+Real files are read and windowed as the app reads them (`lib.image_io`, `lib.domain_guard.modality_of`; volumes:
+the middle slice of the radiological view) and scored by the model folder's `domain_stats.safetensors`.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "MONAILabelApp")]
+
+
+def real_files(folder):
+    import nibabel.testing
+    import skimage.data
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    Image.fromarray(skimage.data.camera()).save(folder / "camera.png")
+    Image.fromarray(skimage.data.retina()).save(folder / "retina.png")
+    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
+    files = {name: get_testdata_file(name) for name in (
+        "CT_small.dcm", "MR_small.dcm", "693_UNCI.dcm", "RG1_UNCI.dcm", "RG3_UNCI.dcm", "MR2_UNCI.dcm", "JPEG2000.dcm")}
+    files["nibabel anatomical.nii"] = str(Path(nibabel.testing.data_path) / "anatomical.nii")
+    files.update({f"skimage {n}.png": str(folder / f"{n}.png") for n in ("camera", "retina", "astronaut")})
+    return {k: v for k, v in files.items() if v}
+
+
+def score_file(model, guard, path):
+    import torch
+    from raddiagseg.imaging import to_unit_range
+
+    from lib import domain_guard, image_io
+
+    image = image_io.read_image(path)
+    array = image_io.image_array(image)
+    read_as = domain_guard.modality_of(image, array)
+    if image.GetDimension() == 3:
+        view = image_io.VolumeView.of(image).to_view(array)
+        array = view[view.shape[0] // 2]
+    unit = to_unit_range(array.astype("float32"), read_as["value"])
+    with torch.inference_mode():
+        features = model.encode_images([unit])
+    return read_as, guard.check(features, [unit], read_as["value"], read_as["source"])[0]
+
+
+def flagged_share(stats, descriptors):
+    return {m: float(np.mean(stats.scores(d, m) > stats.thresholds[m])) for m, d in descriptors.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "MONAILabelApp" / "model" / "raddiagseg-demo")
+    parser.add_argument("--seed", type=int, default=31415, help="held-out phantom seed (not 1234, 2718)")
+    parser.add_argument("--ct-volumes", type=int, default=26)
+    parser.add_argument("--xrays", type=int, default=240)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    from raddiagseg import domain, load_model
+    from raddiagseg.evaluation import robustness
+
+    torch.set_num_threads(1)
+    model = load_model(args.model).eval()
+    guard = domain.DomainGuard.for_model_dir(args.model)
+    stats = guard.stats
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        manifest = domain.phantom_manifest(work, args.seed, args.ct_volumes, args.xrays)
+        held_out = domain.manifest_descriptors(model, manifest)
+        print(f"## held-out phantoms, seed {args.seed}\n\n| modality | images | in domain | max score | threshold |")
+        print("|---|---|---|---|---|")
+        for m, d in held_out.items():
+            scores = stats.scores(d, m)
+            print(f"| {m} | {len(scores)} | {np.mean(scores <= stats.thresholds[m]):.1%} | {scores.max():.3f} | "
+                  f"{stats.thresholds[m]:.3f} |")
+
+        print("\n## real files\n\n| file | read as (source) | in domain | score | threshold | score / threshold |")
+        print("|---|---|---|---|---|---|")
+        folder = work / "real"
+        folder.mkdir(exist_ok=True)
+        for name, path in real_files(folder).items():
+            read_as, v = score_file(model, guard, path)
+            ratio = f"{v['score'] / v['threshold']:.1f}" if v["score"] is not None else "– (modality)"
+            print(f"| {name} | {read_as['value']} ({read_as['source']}) | {v['in_domain']} | {v['score']} | "
+                  f"{v['threshold']} | {ratio} |")
+
+        print("\n## issue-22 shifts of the same held-out sources: share flagged\n\n| shift | CT | X-ray |\n|---|---|---|")
+        sources = work / f"seed{args.seed}" / "sources"
+        for name in robustness.SHIFTS:
+            if name == "none":
+                continue
+            shifted = work / "shift" / robustness._slug(name)
+            robustness.shift_sources(sources, shifted / "sources", name, args.seed)
+            built = robustness._build(shifted / "sources", shifted / "built")
+            share = flagged_share(stats, domain.manifest_descriptors(model, built))
+            cells = [f"{share[m]:.1%}" if robustness.applies(name, m) and m in share else "–" for m in ("ct", "xray")]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
