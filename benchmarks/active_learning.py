@@ -152,11 +152,15 @@ def _cell(metrics, modality, key):
     return "–" if value is None else f"{value:.3f}"
 
 
-def _fixed_gate_refuses(gate):
-    """Whether the earlier fixed rule (any metric of a guard set lower by more than 0.02) would have refused."""
-    return any(v is not None and (entry["candidate"]["metrics"][m].get(k) or 0.0) < v - 0.02
-               for name, entry in gate["sets"].items() if name != "corrections"
-               for m, values in entry["served"]["metrics"].items() for k, v in values.items())
+def _fixed_rule(gate):
+    """What the app's gate decides on the same scores under the earlier fixed rule (every metric may drop by 0.02)."""
+    from lib import model_store
+    from raddiagseg.training import selection
+
+    sets = {name: {**entry, "worse": selection.regressions(entry["served"]["metrics"], entry["candidate"]["metrics"],
+                                                           model_store.GATE_TOLERANCE)}
+            for name, entry in gate["sets"].items()}
+    return "published" if model_store.gate(sets)[0] else "refused"
 
 
 def _largest_drop(metrics, start):
@@ -179,7 +183,7 @@ def table(results):
             served = entry["served_score"] if entry["served_score"] is not None else start["score"]
             chosen = ", ".join(c["id"] for c in entry["chosen"])
             drop, where = _largest_drop(entry["candidate"]["metrics"], start["metrics"])
-            fixed = "refused" if _fixed_gate_refuses(entry["gate"]) else "published"
+            fixed = _fixed_rule(entry["gate"])
             lines.append(f"| {name} | {entry['corrections']} | {chosen} | {entry['candidate']['score']:.3f} | "
                          + " | ".join(_cell(entry["candidate"]["metrics"], m, k) for m, k, _ in COLUMNS)
                          + f" | {drop:.3f} {where} | {'published' if entry['published'] else 'refused'} ({fixed}) "
