@@ -105,7 +105,8 @@ def app_vs_predict(model, folder, tmp):
     by_image = {}
     for row in read_manifest(tmp / "data" / "manifest.jsonl", None, base=True):
         by_image.setdefault(row["image"], row)
-    picked = list(by_image.values())[:: max(1, len(by_image) // 40)][:40]
+    files = list(by_image.values())
+    picked = [files[i] for i in np.linspace(0, len(files) - 1, 40).round().astype(int)]  # every source
     task = recording_task(model, folder)
     counts = {}
     for row in picked:

@@ -75,6 +75,7 @@ SHARED_PARAM_TABLE = [
     ({"max_new_tokens": 512}, True), ({"max_new_tokens": "64"}, True), ({"tts": "true", "tts_answers": 16}, True),
     ({"slice": "all"}, True), ({"slice": 3}, True), ({"window": [40, 400]}, True), ({"modality": "mri"}, True),
     ({"result_extension": ".seg.nrrd"}, True), ({"temperature": 0.7}, True), ({"batch_size": 64}, True),
+    ({"force": "on"}, True), ({"force": "maybe"}, False),
     ({"max_new_tokens": 513}, False), ({"max_new_tokens": 1024}, False), ({"max_new_tokens": True}, False),
     ({"rvls2m": "maybe"}, False), ({"modality": "pet"}, False), ({"result_extension": ".exe"}, False),
     ({"window": [40, -1]}, False), ({"window": "40,400"}, False), ({"slice": -1}, False), ({"slice": "abc"}, False),

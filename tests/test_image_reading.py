@@ -5,6 +5,8 @@ and one "model's view of an image" shared by the app's infer task and `raddiagse
 Answers come from the app's real infer task (`RadDiagSegInfer`) with the shipped demo model; what reaches the
 model is recorded at the ModelRunner, the model itself is untouched."""
 
+import locale
+
 import numpy as np
 import pydicom
 import pytest
@@ -199,7 +201,8 @@ def test_the_app_and_predict_feed_the_model_the_same_array_for_the_same_file(dem
     by_image = {}
     for row in rows:
         by_image.setdefault(row["image"], row)
-    picked = list(by_image.values())[:: max(1, len(by_image) // 40)][:40]
+    files = list(by_image.values())
+    picked = [files[i] for i in np.linspace(0, len(files) - 1, 40).round().astype(int)]  # every source
     task = infer_task(demo_model)
     kinds = set()
     for row in picked:
@@ -228,7 +231,18 @@ def test_uploads_whose_values_cannot_be_read_answer_400_with_the_reason(demo_mod
 
 
 def write_dicom_series(volume, folder):
-    """One CT DICOM file per axial slice of `volume` (int16 HU), with its position and orientation tags."""
+    """One CT DICOM file per axial slice of `volume` (int16 HU), with its position and orientation tags.
+
+    ITK's GDCM writer switches the process locale to C when it writes these tags and leaves it so (later text
+    files would then be read as ASCII), so the locale is put back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(volume, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(volume, folder):
     folder.mkdir()
     direction = np.array(volume.GetDirection()).reshape(3, 3)
     orientation = "\\".join(f"{v:.9f}" for v in (*direction[:, 0], *direction[:, 1]))
@@ -261,3 +275,33 @@ def test_one_dicom_of_a_series_is_answered_as_its_slice_of_the_series(demo_model
         assert np.array_equal(single.runner.inputs[-1], whole.runner.inputs[-1]), path.name
         assert answer["answer"] == volume_answer["answer"]
         assert sitk.ReadImage(label).GetSize() == one.GetSize()
+
+
+def test_training_data_and_active_learning_see_what_infer_sees(tmp_path):
+    """The app's training samples, read back by the trainer's dataset, and the `uncertain` strategy's inputs are
+    the infer task's model inputs of the same slices; the masks lie on them as the corrected label does."""
+    from lib import training_data
+    from lib.activelearning.uncertain import scoring_slices
+    from raddiagseg.data.dataset import load_image, load_masks
+
+    image, label, _ = ct_phantom_image(seed=3)  # stored permuted and flipped
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    info = {"segments": [{"name": "liver", "label_value": 1}, {"name": "liver tumour", "label_value": 2}],
+            "detection": True, "diagnosis": "Liver tumour"}
+    rows = training_data.samples_for_image("ct", tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz", info, tmp_path / "out")
+    view = image_io.model_view(image_io.read_image(tmp_path / "ct.nii.gz"))
+    labels = view.orientation.to_view(sitk.GetArrayFromImage(label))
+    masks = 0
+    for row in rows:
+        k = view.view_index(row["slice"])
+        unit = load_image(row, tmp_path / "out")
+        assert np.array_equal(unit, view.unit(k)), row["id"]
+        for target, mask in zip(row["targets"], load_masks(row, tmp_path / "out", unit.shape)):
+            assert np.array_equal(mask > 0, labels[k] == (1 if target["name"] == "liver" else 2)), row["id"]
+            masks += 1
+    assert len(rows) > 10 and masks > 10
+    n = view.n_slices
+    picks = sorted({int(n * f) for f in (0.25, 0.5, 0.75)})
+    for scored, k in zip(scoring_slices(image_io.read_image(tmp_path / "ct.nii.gz")), picks):
+        assert np.array_equal(scored, view.unit(k))

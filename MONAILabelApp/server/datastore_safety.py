@@ -38,7 +38,10 @@ _STOCK = {}  # MONAI Label's own methods, wrapped below
 
 
 def atomic_copy(src, dst, *, follow_symlinks=True):
-    """Like ``shutil.copy`` but readers see either the old file or the complete new one."""
+    """Like ``shutil.copy`` but readers see either the old file or the complete new one.
+
+    It replaces ``shutil.copy`` inside MONAI Label's datastore, so it takes the same arguments; the source
+    is always read through its links (``follow_symlinks`` is accepted, not used)."""
     dst = str(dst)
     if os.path.isdir(dst):
         dst = os.path.join(dst, os.path.basename(str(src)))

@@ -172,6 +172,8 @@ def _check_nifti_voxels(path: str, header, declared: int, check: _VoxelCheck) ->
             if len(f.read(TRAILING_SLACK + 1)) > TRAILING_SLACK:
                 raise InputError(400, f"the uploaded {check.what} has more data after its pixel data than its "
                                       "header declares")
+    except InputError:  # a ValueError too, but already the answer
+        raise
     except (OSError, EOFError, gzip.BadGzipFile, ValueError):
         raise InputError(400, f"the uploaded {check.what} is truncated or corrupt: its pixel data could not be read") from None
 

@@ -4,21 +4,31 @@ Heavy imports (torch, transformers) happen lazily so that `raddiagseg --help` an
 pure-Python parts (templates, scoring) stay fast to import.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "build_model", "__version__"]
 
+if TYPE_CHECKING:
+    import torch
 
-def load_model(path, device=None, dtype=None):
+    from raddiagseg.model.raddiagseg import RadDiagSegModel
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> RadDiagSegModel:
     """Load a checkpoint folder (config JSON + safetensors + tokenizer) written by `save_pretrained`."""
     from raddiagseg.model.raddiagseg import RadDiagSegModel
 
     return RadDiagSegModel.from_pretrained(path, device=device, dtype=dtype)
 
 
-def build_model(preset="demo", **overrides):
-    """Build a freshly initialised model from a named preset (`demo` or `paper`)."""
-    from raddiagseg.model.raddiagseg import RadDiagSegModel
-    from raddiagseg.model.config import preset_config
+def build_model(preset: str = "demo", **overrides) -> RadDiagSegModel:
+    """Build a freshly initialised model from a named preset (`demo` or `paper`); see `raddiagseg.model.builder`."""
+    from raddiagseg.model.builder import build_model as build
 
-    return RadDiagSegModel(preset_config(preset, **overrides))
+    return build(preset, **overrides)

@@ -81,7 +81,7 @@ def canonical_name(label_text, diagnosis=None):
 
 def target_modalities(name):
     """Modalities the vocabulary ties target `name` to (all of them when it does not say or the name is unknown)."""
-    entry = templates.targets().get(name)
+    entry = vocabulary.targets().get(name)
     return set(entry.get("modality") or templates.MODALITY_NAMES) if entry else set(templates.MODALITY_NAMES)
 
 

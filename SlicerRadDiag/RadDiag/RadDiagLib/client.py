@@ -4,6 +4,8 @@ One `requests.Session` per client so connections and the bearer token are reused
 failure becomes a `ServerError` whose message says what the user should do about it.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
@@ -18,7 +20,8 @@ from .multipart import MultipartError, split_infer_response
 class ServerError(RuntimeError):
     """A request to the server failed; `str(error)` is a message for the user."""
 
-    def __init__(self, message, status=None, detail=None, retry_after=None):
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None,
+                 retry_after: str | None = None):
         super().__init__(message)
         self.status = status
         self.detail = detail
@@ -28,20 +31,20 @@ class ServerError(RuntimeError):
 class InferResult:
     """What /infer returned: the JSON params and, if any, the path of the saved label file."""
 
-    def __init__(self, params, label_path=None, label_filename=None):
+    def __init__(self, params: dict | None, label_path: str | None = None, label_filename: str | None = None):
         self.params = params or {}
         self.label_path = label_path
         self.label_filename = label_filename
 
     @property
-    def answer(self):
+    def answer(self) -> str:
         return self.params.get("answer", "")
 
     def __repr__(self):
         return f"InferResult(answer={self.answer!r}, label_path={self.label_path!r})"
 
 
-def normalise_url(url):
+def normalise_url(url: str | None) -> str:
     """Strip blanks and trailing slashes; add http:// when no scheme was typed."""
     url = (url or "").strip().rstrip("/")
     if not url:
@@ -71,7 +74,9 @@ def _detail(response):
 class RadDiagClient:
     """Calls the MONAI Label REST API: /info, /infer, /datastore, /train, /auth."""
 
-    def __init__(self, server_url, token=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), session=None):
+    def __init__(self, server_url: str, token: str | None = None,
+                 timeout: float | tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+                 session: requests.Session | None = None):
         self.server_url = normalise_url(server_url)
         self.timeout = timeout
         self.session = session or requests.Session()
@@ -79,7 +84,7 @@ class RadDiagClient:
         self.set_token(token)
 
     # ------------------------------------------------------------------ plumbing
-    def set_token(self, token):
+    def set_token(self, token: str | None) -> None:
         """Use `token` (a bearer token) on every following request; None or "" removes it."""
         token = (token or "").strip()
         if token.lower().startswith("bearer "):
@@ -154,16 +159,16 @@ class RadDiagClient:
         return ServerError(message + suffix, status=status, detail=detail, retry_after=retry_after)
 
     # ------------------------------------------------------------------ endpoints
-    def info(self):
+    def info(self) -> dict:
         """GET /info/: models, trainers, labels, train_stats."""
         return self._request("GET", "/info/", "read the server info", timeout=self._quick()).json()
 
-    def models(self, info=None):
+    def models(self, info: dict | None = None) -> list[str]:
         """Names of the inference models the server offers."""
         info = self.info() if info is None else info
         return sorted((info.get("models") or {}).keys())
 
-    def auth_enabled(self):
+    def auth_enabled(self) -> bool:
         """Whether the server asks for a token (GET /auth/; False for servers without that endpoint)."""
         try:
             body = self._request("GET", "/auth/", "check authentication", timeout=self._quick()).json()
@@ -173,7 +178,7 @@ class RadDiagClient:
             raise
         return bool(body.get("enabled"))
 
-    def login(self, username, password):
+    def login(self, username: str, password: str) -> str:
         """POST /auth/token; on success the token is used for every following request."""
         response = self._request("POST", "/auth/token", "log in",
                                  data={"username": username, "password": password, "grant_type": "password"})
@@ -183,7 +188,7 @@ class RadDiagClient:
         self.set_token(token)
         return token
 
-    def image_exists(self, image_id):
+    def image_exists(self, image_id: str) -> bool:
         """HEAD /datastore/image: True when the datastore has `image_id`.
 
         No `check_sum` is sent: MONAI Label 0.8.5 compares it against "SHA256:<hex>" after
@@ -199,7 +204,7 @@ class RadDiagClient:
             raise
         return True
 
-    def upload_image(self, path, image_id=None, params=None):
+    def upload_image(self, path: str, image_id: str | None = None, params: dict | None = None) -> str:
         """PUT /datastore/image: store an image file; returns the image id the server uses."""
         query = {"image": image_id} if image_id else {}
         with open(path, "rb") as f:
@@ -208,13 +213,14 @@ class RadDiagClient:
             body = self._request("PUT", "/datastore/image", "upload the image", params=query, files=files, data=data).json()
         return body.get("image", image_id)
 
-    def ensure_image(self, path, image_id):
+    def ensure_image(self, path: str, image_id: str) -> str:
         """Upload `path` as `image_id` unless the datastore already has that id (ids carry a content hash)."""
         if not self.image_exists(image_id):
             image_id = self.upload_image(path, image_id)
         return image_id
 
-    def infer(self, model, image_id=None, image_path=None, params=None, result_dir=None):
+    def infer(self, model: str, image_id: str | None = None, image_path: str | None = None,
+              params: dict | None = None, result_dir: str | None = None) -> InferResult:
         """POST /infer/{model}: by datastore id (`image_id`) or by uploading `image_path`.
 
         Returns an InferResult; the label file (if any) is written into `result_dir` (a temp
@@ -246,7 +252,7 @@ class RadDiagClient:
                 f.write(payload)
         return InferResult(params_out, label_path, filename)
 
-    def save_label(self, image_id, label_path, label_info, tag="final"):
+    def save_label(self, image_id: str, label_path: str, label_info: dict | None, tag: str = "final") -> dict:
         """PUT /datastore/label: store a corrected label map with its label info (answer, segments...)."""
         with open(label_path, "rb") as f:
             files = {"label": (os.path.basename(label_path), f)}
@@ -254,13 +260,13 @@ class RadDiagClient:
             return self._request("PUT", "/datastore/label", "save the correction",
                                  params={"image": image_id, "tag": tag}, files=files, data=data).json()
 
-    def start_training(self, model, params=None, enqueue=False):
+    def start_training(self, model: str, params: dict | None = None, enqueue: bool = False) -> dict:
         """POST /train/{model}: start fine-tuning on the saved corrections."""
         query = {"enqueue": "true"} if enqueue else {}
         return self._request("POST", f"/train/{urllib.parse.quote(model)}", "start training",
                              params=query, json=params or {}).json()
 
-    def training_status(self, all_tasks=False):
+    def training_status(self, all_tasks: bool = False) -> dict | list | None:
         """GET /train/: the latest training task ({status, details, ...}) or None when there never was one."""
         try:
             return self._request("GET", "/train/", "read the training status", timeout=self._quick(),
@@ -270,11 +276,11 @@ class RadDiagClient:
                 return None
             raise
 
-    def train_stats(self, model, info=None):
+    def train_stats(self, model: str, info: dict | None = None) -> dict:
         """The trainer's statistics from /info/ (`train_stats[model]`), {} when none yet."""
         info = self.info() if info is None else info
         return ((info.get("train_stats") or {}).get(model)) or {}
 
-    def stop_training(self):
+    def stop_training(self) -> dict:
         """DELETE /train/: stop the running training."""
         return self._request("DELETE", "/train/", "stop training").json()

@@ -20,11 +20,11 @@ def describe_model(model):
 
 def describe_preset(preset):
     """Build `preset` on the meta device (no memory, no weights) and count its parameters."""
+    from raddiagseg.model.builder import build_from_config
     from raddiagseg.model.config import preset_config
-    from raddiagseg.model.raddiagseg import RadDiagSegModel
 
     with torch.device("meta"):
-        model = RadDiagSegModel(preset_config(preset))
+        model = build_from_config(preset_config(preset))
     return describe_model(model)
 
 

@@ -9,7 +9,7 @@ class SegMaskDecoder(nn.Module):
 
     A linear layer maps each hidden state to a sparse prompt embedding; the dense prompt is SAM's
     "no mask" embedding, or with RVLS2M (`region=` an `RVLS2MConfig`) the embedded region mask of
-    that token's vision-language similarity (`raddiagseg.model.rvls2m`). SAM's `MaskDecoder` handles one image per call (DESIGN §9), so
+    that token's vision-language similarity (`raddiagseg.model.rvls2m`). SAM's `MaskDecoder` decodes the prompts of one image per call (it repeats that image's embedding), so
     `forward` loops over images and batches the prompts that belong to each image.
     """
 

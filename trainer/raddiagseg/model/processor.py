@@ -1,4 +1,4 @@
-"""Processor: turns training samples (DESIGN "Training sample") into model tensors, and prompts into token ids.
+"""Processor: turns training samples (`data.dataset` samples: image, question, answer, one mask per seg token) into model tensors, and prompts into token ids.
 
 Sequence layout (as PaliGemma): `<image>`×N, bos, question, "\n" | answer, eos. Labels are -100
 on the prompt and padding, so only the answer (seg tokens included) is learnt. Picklable, so

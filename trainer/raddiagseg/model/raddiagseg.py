@@ -39,12 +39,14 @@ COMPONENTS = ("vision_backbone", "clip_encoder", "projector", "language_model", 
 
 class RadDiagSegModel(nn.Module):
     def __init__(self, config: RadDiagSegConfig, tokenizer=None):
+        """Assemble the components of `config` (pretrained weights and the tokenizer are read by
+        `raddiagseg.model.builder`; `tokenizer` None is the in-memory demo tokenizer)."""
         super().__init__()
-        from raddiagseg.model import weights
-
         self.config = config
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.lm_dir) if config.lm_dir else build_demo_tokenizer(config.num_seg_tokens)
+            if config.lm_dir:
+                raise ValueError("a model with lm_dir needs that LM's tokenizer: build it with raddiagseg.build_model")
+            tokenizer = build_demo_tokenizer(config.num_seg_tokens)
         ids = special_token_ids(tokenizer, config.num_seg_tokens)
         vocab_size = config.language.vocab_size or len(tokenizer)
         if vocab_size < len(tokenizer):
@@ -58,10 +60,6 @@ class RadDiagSegModel(nn.Module):
         self.language_model = LanguageModel(config.language, vocab_size, ids, weights_dir=config.lm_dir)
         self.mask_decoder = SegMaskDecoder(config.language.hidden_size, config.vision, config.mask_decoder)
 
-        if config.sam_checkpoint:
-            weights.load_sam_checkpoint(config.sam_checkpoint, self.vision_backbone, self.mask_decoder)
-        if config.clip_dir:
-            weights.load_clip_folder(config.clip_dir, self.clip_encoder)
         if config.trainable.lm == "lora" and config.language.lora_rank > 0:
             self.language_model.add_lora()
         self._apply_trainable()

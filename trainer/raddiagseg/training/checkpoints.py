@@ -57,20 +57,11 @@ def write_checkpoint(model, target, training_state=None, info=None, dtype=None):
 
 
 def save_model(model, folder, dtype=None):
-    """`model.save_pretrained(folder)`, in `dtype` when given (e.g. float16 for a small shipped model)."""
+    """`model.save_pretrained(folder)`, cast to `dtype` when given (e.g. float16 for a small shipped model)."""
     if dtype is None or dtype == torch.float32:
         model.save_pretrained(folder)
-        return
-    import copy
-    import inspect
-
-    if "dtype" in inspect.signature(model.save_pretrained).parameters:
+    else:
         model.save_pretrained(folder, dtype=dtype)
-        return
-
-    half = copy.deepcopy(model).to(dtype)
-    half.save_pretrained(folder)
-    del half
 
 
 def replace_folder(new, target):

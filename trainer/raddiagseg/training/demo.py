@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 # volume are near copies, and what generalises to a new seed is the number of distinct patients
 # (measured: CLIP caption accuracy on unseen volumes 0.58 with 40 volumes x ~44 slices, 0.76 with
 # 160 x 12 at the same step count).
-# 160 CT volumes + 900 X-rays (demo model v3) overfitted the X-rays: a linear probe on the aligned CLIP patches
-# separated the three X-ray classes at 1.00 on training images and 0.88 on unseen ones, and the finetuned LM answered
-# "COVID-19 infection" for most X-rays. With 240 + 2700 (v4) it tells normal X-rays apart (40 of 40 held out). Phantoms cost seconds, training steps minutes: more distinct images, same steps.
+# Fewer X-rays (900) overfit them: the finetuned LM answered "COVID-19 infection" for most unseen X-rays; 2700 tell
+# normal X-rays apart (measured: benchmarks/RESULTS.md, "Demo-model data sizes"). Phantoms cost seconds, training
+# steps minutes: more distinct images, same steps.
 TRAIN_DATA = dict(ct_volumes=240, xrays=2700, ct_slices=12)
 TEST_DATA = dict(ct_volumes=20, xrays=120, ct_slices=12)
 DEMO_STEPS = dict(align=3000, pretrain=500, finetune=2000)

@@ -81,7 +81,7 @@ def _make_model(config, device):
     return model
 
 
-def _make_dataset(config, model):
+def _make_dataset(config):
     from raddiagseg.data.dataset import ManifestDataset
 
     tasks = [t for t, w in config.ratio.items() if w > 0]
@@ -165,6 +165,43 @@ def _train(config, ctx, progress, model, dataset, epoch_order, collate, evaluate
     started = time.perf_counter()
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_folder, state = _resume_state(run_dir, config)
+    seed_everything(config.seed + ctx.rank)
+    model = _prepare_model(config, ctx, model, resume_folder)
+    trainable = _freeze_all_but_trainable(model)
+
+    if dataset is None:
+        dataset = _make_dataset(config)
+    if epoch_order is None:
+        epoch_order = _epoch_order_fn(config, dataset)
+    micro_batch, accum = distributed.split_effective_batch(config.batch_size, config.grad_accum, ctx.world_size)
+    epoch_length = len(epoch_order(0))
+    if epoch_length == 0:
+        raise ValueError(f"{config.manifest_path()} has no training samples for tasks {sorted(config.ratio)}")
+    max_steps = config.max_steps or math.ceil(config.epochs * epoch_length / config.effective_batch())
+
+    loop = _Loop(config, ctx, model, trainable, run_dir, max_steps, accum, _metric_name(config, evaluate), evaluate)
+    loop.build_optimizer(state, micro_batch)
+    loop.plan = StepBatchPlan(epoch_order, micro_batch, accum, ctx.world_size, ctx.rank, loop.step, max_steps)
+    loader = torch.utils.data.DataLoader(
+        EpochIndexed(dataset), batch_sampler=loop.plan, collate_fn=collate or model.processor.collate,
+        num_workers=config.num_workers, persistent_workers=False, pin_memory=ctx.device.type == "cuda",
+    )
+    if ctx.is_main:
+        (run_dir / "config.json").write_text(config.to_json())
+        log.info(
+            "%s/%s: %d steps (from %d), effective batch %d = %d ranks x %d micro x %d accum, lr %.2g, warmup %d, "
+            "%.2f M trainable params, %s%s",
+            config.preset, config.stage, max_steps, loop.step, config.effective_batch(), ctx.world_size,
+            micro_batch, accum, config.lr, loop.warmup, sum(p.numel() for p in trainable) / 1e6, ctx.device,
+            " bf16" if loop.bf16 else "",
+        )
+    loop.run(loader, started, progress, progress_on_all_ranks)
+    return _finish(loop, started)
+
+
+def _resume_state(run_dir, config):
+    """(the `last` folder to resume from or None, its training state or None); refuses a changed effective batch."""
     resume_folder = _resolve_resume(run_dir, config)
     state = checkpoints.read_training_state(resume_folder) if resume_folder else None
     if state is not None and state.get("effective_batch") != config.effective_batch():
@@ -172,9 +209,12 @@ def _train(config, ctx, progress, model, dataset, epoch_order, collate, evaluate
             f"--resume: the run in {run_dir} used effective batch {state.get('effective_batch')}, "
             f"this command asks for {config.effective_batch()}; keep --batch-size x --grad-accum the same"
         )
-    seed_everything(config.seed + ctx.rank)
+    return resume_folder, state
 
-    # model: resume from `last`, else --init / a fresh preset model
+
+def _prepare_model(config, ctx, model, resume_folder):
+    """The model to train, on the device in train mode: the caller's (resumed weights loaded into it), the `last`
+    checkpoint, or --init / a fresh preset model."""
     if model is None:
         if resume_folder is not None:
             from raddiagseg import load_model
@@ -186,170 +226,175 @@ def _train(config, ctx, progress, model, dataset, epoch_order, collate, evaluate
         _load_weights_into(model, resume_folder)
     model.to(ctx.device)
     model.train()
-    trainable = _freeze_all_but_trainable(model)
-    n_trainable = sum(p.numel() for p in trainable)
+    return model
 
-    if dataset is None:
-        dataset = _make_dataset(config, model)
-    if epoch_order is None:
-        epoch_order = _epoch_order_fn(config, dataset)
-    if collate is None:
-        collate = model.processor.collate
 
-    micro_batch, accum = distributed.split_effective_batch(config.batch_size, config.grad_accum, ctx.world_size)
-    epoch_length = len(epoch_order(0))
-    if epoch_length == 0:
-        raise ValueError(f"{config.manifest_path()} has no training samples for tasks {sorted(config.ratio)}")
-    max_steps = config.max_steps or math.ceil(config.epochs * epoch_length / config.effective_batch())
-    warmup = int(config.warmup if config.warmup >= 1 else round(config.warmup * max_steps))
+class _Loop:
+    """One stage's optimisation state and its steps: micro-batch forward/backward, the optimiser step, validation
+    keeping `best/`, the `last/` checkpoint, and the per-step reports (metrics.csv, progress bar, callback)."""
 
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
-    from transformers import get_cosine_schedule_with_warmup
+    def __init__(self, config, ctx, model, trainable, run_dir, max_steps, accum, metric_name, evaluate):
+        self.config, self.ctx, self.model, self.trainable, self.run_dir = config, ctx, model, trainable, run_dir
+        self.max_steps, self.accum, self.metric_name, self.evaluate = max_steps, accum, metric_name, evaluate
+        self.bf16 = autocast_dtype(config.precision, ctx.device)
+        self.step, self.best_metric, self.best_step, self.val_metric = 0, None, 0, None
+        self.engine = self.wrapped = self.optimizer = self.scheduler = self.plan = None
+        self.metrics = self.bar = None
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    def build_optimizer(self, state, micro_batch):
+        """AdamW + warmup/cosine schedule (restored from `state` when resuming), wrapped for DDP or DeepSpeed."""
+        config, ctx = self.config, self.ctx
+        self.warmup = int(config.warmup if config.warmup >= 1 else round(config.warmup * self.max_steps))
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+        from transformers import get_cosine_schedule_with_warmup
 
-    start_step, best_metric, best_step, metric_name = 0, None, 0, _metric_name(config, evaluate)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        best_metric, best_step = state.get("best_metric"), state.get("best_step", 0)
-        rngs = state.get("rng_per_rank") or []
-        if ctx.rank < len(rngs) and len(rngs) == ctx.world_size:
-            checkpoints.set_rng_state(rngs[ctx.rank])
-        log.info("resuming %s at step %d of %d", run_dir, start_step, max_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=self.warmup,
+                                                         num_training_steps=self.max_steps)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step", 0)
+            rngs = state.get("rng_per_rank") or []
+            if ctx.rank < len(rngs) and len(rngs) == ctx.world_size:
+                checkpoints.set_rng_state(rngs[ctx.rank])
+            log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.max_steps)
+        if config.engine == "deepspeed":
+            self.engine, self.optimizer, self.scheduler = distributed.deepspeed_engine(
+                self.model, self.optimizer, self.scheduler, micro_batch, self.accum, ctx.world_size, self.bf16 is not None,
+                config.max_grad_norm)
+            self.wrapped = self.engine
+        else:
+            self.wrapped = distributed.wrap_ddp(self.model, ctx)
 
-    bf16 = autocast_dtype(config.precision, ctx.device)
-    engine = None
-    if config.engine == "deepspeed":
-        engine, optimizer, scheduler = distributed.deepspeed_engine(
-            model, optimizer, scheduler, micro_batch, accum, ctx.world_size, bf16 is not None, config.max_grad_norm)
-        wrapped = engine
-    else:
-        wrapped = distributed.wrap_ddp(model, ctx)
+    def run(self, loader, started, progress, progress_on_all_ranks):
+        ctx = self.ctx
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.step) if ctx.is_main else None
+        if ctx.is_main and self.config.progress_bar:
+            from tqdm import tqdm
 
-    plan = StepBatchPlan(epoch_order, micro_batch, accum, ctx.world_size, ctx.rank, start_step, max_steps)
-    loader = torch.utils.data.DataLoader(
-        EpochIndexed(dataset), batch_sampler=plan, collate_fn=collate, num_workers=config.num_workers,
-        persistent_workers=False, pin_memory=ctx.device.type == "cuda",
-    )
+            self.bar = tqdm(total=self.max_steps, initial=self.step, desc=f"{self.config.stage}", unit="step",
+                            dynamic_ncols=True)
+        step_started = time.perf_counter()
+        window = []
+        micro_index = 0
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        try:
+            for batch in loader:
+                last_micro = micro_index == self.accum - 1
+                sums += self.micro_step(_to_device(batch, ctx.device), last_micro)
+                micro_index += 1
+                if not last_micro:
+                    continue
+                grad_norm = self.optimizer_step()
+                parts = distributed.all_reduce_mean(sums / self.accum, ctx)
+                parts = {k: float(v) for k, v in zip(LOSS_KEYS, parts)}
+                sums.zero_()
+                micro_index = 0
+                now = time.perf_counter()
+                window = (window + [now - step_started])[-20:]
+                step_started = now
+                validated = self.validate_and_save()
+                self.report(parts, grad_norm, window, validated, now - started, progress, progress_on_all_ranks)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
-    if ctx.is_main:
-        (run_dir / "config.json").write_text(config.to_json())
-        log.info(
-            "%s/%s: %d steps (from %d), effective batch %d = %d ranks x %d micro x %d accum, lr %.2g, warmup %d, "
-            "%.2f M trainable params, %s%s",
-            config.preset, config.stage, max_steps, start_step, config.effective_batch(), ctx.world_size,
-            micro_batch, accum, config.lr, warmup, n_trainable / 1e6, ctx.device, " bf16" if bf16 else "",
-        )
-    metrics = MetricsLog(run_dir, resume_step=start_step) if ctx.is_main else None
-    bar = None
-    if ctx.is_main and config.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=max_steps, initial=start_step, desc=f"{config.stage}", unit="step", dynamic_ncols=True)
-
-    val_metric = None
-    step = start_step
-    step_started = time.perf_counter()
-    window = []
-    micro_index = 0
-    sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
-    try:
-        for batch in loader:
-            batch = _to_device(batch, ctx.device)
-            last_micro = micro_index == accum - 1
-            sync_context = contextlib.nullcontext()
-            if engine is None and ctx.distributed and not last_micro:
-                sync_context = wrapped.no_sync()
-            with sync_context:
-                with torch.autocast(ctx.device.type, dtype=bf16, enabled=bf16 is not None):
-                    out = wrapped(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at step {step + 1}: lower --lr or check the data")
-                if engine is not None:
-                    engine.backward(loss)
-                else:
-                    (loss / accum).backward()
-            sums += torch.tensor([_scalar(out.get(k)) for k in LOSS_KEYS], dtype=torch.float64)
-            micro_index += 1
-            if not last_micro:
-                continue
-
-            # one optimizer step
-            grad_norm = None
-            if engine is not None:
-                engine.step()
+    def micro_step(self, batch, last_micro):
+        """Forward and backward of one micro-batch (gradients synced only on the last of an accumulation) -> loss parts."""
+        sync_context = contextlib.nullcontext()
+        if self.engine is None and self.ctx.distributed and not last_micro:
+            sync_context = self.wrapped.no_sync()
+        with sync_context:
+            with torch.autocast(self.ctx.device.type, dtype=self.bf16, enabled=self.bf16 is not None):
+                out = self.wrapped(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1}: lower --lr or check the data")
+            if self.engine is not None:
+                self.engine.backward(loss)
             else:
-                if config.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            parts = distributed.all_reduce_mean(sums / accum, ctx)
-            parts = {k: float(v) for k, v in zip(LOSS_KEYS, parts)}
-            sums.zero_()
-            micro_index = 0
+                (loss / self.accum).backward()
+        return torch.tensor([_scalar(out.get(k)) for k in LOSS_KEYS], dtype=torch.float64)
 
-            now = time.perf_counter()
-            window.append(now - step_started)
-            window = window[-20:]
-            step_started = now
-            eta = (sum(window) / len(window)) * (max_steps - step)
+    def optimizer_step(self):
+        """One optimiser step (gradient clipping, schedule) -> the gradient norm before clipping, or None."""
+        grad_norm = None
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            if self.config.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm
 
-            validated = step % config.val_every == 0 or step == max_steps
+    def validate_and_save(self):
+        """Validate every `val_every` steps (and at the end), writing `best/` when the metric improved; save `last/`
+        every `save_every` steps -> whether this step validated."""
+        config, ctx, step = self.config, self.ctx, self.step
+        validated = step % config.val_every == 0 or step == self.max_steps
+        if validated:
+            self.val_metric = _validate(self.model, config, ctx, self.evaluate)
+            improved = self.val_metric is not None and (self.best_metric is None or self.val_metric > self.best_metric)
+            if self.val_metric is None and self.best_metric is None:
+                improved = True  # no metric at all: the latest checkpoint is the best we know
+            if improved:
+                self.best_metric, self.best_step = self.val_metric, step
+                if ctx.is_main:
+                    checkpoints.write_checkpoint(
+                        self.model, self.run_dir / "best",
+                        info={"step": step, "metric": self.val_metric, "metric_name": self.metric_name},
+                        dtype=_dtype(config.save_dtype))
+            distributed.barrier(ctx)
+        if step % config.save_every == 0 or step == self.max_steps:
+            _save_last(self.model, self.optimizer, self.scheduler, config, ctx, self.run_dir, step, self.best_metric,
+                       self.best_step, self.plan)
+        return validated
+
+    def report(self, parts, grad_norm, window, validated, wall_s, progress, progress_on_all_ranks):
+        """The step's row in metrics.csv (and the loss plot after a validation), the progress bar, the callback."""
+        ctx, step, val_metric = self.ctx, self.step, self.val_metric
+        lr = self.scheduler.get_last_lr()[0]
+        if ctx.is_main:
+            row = dict(parts, step=step, lr=lr, grad_norm=grad_norm,
+                       samples_per_s=self.config.effective_batch() / max(window[-1], 1e-9),
+                       val_metric=val_metric if validated else None, wall_s=wall_s)
+            self.metrics.log(row)
             if validated:
-                val_metric = _validate(model, config, ctx, evaluate)
-                improved = val_metric is not None and (best_metric is None or val_metric > best_metric)
-                if val_metric is None and best_metric is None:
-                    improved = True  # no metric at all: the latest checkpoint is the best we know
-                if improved:
-                    best_metric, best_step = val_metric, step
-                    if ctx.is_main:
-                        checkpoints.write_checkpoint(
-                            model, run_dir / "best", info={"step": step, "metric": val_metric, "metric_name": metric_name},
-                            dtype=_dtype(config.save_dtype))
-                distributed.barrier(ctx)
-            if step % config.save_every == 0 or step == max_steps:
-                _save_last(model, optimizer, scheduler, config, ctx, run_dir, step, best_metric, best_step, plan)
+                self.metrics.plot()
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{parts['loss']:.3f}", text=f"{parts['loss_text']:.3f}",
+                                     bce=f"{parts['loss_bce']:.3f}", dice=f"{parts['loss_dice']:.3f}",
+                                     val="-" if val_metric is None else f"{val_metric:.3f}")
+        if progress is not None and (ctx.is_main or progress_on_all_ranks):
+            eta = (sum(window) / len(window)) * (self.max_steps - step)
+            progress(dict(step=step, total_steps=self.max_steps, loss=parts["loss"], loss_text=parts["loss_text"],
+                          loss_bce=parts["loss_bce"], loss_dice=parts["loss_dice"], n_masks=parts["n_masks"],
+                          lr=lr, val_metric=val_metric, eta_s=eta, rank=ctx.rank,
+                          sample_indices=[i for b in self.plan.rank_micro_batches(step - 1) for _, i in b]))
 
-            if ctx.is_main:
-                row = dict(parts, step=step, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                           samples_per_s=config.effective_batch() / max(window[-1], 1e-9),
-                           val_metric=val_metric if validated else None, wall_s=now - started)
-                metrics.log(row)
-                if validated:
-                    metrics.plot()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", text=f"{parts['loss_text']:.3f}",
-                                    bce=f"{parts['loss_bce']:.3f}", dice=f"{parts['loss_dice']:.3f}",
-                                    val="-" if val_metric is None else f"{val_metric:.3f}")
-            if progress is not None and (ctx.is_main or progress_on_all_ranks):
-                progress(dict(step=step, total_steps=max_steps, loss=parts["loss"], loss_text=parts["loss_text"],
-                              loss_bce=parts["loss_bce"], loss_dice=parts["loss_dice"], n_masks=parts["n_masks"],
-                              lr=scheduler.get_last_lr()[0], val_metric=val_metric, eta_s=eta, rank=ctx.rank,
-                              sample_indices=[i for b in plan.rank_micro_batches(step - 1) for _, i in b]))
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
 
+def _finish(loop, started):
+    """The TrainResult; rank 0 writes result.json and the final loss plot."""
     wall = time.perf_counter() - started
-    best = run_dir / "best"
-    result = TrainResult(best_checkpoint=best, best_metric=best_metric, metric_name=metric_name, best_step=best_step,
-                         last_checkpoint=run_dir / "last", steps=step, wall_time_s=wall, run_dir=run_dir)
-    if ctx.is_main:
-        if metrics is not None and metrics.rows:
-            MetricsLog.plot(metrics)
-        (run_dir / "result.json").write_text(json.dumps(
+    best = loop.run_dir / "best"
+    result = TrainResult(best_checkpoint=best, best_metric=loop.best_metric, metric_name=loop.metric_name,
+                         best_step=loop.best_step, last_checkpoint=loop.run_dir / "last", steps=loop.step,
+                         wall_time_s=wall, run_dir=loop.run_dir)
+    if loop.ctx.is_main:
+        if loop.metrics is not None and loop.metrics.rows:
+            MetricsLog.plot(loop.metrics)
+        (loop.run_dir / "result.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}, indent=2))
-        log.info("done: %d steps in %.0f s; best %s = %s at step %d -> %s", step, wall, metric_name, best_metric,
-                 best_step, best)
-    distributed.barrier(ctx)
+        log.info("done: %d steps in %.0f s; best %s = %s at step %d -> %s", loop.step, wall, loop.metric_name,
+                 loop.best_metric, loop.best_step, best)
+    distributed.barrier(loop.ctx)
     return result
 
 
@@ -380,17 +425,16 @@ def _validate(model, config, ctx, evaluate):
 
 
 def _evaluate_on_manifest(model, config):
+    from raddiagseg.data.records import InputFileError
     from raddiagseg.evaluation import evaluate_model
 
     tasks = ["vqaseg"] if config.stage == "finetune" else ["refseg"]
     try:
         report = evaluate_model(model, str(config.manifest_path()), split=config.val_split, tasks=tasks,
                                 max_samples=config.val_samples, progress=False, cot=config.cot)
-    except Exception as exc:  # an empty val split must not kill a long run: report it and keep the latest model
-        if type(exc).__name__ == "BenchmarkInputError":
-            log.warning("validation skipped: %s", exc)
-            return None
-        raise
+    except InputFileError as exc:  # an empty val split must not kill a long run: report it and keep the latest model
+        log.warning("validation skipped: %s", exc)
+        return None
     return selection.selection_score(report, config.stage)
 
 
