@@ -91,7 +91,7 @@ def test_real_app_serves_with_tokens_and_stays_responsive_then_survives_faults(s
         reply = infer(url, tokens["user"], "cxr_covid", **options)
         assert reply.status_code == 200, reply.text
         assert reply.json()["agreement"]["paths"] == 2
-        for bad in ({"rvls2m": "yes"}, {"tts_answers": "four"}, {"cot": 1}):
+        for bad in ({"rvls2m": "maybe"}, {"tts_answers": "four"}, {"cot": "sometimes"}):
             reply = infer(url, tokens["user"], "cxr_covid", **bad)
             assert reply.status_code == 400 and list(bad)[0] in reply.json()["detail"], reply.text
         refused = requests.post(url + "/activelearning/uncertain", headers=bearer(tokens["user"]),
