@@ -68,24 +68,13 @@ def run_strategy(name, args, out, heldout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/raddiag-al")
+    retraining.add_run_arguments(parser, "/tmp/raddiag-al", 40, "phantom seed of the pool", 3, 16)
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES),
                         help="run these (one process each can run side by side: each writes OUT/<strategy>.json)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--k", type=int, default=2, help="corrections per round")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=31337, help="phantom seed of the pool")
-    parser.add_argument("--heldout-seed", type=int, default=4242)
-    parser.add_argument("--heldout-ct", type=int, default=3)
-    parser.add_argument("--heldout-xrays", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    heldout = retraining.heldout_manifest(out / "heldout", args.heldout_seed, args.heldout_ct, args.heldout_xrays)
+    out, heldout = retraining.start_run(args)
     for name in args.strategies:
         path = out / f"{name}.json"
         if not path.is_file():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from repo_paths import ROOT
+from repo_paths import ROOT, write_section
 
 sys.path.insert(0, str(ROOT / "tests"))  # the test corpora, so the benchmark and the tests send the same inputs
 
@@ -46,18 +46,6 @@ BEFORE = ("Before (the attack run of issue 18): the gzip bomb took the server fr
           "process (MONAI Label and torch imported: ~1.4 GB before any request); a bomb is refused from its header, "
           "so 3 bombs add < 10 MB and 3 concurrent 61 MB uploads < 40 MB. The kill -9 / journal crash points between "
           "the label and the index renames are in tests/test_serving_faults.py.")
-
-
-def write_section(path, text):
-    """Replace this script's section of RESULTS.md (up to the next `## `), or append it at the end."""
-    path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    path.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
 
 
 class Site:
@@ -377,7 +365,7 @@ def main(argv=None):
         text = (f"{SECTION}\n\n`.venv/bin/python benchmarks/attack_surface.py --results` (serve.py on 127.0.0.1 around "
                 f"MONAI Label with the tests' stand-in model; {os.cpu_count()} CPUs, {platform.python_version()}).\n\n"
                 f"{table}\n\n{BEFORE}\n")
-        write_section(args.results, text)
+        write_section(args.results, SECTION, text)
     failed = errors or other or wrong or cors_wrong or lost or site.crashes or leftovers
     return 1 if failed else 0
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import shutil
 import time
-from pathlib import Path
 
 import retraining
 
@@ -21,22 +20,11 @@ CORRECTION_KINDS = ["liver", "pancreas", "COVID-19", "Non-COVID"]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/raddiag-replay")
+    retraining.add_run_arguments(parser, "/tmp/raddiag-replay", 60, "phantom seed of the corrections", 4, 24)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     parser.add_argument("--lr", type=float, nargs="+", default=[2e-4])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=31337, help="phantom seed of the corrections")
-    parser.add_argument("--heldout-seed", type=int, default=4242)
-    parser.add_argument("--heldout-ct", type=int, default=4)
-    parser.add_argument("--heldout-xrays", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    heldout = retraining.heldout_manifest(out / "heldout", args.heldout_seed, args.heldout_ct, args.heldout_xrays)
+    out, heldout = retraining.start_run(args)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if "served" not in results:

@@ -131,3 +131,24 @@ def score(model_dir, manifest):
                for m, values in selection.per_modality(report, METRICS).items()}
     rows = int(report["overall"]["n"]) + int(report["overall"]["n_refseg"])
     return {"metrics": metrics, "score": round(selection.selection_score(report), 4), "rows": rows}
+
+
+def add_run_arguments(parser, out, steps, seed_help, heldout_ct, heldout_xrays):
+    """The arguments every retraining benchmark takes: output folder, train steps, phantom seeds, held-out size."""
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seed", type=int, default=31337, help=seed_help)
+    parser.add_argument("--heldout-seed", type=int, default=4242)
+    parser.add_argument("--heldout-ct", type=int, default=heldout_ct)
+    parser.add_argument("--heldout-xrays", type=int, default=heldout_xrays)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def start_run(args):
+    """(output folder, held-out manifest) for parsed `add_run_arguments`; sets torch's thread count."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, heldout_manifest(out / "heldout", args.heldout_seed, args.heldout_ct, args.heldout_xrays)

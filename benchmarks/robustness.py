@@ -21,22 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from repo_paths import ROOT
+from repo_paths import ROOT, write_section
 
 SECTION = "## Robustness to scanner variation (issue 22)"
 SEEDS = (31337, 27182, 16180)
-
-
-def write_section(path, text):
-    """Replace this script's section of RESULTS.md (up to the next `## `), or append it at the end."""
-    path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    path.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
 
 
 def main(argv=None):
@@ -69,7 +57,7 @@ def main(argv=None):
     print(f"{wall / 60:.1f} min")
     if args.results:
         command = "benchmarks/robustness.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        write_section(args.results, f"""{SECTION}
+        write_section(args.results, SECTION, f"""{SECTION}
 
 `.venv/bin/python {command}` ({wall / 60:.1f} min, {platform.machine()} CPU, torch threads {args.threads}, shared box).
 Model `{Path(args.model).name}`; held-out phantoms of seeds {', '.join(map(str, args.seeds))} ({args.ct_volumes} CT volumes of
