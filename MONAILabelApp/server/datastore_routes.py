@@ -24,7 +24,7 @@ import re
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import StreamingResponse
 
-from .routes import _image_exists, _instance, check_info_fits, check_label_info, relative_path
+from .routes import _image_exists, _instance, require_image, check_info_fits, check_label_info, relative_path
 from .uploads import remove_file
 from .validation import InputError, Limits, check_id, parse_json_object
 
@@ -33,8 +33,10 @@ HEX = re.compile(r"[0-9a-fA-F]{32,128}")
 ZIP_CHUNK = 1024 * 1024
 
 
-def _label_exists(datastore, label: str, tag: str) -> bool:
-    return bool(datastore.get_label_by_image_id(label, tag))
+async def _require_label(datastore, label: str, tag: str) -> None:
+    """404 with a message unless the datastore holds `label` under `tag`."""
+    if not await asyncio.to_thread(lambda: bool(datastore.get_label_by_image_id(label, tag))):
+        raise InputError(404, f"label {label!r} with tag {tag!r} is not in the datastore")
 
 
 def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
@@ -54,8 +56,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
     async def get_image_info(image: str):
         check_id(image)
         datastore = _instance().datastore()
-        if not await _image_exists(datastore, image):
-            raise InputError(404, f"image {image!r} is not in the datastore")
+        await require_image(datastore, image)
         info = await asyncio.to_thread(datastore.get_image_info, image)
         if "path" in info:  # MONAI Label adds the server's absolute path
             info["path"] = relative_path(datastore, info["path"])
@@ -66,8 +67,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
         check_id(image)
         update = parse_json_object(info, limits, "info")
         datastore = _instance().datastore()
-        if not await _image_exists(datastore, image):
-            raise InputError(404, f"image {image!r} is not in the datastore")
+        await require_image(datastore, image)
         update["user"] = request.state.identity.name
         merged = {**datastore.get_image_info(image), **update}
         merged.pop("path", None)
@@ -80,8 +80,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
         check_id(tag, "label tag")
         update = parse_json_object(text, limits, "info")
         datastore = _instance().datastore()
-        if not await asyncio.to_thread(_label_exists, datastore, label, tag):
-            raise InputError(404, f"label {label!r} with tag {tag!r} is not in the datastore")
+        await _require_label(datastore, label, tag)
         update["user"] = request.state.identity.name
         merged = {**datastore.get_label_info(label, tag), **update}
         check_label_info(merged, ())
@@ -101,8 +100,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
     async def delete_image(id: str):
         check_id(id)
         datastore = _instance().datastore()
-        if not await _image_exists(datastore, id):
-            raise InputError(404, f"image {id!r} is not in the datastore")
+        await require_image(datastore, id)
         await asyncio.to_thread(datastore.remove_image, id)
         return {}
 
@@ -111,8 +109,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
         check_id(id, "label")
         check_id(tag, "label tag")
         datastore = _instance().datastore()
-        if not await asyncio.to_thread(_label_exists, datastore, id, tag):
-            raise InputError(404, f"label {id!r} with tag {tag!r} is not in the datastore")
+        await _require_label(datastore, id, tag)
         await asyncio.to_thread(datastore.remove_label, id, tag)
         return {}
 

@@ -67,6 +67,12 @@ async def _image_exists(datastore, image_id: str) -> bool:
     return image_id in await asyncio.to_thread(datastore.list_images)
 
 
+async def require_image(datastore, image_id: str) -> None:
+    """404 with a message unless the datastore holds `image_id` (already checked by `check_id`)."""
+    if not await _image_exists(datastore, image_id):
+        raise InputError(404, f"image {image_id!r} is not in the datastore")
+
+
 def _image_geometry(datastore, image_id: str) -> Checked | None:
     """Size and geometry of a datastore image when it is a file SimpleITK can read, else None."""
     import SimpleITK as sitk
@@ -217,8 +223,7 @@ class Overrides:
             upload = None
             if image:
                 check_id(image)
-                if not await _image_exists(datastore, image):
-                    raise InputError(404, f"image {image!r} is not in the datastore")
+                await require_image(datastore, image)
             else:
                 upload, _ = await save_upload(file, limits, "image")
             try:
@@ -302,8 +307,7 @@ class Overrides:
             check_id(tag or "final", "label tag")
             info = parse_json_object(params, limits)
             datastore = instance.datastore()
-            if not await _image_exists(datastore, image):
-                raise InputError(404, f"image {image!r} is not in the datastore")
+            await require_image(datastore, image)
             path, checked = await save_upload(label, limits, "label", label=True)
             try:
                 geometry = await asyncio.to_thread(_image_geometry, datastore, image)
