@@ -136,12 +136,27 @@ def test_default_phantoms_are_generator_version_1_unchanged(tmp_path):
         write_phantoms(tmp_path / "bad", variation="mri", **kwargs)
 
 
-def test_scanner_phantom_files_do_not_depend_on_the_number_of_worker_processes(tmp_path):
+@pytest.mark.parametrize("variation", ["scanner", "mixed"])
+def test_scanner_phantom_files_do_not_depend_on_the_number_of_worker_processes(tmp_path, variation):
     kwargs = dict(ct_volumes=3, xrays=6, ct_size=64, ct_slices=6, xray_size=64, vqa_images=4, refseg_images=3, seed=5,
-                  variation="scanner")
+                  variation=variation)
     write_phantoms(tmp_path / "one", workers=1, **kwargs)
     write_phantoms(tmp_path / "two", workers=2, **kwargs)
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+def test_mixed_phantoms_draw_about_half_the_studies_with_their_own_acquisition(tmp_path):
+    from raddiagseg.data import layouts
+
+    def varied(variation):
+        return sum(layouts._ct_scan(np.random.default_rng([5, i]), variation) is not None for i in range(400))
+
+    assert (varied("none"), varied("scanner")) == (0, 400)
+    assert 0.4 < varied("mixed") / 400 < 0.6  # MIXED_SCANNER_SHARE = 0.5
+    write_phantoms(tmp_path / "m", ct_volumes=2, xrays=4, seed=5, ct_size=64, ct_slices=6, xray_size=64,
+                   vqa_images=0, refseg_images=0, workers=1, variation="mixed")
+    meta = json.loads((tmp_path / "m" / "phantoms.json").read_text())
+    assert (meta["generator_version"], meta["variation"]) == (2, "mixed")
 
 
 def _scan(**changes):

@@ -65,6 +65,22 @@ def test_alignment_augmentation_moves_a_lesion_a_little_keeps_range_and_replays_
     assert float(area.min()) > 0.6 * 256 and float(area.max()) < 1.5 * 256
 
 
+def test_scanner_alignment_augmentation_inverts_only_x_rays_and_spreads_contrast_more_than_basic():
+    from raddiagseg.training.clip_align import augment_batch
+
+    images = torch.full((256, 64, 64), 0.2)
+    images[:, 16:48, 16:48] = 0.6
+    xray = torch.arange(256) % 2 == 0
+    scanner = augment_batch(images, torch.Generator().manual_seed(1), "scanner", xray)
+    basic = augment_batch(images, torch.Generator().manual_seed(1), "basic", xray)
+    assert float(scanner.min()) >= 0.0 and float(scanner.max()) <= 1.0
+    inverted = scanner[:, 2:6, 2:6].mean((1, 2)) > 0.5  # the dark border became bright
+    assert 0.05 < float(inverted[xray].float().mean()) < 0.3 and not bool(inverted[~xray].any())  # p = 0.15
+    assert not bool((basic[:, 2:6, 2:6].mean((1, 2)) > 0.5).any())
+    contrast = [float((x[:, 28:36, 28:36].mean((1, 2)) - x[:, 2:6, 2:6].mean((1, 2))).std()) for x in (basic, scanner)]
+    assert contrast[1] > 2 * contrast[0]
+
+
 def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_report(tmp_path):
     from raddiagseg import load_model
     from raddiagseg.training.demo import DemoSettings, build_demo

@@ -261,15 +261,15 @@ def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None):
     return out
 
 
-def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None):
+def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None, variation="none"):
     """A built manifest of CT volumes and chest X-rays (the segmentation sources only) of phantom seed `seed`."""
     from raddiagseg.data.builder import build_dataset
     from raddiagseg.evaluation.robustness import write_sources
 
-    work = Path(work) / f"seed{seed}"
+    work = Path(work) / (f"seed{seed}" if variation == "none" else f"seed{seed}-{variation}")
     manifest = work / "manifest.jsonl"
     if not manifest.is_file():
-        paths = write_sources(work / "sources", seed, ct_volumes, xrays, ct_slices, workers=workers)
+        paths = write_sources(work / "sources", seed, ct_volumes, xrays, ct_slices, variation=variation, workers=workers)
         rows, report = build_dataset(work, msd=paths["msd"], covidqu=paths["covidqu"], seed=seed)
         if not rows:
             raise ValueError(f"no samples built from phantoms of seed {seed}: {report.summary()}")
@@ -316,6 +316,8 @@ def register(subparsers):
     p.add_argument("--ct-volumes", type=int, default=80, help="phantom CT volumes to fit on")
     p.add_argument("--xrays", type=int, default=600, help="phantom X-rays to fit on")
     p.add_argument("--work", type=Path, default=None, help="folder for the phantoms (default: a temporary one)")
+    p.add_argument("--variation", choices=("none", "scanner", "mixed"), default="none",
+                   help="phantom variation of the fit and calibration phantoms: the model's training data's")
     p.add_argument("--trained-on", default=None,
                    help="what the model was trained on, said in every answer (default for phantoms: synthetic phantoms only)")
     p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help="threshold quantile (default 0.995)")
@@ -340,10 +342,11 @@ def run_domain_stats(args):
     with tempfile.TemporaryDirectory() as tmp:
         if args.fit_data is None:
             work = args.work or Path(tmp)
-            fit = phantom_manifest(work, args.fit_seed, args.ct_volumes, args.xrays)
-            calib = [phantom_manifest(work, seed, max(1, args.ct_volumes // 2), max(1, args.xrays // 2))
-                     for seed in args.calib_seed]
+            fit = phantom_manifest(work, args.fit_seed, args.ct_volumes, args.xrays, variation=args.variation)
+            calib = [phantom_manifest(work, seed, max(1, args.ct_volumes // 2), max(1, args.xrays // 2),
+                                      variation=args.variation) for seed in args.calib_seed]
             meta = {"data": "phantoms", "fit_seed": args.fit_seed, "calibration_seed": args.calib_seed,
+                    "variation": args.variation,
                     "trained_on": args.trained_on or PHANTOMS_TRAINED_ON}
         else:
             fit, calib = args.fit_data, args.calib_data
@@ -372,7 +375,9 @@ def card_section(folder):
         return "\n".join(lines) + "\n"
     seeds = stats.meta.get("calibration_seed")
     seeds = ", ".join(str(s) for s in seeds) if isinstance(seeds, list) else seeds
-    source = (f"phantoms of seed {stats.meta.get('fit_seed')} (fit) and unseen seed(s) {seeds} (calibration)" if stats.meta.get("data") == "phantoms" else
+    variation = stats.meta.get("variation", "none")
+    source = (f"phantoms (variation {variation}) of seed {stats.meta.get('fit_seed')} (fit) and unseen seed(s) {seeds} "
+              "(calibration)" if stats.meta.get("data") == "phantoms" else
               f"{stats.meta.get('fit')} (fit) and {stats.meta.get('calibration')} (calibration)")
     lines.append(f"- Statistics from {source}; threshold = {stats.meta.get('quantile')} quantile of the calibration "
                  "images' scores:")

@@ -89,7 +89,7 @@ def build_phantom_dataset(out, ct_volumes=8, xrays=60, seed=0, ct_size=None, ct_
                           vqa_images=None, refseg_images=None, reasonseg=False, workers=None, variation="none"):
     """Phantom sources under `out/sources` built into `out` (manifest.jsonl); for the demo, tests and benchmarks.
 
-    variation: `layouts.write_phantoms`'s ("none" = generator version 1, "scanner" = version 2).
+    variation: `layouts.write_phantoms`'s ("none" = generator version 1, "scanner" = version 2, "mixed" = both).
     Returns the manifest path. Raises ValueError if nothing usable was built.
     """
     from raddiagseg.data.layouts import write_phantoms

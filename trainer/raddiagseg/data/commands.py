@@ -17,9 +17,10 @@ def register(sub):
     p.add_argument("--ct-size", type=int, default=None, help="in-plane CT size in pixels (default random 192-320)")
     p.add_argument("--ct-slices", type=int, default=None, help="slices per CT volume (default random 24-64)")
     p.add_argument("--xray-size", type=int, default=256, help="X-ray size in pixels (COVID-QU-Ex: 256)")
-    p.add_argument("--variation", choices=("none", "scanner"), default="none",
+    p.add_argument("--variation", choices=("none", "scanner", "mixed"), default="none",
                    help="none: generator version 1 (the shipped model's data); scanner: version 2, studies varying like "
-                        "real ones (contrast phase, kernel, slice thickness, position, mirrored anatomy, FOV, exposure)")
+                        "real ones (contrast phase, kernel, slice thickness, position, mirrored anatomy, FOV, exposure); "
+                        "mixed: each study scanner or version 1 by chance (the demo model's training data)")
     p.set_defaults(func=run_phantoms)
 
     p = sub.add_parser("build", help="build RadDiagSeg-D (manifest.jsonl + 2D images and masks) from public layouts")

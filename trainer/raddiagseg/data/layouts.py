@@ -107,13 +107,20 @@ def save_msd_volume(image_path, label_path, phantom, orientation, rng):
         nib.save(image, str(path))
 
 
+def _varies(rng, variation):
+    """Whether this study draws its own acquisition: always for "scanner", never for "none", by chance for "mixed"."""
+    if phantoms.VARIATIONS[variation] < 2:
+        return False
+    return variation != "mixed" or bool(rng.random() < phantoms.MIXED_SCANNER_SHARE)
+
+
 def _ct_scan(rng, variation, flips=True):
-    """The CTScan a phantom of `variation` is drawn with (None for variation "none", generator version 1)."""
-    return phantoms.draw_ct_scan(rng, flips) if phantoms.VARIATIONS[variation] >= 2 else None
+    """The CTScan a phantom of `variation` is drawn with (None: generator version 1's reference acquisition)."""
+    return phantoms.draw_ct_scan(rng, flips) if _varies(rng, variation) else None
 
 
 def _xray_exposure(rng, variation, flips=True):
-    return phantoms.draw_xray_exposure(rng, flips) if phantoms.VARIATIONS[variation] >= 2 else None
+    return phantoms.draw_xray_exposure(rng, flips) if _varies(rng, variation) else None
 
 
 def _write_msd_case(item, root, task, seed, size, slices, variation="none"):
@@ -334,8 +341,8 @@ def write_phantoms(out, ct_volumes, xrays, seed=0, ct_size=None, ct_slices=None,
 
     `workers` processes draw the phantoms (default: every CPU this process may use); the files do not
     depend on it. `variation` (a `phantoms.VARIATIONS` key): "none" = generator version 1, the files
-    of every earlier release; "scanner" = version 2, studies that vary like real ones, recorded in
-    `OUT/phantoms.json` and each MSD dataset.json.
+    of every earlier release; "scanner" = version 2, studies that vary like real ones; "mixed" = each study
+    "scanner" or version 1 by chance; recorded in `OUT/phantoms.json` and each MSD dataset.json.
     """
     if variation not in phantoms.VARIATIONS:
         raise ValueError(f"unknown phantom variation {variation!r}; expected one of {sorted(phantoms.VARIATIONS)}")

@@ -14,6 +14,7 @@ with one reference acquisition; version 2 (variation "scanner") draws a `CTScan`
 per study first, so that phantoms vary the way real studies do (contrast phase, reconstruction
 kernel, slice thickness with partial volume, patient position, mirrored anatomy, field of view,
 exposure, polarity, collimation, smaller tumours). Version 1's files are unchanged by version 2.
+Variation "mixed" draws each study as "scanner" or as version 1 (`MIXED_SCANNER_SHARE`).
 """
 
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from scipy import ndimage
 CT_TASKS = ("liver", "pancreas")
 OWNER_CODES = {"kidney": 1, "spleen": 2, "pancreas": 3, "liver": 4}
 XRAY_CLASSES = ("COVID-19", "Non-COVID", "Normal")
-VARIATIONS = {"none": 1, "scanner": 2}  # `raddiagseg phantoms --variation` → generator version
+VARIATIONS = {"none": 1, "scanner": 2, "mixed": 2}  # `raddiagseg phantoms --variation` → generator version
+# variation "mixed": each study is drawn as variation "scanner" with this chance, else with version 1's reference
+# acquisition, so a model trained on it sees both the clean studies and the shifted ones (the demo model, issue 22).
+MIXED_SCANNER_SHARE = 0.5
 
 # Generator version 2: organ, vessel and tumour-organ difference (HU ranges) per contrast phase. "portal venous" is
 # version 1's single phase.

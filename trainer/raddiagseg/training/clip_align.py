@@ -101,10 +101,39 @@ def load_all_resized(dataset, size, num_workers=0, progress=False):
     return torch.cat(batches) if batches else torch.zeros(0, size, size, dtype=torch.float16)
 
 
-def augment_batch(images, generator):
-    """The training augmentation of `ManifestDataset` (data/dataset.py: affine warp with p=0.7, intensity scale and
-    shift, gamma, Gaussian noise, same ranges), drawn per image but applied to the whole (B, H, W) batch in a few
-    tensor calls instead of one MONAI call per image."""
+# The ranges of `ManifestDataset`'s augmentations (data/dataset.py `_augmenter`), per kind: warp chance, rotation
+# (radians), zoom, shift (fraction of the image), intensity scale (multiplicative for "basic", around the mean for
+# "scanner") and shift, gamma chance and range, noise chance and largest σ, blur chance and σ range (px at 224),
+# sharpen chance, mirror chance, X-ray inversion chance.
+AUGMENT_RANGES = {
+    "basic": dict(warp=0.7, angle=0.12, zoom=0.1, shift=0.11, scale=(0.9, 1.1), around_mean=False, offset=0.05,
+                  gamma_p=0.3, gamma=(0.8, 1.25), noise_p=0.4, noise=0.02, blur_p=0.0, blur=(0.3, 1.5),
+                  sharpen_p=0.0, mirror_p=0.0, invert_p=0.0, padding="border"),
+    "scanner": dict(warp=0.8, angle=0.44, zoom=0.2, shift=0.125, scale=(0.55, 1.5), around_mean=True, offset=0.08,
+                    gamma_p=0.4, gamma=(0.45, 2.4), noise_p=0.5, noise=0.08, blur_p=0.3, blur=(0.3, 1.5),
+                    sharpen_p=0.2, mirror_p=0.1, invert_p=0.15, padding="zeros"),
+}
+
+
+def _gaussian_blur(x, sigma):
+    """(B, H, W) images each blurred with its own σ (B,), separable, one grouped convolution per axis."""
+    radius = int(math.ceil(3 * float(sigma.max()))) if len(sigma) else 0
+    if radius == 0:
+        return x
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernels = torch.exp(-0.5 * (offsets[None] / sigma[:, None].clamp_min(1e-3)) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    n = x.shape[0]
+    y = F.conv2d(F.pad(x[None], (radius, radius, 0, 0), mode="reflect"), kernels.view(n, 1, 1, -1), groups=n)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernels.view(n, 1, -1, 1), groups=n)
+    return y[0]
+
+
+def augment_batch(images, generator, kind="basic", xray=None):
+    """The training augmentation of `ManifestDataset` (`AUGMENT_RANGES[kind]`: "basic" or "scanner"), drawn per image
+    but applied to the whole (B, H, W) batch in a few tensor calls instead of one MONAI call per image.
+    `xray`: (B,) bool, which images may be inverted (X-ray polarity); no caption names a side, so any may mirror."""
+    r = AUGMENT_RANGES[kind]
     n = images.shape[0]
 
     def uniform(low, high):
@@ -113,28 +142,43 @@ def augment_batch(images, generator):
     def chosen(p):
         return torch.rand(n, generator=generator) < p
 
-    warp = chosen(0.7)
-    angle = torch.where(warp, uniform(-0.12, 0.12), torch.zeros(n))
-    scale = torch.where(warp, uniform(0.9, 1.1), torch.ones(n))
-    shift = torch.where(warp[:, None], torch.stack([uniform(-0.11, 0.11), uniform(-0.11, 0.11)], 1), torch.zeros(n, 2))
-    theta = torch.stack([torch.stack([scale * angle.cos(), -scale * angle.sin(), shift[:, 0]], 1),
-                         torch.stack([scale * angle.sin(), scale * angle.cos(), shift[:, 1]], 1)], 1)
+    warp = chosen(r["warp"])
+    angle = torch.where(warp, uniform(-r["angle"], r["angle"]), torch.zeros(n))
+    scale = torch.where(warp, uniform(1 - r["zoom"], 1 + r["zoom"]), torch.ones(n))
+    shift = torch.where(warp[:, None], torch.stack([uniform(-r["shift"], r["shift"]),
+                                                    uniform(-r["shift"], r["shift"])], 1), torch.zeros(n, 2))
+    mirror = torch.where(chosen(r["mirror_p"]), -torch.ones(n), torch.ones(n))
+    theta = torch.stack([torch.stack([mirror * scale * angle.cos(), -scale * angle.sin(), shift[:, 0]], 1),
+                         torch.stack([mirror * scale * angle.sin(), scale * angle.cos(), shift[:, 1]], 1)], 1)
     x = images.float()[:, None]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode=r["padding"], align_corners=False)[:, 0]
     per_image = (n, 1, 1)
-    x = x * torch.where(chosen(0.5), uniform(0.9, 1.1), torch.ones(n)).view(per_image)
-    x = x + torch.where(chosen(0.5), uniform(-0.05, 0.05), torch.zeros(n)).view(per_image)
-    gamma = torch.where(chosen(0.3), uniform(0.8, 1.25), torch.ones(n)).view(per_image)
+    if r["blur_p"]:
+        blurred = _gaussian_blur(x, torch.where(chosen(r["blur_p"]), uniform(*r["blur"]), torch.zeros(n)))
+        sharpen = torch.where(chosen(r["sharpen_p"]), uniform(0.5, 1.5), torch.zeros(n)).view(per_image)
+        smooth = torch.where(sharpen > 0, x, blurred)  # a sharpened image is not also blurred
+        x = smooth + sharpen * (x - _gaussian_blur(x, torch.full((n,), 1.0)))
+    factor = torch.where(chosen(0.5), uniform(*r["scale"]), torch.ones(n)).view(per_image)
+    if r["around_mean"]:
+        mean = x.mean((1, 2), keepdim=True)
+        x = (x - mean) * factor + mean
+    else:
+        x = x * factor
+    x = x + torch.where(chosen(0.5), uniform(-r["offset"], r["offset"]), torch.zeros(n)).view(per_image)
+    gamma = torch.where(chosen(r["gamma_p"]), uniform(*r["gamma"]), torch.ones(n)).view(per_image)
     low, high = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
     span = (high - low).clamp_min(1e-7)
     x = ((x - low) / span).clamp_min(0) ** gamma * span + low
-    noise_std = torch.where(chosen(0.4), uniform(0.0, 0.02), torch.zeros(n)).view(per_image)
-    x = x + noise_std * torch.randn(x.shape, generator=generator)
-    return x.clamp(0.0, 1.0)
+    noise_std = torch.where(chosen(r["noise_p"]), uniform(0.0, r["noise"]), torch.zeros(n)).view(per_image)
+    x = (x + noise_std * torch.randn(x.shape, generator=generator)).clamp(0.0, 1.0)
+    if r["invert_p"] and xray is not None:
+        invert = (chosen(r["invert_p"]) & xray.bool()).view(per_image)
+        x = torch.where(invert, 1.0 - x, x)
+    return x
 
 
-def _batches(images, labels, batch_size, steps, seed):
+def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None):
     """`steps` augmented batches of the resized `images` in a seeded order (whole permutations, repeated)."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -144,7 +188,7 @@ def _batches(images, labels, batch_size, steps, seed):
     labels = torch.as_tensor(labels)
     for step in range(steps):
         index = torch.as_tensor(order[step * batch_size: (step + 1) * batch_size])
-        yield augment_batch(images[index], generator), labels[index]
+        yield augment_batch(images[index], generator, kind, None if xray is None else xray[index]), labels[index]
 
 
 def _accuracy(aligner, images, labels, batch_size=64):
@@ -166,7 +210,7 @@ def _accuracy(aligner, images, labels, batch_size=64):
 
 
 def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=0, progress=True, device="cpu",
-                       num_workers=0):
+                       num_workers=0, augmentation="basic"):
     """Train `model.clip_encoder` and `model.projector` in place on the manifest's VQA-Seg images; returns a summary dict
     with the caption accuracy on the train and val splits (val: images the alignment never saw).
 
@@ -206,7 +250,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
 
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
     losses = []
-    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed):
+    xray = torch.tensor([r["modality"] == "xray" for r in train_set.rows])
+    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed, augmentation, xray):
         images, labels = images.to(device), labels.to(device)
         loss = sum(F.cross_entropy(logits, labels) for logits in aligner(images))
         optimizer.zero_grad(set_to_none=True)
@@ -221,7 +266,7 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
         bar.close()
     train_acc, _ = _accuracy(aligner, train_images, train_labels)
     val_acc, val_per_caption = _accuracy(aligner, val_images, val_labels)
-    summary = {"steps": steps, "captions": captions, "final_loss": float(np.mean(losses[-20:])),
+    summary = {"steps": steps, "augmentation": augmentation, "captions": captions, "final_loss": float(np.mean(losses[-20:])),
                "train_acc": train_acc, "val_acc": val_acc, "val_acc_per_caption": val_per_caption}
     model.clip_encoder.to(home)
     model.projector.to(home)

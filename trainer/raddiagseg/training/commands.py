@@ -70,6 +70,12 @@ def register(subparsers):
                    help="change what stage 1 trains, e.g. projector=false (repeatable)")
     d.add_argument("--finetune-trainable", action="append", metavar="PART=VALUE",
                    help="change what stage 2 trains, e.g. clip=true (repeatable)")
+    d.add_argument("--variation", choices=("none", "scanner", "mixed"), default="mixed",
+                   help="phantom variation of the training data (`raddiagseg phantoms --variation`; default mixed: "
+                        "half the studies vary like real scanners, half are generator version 1)")
+    d.add_argument("--augmentation", choices=("basic", "scanner"), default="scanner",
+                   help="training augmentation of every stage (default scanner: rotation, zoom, contrast, gamma, "
+                        "blur/sharpen, noise, mirroring, X-ray polarity)")
     d.set_defaults(func=run_demo)
 
 
@@ -183,6 +189,7 @@ def run_demo(args):
         align_steps=args.align_steps, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
         precision=args.precision, num_workers=args.num_workers, resume=args.resume, val_samples=args.val_samples,
         model_overrides=parse_model_options(args.model_option), device=args.device, workers=args.workers,
+        variation=args.variation, augmentation=args.augmentation,
     )
     if args.pretrain_trainable is not None:
         settings.pretrain_trainable = _trainable_flags(args.pretrain_trainable)

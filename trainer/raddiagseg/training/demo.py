@@ -38,6 +38,12 @@ FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
 # from 0.761 / 0.853 to 0.931 / 0.951 with X-ray diagnosis F1 0.947 -> 0.983.
 PRETRAIN_TRAINABLE = {"projector": False}
 FINETUNE_TRAINABLE = {"projector": False}
+# Scanner variation (issue 22): trained on "mixed" phantoms (half the studies drawn with their own contrast phase,
+# kernel, slice thickness, position, FOV, exposure; half with version 1's reference acquisition) and with the
+# "scanner" augmentation in every stage. The held-out evaluation stays on version-1 phantoms ("clean");
+# benchmarks/robustness.py measures the shifts.
+TRAIN_VARIATION = "mixed"
+AUGMENTATION = "scanner"
 # What the shipped demo model should reach on held-out phantoms, per modality (the card says which it meets).
 TARGETS = {"detection_f1": 0.95, "diagnosis_f1": 0.90, "dice_org": 0.85, "dice_abn": 0.60}
 
@@ -66,9 +72,11 @@ class DemoSettings:
     workers: Optional[int] = None  # phantom-drawing processes (default: all CPUs)
     pretrain_trainable: dict = field(default_factory=lambda: dict(PRETRAIN_TRAINABLE))  # set_trainable flags of stage 1
     finetune_trainable: dict = field(default_factory=lambda: dict(FINETUNE_TRAINABLE))  # set_trainable flags of stage 2
+    variation: str = TRAIN_VARIATION  # phantom variation of the training data (data.phantoms.VARIATIONS)
+    augmentation: str = AUGMENTATION  # training augmentation of every stage ("basic" or "scanner")
 
 
-def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices, workers):
+def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices, workers, variation="none"):
     from raddiagseg.data.builder import build_phantom_dataset
 
     manifest = folder / "manifest.jsonl"
@@ -78,7 +86,7 @@ def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices, workers):
     if folder.exists():
         shutil.rmtree(folder)
     return build_phantom_dataset(folder, ct_volumes=ct_volumes, xrays=xrays, seed=seed, ct_slices=ct_slices,
-                                 workers=workers), False
+                                 workers=workers, variation=variation), False
 
 
 def _stage(stage, data, out, settings, init=None):
@@ -98,6 +106,7 @@ def _stage(stage, data, out, settings, init=None):
         val_every=max(1, steps // 4), ratio=dict(FINETUNE_RATIO) if stage == "finetune" else None,
         val_samples=settings.val_samples, device=settings.device, model_overrides=dict(settings.model_overrides),
         trainable=dict(settings.finetune_trainable if stage == "finetune" else settings.pretrain_trainable),
+        augmentation=settings.augmentation,
     )
     result = train(config)
     summary = {"best_checkpoint": str(result.best_checkpoint), "best_metric": result.best_metric,
@@ -122,7 +131,7 @@ def _align(data, out, settings):
     steps = settings.align_steps or DEMO_STEPS["align"]
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = align_clip_encoder(model, data, steps=steps, seed=settings.train_seed, device=device,
-                                 num_workers=settings.num_workers)
+                                 num_workers=settings.num_workers, augmentation=settings.augmentation)
     model.set_trainable(clip=False)
     staging = out.parent / (out.name + ".tmp")
     if staging.exists():
@@ -170,7 +179,8 @@ def build_demo(settings: DemoSettings):
 
     def data():
         train, reused_train = _phantoms(work / "data-train", settings.train_ct_volumes, settings.train_xrays,
-                                        settings.train_seed, settings.resume, settings.ct_slices, settings.workers)
+                                        settings.train_seed, settings.resume, settings.ct_slices, settings.workers,
+                                        settings.variation)
         test, reused_test = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays,
                                       settings.test_seed, settings.resume, settings.ct_slices, settings.workers)
         return (train, test), reused_train and reused_test
@@ -214,9 +224,11 @@ def build_demo(settings: DemoSettings):
     timings["total_s"] = None if None in timings.values() else sum(timings.values()) + export_s
     from raddiagseg.training import reference  # replay + validation phantoms the app's train task regenerates
 
-    reference.write_reference(staging, reference.phantom_reference(settings.train_seed, settings.test_seed, work / "reference"))
+    reference.write_reference(staging, reference.phantom_reference(settings.train_seed, settings.test_seed, work / "reference",
+                                                                   settings.variation))
     # the domain guard's statistics: phantoms of the training seed (fit) and of an unseen one (calibration)
     code = cli.main(["domain-stats", "--model", str(staging), "--fit-seed", str(settings.train_seed),
+                     "--variation", settings.variation,
                      "--ct-volumes", str(min(80, settings.train_ct_volumes)), "--xrays", str(min(600, settings.train_xrays)),
                      "--work", str(work / "domain")])
     if code:
@@ -279,9 +291,9 @@ phantoms only**. It exists so that the app, the Slicer extension and the tests w
 ## How it was made
 `raddiagseg demo` (this folder is its output), settings: `{json.dumps(config)}`
 
-- Training data: phantoms with seed {settings.train_seed} ({settings.train_ct_volumes} CT volumes of {settings.ct_slices} slices in the MSD liver and
+- Training data: phantoms with seed {settings.train_seed}, variation "{settings.variation}" ({settings.train_ct_volumes} CT volumes of {settings.ct_slices} slices in the MSD liver and
   pancreas layouts, {settings.train_xrays} chest X-rays in the COVID-QU-Ex layout, VQA-RAD/SLAKE-style and Ref-Seg
-  phantoms), built with `raddiagseg build` into the RadDiagSeg-D tasks.
+  phantoms), built with `raddiagseg build` into the RadDiagSeg-D tasks; "{settings.augmentation}" augmentation in every stage.
 - Stage 0 (CLIP alignment, `raddiagseg/training/clip_align.py`): {align['steps']} steps of the CLIP loss between
   images (through the CLIP encoder and the projector) and captions written from their ground truth; caption
   accuracy on unseen validation volumes

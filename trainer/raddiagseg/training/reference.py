@@ -73,11 +73,13 @@ def manifest_reference(manifest, replay_split="train", validation_split="val"):
             "validation": {"manifest": manifest, "split": validation_split}}
 
 
-def phantom_reference(train_seed, test_seed, cache_dir):
-    """A phantom reference (replay from the training seed, validation from the held-out seed) with file digests."""
+def phantom_reference(train_seed, test_seed, cache_dir, variation="none"):
+    """A phantom reference (replay from the training seed, validation from the held-out seed) with file digests;
+    both of the training data's phantom `variation`, so replay and validation look like what the model saw."""
     spec = {}
+    extra = {} if variation == "none" else {"variation": variation}  # version 1 entries keep their cache keys
     for part, seed, sizes in (("replay", train_seed, REPLAY_PHANTOMS), ("validation", test_seed, VALIDATION_PHANTOMS)):
-        entry = {"phantoms": dict(sizes, seed=int(seed)), "generator": generator_version()}
+        entry = {"phantoms": dict(sizes, seed=int(seed), **extra), "generator": generator_version()}
         folder = _build_phantoms(entry, Path(cache_dir))
         entry["sha256"] = folder_digest(folder)
         spec[part] = entry
@@ -143,7 +145,8 @@ def _build_phantoms(entry, cache_dir):
     staging = cache_dir / f".tmp-{uuid.uuid4().hex}"
     log.info("regenerating reference phantoms %s into %s", sizes, folder)
     build_phantom_dataset(staging, ct_volumes=sizes["ct_volumes"], xrays=sizes["xrays"], seed=sizes["seed"],
-                          ct_slices=sizes.get("ct_slices"), vqa_images=0, refseg_images=0, workers=1)
+                          ct_slices=sizes.get("ct_slices"), vqa_images=0, refseg_images=0, workers=1,
+                          variation=sizes.get("variation", "none"))
     shutil.rmtree(staging / "sources", ignore_errors=True)
     try:
         os.replace(staging, folder)  # the folder appears complete or not at all
