@@ -5,11 +5,11 @@ that map), so every number the command reports has an exact expected value. It r
 MSD-layout NIfTI volumes written here, with the app's slice skipping and organ completion."""
 
 import json
-from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
 import pytest
+from test_volume_findings import Reply, Segment
 
 from raddiagseg import cli, templates
 from raddiagseg.evaluation import volumes
@@ -18,20 +18,6 @@ from raddiagseg.imaging import to_unit_range
 SPACING = (0.8, 0.8, 2.5)  # mm; one voxel is 1.6 uL
 VOXEL_ML = 0.8 * 0.8 * 2.5 / 1000
 SHAPE = (14, 36, 40)  # view order: slices, rows, cols
-
-
-@dataclass
-class Segment:
-    label: str
-    mask: np.ndarray
-    score: float = 0.8
-
-
-@dataclass
-class Reply:
-    answer: str
-    segments: list = field(default_factory=list)
-    latencies: dict = field(default_factory=dict)
 
 
 def box(k, r, c):
