@@ -12,7 +12,7 @@ import threading
 
 import requests
 
-from .client import RadDiagClient, ServerError
+from .client import RadDiagClient
 
 STAGES = {"slices": "slices", "neighbours": "slices next to abnormal ones", "organ": "slices outlining the organ"}
 START, END = 0.25, 0.85  # the part of the panel's progress bar that the model's work fills
@@ -86,8 +86,8 @@ class QueueWatcher:
         while not self._stop.wait(self.poll_s):
             try:
                 jobs = self.client.queue_jobs()
-            except ServerError:
-                return  # progress is a courtesy: the request itself reports what went wrong
+            except Exception:  # ServerError, or the session closed by stop(): progress is a courtesy, the request
+                return  # itself reports what went wrong
             if jobs is None:
                 return  # a server without a job queue
             job = active_job(jobs, self.image_id)
