@@ -5,14 +5,13 @@ JSON shape, label files, caching and errors are all real); behaviour that needs 
 is in test_app_demo_model.py and runs when the trained demo model is shipped.
 """
 
-import json
 
 import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from app_server import post_infer
-from app_studies import assert_same_geometry
+from app_server import infer_with_label
+from app_studies import assert_same_geometry, assert_volume_answer_consistent
 
 requests_toolbelt = pytest.importorskip("requests_toolbelt.multipart.decoder")
 
@@ -24,23 +23,7 @@ def served(app_server):
 
 def infer(server, image_id, params=None, tmp_path=None, expect=200):
     params = {"max_new_tokens": 16, **(params or {})}  # random weights never stop early: keep answers short
-    reply = post_infer(server.url, image_id, params, output="all")
-    assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
-    if expect != 200:
-        return reply.json(), None
-    parts = requests_toolbelt.MultipartDecoder.from_response(reply).parts
-    result, label = None, None
-    for part in parts:
-        disposition = part.headers[b"Content-Disposition"].decode()
-        if 'name="params"' in disposition:
-            result = json.loads(part.text)
-        else:
-            name = disposition.split("filename=")[-1].strip('"')
-            suffix = ".seg.nrrd" if name.endswith(".seg.nrrd") else "".join(
-                s for s in (".nii.gz", ".nii", ".nrrd", ".png") if name.endswith(s))[:7]
-            label = tmp_path / f"label_{image_id}_{len(list(tmp_path.iterdir()))}{suffix}"
-            label.write_bytes(part.content)
-    return result, label
+    return infer_with_label(server, image_id, params, tmp_path, expect)
 
 
 def assert_response_shape(result):
@@ -97,6 +80,7 @@ def test_whole_volume_answers_every_slice_in_file_order(served, tmp_path):
     if result["detection"]:
         assert result["volume"]["positive_slices"]
     assert_same_geometry(label_path, image)
+    assert_volume_answer_consistent(result, label_path, image)
 
 
 def test_xray_png_gives_2d_label_of_the_same_size(served, tmp_path):

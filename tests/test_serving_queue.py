@@ -6,6 +6,7 @@ Retry-After on 503/429 from the same estimate, the per-user share, and clients t
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -170,6 +171,32 @@ def test_a_client_that_hangs_up_loses_its_slot(served):
         served["server"].log(200_000)
     counts = queue(served, "admin")["counts"]
     assert counts["cancelled_queued"] == 3 and counts["cancelled_running"] == 1
+
+
+def test_slicer_panel_shows_slices_done_and_time_left_of_a_whole_volume(served, monkeypatch):
+    """Issue 23: the RadDiag module's diagnose job (RadDiagLib, as the panel runs it) reports the server's progress
+    on a whole volume while the request waits: slices answered of planned and the time left, read from GET /queue/."""
+    from RadDiagLib import DEFAULT_QUESTION, BackgroundJob, RadDiagClient, diagnose, volume_progress
+
+    monkeypatch.setattr(volume_progress, "POLL_S", 0.2)
+    client = RadDiagClient(served["url"], token=served["tokens"]["annotator"])
+    path = str(served["root"] / "studies" / "ct_liver.nii.gz")
+    job = BackgroundJob(lambda ctx: diagnose(client, "raddiagseg", path, "ct_liver", DEFAULT_QUESTION, context=ctx,
+                                             options={**VOLUME, "skip_slices": False}), name="diagnose").start()
+    updates = []
+    while not job.finished:
+        updates += job.poll()
+        time.sleep(0.05)
+    updates += job.poll()
+    assert job.state == "done", job.error
+    n = job.result.params["volume"]["n_slices"]
+    counted = [(f, m) for f, m in updates if re.fullmatch(rf"\d+ of \d+ slices answered( \(volume of {n} slices\))?"
+                                                            r"(, (about \d+( min)?( \d+ s)?|under a second) left)?\.", m or "")]
+    assert counted and any(m.endswith(" left.") for _, m in counted), updates
+    done = [int(m.split()[0]) for _, m in counted]
+    fractions = [f for f, _ in counted]
+    assert done == sorted(done) and fractions == sorted(fractions) and 0.25 <= fractions[0] <= fractions[-1] <= 0.85
+    assert updates[-1] == (1.0, "Done")
 
 
 def test_queue_share_must_fit_the_queue(tmp_path):

@@ -360,3 +360,74 @@ def test_finding_rows_show_the_measurements_and_the_centroid_in_ras():
     assert finding_rows({"findings": []}) == finding_rows({"findings": None}) == finding_rows({}) == []
     (bad,) = finding_rows({"findings": [{"name": "lesion", "centroid_lps_mm": [1, "x"], "volume_ml": "big"}, "junk"]})
     assert bad.cells == ("lesion", "–", "–", "–") and bad.centroid_ras is None
+
+
+def test_whole_volume_progress_from_the_server_queue():
+    """Issue 23: while a whole volume is answered, the panel says how many slices are done and how long is left,
+    read from the team server's GET /queue/ (place while waiting; slices done of planned while running)."""
+    from RadDiagLib.volume_progress import END, START, active_job, duration, job_progress
+
+    waiting = {"id": "b", "kind": "infer", "state": "queued", "position": 2, "eta_s": 95.4, "image": "ct_1",
+               "submitted": 20.0}
+    assert job_progress(waiting) == (None, "Waiting in the server's queue (place 2), about 1 min 35 s left.")
+    running = {"id": "a", "kind": "infer", "state": "running", "position": 0, "eta_s": 12.0, "image": "ct_1",
+               "submitted": 10.0, "stage": "neighbours", "slices_done": 30, "slices_planned": 40, "n_slices": 64}
+    fraction, message = job_progress(running)
+    assert fraction == pytest.approx(START + (END - START) * 0.75)
+    assert message == "30 of 40 slices next to abnormal ones answered (volume of 64 slices), about 12 s left."
+    assert job_progress({"state": "running", "eta_s": None}) == (None, "The model is reading the volume.")
+    assert duration(0.2) == "under a second" and duration(120) == "about 2 min"
+    # the newest active infer job about this image; finished ones, other images and other kinds are not it
+    jobs = [dict(running, state="done", submitted=30.0), running, dict(waiting, image="ct_2", submitted=40.0),
+            {"kind": "train", "state": "running", "image": "ct_1", "submitted": 50.0}, "junk"]
+    assert active_job(jobs, "ct_1") is running and active_job(jobs, "ct_3") is None
+
+
+def test_queue_watcher_reports_until_stopped_and_gives_up_on_servers_without_a_queue():
+    """The watcher polls a real HTTP server: it reports each state (the bar never moving back), sends the token,
+    and stops looking when the server has no /queue/ (plain MONAI Label: 404)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from RadDiagLib import RadDiagClient
+    from RadDiagLib.volume_progress import QueueWatcher
+
+    states = [{"kind": "infer", "state": "running", "image": "ct_1", "slices_done": d, "slices_planned": p,
+               "stage": "slices", "n_slices": 20, "eta_s": 5.0} for d, p in ((4, 10), (8, 10), (9, 16), (16, 16))]
+    seen = {"tokens": set(), "gets": 0}
+
+    class Queue(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["tokens"].add(self.headers.get("Authorization"))
+            seen["gets"] += 1
+            if self.path != "/queue/" or not states:
+                self.send_error(404)
+                return
+            body = json.dumps({"jobs": [states.pop(0)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Queue)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reports = []
+        client = RadDiagClient(f"http://127.0.0.1:{server.server_port}", token="secret")
+        with QueueWatcher(client, "ct_1", lambda f, m: reports.append((f, m)), poll_s=0.05) as watcher:
+            deadline = time.time() + 10
+            while watcher._thread.is_alive() and time.time() < deadline:
+                time.sleep(0.05)
+        assert not watcher._thread.is_alive()  # gave up at the 404 after the four states
+        assert [m for _, m in reports] == ["4 of 10 slices answered (volume of 20 slices), about 5 s left.",
+                                           "8 of 10 slices answered (volume of 20 slices), about 5 s left.",
+                                           "9 of 16 slices answered (volume of 20 slices), about 5 s left.",
+                                           "16 of 16 slices answered (volume of 20 slices), about 5 s left."]
+        fractions = [f for f, _ in reports]
+        assert fractions == sorted(fractions) and fractions[2] == fractions[1]  # 9/16 < 8/10: the bar stays
+        assert seen["tokens"] == {"Bearer secret"} and seen["gets"] == 5
+    finally:
+        server.shutdown()

@@ -116,6 +116,54 @@ def test_oblique_anisotropic_volume_is_measured_in_millimetres():
     assert "liver tumour: 0.9 mL, max diameter" in volume.answer_text()
 
 
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_box_in_an_oblique_anisotropic_volume_is_measured_exactly(mirrored):
+    """A lesion of a x b x c voxels on an oblique, anisotropic grid (and the same grid with its i and k axes running
+    the other way, which the view flips): its volume is a*b*c voxel volumes, its largest diameter the distance
+    between opposite corner voxel centres, its centroid the centre of the box, its slices the box's k range."""
+    image = oblique_image(size=(40, 36, 20))
+    if mirrored:
+        direction = np.array(image.GetDirection()).reshape(3, 3) @ np.diag([-1.0, 1.0, -1.0])
+        image.SetDirection(tuple(direction.ravel()))
+    (a, b, c), (i0, j0, k0) = (11, 7, 5), (14, 12, 6)
+    lesion_file = np.zeros(image.GetSize()[::-1], bool)
+    lesion_file[k0 : k0 + c, j0 : j0 + b, i0 : i0 + a] = True
+    organ_file = np.zeros_like(lesion_file)
+    organ_file[2:17, 4:30, 5:34] = True
+    view = image_io.VolumeView.of(image)
+    assert (0 in view.flips) == mirrored and view.slice_axis == 0
+    organ, lesion = view.to_view(organ_file), view.to_view(lesion_file)
+    n = organ.shape[0]
+    model = ScriptedModel([three_step(organ[i], lesion[i]) for i in range(n)], organ)
+    volume, _ = findings.answer_volume(model.ask, organ.shape, response.view_to_lps(view, image, organ.shape),
+                                       templates.DEFAULT_QUESTION, slice_numbers=[view.view_index(i, n) for i in range(n)])
+
+    (tumour,) = [f for f in volume.findings if f["role"] == "abnormality"]
+    sx, sy, sz = image.GetSpacing()
+    assert tumour["volume_ml"] == pytest.approx(a * b * c * sx * sy * sz / 1000, abs=5e-4)
+    assert tumour["max_diameter_mm"] == pytest.approx(np.linalg.norm([(a - 1) * sx, (b - 1) * sy, (c - 1) * sz]), abs=0.051)
+    centre = image.TransformContinuousIndexToPhysicalPoint((i0 + (a - 1) / 2, j0 + (b - 1) / 2, k0 + (c - 1) / 2))
+    assert np.allclose(tumour["centroid_lps_mm"], centre, atol=0.051)
+    assert tumour["slices"] == [k0, k0 + c - 1]
+    (liver,) = [f for f in volume.findings if f["role"] == "organ"]
+    assert liver["volume_ml"] == pytest.approx(organ_file.sum() * sx * sy * sz / 1000, abs=5e-4)
+    assert liver["slices"] == [2, 16]
+    assert np.array_equal(view.from_view(volume.masks["liver tumour"]), lesion_file)
+
+
+def test_flat_lesion_diameter_is_exact():
+    """A lesion on one slice has no 3D hull; its largest diameter is still the distance between its extreme voxels."""
+    matrix = np.diag([3.0, 0.7, 0.9, 1.0])
+    mask = np.zeros((3, 90, 90), bool)
+    mask[1, 4:85, 4:85] = True  # 81 x 81 voxels
+    measured = findings.measure(mask, matrix, [10, 11, 12])
+    assert measured["max_diameter_mm"] == pytest.approx(np.hypot(80 * 0.7, 80 * 0.9), abs=0.051)
+    assert measured["slices"] == [11, 11] and measured["volume_ml"] == pytest.approx(81 * 81 * 3.0 * 0.7 * 0.9 / 1000, abs=5e-4)
+    line = np.zeros((3, 90, 90), bool)
+    line[1, 7, 3:83] = True  # on a line
+    assert findings.measure(line, matrix, [0, 1, 2])["max_diameter_mm"] == pytest.approx(79 * 0.9, abs=0.051)
+
+
 def slab(n=12, shape=(40, 40)):
     """A liver on slices 2..11 and one tumour on slices 5..7 (view = file order), 1 mm voxels, 2 mm slices."""
     organ = np.zeros((n, *shape), bool)
@@ -202,3 +250,56 @@ def test_normal_volume_names_no_segment():
     assert volume.detection is False and volume.masks == {} and volume.findings == []
     assert volume.answer_text() == templates.NEGATIVE_ANSWER
     assert volume.summary["discarded"] and volume.summary["positive_slices"] == []
+
+
+def test_only_the_diagnosis_organ_and_abnormality_are_named():
+    """A slice answering the volume's diagnosis with a mask of another organ: that mask is no segment (said why);
+    synonyms of a diagnosis are one vote."""
+    organ, lesion, matrix = slab()
+    kidney = np.zeros((40, 40), bool)
+    kidney[34:38, 2:8] = True
+    replies = [three_step(organ[i], lesion[i]) for i in range(12)]
+    replies[6] = Reply(templates.vqaseg_answer(True, "hepatic tumour", ["liver", "kidney", "tumour"]),
+                       [Segment("liver", organ[6]), Segment("kidney", kidney), Segment("tumour", lesion[6])])
+    volume, _ = findings.answer_volume(ScriptedModel(replies, organ).ask, organ.shape, matrix, templates.DEFAULT_QUESTION,
+                                       skip=False)
+    assert volume.diagnosis == "Liver tumour" and volume.summary["diagnosis_votes"] == {"Liver tumour": 3}
+    assert set(volume.masks) == {"liver", "liver tumour"} and volume.masks["liver tumour"][6].any()
+    (dropped,) = [d for d in volume.summary["discarded"] if d["name"] == "kidney"]
+    assert dropped["slices"] == [6] and "names the liver and its liver tumour, not the kidney" in dropped["reason"]
+
+
+def test_a_tied_diagnosis_goes_to_the_higher_mask_scores():
+    """Two slices say liver tumour, two say pancreas tumour: the diagnosis whose lesion masks scored higher wins,
+    whichever comes first; the other's lesions are not findings."""
+    organ, lesion, matrix = slab()
+    replies = [three_step(organ[i], None) for i in range(12)]
+    for i, score in ((5, 0.6), (6, 0.6)):
+        replies[i] = Reply(templates.vqaseg_answer(True, "Liver tumour", ["liver", "liver tumour"]),
+                           [Segment("liver", organ[i], score), Segment("liver tumour", lesion[i], score)])
+    pancreas_lesion = np.zeros((40, 40), bool)
+    pancreas_lesion[30:34, 30:34] = True
+    for i in (2, 3):
+        replies[i] = Reply(templates.vqaseg_answer(True, "Pancreas tumour", ["pancreas", "pancreas tumour"]),
+                           [Segment("pancreas", pancreas_lesion, 0.95), Segment("pancreas tumour", pancreas_lesion, 0.95)])
+    volume, _ = findings.answer_volume(ScriptedModel(replies, organ).ask, organ.shape, matrix, templates.DEFAULT_QUESTION,
+                                       skip=False)
+    assert volume.summary["diagnosis_votes"] == {"Liver tumour": 2, "Pancreas tumour": 2}
+    assert volume.diagnosis == "Pancreas tumour"  # 0.95 > 0.6, though the liver tumour's slices come later
+    for i in (2, 3):
+        replies[i].segments = [Segment(s.label, s.mask, 0.55) for s in replies[i].segments]
+    volume, _ = findings.answer_volume(ScriptedModel(replies, organ).ask, organ.shape, matrix, templates.DEFAULT_QUESTION,
+                                       skip=False)
+    assert volume.diagnosis == "Liver tumour" and set(volume.masks) == {"liver", "liver tumour"}
+
+
+def test_a_lesion_without_its_organ_on_any_slice_is_not_a_finding():
+    """Neither the answers nor the Ref-Seg completion found the liver: a 'liver tumour' cannot be placed in it."""
+    organ, lesion, matrix = slab()
+    empty = np.zeros_like(organ)
+    replies = [Reply(templates.vqaseg_answer(True, "Liver tumour", ["liver tumour"]), [Segment("liver tumour", lesion[i])])
+               if lesion[i].any() else three_step(organ[i], None) for i in range(12)]
+    volume, _ = findings.answer_volume(ScriptedModel(replies, empty).ask, organ.shape, matrix, templates.DEFAULT_QUESTION,
+                                       skip=False)
+    assert volume.findings == [] and volume.masks == {} and volume.detection is False
+    assert any("no liver was found on any slice" in d["reason"] and d["slices"] == [5, 6, 7] for d in volume.summary["discarded"])

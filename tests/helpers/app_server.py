@@ -52,3 +52,26 @@ def infer_json(server, image_id, params=None, expect=200, timeout=300):
     reply = post_infer(server.url, image_id, params, timeout=timeout)
     assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
     return reply.json()
+
+
+def infer_with_label(server, image_id, params, folder, expect=200):
+    """(JSON result, path of the label file written into `folder`) of an inference asked with output=all; (error
+    JSON, None) when the status is the expected error."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    reply = post_infer(server.url, image_id, params, output="all", timeout=600)
+    assert reply.status_code == expect, f"{reply.status_code}: {reply.text[:500]}\n{server.log()}"
+    if expect != 200:
+        return reply.json(), None
+    result, label = None, None
+    for part in MultipartDecoder.from_response(reply).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            result = json.loads(part.text)
+        else:
+            name = disposition.split("filename=")[-1].strip('"')
+            suffix = ".seg.nrrd" if name.endswith(".seg.nrrd") else "".join(
+                s for s in (".nii.gz", ".nii", ".nrrd", ".png") if name.endswith(s))[:7]
+            label = folder / f"label_{image_id}_{len(list(folder.iterdir()))}{suffix}"
+            label.write_bytes(part.content)
+    return result, label

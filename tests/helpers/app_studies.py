@@ -1,6 +1,7 @@
 """Small phantom studies for the app's server tests: a CT volume stored with a permuted, flipped
 direction and anisotropic spacing, and an 8-bit chest X-ray, written where a datastore reads them."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,60 @@ def assert_same_geometry(label_path, image):
     assert np.allclose(label.GetOrigin(), image.GetOrigin())
     assert np.allclose(label.GetDirection(), image.GetDirection())
     return sitk.GetArrayFromImage(label)
+
+
+FINDING_FIELDS = {"name", "role", "organ", "label_value", "volume_ml", "max_diameter_mm", "slices", "centroid_lps_mm",
+                  "score"}  # issue 23; `index`/`count` added when one target has several lesions
+
+
+def assert_volume_answer_consistent(result, label_path, image):
+    """What any model's whole-volume answer must hold (issue 23), checked against the label file the server wrote:
+
+    - every segment is a finding and is named in the answer text, with a line per finding giving its size and
+      slices; a normal volume names no segment;
+    - segments are the organ and abnormality of the diagnosis, and each lesion lies in that organ;
+    - each finding's volume and centroid are those of its voxels in the label file (organ: its lesions included),
+      its slices the range they occupy; `volume.discarded` says what was dropped and why."""
+    from raddiagseg.findings import describe_finding, diagnosis_entry
+    from raddiagseg.imaging import VolumeView
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    found, segments = result["findings"], {s["name"]: s for s in result["segments"]}
+    assert set(segments) == {f["name"] for f in found}, (segments, found)
+    for finding in found:
+        extra = {"index", "count"} if finding.get("count", 1) > 1 else set()
+        assert set(finding) == FINDING_FIELDS | extra, finding
+        assert finding["label_value"] == segments[finding["name"]]["label_value"]
+        assert f"- {describe_finding(finding)}" in result["answer"], (finding, result["answer"])
+    for name in segments:
+        assert re.search(rf"\b{re.escape(name)} <seg\d{{3}}>", result["answer"]), (name, result["answer"])
+    for entry in result["volume"]["discarded"]:
+        assert set(entry) == {"name", "slices", "voxels", "reason"} and entry["voxels"] > 0 and entry["reason"], entry
+    if result["detection"] is not True:
+        assert not found and not labels.any(), result["answer"]
+        return
+    entry = diagnosis_entry(result["diagnosis"]) or {}
+    lesions = [f for f in found if f["role"] == "abnormality"]
+    assert {f["name"] for f in found} <= {entry.get("organ"), entry.get("abnormality")}, (result["diagnosis"], found)
+    assert all(f["organ"] == entry.get("organ") for f in lesions), lesions
+
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    voxel_ml = abs(np.linalg.det(matrix[:3, :3])) / 1000
+    view = VolumeView.of(image)
+    for name in segments:
+        of_name = [f for f in found if f["name"] == name]
+        values = [segments[name]["label_value"]]
+        if of_name[0]["role"] == "organ":  # its volume includes its lesions
+            values += [segments[f["name"]]["label_value"] for f in lesions if f["organ"] == name]
+        voxels = np.isin(labels, values)
+        assert sum(f["volume_ml"] for f in of_name) == pytest.approx(voxels.sum() * voxel_ml, abs=1e-3 * len(of_name))
+        ijk = np.argwhere(voxels)[:, ::-1]
+        centre = (matrix @ [*ijk.mean(0), 1.0])[:3]
+        weighted = sum(np.array(f["centroid_lps_mm"]) * f["volume_ml"] for f in of_name) / sum(f["volume_ml"] for f in of_name)
+        assert np.allclose(weighted, centre, atol=0.11), (name, weighted, centre)
+        on = np.nonzero(view.to_view(voxels).any(axis=(1, 2)))[0]
+        numbers = {view.view_index(int(i), view.to_view(voxels).shape[0]) for i in on}
+        covered = {k for f in of_name for k in range(f["slices"][0], f["slices"][1] + 1)}
+        assert numbers <= covered and {f["slices"][0] for f in of_name} | {f["slices"][1] for f in of_name} <= numbers

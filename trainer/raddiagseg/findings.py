@@ -14,8 +14,13 @@ liver). Here the slice answers are read together:
   for it (Ref-Seg); its pieces not connected to a finding and smaller than a fifth of the largest are
   discarded;
 - each 3D connected component (26-connectivity across adjacent slices) of an abnormality is one
-  finding; one lying mostly outside the diagnosis' organ is discarded, and so is a speck on one slice
-  beside a larger piece of the same mask (a fragment of that slice's mask, seen on no other slice).
+  finding; one lying mostly outside the diagnosis' organ (or in a volume where that organ was found on
+  no slice) is discarded, and so is a speck on one slice beside a larger piece of the same mask (a
+  fragment of that slice's mask, seen on no other slice);
+- the answer names only the diagnosis' organ and abnormality: other organs' masks are discarded.
+
+Diagnoses are counted by their vocabulary label (synonyms are one vote); a tie goes to the diagnosis
+whose slices' abnormality masks scored higher (mean mask score), then to the one seen first.
 
 Everything discarded or renamed is listed with its reason. Measurements use the voxel → LPS matrix of
 the view array, so oblique and anisotropic volumes are measured in physical units. `answer_volume`
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull
+from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
 from raddiagseg import templates, vocabulary
@@ -139,6 +144,8 @@ def read_slice_answer(result, index, number=None):
     diagnosis = parsed.diagnosis if parsed.detection is True else None  # a Ref-Seg or unreadable answer has none
     masks = [(canonical_name(s.label, diagnosis), np.asarray(s.mask, dtype=bool), float(getattr(s, "score", 0.0)))
              for s in result.segments]
+    entry = diagnosis_entry(diagnosis)
+    diagnosis = entry["label"] if entry else diagnosis  # "hepatic tumour" and "Liver tumour" are one vote
     return SliceAnswer(index, index if number is None else number, result.answer, parsed.detection, diagnosis, masks)
 
 
@@ -188,6 +195,12 @@ def voxel_ml(view_to_lps):
     return abs(float(np.linalg.det(np.asarray(view_to_lps, dtype=float)[:3, :3]))) / 1000.0
 
 
+def volume_ml(voxels, view_to_lps):
+    """Volume in mL of `voxels` voxels (a count or a mask), as findings state it (3 decimals)."""
+    count = int(np.count_nonzero(voxels)) if isinstance(voxels, np.ndarray) else int(voxels)
+    return round(count * voxel_ml(view_to_lps), 3)
+
+
 def max_diameter_mm(mask, view_to_lps):
     """Largest distance between two voxel centres of `mask`, in mm (convex hull of its surface voxels)."""
     surface = mask & ~ndimage.binary_erosion(mask)
@@ -199,8 +212,8 @@ def max_diameter_mm(mask, view_to_lps):
     if len(points) > 64:
         try:
             points = points[ConvexHull(points).vertices]
-        except Exception:  # flat (one slice) or degenerate: hull of a plane fails; thin the points instead
-            points = points[:: max(1, len(points) // 2000)]
+        except QhullError:  # flat (a lesion on one slice) or on a line: joggled, the hull keeps every extreme point
+            points = points[ConvexHull(points, qhull_options="QJ").vertices]
     return float(pdist(points).max())
 
 
@@ -220,7 +233,7 @@ def measure(mask, view_to_lps, slice_numbers, scores=None):
         total = sum(w for w, _ in weights)
         score = round(float(sum(w * s for w, s in weights) / total), 3) if total else None
     return {
-        "volume_ml": round(float(counts.sum()) * voxel_ml(matrix), 3),
+        "volume_ml": volume_ml(counts.sum(), matrix),
         "max_diameter_mm": round(max_diameter_mm(mask, matrix), 1),
         "slices": [min(numbers), max(numbers)],
         "centroid_lps_mm": [round(float(c), 1) for c in centroid],
@@ -257,21 +270,29 @@ def isolated_slices(answers, n_slices):
             and all(normal(j) for j in (a.index - 1, a.index + 1) if 0 <= j < n_slices)}
 
 
-def combine(answers, shape, view_to_lps, complete=None, in_body=None):
+def combine(answers, shape, view_to_lps, complete=None, in_body=None, slice_numbers=None):
     """VolumeAnswer from the slice answers of a volume whose view array has `shape` (slices, rows, cols).
 
     `complete(organ, indices) -> {index: (mask, score)}` asks the model for the diagnosis' organ on the
     given slices (those in `in_body` whose answer gave no mask of it); None leaves the organ as answered.
+    `slice_numbers`: the file's index of every view slice (default: the same), for the slices no answer
+    names too (a finding's range may end on a slice that was skipped and completed by Ref-Seg).
     """
     n = shape[0]
-    numbers = list(range(n))
-    for a in answers:
-        numbers[a.index] = a.number
+    numbers = list(range(n)) if slice_numbers is None else [int(k) for k in slice_numbers]
+    if len(numbers) != n or any(numbers[a.index] != a.number for a in answers):
+        raise ValueError(f"slice_numbers must give the file index of each of the {n} view slices, as the answers do")
     discarded, renamed = [], []
     isolated = isolated_slices(answers, n)
     positives = [a for a in answers if a.detection is True and a.index not in isolated]
     votes = Counter(a.diagnosis for a in positives if a.diagnosis)
-    diagnosis = max(votes, key=lambda d: (votes[d], -min(a.index for a in positives if a.diagnosis == d))) if votes else None
+
+    def confidence(d):  # a tie between diagnoses goes to the one whose slices' lesion masks scored higher
+        scores = [score for a in positives if a.diagnosis == d for name, _, score in a.masks if role(name) == "abnormality"]
+        return float(np.mean(scores)) if scores else 0.0
+
+    diagnosis = max(votes, key=lambda d: (votes[d], confidence(d), -min(a.index for a in positives if a.diagnosis == d))) \
+        if votes else None
     entry = diagnosis_entry(diagnosis) or {}
     organ, abnormality = entry.get("organ"), entry.get("abnormality")
     voted = f"{votes[diagnosis]} of {len(positives)} abnormal slices" if diagnosis else ""
@@ -300,6 +321,9 @@ def combine(answers, shape, view_to_lps, complete=None, in_body=None):
             elif diagnosis and a.diagnosis not in (None, diagnosis) and not (name == organ or kind == "abnormality"):
                 drop(name, [a.number], mask.sum(), f"slice {a.number} was answered {a.diagnosis}; the volume's "
                      f"diagnosis is {diagnosis} ({voted}), which does not name the {name}")
+            elif organ and kind != "abnormality" and name != organ:
+                drop(name, [a.number], mask.sum(), f"the volume's diagnosis {diagnosis} ({voted}) names the {organ} "
+                     f"and its {abnormality or 'abnormality'}, not the {name}")
             elif kind == "abnormality" and abnormality and name != abnormality:
                 pending.append((a, name, mask, score))
             elif kind == "abnormality" and diagnosis and not abnormality:
@@ -350,6 +374,10 @@ def combine(answers, shape, view_to_lps, complete=None, in_body=None):
             if len(on) == 1 and biggest_on[int(on[0])] is not component:
                 drop(name, slices_, component.sum(), f"a fragment of the {name} mask of slice {slices_[0]}, beside a "
                      "larger one and on no adjacent slice")
+                continue
+            if organ and in_organ is None:
+                drop(name, slices_, component.sum(), f"this {name} on {span(slices_)} cannot be placed: no {organ} "
+                     "was found on any slice")
                 continue
             if in_organ is not None and diagnosis:
                 share = float(in_organ[component].mean())
@@ -512,5 +540,5 @@ def answer_volume(ask, shape, view_to_lps, question, modality="ct", slice_number
                           max(float(getattr(s, "score", 0.0)) for s in reply.segments))
         return out
 
-    volume = combine(answers, shape, view_to_lps, complete=complete, in_body=body)
+    volume = combine(answers, shape, view_to_lps, complete=complete, in_body=body, slice_numbers=numbers)
     return volume, results

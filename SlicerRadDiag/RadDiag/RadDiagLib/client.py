@@ -281,6 +281,20 @@ class RadDiagClient:
         info = self.info() if info is None else info
         return ((info.get("train_stats") or {}).get(model)) or {}
 
+    def queue_jobs(self) -> list | None:
+        """GET /queue/: the signed-in user's model jobs (state, position, eta_s, slices_done, ...) as the team server
+        lists them; None for a server without a job queue (plain MONAI Label)."""
+        try:
+            body = self._request("GET", "/queue/", "read the job queue", timeout=self._quick()).json()
+        except ServerError as e:
+            if e.status == 404:
+                return None
+            raise
+        except ValueError:  # not JSON: not a queue
+            return None
+        jobs = body.get("jobs") if isinstance(body, dict) else None
+        return jobs if isinstance(jobs, list) else None
+
     def stop_training(self) -> dict:
         """DELETE /train/: stop the running training."""
         return self._request("DELETE", "/train/", "stop training").json()

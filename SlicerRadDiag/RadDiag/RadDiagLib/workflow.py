@@ -12,6 +12,7 @@ from .labelinfo import build_label_info
 from .labelmap import present_label_values
 from .segments import empty_segments, segment_specs
 from .training import training_progress
+from .volume_progress import QueueWatcher
 
 
 class DiagnosisResult:
@@ -68,7 +69,11 @@ def diagnose(client, model, image_path, image_id, question, slice_index=None, co
     if slice_index is not None:
         params["slice"] = int(slice_index)
     params.update(options or {})
-    result = client.infer(model, image_id=image_id, params=params, result_dir=result_dir)
+    if slice_index is None and context is not None:  # minutes on a CPU server: show the slices done and the ETA
+        with QueueWatcher(client, image_id, progress):
+            result = client.infer(model, image_id=image_id, params=params, result_dir=result_dir)
+    else:
+        result = client.infer(model, image_id=image_id, params=params, result_dir=result_dir)
     if context:
         context.check()
     progress(0.85, "Reading the segments…")

@@ -162,11 +162,12 @@ def run_score_volumes(args):
     import torch
 
     from raddiagseg.cli import CommandError
-    from raddiagseg.evaluation.volumes import markdown, run_benchmark
+    from raddiagseg.evaluation.volumes import list_volumes, markdown, run_benchmark
     from raddiagseg.model import load_model
 
     if not (args.model / "config.json").is_file():
         raise CommandError(f"{args.model} is not a model folder (no config.json)")
+    list_volumes(args.data)  # a wrong --data is said before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(str(args.model)).eval()

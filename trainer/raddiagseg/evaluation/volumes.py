@@ -8,9 +8,10 @@ combined into 3D findings) and compared with its label file (1 organ, 2 tumour):
 - lesion level: every 3D connected component of the tumour label is a lesion; it is found when a
   predicted lesion overlaps it. Recall over all lesions and over lesions >= 0.5 mL; precision = share
   of predicted lesions overlapping a true one;
-- 3D Dice of the organ (organ + its lesions, as the label) and of the lesions, on abnormal volumes;
+- 3D Dice of the organ (organ + its lesions, as the label) and of the lesions, on abnormal volumes, overall
+  and per target (liver, liver tumour, pancreas, pancreas tumour);
 - measurement error of each found lesion against the lesion it overlaps most: volume in % and max
-  diameter in mm (both measured the same way, `findings.measure`);
+  diameter in mm (both measured the same way, `findings.measure`); and of the organ's volume in %;
 - contradictions: segments or lesions naming another organ or abnormality than the volume's diagnosis.
 
 `--compare-skip` answers every volume twice, with and without slice skipping, and reports the time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raddiagseg import findings, templates, vocabulary
+from raddiagseg import findings, templates
 from raddiagseg.data.io import load_volume_lps
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,14 @@ def score_volume(volume_answer, label, view_to_lps, diagnosis):
         matches.append(match)
     true_union = label == 2
     precise = sum(bool((m & true_union).any()) for m in lesion_masks)
-    organ_name = vocabulary.normalise_label(diagnosis.split()[0])
+    truth_entry = findings.diagnosis_entry(diagnosis) or {}
+    organ_name, lesion_name = truth_entry.get("organ"), truth_entry.get("abnormality")
     pred_organ = volume_answer.masks.get(organ_name)
+    pred_lesion = volume_answer.masks.get(lesion_name, np.zeros_like(true_union))
+    dice_organ = (dice(pred_organ, label >= 1) if pred_organ is not None else 0.0) if truth_positive else None
+    dice_lesion = dice(pred_lesion, true_union) if truth_positive else None
+    organ_found = next((f for f in volume_answer.findings if f["name"] == organ_name), None)
+    organ_ml = findings.volume_ml(label >= 1, view_to_lps)
     contradictions = [name for name in volume_answer.masks if allowed and name not in allowed]
     contradictions += [f"{f['name']} in {f['organ']}" for f in predicted if entry and f["organ"] != entry.get("organ")]
     return {
@@ -117,9 +124,11 @@ def score_volume(volume_answer, label, view_to_lps, diagnosis):
         "predicted": {"detection": volume_answer.detection, "diagnosis": volume_answer.diagnosis, "lesions": len(predicted)},
         "lesions": matches,
         "predicted_lesions_on_truth": precise,
-        "dice_organ": dice(pred_organ, label >= 1) if truth_positive and pred_organ is not None else (0.0 if truth_positive else None),
-        "dice_lesion": dice(volume_answer.masks.get(entry.get("abnormality"), np.zeros_like(true_union)), true_union)
-        if truth_positive else None,
+        "dice_organ": dice_organ,
+        "dice_lesion": dice_lesion,
+        "dice": {organ_name: dice_organ, lesion_name: dice_lesion} if truth_positive else {},
+        "organ_volume_error_pct": 100.0 * abs(organ_found["volume_ml"] - organ_ml) / organ_ml
+        if organ_found and organ_ml else None,
         "contradictions": contradictions,
         "discarded": len(volume_answer.summary["discarded"]),
         "renamed": len(volume_answer.summary["renamed"]),
@@ -165,8 +174,12 @@ def summarise(records):
         "lesion_precision": sum(r["predicted_lesions_on_truth"] for r in records) / predicted if predicted else None,
         "dice_organ": mean(r["dice_organ"] for r in records),
         "dice_lesion": mean(r["dice_lesion"] for r in records),
+        "dice_by_target": {name: mean(r["dice"][name] for r in records if name in r.get("dice", {}))
+                           for name in dict.fromkeys(n for r in records for n in r.get("dice", {}))},
         "median_volume_error_pct": median([m["volume_error_pct"] for m in found]),
         "median_diameter_error_mm": median([m["diameter_error_mm"] for m in found]),
+        "median_organ_volume_error_pct": median([r["organ_volume_error_pct"] for r in records
+                                                 if r.get("organ_volume_error_pct") is not None]),
         "volumes_with_contradictions": sum(bool(r["contradictions"]) for r in records),
     }
 
