@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from raddiagseg.fileio import replace_folder
+
 log = logging.getLogger(__name__)
 
 # Phantom data sizes. Many short volumes rather than few long ones: neighbouring slices of one
@@ -38,7 +40,7 @@ FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
 # from 0.761 / 0.853 to 0.931 / 0.951 with X-ray diagnosis F1 0.947 -> 0.983.
 PRETRAIN_TRAINABLE = {"projector": False}
 FINETUNE_TRAINABLE = {"projector": False}
-# Scanner variation (issue 22): trained on "mixed" phantoms (half the studies drawn with their own contrast phase,
+# Scanner variation: trained on "mixed" phantoms (half the studies drawn with their own contrast phase,
 # kernel, slice thickness, position, FOV, exposure; half with version 1's reference acquisition) and with the
 # "scanner" augmentation in every stage. The held-out evaluation stays on version-1 phantoms ("clean");
 # benchmarks/robustness.py measures the shifts.
@@ -138,9 +140,7 @@ def _align(data, out, settings):
         shutil.rmtree(staging)
     model.save_pretrained(staging)
     (staging / "alignment.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out)  # the previous folder stays until the new one is complete
     return (out, summary), False
 
 
@@ -238,9 +238,7 @@ def build_demo(settings: DemoSettings):
     card = staging / "MODEL_CARD.md"
     card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused)
                     + "\n" + domain.card_section(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out)  # the previous folder stays until the new one is complete
     return out / "MODEL_CARD.md"
 
 
