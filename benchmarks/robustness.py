@@ -4,11 +4,12 @@ Per seed: held-out MSD + COVID-QU-Ex phantoms, each shift of `raddiagseg.evaluat
 applied to the source files (masks moved with the same geometry), `raddiagseg build`, then the 3-step
 rows scored as `raddiagseg predict` + `score` score them; plus generator-version-2 phantoms
 (`--variation scanner`) of the same seeds. Prints the table and, with --results, writes it as the
-section SECTION of benchmarks/RESULTS.md (replacing an earlier run of this script).
+section SECTION of benchmarks/RESULTS.md (replacing an earlier run of this script) and, with --card, as the
+model card's section CARD_SECTION (MODEL_DIR/MODEL_CARD.md: the shipped card carries its own robustness table).
 
 Usage:
   .venv/bin/python benchmarks/robustness.py --model MONAILabelApp/model/raddiagseg-demo --work /tmp/robust \
-      [--seeds 31337 27182 16180] [--ct-volumes 6] [--xrays 36] [--threads 1] [--results]
+      [--seeds 31337 27182 16180] [--ct-volumes 6] [--xrays 36] [--threads 1] [--results] [--card]
 The default seeds are none of the shipped model's (training 1234, held-out 98765 and 55555).
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from repo_paths import ROOT, write_section
 
 SECTION = "## Robustness to scanner variation (issue 22)"
+CARD_SECTION = "## Robustness to scanner variation"
 SEEDS = (31337, 27182, 16180)
 
 
@@ -39,6 +41,7 @@ def main(argv=None):
     p.add_argument("--no-scanner", action="store_true", help="skip the generator-version-2 row")
     p.add_argument("--results", nargs="?", const=str(ROOT / "benchmarks/RESULTS.md"), default=None,
                    help="write the table as a section of this file (default benchmarks/RESULTS.md)")
+    p.add_argument("--card", action="store_true", help="write the tables into the model's MODEL_CARD.md too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -71,6 +74,20 @@ shift (detection F1 ≥ 0.90, diagnosis F1 ≥ 0.85). The last row is generator-
 Unshifted, per seed:
 
 {per_seed_markdown(table)}""")
+    if args.card:
+        command = "benchmarks/robustness.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        write_section(Path(args.model) / "MODEL_CARD.md", CARD_SECTION, f"""{CARD_SECTION}
+
+Measured by `{command}` ({wall / 60:.1f} min): held-out phantoms of the unseen seeds {', '.join(map(str, args.seeds))}
+({args.ct_volumes} CT volumes of {args.ct_slices} slices and {args.xrays} X-rays each; generator version 1 unless the row
+says otherwise), each shift applied to the source files before `raddiagseg build`, 3-step rows scored as
+`raddiagseg score` does. Bold: below detection F1 0.90 / diagnosis F1 0.85 under a shift.
+
+{text}
+Clean (unshifted), per unseen seed:
+
+{per_seed_markdown(table)}
+""")
     return 0
 
 

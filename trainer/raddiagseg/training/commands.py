@@ -71,12 +71,12 @@ def register(subparsers):
                    help="change what stage 1 trains, e.g. projector=false (repeatable)")
     d.add_argument("--finetune-trainable", action="append", metavar="PART=VALUE",
                    help="change what stage 2 trains, e.g. clip=true (repeatable)")
-    d.add_argument("--variation", choices=("none", "scanner", "mixed"), default="mixed",
-                   help="phantom variation of the training data (`raddiagseg phantoms --variation`; default mixed: "
-                        "half the studies vary like real scanners, half are generator version 1)")
-    d.add_argument("--augmentation", choices=("basic", "scanner"), default="scanner",
-                   help="training augmentation of every stage (default scanner: rotation, zoom, contrast, gamma, "
-                        "blur/sharpen, noise, mirroring, X-ray polarity)")
+    d.add_argument("--variation", choices=("none", "scanner", "mixed"), default="none",
+                   help="phantom variation of the training data (`raddiagseg phantoms --variation`; default none: "
+                        "generator version 1, as the shipped model; mixed: half the studies vary like real scanners)")
+    d.add_argument("--augmentation", choices=("basic", "scanner"), default="basic",
+                   help="training augmentation of every stage (default basic, as the shipped model; scanner adds "
+                        "rotation, zoom, contrast, gamma, blur/sharpen, noise, mirroring, X-ray polarity)")
     d.set_defaults(func=run_demo)
 
 

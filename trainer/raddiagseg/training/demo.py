@@ -40,12 +40,13 @@ FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
 # from 0.761 / 0.853 to 0.931 / 0.951 with X-ray diagnosis F1 0.947 -> 0.983.
 PRETRAIN_TRAINABLE = {"projector": False}
 FINETUNE_TRAINABLE = {"projector": False}
-# Scanner variation: trained on "mixed" phantoms (half the studies drawn with their own contrast phase,
-# kernel, slice thickness, position, FOV, exposure; half with version 1's reference acquisition) and with the
-# "scanner" augmentation in every stage. The held-out evaluation stays on version-1 phantoms ("clean");
-# benchmarks/robustness.py measures the shifts.
-TRAIN_VARIATION = "mixed"
-AUGMENTATION = "scanner"
+# Training phantoms and augmentation: the shipped model's (generator version 1, basic augmentation). `--variation mixed
+# --augmentation scanner` (half the studies with their own contrast phase, kernel, thickness, position, FOV, exposure;
+# scanner augmentation in every stage) is the scanner-variation recipe under trial: at these step counts it cut stage 0's
+# held-out caption accuracy from 0.894 to 0.635 (benchmarks/RESULTS.md, "Demo rebuild with scanner variation"), so it
+# is not the default. benchmarks/robustness.py measures any model under the shifts.
+TRAIN_VARIATION = "none"
+AUGMENTATION = "basic"
 # What the shipped demo model should reach on held-out phantoms, per modality (the card says which it meets).
 TARGETS = {"detection_f1": 0.95, "diagnosis_f1": 0.90, "dice_org": 0.85, "dice_abn": 0.60}
 
