@@ -8,14 +8,11 @@ the middle slice of the radiological view) and scored by the model folder's `dom
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "MONAILabelApp")]
+from repo_paths import ROOT
 
 
 def real_files(folder):
@@ -99,9 +96,9 @@ def main():
         for name in robustness.SHIFTS:
             if name == "none":
                 continue
-            shifted = work / "shift" / robustness._slug(name)
+            shifted = work / "shift" / robustness.shift_folder_name(name)
             robustness.shift_sources(sources, shifted / "sources", name, args.seed)
-            built = robustness._build(shifted / "sources", shifted / "built")
+            built = robustness.build_sources(shifted / "sources", shifted / "built")
             share = flagged_share(stats, domain.manifest_descriptors(model, built))
             cells = [f"{share[m]:.1%}" if robustness.applies(name, m) and m in share else "–" for m in ("ct", "xray")]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

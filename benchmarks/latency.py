@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from repo_paths import ROOT
+from raddiagseg.model.config import PRESETS
+
 APP = ROOT / "MONAILabelApp"
 SHIPPED_MODEL = APP / "model" / "raddiagseg-demo"
 
@@ -249,7 +251,7 @@ def main():
         return build_and_save(sys.argv[2], sys.argv[3])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: the shipped demo model, else an untrained demo-preset model)")
-    p.add_argument("--preset", default="demo", choices=["demo", "paper"], help="preset of the untrained model built without --model")
+    p.add_argument("--preset", default="demo", choices=tuple(PRESETS), help="preset of the untrained model built without --model")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "mixed"], help="served dtype (the app's --conf dtype)")
     p.add_argument("--repeats", type=int, default=5, help="cold/warm request pairs (each on a new slice)")
     p.add_argument("--size", type=int, default=512)

@@ -5,22 +5,18 @@ A correction is what the Slicer module's Submit (or `PUT /datastore/label`) stor
 X-ray label with its label info (segments, detection, diagnosis), tag `final`.
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+from raddiagseg.data import phantoms
+from raddiagseg.data.records import diagnosis_for
+
 APP_DIR = ROOT / "MONAILabelApp"
 DEMO_MODEL = APP_DIR / "model" / "raddiagseg-demo"
-for extra in (ROOT / "trainer", APP_DIR):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-from raddiagseg.data import phantoms  # noqa: E402
-from raddiagseg.data.records import diagnosis_for  # noqa: E402
 
 
 @dataclass

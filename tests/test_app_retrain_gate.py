@@ -2,19 +2,14 @@
 mix, the reference set a model folder carries, and how the Slicer Retrain panel reports the check."""
 
 import json
-import sys
 
 import pytest
-from app_studies import APP_DIR, DEMO_MODEL
-
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
+from app_studies import DEMO_MODEL
+from RadDiagLib import gate_report, training_progress
 
 pytest.importorskip("raddiagseg.training")
-from raddiagseg.training import reference, selection  # noqa: E402
-from RadDiagLib import gate_report, training_progress  # noqa: E402
-
 from lib import model_store  # noqa: E402
+from raddiagseg.training import reference, selection  # noqa: E402
 
 
 def report(ct=None, xray=None):

@@ -27,9 +27,11 @@ def infer(server, image_id, params=None, tmp_path=None, expect=200):
 
 
 def assert_response_shape(result):
-    from lib.infer_response import InferResponse, Segment
+    from lib.infer_response import DomainVerdict, InferResponse, Modality, Segment
 
-    assert set(InferResponse.__annotations__) <= set(result), set(InferResponse.__annotations__) - set(result)
+    assert set(InferResponse.__annotations__) == set(result), set(InferResponse.__annotations__) ^ set(result)
+    assert set(Modality.__annotations__) == set(result["modality"]), result["modality"]
+    assert set(DomainVerdict.__annotations__) <= set(result["domain"]), result["domain"]
     assert all(set(Segment.__annotations__) <= set(segment) for segment in result["segments"]), result["segments"]
     values = [s["label_value"] for s in result["segments"]]
     assert values == list(range(1, len(values) + 1))

@@ -73,7 +73,7 @@ FORGET_STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def unseen(server_factory, tmp_path_factory):  # noqa: F811
+def unseen(server_factory, tmp_path_factory):
     """A server on the shipped demo model with 2 CT volumes and 2 X-rays of seeds it never saw, and their truth."""
     if not (DEMO_MODEL / "config.json").is_file():
         pytest.skip("the shipped demo model (and its reference.json) is not there")

@@ -9,7 +9,7 @@ import pytest
 
 from RadDiagLib import (DEFAULT_QUESTION, BackgroundJob, DictSettings, UploadConsent, UrlHistory, answer_html,
                         build_label_info, export_order, segment_specs, training_progress)
-from RadDiagLib.labelinfo import compose_answer
+from RadDiagLib.labelinfo import MAX_SEG_TOKENS, SEG_TOKEN, compose_answer
 from RadDiagLib.labelmap import (LabelMapError, nrrd_geometry, present_label_values, read_nrrd, seg_nrrd_segments,
                                  write_nrrd)
 from RadDiagLib.multipart import MultipartError, parse_multipart, split_infer_response
@@ -39,6 +39,11 @@ def test_composed_answer_matches_training_template():
     for detection, diagnosis, names in [(True, "Liver tumour", ["liver", "liver tumour"]),
                                         (True, "COVID-19", ["lung"]), (False, None, [])]:
         assert compose_answer(detection, diagnosis, names) == templates.vqaseg_answer(detection, diagnosis, names)
+    # RadDiagLib runs in Slicer's Python without raddiagseg, so it keeps its own copy of the seg-token format
+    assert MAX_SEG_TOKENS == templates.NUM_SEG_TOKENS
+    assert [SEG_TOKEN.format(i) for i in range(MAX_SEG_TOKENS)] == list(templates.SEG_TOKENS)
+    with pytest.raises(ValueError):
+        compose_answer(True, "Liver tumour", ["liver"] * (MAX_SEG_TOKENS + 1))
 
 
 def test_multipart_response_from_monailabel_encoder():

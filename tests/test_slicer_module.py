@@ -7,7 +7,6 @@ slicer.app) and what stands in for Qt is in tests/slicer_env.py; widgets and the
 
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +18,9 @@ from RadDiagLib import DEFAULT_QUESTION, DictSettings, RadDiagClient, export_ord
 from RadDiagLib.labelmap import present_label_values
 from RadDiagLib.workflow import DiagnosisResult, retrain
 
-APP_DIR = Path(__file__).resolve().parents[1] / "MONAILabelApp"
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
-from lib import image_io, label_files, response, segments  # noqa: E402
-from raddiagseg import findings, templates  # noqa: E402
-from test_volume_findings import ScriptedModel, three_step  # noqa: E402
+from lib import image_io, label_files, response, segments
+from raddiagseg import findings, templates
+from test_volume_findings import ScriptedModel, three_step
 
 SIZE = (20, 16, 6)  # i, j, k
 NAMES = ["liver", "liver tumour", "lung"]  # lung: a target without voxels

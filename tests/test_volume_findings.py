@@ -3,18 +3,14 @@
 The slice answers are scripted (a model stand-in that answers from known masks), so each rule can be
 checked exactly; the app path with the real shipped model is covered in test_app_demo_model.py."""
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lib import image_io, response
 from raddiagseg import findings, templates
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MONAILabelApp"))
-from lib import image_io, response  # noqa: E402
 
 
 @dataclass

@@ -17,13 +17,26 @@ class Segment(TypedDict):
     terminology: dict[str, Any] | None  # {category, type, slicer}; None for a name outside the vocabulary
 
 
+class Modality(TypedDict):
+    value: str  # ct | xray | mri: how the image was read
+    source: str  # param | dicom | intensities: why (lib.domain_guard.modality_of)
+
+
+class DomainVerdict(TypedDict):
+    in_domain: bool | None  # None: the model folder has no domain statistics
+    score: float | None
+    threshold: float | None
+    reason: str  # one sentence for the user; whole volumes add slices_in_domain, slices_checked
+
+
 class InferResponse(TypedDict):
     answer: str
     detection: bool | None
     diagnosis: str | None
     question: str
     options: dict[str, Any]  # {"tts": settings or None, "rvls2m": None/True/False, "cot": bool}
-    modality: str
+    modality: Modality
+    domain: DomainVerdict
     segments: list[Segment]
     label_names: dict[str, int]
     slices: list[dict[str, Any]]  # per answered slice: slice, answer, detection, diagnosis, segments, ...
@@ -31,7 +44,7 @@ class InferResponse(TypedDict):
     findings: list[dict[str, Any]]  # whole volume: 3D findings (raddiagseg.findings)
     agreement: dict[str, Any] | None  # with tts, for a 2D image or one slice
     reasoning: str | None  # with cot, for a 2D image or one slice
-    model: dict[str, str]  # {"version", "dir"}
+    model: dict[str, Any]  # {"name", "trained_on", "clinical_use", "notice", "version"} (raddiagseg.domain.model_identity)
     feature_cache: dict[str, int]
     image_cache: dict[str, int]
     latencies: dict[str, Any]  # seconds per stage; model_stages inside the model

@@ -29,7 +29,6 @@ class ModelRunner:
         self.store = store
         self.cache = cache
         self.drafts = drafts
-        self.encoded_images = 0  # how many slices went through the encoders in this process
 
     def features(self, model, version, images):
         """Per-image features, from the cache or encoded now; returns (features, cache keys, n_encoded, seconds,
@@ -45,7 +44,6 @@ class ModelRunner:
             for j, i in enumerate(missing):
                 features[i] = encoded[j]
                 self.cache.put(keys[i], encoded[j])
-            self.encoded_images += len(missing)
         return features, keys, len(missing), time.perf_counter() - start, stages
 
     def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False, progress=None, screen=None):

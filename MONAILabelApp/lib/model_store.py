@@ -190,7 +190,7 @@ class ModelStore:
 # NOISE_Z x the measured noise of that comparison (`selection.paired_noise`: one X-ray diagnosis flip on the demo
 # reference set is ~0.02), never above GATE_TOLERANCE_CAP (scores in [0, 1]). Noise figures: benchmarks/RESULTS.md,
 # "Active learning (issue 26)".
-# A model that forgot drops by 0.1-0.2 (issue 26) and is refused however small the set.
+# A model that forgot drops by 0.1-0.2 (same section) and is refused however small the set.
 GATE_TOLERANCE = 0.02
 GATE_TOLERANCE_CAP = 0.05
 NOISE_Z = 2.0

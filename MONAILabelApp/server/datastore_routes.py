@@ -1,5 +1,5 @@
 """Our handlers for MONAI Label's datastore read/update endpoints that answered 500s, leaked server
-paths or left files behind (issue 18):
+paths or left files behind:
 
 - image/label info updates: invalid JSON is a 400, an unknown image or label a 404, label info
   must stay readable by training (the rules of ``PUT /datastore/label``), and an info object is
@@ -40,6 +40,9 @@ async def _require_label(datastore, label: str, tag: str) -> None:
 
 
 def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
+    """The datastore routes we answer instead of MONAI Label's; FastAPI routes are closures registered by decorators,
+    so this function is only their list (each route is short)."""
+
     @app.get("/datastore/")
     async def datastore_summary(output: str | None = None):
         datastore = _instance().datastore()

@@ -195,6 +195,9 @@ class Overrides:
                                 status_code=exc.status, headers={"Retry-After": str(exc.retry_after)})
 
     def _register_model_routes(self):
+        """POST /infer/{model} and /activelearning/{strategy}. FastAPI routes are closures registered by decorators,
+        so this method is only their list; the length is the infer route's checks of one request, in the order a client
+        fixes them (model, input, params), then its queued run."""
         app, limits, queue = self.app, self.limits, self.queue
 
         @app.post("/infer/{model}")

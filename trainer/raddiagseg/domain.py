@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raddiagseg.fileio import atomic_write
+
 STATS_FILE = "domain_stats.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_QUANTILE = 0.995
@@ -136,11 +138,7 @@ class DomainStats:
                 tensors[prefix + "variances"] = s.variances.astype(np.float32)
                 tensors[prefix + "residual"] = np.array([s.residual], np.float32)
         meta = {**self.meta, "format_version": FORMAT_VERSION, "thresholds": self.thresholds, "blocks": list(BLOCKS)}
-        path = Path(folder) / STATS_FILE
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"domain": json.dumps(meta)})
-        tmp.replace(path)
-        return path
+        return atomic_write(Path(folder) / STATS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"domain": json.dumps(meta)}))
 
     @classmethod
     def load(cls, folder):
@@ -330,7 +328,7 @@ def run_domain_stats(args):
     import tempfile
 
     from raddiagseg.cli import CommandError
-    from raddiagseg.evaluation.predict import _load
+    from raddiagseg.evaluation.predict import model_from
 
     if not (args.model / "config.json").is_file():
         raise CommandError(f"{args.model} is not a model folder (no config.json)")
@@ -338,7 +336,7 @@ def run_domain_stats(args):
         raise CommandError(f"--quantile must be in [0.5, 1), got {args.quantile}")
     if (args.fit_data is None) != (args.calib_data is None):
         raise CommandError("give both --fit-data and --calib-data, or neither (phantoms)")
-    model = _load(args.model)
+    model = model_from(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         if args.fit_data is None:
             work = args.work or Path(tmp)

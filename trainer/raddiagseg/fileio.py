@@ -3,14 +3,15 @@
 One recipe for every hand-written atomic write in trainer/ and MONAILabelApp/: write a hidden temporary
 file in the target's folder (same filesystem, so the rename is atomic), flush and fsync it, set its mode,
 then `os.replace` it onto the target; on any error the temporary file is removed and the target is
-untouched. Whole folders (checkpoints, published models, reference sets) are staged and renamed by their
-own code: a folder rename is atomic too, but replacing an existing folder needs the two-step swap of
-`training.checkpoints.replace_folder`.
+untouched. Whole folders (checkpoints, the demo model, published models, reference sets) are staged next to
+their target and renamed: a rename onto a new name is atomic as it is, replacing an existing folder takes the
+two-step swap of `replace_folder` (a crash between its renames leaves the previous folder at `previous_folder`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Union
@@ -49,9 +50,43 @@ def atomic_write(path: str | os.PathLike, content: Content, *, mode: int | None 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
     return path
+
+
+def previous_folder(target: str | os.PathLike) -> Path:
+    """Where `replace_folder` keeps the folder it replaces until the new one is in place."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.old")
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make the complete folder `new` be `target`: target -> `previous_folder(target)`, new -> target, drop the old one.
+
+    Readers see the old folder or the new one at `target`, except between the two renames, when only
+    `previous_folder(target)` exists (`training.checkpoints.resolve_checkpoint` looks there)."""
+    new, target = Path(new), Path(target)
+    old = previous_folder(target)
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(folder):
+    """fsync a folder so that renames in it survive a power cut (skipped where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

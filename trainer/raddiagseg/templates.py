@@ -6,17 +6,8 @@ the app all read, so that what the model is taught is exactly what the others pa
 
 import re
 
-# the vocabulary lookups live in raddiagseg.vocabulary; these names stay importable from here
-from raddiagseg.vocabulary import (  # noqa: F401
-    canonical_target,
-    implicit_descriptions,
-    matches_target,
-    normalise_label,
-    sample_label,
-    target_names,
-    targets,
-)
 from raddiagseg.vocabulary import load as vocabulary
+from raddiagseg.vocabulary import target_names
 
 NUM_SEG_TOKENS = 16
 SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(NUM_SEG_TOKENS))

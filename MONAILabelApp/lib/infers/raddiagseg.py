@@ -66,6 +66,10 @@ class RadDiagSegInfer(InferTask):
 
     # ------------------------------------------------------------------------------------
     def run(self, request):
+        """(label file path, response JSON as `lib.infer_response.InferResponse`) for one request, in stages timed
+        for `latencies`: read the image and its model view, ask the model (`_answer_slices` or `_answer_volume`),
+        combine the answers (a refusal, the whole volume's findings or the one slice's answer), write the label file.
+        The stages share the request's image, view, guard and timings, so they stay in this one method."""
         start = time.perf_counter()
         params = infer_params.parse({**self.config(), **{k: v for k, v in request.items() if v is not None}})
         image_path = request.get("image")
@@ -86,11 +90,7 @@ class RadDiagSegInfer(InferTask):
         def unit(index):
             return view.unit(index, params.window)
 
-        if params.slice is not None and params.slice >= n_slices:
-            if not is_volume:
-                raise InputError("slice only applies to 3D volumes; this image is 2D")
-            raise InputError(f"slice {params.slice} is outside the volume: it has {n_slices} slices (0..{n_slices - 1})")
-        file_indices = [params.slice or 0] if params.slice is not None or n_slices == 1 else []  # [] = whole volume
+        file_indices = requested_slices(params.slice, n_slices, is_volume)  # [] = whole volume
         view_indices = [view.view_index(k) for k in file_indices]
         inputs = [unit(i) for i in view_indices]
         t_pre = time.perf_counter()
@@ -103,13 +103,7 @@ class RadDiagSegInfer(InferTask):
             file_indices = [view.view_index(i) for i in checked]  # the view index mapping is its own inverse
             results = [results[i] for i in checked]
         else:
-            progress.plan(len(inputs), "slices")
-            results, run_stats = self.runner.answer(
-                inputs, [params.model_question()] * len(inputs), params.generation_options(),
-                batch_size=params.batch_size, tts=params.tts_options(), progress=progress.advance,
-                screen=screen.for_slices(file_indices),
-            )
-            results = [findings.restrict_to_modality(r, modality)[0] if r is not None else None for r in results]
+            results, run_stats = self._answer_slices(params, inputs, file_indices, modality, progress, screen)
             checked = file_indices
         t_model = time.perf_counter()
         verdict = screen.volume_verdict() if whole_volume else screen.verdicts[file_indices[0]]
@@ -158,19 +152,7 @@ class RadDiagSegInfer(InferTask):
             "model": {**identity, "version": run_stats["version"]},
             "feature_cache": {**run_stats["counts"], **self.runner.cache.stats()},
             "image_cache": self.images.stats(),
-            "latencies": {
-                "read": round(t_read - start, 4),
-                "preprocess": round(t_pre - t_read, 4),
-                "encode": round(run_stats["timings"]["encode"], 4),
-                "generate": round(run_stats["timings"]["generate"], 4),
-                "postprocess": round(t_post - t_model, 4),
-                "write": round(t_write - t_post, 4),
-                "model_stages": {k: round(v, 4) for k, v in run_stats["model"].items()},
-                "pre": round(t_pre - start, 4),
-                "infer": round(t_model - t_pre, 4),
-                "post": round(t_write - t_model, 4),
-                "total": round(t_write - start, 4),
-            },
+            "latencies": latencies(start, t_read, t_pre, t_model, t_post, t_write, run_stats),
         }
         logger.info("raddiagseg: %s slice(s), answer %r, %.2fs", len(results), answer[:80], t_write - start)
         return output, result_json
@@ -186,6 +168,17 @@ class RadDiagSegInfer(InferTask):
         if verdict is not None:
             entry["domain"] = verdict
         return entry
+
+    def _answer_slices(self, params, inputs, file_indices, modality, progress, screen):
+        """Answers of a 2D image or one requested slice (None where the domain guard refused it), kept to the
+        modality's vocabulary, and the runner's stats."""
+        progress.plan(len(inputs), "slices")
+        results, run_stats = self.runner.answer(
+            inputs, [params.model_question()] * len(inputs), params.generation_options(),
+            batch_size=params.batch_size, tts=params.tts_options(), progress=progress.advance,
+            screen=screen.for_slices(file_indices),
+        )
+        return [findings.restrict_to_modality(r, modality)[0] if r is not None else None for r in results], run_stats
 
     def _answer_volume(self, params, image, view, unit, progress, screen):
         """Slice answers of a whole volume combined into 3D findings (`raddiagseg.findings.answer_volume`); slices
@@ -225,6 +218,32 @@ class RadDiagSegInfer(InferTask):
 
 
 NOT_ANSWERED = GenerationResult(answer="", segments=[], latencies={})  # a slice the domain guard refused
+
+
+def requested_slices(slice_index, n_slices, is_volume):
+    """File slice indices the request asks about: [k] for `slice` k or a one-slice image, [] for a whole volume."""
+    if slice_index is not None and slice_index >= n_slices:
+        if not is_volume:
+            raise InputError("slice only applies to 3D volumes; this image is 2D")
+        raise InputError(f"slice {slice_index} is outside the volume: it has {n_slices} slices (0..{n_slices - 1})")
+    return [slice_index or 0] if slice_index is not None or n_slices == 1 else []
+
+
+def latencies(start, t_read, t_pre, t_model, t_post, t_write, run_stats):
+    """The response's `latencies` (seconds) from the stage clock readings of `run` and the runner's stats."""
+    return {
+        "read": round(t_read - start, 4),
+        "preprocess": round(t_pre - t_read, 4),
+        "encode": round(run_stats["timings"]["encode"], 4),
+        "generate": round(run_stats["timings"]["generate"], 4),
+        "postprocess": round(t_post - t_model, 4),
+        "write": round(t_write - t_post, 4),
+        "model_stages": {k: round(v, 4) for k, v in run_stats["model"].items()},
+        "pre": round(t_pre - start, 4),
+        "infer": round(t_model - t_pre, 4),
+        "post": round(t_write - t_model, 4),
+        "total": round(t_write - start, 4),
+    }
 
 
 def merge_stats(stats):

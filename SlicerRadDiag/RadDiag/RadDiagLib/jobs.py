@@ -87,10 +87,6 @@ class BackgroundJob:
     def finished(self):
         return self.state in ("done", "failed", "cancelled") and not (self._thread and self._thread.is_alive())
 
-    @property
-    def cancel_requested(self):
-        return self._cancel.is_set()
-
     def poll(self):
         """[(fraction, message), ...] reported since the last poll (GUI thread, non-blocking)."""
         updates = []

@@ -8,6 +8,8 @@ detection, diagnosis and which label value is which named segment.
 from .constants import DEFAULT_QUESTION
 from .segments import export_order
 
+# raddiagseg.templates' seg tokens, copied: RadDiagLib runs in Slicer's Python, which cannot import raddiagseg (torch);
+# tests/test_slicer_lib.py checks that the two agree
 SEG_TOKEN = "<seg{:03d}>"
 MAX_SEG_TOKENS = 16
 

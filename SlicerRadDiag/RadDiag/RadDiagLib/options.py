@@ -1,4 +1,4 @@
-"""Model options of an /infer request (issue 10), as the module's "Options" section sets them.
+"""Model options of an /infer request, as the module's "Options" section sets them.
 
 Only what differs from the server's defaults is sent, so an older server that does not know an
 option still answers a plain request.
@@ -8,7 +8,7 @@ option still answers a plain request.
 - RVLS2M region prompts: "model default" (as the model was trained), "on" or "off";
 - chain of thought: the model reasons (modality -> finding -> diagnosis) before its answer;
   the response's `reasoning` holds that text;
-- answer anyway (`force`, issue 21): an image outside the model's domain gets a diagnosis and segments
+- answer anyway (`force`): an image outside the model's domain gets a diagnosis and segments
   too, still flagged in the response's `domain`.
 """
 

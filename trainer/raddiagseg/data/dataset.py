@@ -63,7 +63,7 @@ def _augmenter(kind="basic", modality="ct"):
     """MONAI dictionary transforms applied jointly to image and masks (geometry) or to the image (intensity).
 
     "basic": a small affine warp and mild intensity changes, no flips (anatomy is lateralised).
-    "scanner": the variation real studies show (issue 22; phantoms generator version 2 draws the same kinds):
+    "scanner": the variation real studies show (phantoms generator version 2 draws the same kinds):
     in-plane rotation ±25° and zoom ±20 % (position, field of view, body size), contrast ×0.55-1.5 around the
     mean (contrast phase, window), gamma 0.45-2.4 (exposure), Gaussian smoothing or sharpening (reconstruction
     kernel, thick slices, detector blur), noise up to 0.08 of full range (≈ 30 HU in the CT window, 20 grey

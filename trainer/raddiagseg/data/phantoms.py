@@ -27,7 +27,7 @@ OWNER_CODES = {"kidney": 1, "spleen": 2, "pancreas": 3, "liver": 4}
 XRAY_CLASSES = ("COVID-19", "Non-COVID", "Normal")
 VARIATIONS = {"none": 1, "scanner": 2, "mixed": 2}  # `raddiagseg phantoms --variation` → generator version
 # variation "mixed": each study is drawn as variation "scanner" with this chance, else with version 1's reference
-# acquisition, so a model trained on it sees both the clean studies and the shifted ones (the demo model, issue 22).
+# acquisition, so a model trained on it sees both the clean studies and the shifted ones (the demo model).
 MIXED_SCANNER_SHARE = 0.5
 
 # Generator version 2: organ, vessel and tumour-organ difference (HU ranges) per contrast phase. "portal venous" is

@@ -88,7 +88,8 @@ def run_model(model, rows, batch_size=8, amputated=False, max_new_tokens=128, pr
         bar.close()
 
 
-def _load(model_or_dir, device=None):
+def model_from(model_or_dir, device=None):
+    """A loaded model as it is, or the model of a checkpoint folder (BenchmarkInputError if it is not one)."""
     if isinstance(model_or_dir, (str, Path)):
         from raddiagseg import load_model
 
@@ -129,7 +130,7 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
         if skipped:
             log.info("resuming %s: %d of %d samples already predicted", out, skipped, len(rows))
         if todo:
-            model = _load(model_or_dir, device)
+            model = model_from(model_or_dir, device)
             model.eval()
             import torch
 
@@ -156,7 +157,7 @@ def evaluate_model(model_or_dir, manifest, split="val", max_samples=None, batch_
     rows = _select(read_manifest(manifest, split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to evaluate for split {split!r}")
-    model = _load(model_or_dir, device)
+    model = model_from(model_or_dir, device)
     was_training = getattr(model, "training", False)
     model.eval()
     records = []

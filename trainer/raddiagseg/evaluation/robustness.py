@@ -1,4 +1,4 @@
-"""How a model holds up under ordinary scanner variation (issue 22): held-out phantoms, post-processed per shift.
+"""How a model holds up under ordinary scanner variation: held-out phantoms, post-processed per shift.
 
 Each shift rewrites the held-out *source* files (MSD volumes in LPS, the COVID-QU-Ex PNG tree) the way
 studies really differ, masks moved with the same geometry, then `raddiagseg build` converts them as it
@@ -43,7 +43,7 @@ SHIFTS = {
 }
 SCANNER_ROW = "scanner phantoms (generator version 2)"
 METRICS = ("detection_f1", "diagnosis_f1", "dice_org", "dice_abn")
-TARGETS = {"detection_f1": 0.90, "diagnosis_f1": 0.85}  # under each shift, per modality (issue 22)
+TARGETS = {"detection_f1": 0.90, "diagnosis_f1": 0.85}  # under each shift, per modality
 
 
 def write_sources(out, seed, ct_volumes, xrays, ct_slices, variation="none", workers=None):
@@ -92,7 +92,8 @@ def _shift_volume(task, out, entry, fn, rng):
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), str(path))
 
 
-def _build(sources, out):
+def build_sources(sources, out):
+    """Build the MSD and COVID-QU-Ex layouts under `sources` into a dataset at `out`; returns its manifest."""
     from raddiagseg.data.builder import build_dataset
 
     sources = Path(sources)
@@ -112,9 +113,9 @@ def robustness_table(model, work, seeds, ct_volumes=6, xrays=36, ct_slices=12, s
     rows are `shifts` (default every SHIFTS key) and, with `scanner`, SCANNER_ROW.
     """
     from raddiagseg.evaluation import scoring
-    from raddiagseg.evaluation.predict import _load, evaluate_model
+    from raddiagseg.evaluation.predict import evaluate_model, model_from
 
-    model = _load(model)
+    model = model_from(model)
     work = Path(work)
     names = list(shifts or SHIFTS)
     rows = {name: {"records": [], "per_seed": {}} for name in names + ([SCANNER_ROW] if scanner else [])}
@@ -122,7 +123,7 @@ def robustness_table(model, work, seeds, ct_volumes=6, xrays=36, ct_slices=12, s
         clean = work / f"seed{seed}" / "sources"
         if not (clean / "COVID-QU-Ex").is_dir():
             write_sources(clean, seed, ct_volumes, xrays, ct_slices, workers=workers)
-        variants = [(name, work / f"seed{seed}" / _slug(name)) for name in names]
+        variants = [(name, work / f"seed{seed}" / shift_folder_name(name)) for name in names]
         if scanner:
             variants.append((SCANNER_ROW, work / f"seed{seed}" / "scanner"))
         for name, folder in variants:
@@ -137,7 +138,7 @@ def robustness_table(model, work, seeds, ct_volumes=6, xrays=36, ct_slices=12, s
                 if sources.exists():
                     shutil.rmtree(sources)
                 shift_sources(clean, sources, name, seed)
-            manifest = _build(sources, folder / "built")
+            manifest = build_sources(sources, folder / "built")
             report, records = evaluate_model(model, manifest, split=None, tasks=("vqaseg",), batch_size=batch_size,
                                              return_records=True)
             rows[name]["records"] += records
@@ -150,7 +151,8 @@ def robustness_table(model, work, seeds, ct_volumes=6, xrays=36, ct_slices=12, s
     return table
 
 
-def _slug(name):
+def shift_folder_name(name):
+    """The folder name of shift `name` (letters and digits, at most 40 characters)."""
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
 
 

@@ -61,7 +61,8 @@ class SegMaskDecoder(nn.Module):
         h, w = self.prompt_encoder.image_embedding_size
         size = self.prompt_encoder.mask_input_size[0]
         masks = rvls2m.mask_prompt(regions, h, size).to(self.prompt_encoder.mask_downscaling[0].weight.dtype)
-        return self.prompt_encoder._embed_masks(masks).to(dtype)
+        _, dense = self.prompt_encoder(points=None, boxes=None, masks=masks)  # SAM's mask branch, no points or boxes
+        return dense.to(dtype)
 
     def forward(self, image_embeddings, hidden_states, image_index, region=None, regions=None):
         """image_embeddings (B, C, h, w); hidden_states (K, D_lm); image_index (K,) long -> (K, 4h, 4w) logits.

@@ -6,7 +6,6 @@ half-written one (and `resolve_checkpoint` finds the previous one if the crash h
 """
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from raddiagseg.fileio import previous_folder, replace_folder
 
 STATE_FILE = "training_state.pt"
 INFO_FILE = "checkpoint.json"
@@ -64,39 +65,12 @@ def save_model(model, folder, dtype=None):
         model.save_pretrained(folder, dtype=dtype)
 
 
-def replace_folder(new, target):
-    """Make folder `new` be `target`: target -> .old, new -> target, drop .old."""
-    new, target = Path(new), Path(target)
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def resolve_checkpoint(target):
     """The usable folder for `target`: itself, or the `.old` copy a crash between the two renames left."""
     target = Path(target)
     if (target / "config.json").is_file():
         return target
-    old = target.with_name(f".{target.name}.old")
+    old = previous_folder(target)
     if (old / "config.json").is_file():
         return old
     return None

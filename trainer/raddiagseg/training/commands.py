@@ -3,6 +3,7 @@
 import json
 
 from raddiagseg.cli import CommandError
+from raddiagseg.training.config import ENGINES, PRECISIONS, PRESETS, STAGES
 
 
 def register(subparsers):
@@ -11,8 +12,8 @@ def register(subparsers):
         description="Train one stage of RadDiagSeg-M. Under `torchrun --nproc_per_node K` it runs DDP with the same "
                     "effective batch (--batch-size x --grad-accum) as one process.")
     p.add_argument("--data", required=True, help="folder with manifest.jsonl (from `raddiagseg build`) or the manifest")
-    p.add_argument("--stage", required=True, choices=("pretrain", "finetune"))
-    p.add_argument("--preset", default="demo", choices=("demo", "paper"))
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--preset", default="demo", choices=PRESETS)
     p.add_argument("--init", help="checkpoint folder to start from (e.g. the pretrain run's best/)")
     p.add_argument("--out", required=True, help="run folder (best/, last/, metrics.csv, tb/, loss_curves.png)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: from the preset)")
@@ -29,14 +30,14 @@ def register(subparsers):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on a GPU that supports it, fp32 on CPU")
-    p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"), help="deepspeed = ZeRO-2 (needs deepspeed)")
+    p.add_argument("--engine", default="ddp", choices=ENGINES, help="deepspeed = ZeRO-2 (needs deepspeed)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
     p.add_argument("--augmentation", default="basic", choices=("basic", "scanner"),
                    help="basic: small warp, mild intensity; scanner: rotation, zoom, contrast, gamma, blur/sharpen, "
-                        "noise, X-ray polarity and side-free mirroring (issue 22)")
+                        "noise, X-ray polarity and side-free mirroring")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the best/ model folder")
     p.add_argument("--rvls2m", action="store_true", help="train with RVLS2M region prompts (paper 003), saved in the model config")
@@ -58,7 +59,7 @@ def register(subparsers):
     d.add_argument("--pretrain-steps", type=int)
     d.add_argument("--finetune-steps", type=int)
     d.add_argument("--batch-size", type=int)
-    d.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    d.add_argument("--precision", default="auto", choices=PRECISIONS)
     d.add_argument("--num-workers", type=int, default=0)
     d.add_argument("--resume", action="store_true", help="reuse finished steps in --work and resume unfinished runs")
     d.add_argument("--val-samples", type=int, default=64, help="validation samples per check in each stage")

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from raddiagseg.model.config import PRESETS as MODEL_PRESETS
+
 STAGES = ("pretrain", "finetune")
-PRESETS = ("demo", "paper")
+PRESETS = tuple(MODEL_PRESETS)  # the model presets (raddiagseg.model.config.PRESETS); PRESET_DEFAULTS has each one
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("ddp", "deepspeed")
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from raddiagseg.fileio import replace_folder
+
 log = logging.getLogger(__name__)
 
 # Phantom data sizes. Many short volumes rather than few long ones: neighbouring slices of one
@@ -139,9 +141,7 @@ def _align(data, out, settings):
         shutil.rmtree(staging)
     model.save_pretrained(staging)
     (staging / "alignment.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out)  # the previous folder stays until the new one is complete
     return (out, summary), False
 
 
@@ -239,9 +239,7 @@ def build_demo(settings: DemoSettings):
     card = staging / "MODEL_CARD.md"
     card.write_text(model_card(settings, report, timings, align_summary, pre_summary, fine_summary, steps.reused)
                     + "\n" + domain.card_section(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out)  # the previous folder stays until the new one is complete
     return out / "MODEL_CARD.md"
 
 

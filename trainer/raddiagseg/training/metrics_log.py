@@ -5,6 +5,8 @@ import logging
 import math
 from pathlib import Path
 
+from raddiagseg.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("step", "lr", "loss", "loss_text", "loss_bce", "loss_dice", "n_masks", "grad_norm",
@@ -85,10 +87,10 @@ class MetricsLog:
         ax_val.set_xlabel("step")
         ax_val.set_title("validation metric")
         fig.tight_layout()
-        tmp = self.png_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(self.png_path)
+        try:
+            atomic_write(self.png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
 
     def close(self):
         self._csv_file.close()
