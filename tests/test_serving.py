@@ -63,13 +63,30 @@ ENDPOINTS = [
     ("POST", "/activelearning/first"), ("GET", "/model/raddiagseg"), ("PUT", "/model/raddiagseg"),
     ("DELETE", "/model/raddiagseg"), ("GET", "/scoring/"), ("GET", "/batch/infer"), ("GET", "/logs/"),
     ("POST", "/reload"), ("GET", "/session/abc"), ("GET", "/proxy/dicom/qido/studies"), ("GET", "/static/favicon.ico"),
-    ("GET", "/ohif/"), ("GET", "/queue/"), ("GET", "/queue/abc"), ("GET", "/no/such/endpoint"),
+    ("GET", "/ohif/"), ("GET", "/queue/"), ("GET", "/queue/abc"), ("GET", "/auth/token/valid"),
+    ("GET", "/no/such/endpoint"),
 ]
 
 
-def test_health_check_is_the_only_open_endpoint(env):
+def test_the_health_check_and_the_stock_plugins_sign_in_are_the_only_open_endpoints(env):
     reply = requests.get(env["url"] + "/health", timeout=10)
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+    reply = requests.get(env["url"] + "/auth/", timeout=10)  # MONAI Label's plugin then shows its sign-in dialog
+    assert reply.status_code == 200 and reply.json()["enabled"] is True
+    token = env["tokens"]["annotator"]
+    for form in ({"username": "annotator1", "password": "wrong"}, {"username": "user1", "password": token},
+                 {"username": "annotator1"}, {"password": token}, {}):
+        reply = requests.post(env["url"] + "/auth/token", data=form, timeout=10)
+        assert reply.status_code == 401 and "user name and token do not match" in reply.json()["detail"], form
+    reply = requests.post(env["url"] + "/auth/token", data={"username": "annotator1", "password": "x" * 5000}, timeout=10)
+    assert reply.status_code == 413
+    # the answer is the token itself: signing in grants nothing more than the token does
+    reply = requests.post(env["url"] + "/auth/token", data={"username": "annotator1", "password": token,
+                                                            "grant_type": "password"}, timeout=10)
+    assert reply.status_code == 200 and reply.json() == {"access_token": token, "token_type": "bearer"}
+    valid = requests.get(env["url"] + "/auth/token/valid", headers=bearer(token), timeout=10)
+    assert valid.status_code == 200 and valid.json() == {"username": "annotator1", "roles": ["annotator"]}
+    assert requests.post(env["url"] + "/train/raddiagseg", headers=bearer(token), timeout=10).status_code == 403
 
 
 @pytest.mark.parametrize("method,path", ENDPOINTS)

@@ -77,7 +77,8 @@ def test_a_path_suffix_never_reaches_the_stock_upload_handler(env, path):
 
 
 @pytest.mark.parametrize("method,path", [
-    ("PUT", "/session/"), ("POST", "/infer/wsi/raddiagseg"), ("GET", "/auth/token/valid"), ("GET", "/no/such/thing"),
+    ("PUT", "/session/"), ("POST", "/infer/wsi/raddiagseg"), ("GET", "/auth/realm"), ("POST", "/auth/token/valid"),
+    ("GET", "/no/such/thing"),
     ("POST", "/proxy/dicom/studies"),
 ])
 def test_anything_not_explicitly_allowed_is_refused(env, method, path):

@@ -24,7 +24,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from live_server import free_port, wait_for_training
-from serving_helpers import bearer, make_users, start_serve, write_stub_app
+from serving_helpers import SERVER_KINDS, bearer, make_users, start_app_server, start_serve, write_stub_app
 
 PLUGIN_DIRS = ["/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins"]
 
@@ -113,6 +113,35 @@ def ct_series(folder: Path, n=6, rows=32, cols=28, origin=(0.0, 0.0, 0.0)):
     return series
 
 
+def _seg_in_orthanc(orthanc):
+    """The one DICOM SEG instance stored in Orthanc, read with pydicom."""
+    segs = requests.post(orthanc + "/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
+                         timeout=30).json()
+    assert len(segs) == 1, segs
+    [instance] = requests.get(f"{orthanc}/series/{segs[0]}", timeout=30).json()["Instances"]
+    return pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc}/instances/{instance}/file", timeout=30).content))
+
+
+def _write_label(array, reference, path):
+    label = sitk.GetImageFromArray(array)
+    label.CopyInformation(reference)
+    sitk.WriteImage(label, str(path))
+
+
+def _assert_liver_and_tumour_seg(seg, array):
+    """Two segments, named and SNOMED CT-coded from our vocabulary, each with the voxels of its label value."""
+    assert [(s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+             s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning,
+             s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) for s in seg.SegmentSequence] == [
+        (1, "liver", "123037004", "10200004", "Liver", "SCT"),
+        (2, "liver tumour", "49755003", "108369006", "Neoplasm", "SCT")]
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    voxels = {1: 0, 2: 0}
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        voxels[int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] += int(frame.sum())
+    assert voxels == {1: int((array == 1).sum()), 2: int((array == 2).sum())}
+
+
 def test_orthanc_datastore_store_infer_save_label_train(orthanc, tmp_path):
     # store a study in Orthanc
     series = ct_series(tmp_path / "dicom")
@@ -195,9 +224,7 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
         array = np.zeros((6, 40, 36), np.uint8)
         array[1:5, 8:30, 6:26] = 1
         array[2:5, 14:22, 10:18] = 2
-        label = sitk.GetImageFromArray(array)
-        label.CopyInformation(reference)
-        sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+        _write_label(array, reference, tmp_path / "label.nii.gz")
         info = {"segments": [{"name": "liver", "label_value": 1}, {"name": "liver tumour", "label_value": 2}],
                 "detection": True, "diagnosis": "Liver tumour",
                 "label_info": [{"name": "liver"}, {"name": "liver tumour"}]}
@@ -205,21 +232,8 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
             reply = requests.put(url + f"/datastore/label?image={series}", headers=bearer(tokens["annotator"]),
                                  files={"label": ("label.nii.gz", f)}, data={"params": json.dumps(info)}, timeout=300)
         assert reply.status_code == 200, server.log()
-        segs = requests.post(orthanc + "/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
-                             timeout=30).json()
-        assert len(segs) == 1
         # the DICOM SEG in the PACS names and codes each segment (SNOMED CT), with each segment's voxels
-        [instance] = requests.get(f"{orthanc}/series/{segs[0]}", timeout=30).json()["Instances"]
-        seg = pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc}/instances/{instance}/file", timeout=30).content))
-        assert [(s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
-                 s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator)
-                for s in seg.SegmentSequence] == [(1, "liver", "123037004", "10200004", "SCT"),
-                                                 (2, "liver tumour", "49755003", "108369006", "SCT")]
-        frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
-        per_segment = {1: 0, 2: 0}
-        for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
-            per_segment[int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] += int(frame.sum())
-        assert per_segment == {1: int((array == 1).sum()), 2: int((array == 2).sum())}
+        _assert_liver_and_tumour_seg(_seg_in_orthanc(orthanc), array)
 
         reply = requests.post(url + "/train/raddiagseg", headers=admin, json={"max_steps": 3}, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -252,3 +266,39 @@ def test_real_app_on_orthanc_infers_in_series_geometry_saves_seg_and_trains(orth
                              timeout=300).status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_the_stock_plugins_label_reaches_orthanc_as_a_dicom_seg_with_our_names_and_codes(orthanc, tmp_path, kind):
+    """MONAI Label's own client saves a correction in its Slicer plugin's format (every Segment Editor segment, an
+    empty one included) through either server; the PACS gets one named, SNOMED-coded segment per label value."""
+    app_studies = pytest.importorskip("app_studies")
+    series = ct_series(tmp_path / "dicom", n=4, rows=24, cols=20)
+    for f in sorted((tmp_path / "dicom").glob("*.dcm")):
+        assert requests.post(orthanc + "/instances", data=f.read_bytes(), timeout=30).status_code == 200
+    reader = sitk.ImageSeriesReader()
+    reference = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
+    array = np.zeros((4, 24, 20), np.uint8)
+    array[0:4, 4:20, 3:17] = 1
+    array[1:3, 8:14, 6:12] = 2
+    _write_label(array, reference, tmp_path / "label.nii.gz")
+
+    server = start_app_server(kind, app_studies.APP_DIR, orthanc + "/dicom-web",
+                              {"model_path": app_studies.random_model_dir(tmp_path / "model"),
+                               "work_dir": tmp_path / "work"}, tmp_path,
+                              env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+                                   # dcmqi (pip) next to this Python, as in an activated venv: else start_server
+                                   # downloads it from GitHub (serve.py adds that folder itself)
+                                   "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])})
+    try:
+        (tmp_path / "client").mkdir()
+        client = server.client(tmp_path / "client")
+        plugin_info = [{"name": "liver", "idx": 1}, {"name": "liver tumour", "idx": 2}, {"name": "Segment_3", "idx": 3}]
+        client.save_label(series, str(tmp_path / "label.nii.gz"), tag="final",
+                          params={"label_info": plugin_info, "model": "raddiagseg"})
+    finally:
+        server.stop()
+
+    seg = _seg_in_orthanc(orthanc)
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    _assert_liver_and_tumour_seg(seg, array)  # the empty, unknown "Segment_3" is not a segment of the SEG

@@ -8,12 +8,17 @@ datastore, download_label, next_sample for every listed strategy, train_start / 
 train_stop. A randomly initialised demo-preset model is served: its answers are gibberish, but label
 files, geometry, the saved labels and the training run built from them are real.
 
+The stock Slicer plugin signs in with its own dialog (`auth_enabled`, `auth_token`, `auth_valid_token`, then
+`update_auth`) and its buttons send the `config` that `/info/` lists for the model, trainer or strategy, a
+list standing for its first item: both are checked as the plugin makes those calls, with its client id.
+
 The last tests make the requests of MONAI Label's own black-box integration tests for radiology
 apps (`tests/integration/radiology/test_info.py`, `test_infer.py`, `test_trainer.py` in
 Project-MONAI/MONAILabel) with the same assertions, adapted only for our model name, image ids and
 (serve.py) the token.
 """
 
+import json
 import time
 
 import numpy as np
@@ -32,6 +37,14 @@ STOCK_LABEL_INFO = {"label_info": [{"name": "liver", "idx": 1}, {"name": "liver 
 OUR_LABEL_INFO = {"segments": [{"name": "lung", "label_value": 1}, {"name": "infection", "label_value": 2}],
                   "detection": True, "diagnosis": "COVID-19 infection"}
 SHORT = {"max_new_tokens": 12}  # random weights never stop early: keep answers short
+PLUGIN_CLIENT_ID = "user-xyz"  # the stock plugin's default client id (its settings), sent with every request
+
+
+def plugin_params(info, section, name):
+    """The params a stock plugin button sends: the `config` /info/ lists for that model, trainer or strategy, with
+    the first item of a list (a choice)."""
+    return {key: value[0] if isinstance(value, list) else value
+            for key, value in info[section][name].get("config", {}).items()}
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -65,6 +78,42 @@ def test_info_lists_model_labels_strategies_and_trainer(served):
     assert info["models"][MODEL]["type"] == "segmentation"
     assert set(info["strategies"]) == {"uncertain", "random", "first"}
     assert MODEL in info["trainers"]
+
+
+def test_the_plugin_signs_in_and_its_infer_and_next_sample_buttons_work(served):
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    server, root = served["server"], served["root"]
+    (root / "plugin").mkdir()
+    plugin = MONAILabelClient(server.url, tmpdir=str(root / "plugin"), client_id=PLUGIN_CLIENT_ID)
+    if server.kind == "monailabel":
+        assert plugin.auth_enabled() is False  # no sign-in dialog: every call goes without a token
+    else:
+        assert plugin.auth_enabled() is True  # the plugin shows its sign-in dialog
+        for name, password in (("admin1", "not-the-token"), ("user1", server.token), ("admin1", "")):
+            with pytest.raises(MONAILabelClientException) as refused:
+                plugin.auth_token(name, password)
+            assert refused.value.status_code == 401 and "user name and token do not match" in refused.value.msg
+        assert plugin.auth_valid_token() is False
+        with pytest.raises(MONAILabelClientException) as no_token:
+            plugin.info()
+        assert no_token.value.status_code == 401
+        token = plugin.auth_token("admin1", server.token)
+        assert token == {"access_token": server.token, "token_type": "bearer"}
+        plugin.update_auth(token)
+        assert plugin.auth_valid_token() is True
+
+    info = plugin.info()
+    params = plugin_params(info, "models", MODEL)
+    assert params["question"] and params["result_extension"] == ".nii.gz"
+    label_file, result = plugin.infer(MODEL, "cxr_covid", params)
+    xray = served["studies"]["cxr_covid"][0]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
+    assert labels.shape == xray.shape and set(np.unique(labels)) <= {0, *result["label_names"].values()}
+    assert isinstance(result["answer"], str) and result["model"]
+    for strategy in info["strategies"]:
+        assert plugin.next_sample(strategy, plugin_params(info, "strategies", strategy))["id"] in ("ct_liver", "cxr_covid")
 
 
 def test_upload_image_then_infer_on_it(served, tmp_path):
@@ -102,7 +151,9 @@ def test_save_label_in_the_stock_plugin_format_and_ours(served):
     client, root, saved = served["client"], served["root"], served["saved"]
     ct, ct_label = served["studies"]["ct_liver"]
     sitk.WriteImage(ct_label, str(root / "ct_liver_label.nii.gz"))
-    reply = client.save_label("ct_liver", str(root / "ct_liver_label.nii.gz"), tag="final", params=dict(STOCK_LABEL_INFO))
+    # the plugin lists every segment of the Segment Editor, also one left empty with Slicer's default name
+    stock = {**STOCK_LABEL_INFO, "label_info": [*STOCK_LABEL_INFO["label_info"], {"name": "Segment_3", "idx": 3}]}
+    reply = client.save_label("ct_liver", str(root / "ct_liver_label.nii.gz"), tag="final", params=stock)
     assert reply["image"] == "ct_liver"
     saved["ct_liver"] = reply["label"]
 
@@ -116,7 +167,7 @@ def test_save_label_in_the_stock_plugin_format_and_ours(served):
 
     objects = client.datastore()["objects"]
     final = objects["ct_liver"]["labels"]["final"]
-    assert final["info"]["label_info"] == STOCK_LABEL_INFO["label_info"]
+    assert final["info"]["label_info"] == stock["label_info"]
     assert objects["cxr_covid"]["labels"]["final"]["info"]["diagnosis"] == "COVID-19 infection"
     assert not objects["ct_upload"]["labels"]
 
@@ -146,6 +197,8 @@ def expected_train_samples(served):
 
 
 def test_train_start_stop_then_train_with_params_on_the_stock_format(served):
+    from monailabel.client.client import MONAILabelClientException
+
     client, root, server = served["client"], served["root"], served["server"]
     label = np.zeros((4, 32, 28), np.uint8)
     label[:, 8:16, 6:14] = 1
@@ -154,8 +207,19 @@ def test_train_start_stop_then_train_with_params_on_the_stock_format(served):
     sitk.WriteImage(label_image, str(root / "upload_label.nii.gz"))
     client.save_label("ct_upload", str(root / "upload_label.nii.gz"), tag="final",
                       params={"label_info": [{"name": "Segment_1", "idx": 1}]})
+    # label info training cannot read (a question that is not text): serve.py refuses it when it is saved,
+    # `monailabel start_server` stores it and training leaves that one label out with the reason
+    client.upload_image(str(root / "ct_upload.nii.gz"), image_id="ct_bad_info")
+    bad_info = {"label_info": [{"name": "liver", "idx": 1}], "question": 5}
+    if server.kind == "serve":
+        with pytest.raises(MONAILabelClientException) as refused:
+            client.save_label("ct_bad_info", str(root / "upload_label.nii.gz"), tag="final", params=bad_info)
+        assert "Status: 400" in refused.value.msg and "question must be non-empty text" in refused.value.msg
+    else:
+        client.save_label("ct_bad_info", str(root / "upload_label.nii.gz"), tag="final", params=bad_info)
 
-    started = client.train_start(MODEL, {"max_steps": 20000})
+    # the plugin's Train button sends the trainer's config from /info/; its Stop button stops the run
+    started = client.train_start(MODEL, plugin_params(client.info(), "trainers", MODEL))
     assert started["status"] in ("SUBMITTED", "RUNNING")  # MONAI Label answers before its runner thread starts
     deadline = time.time() + 600
     while client.info()["train_stats"][MODEL].get("status") != "RUNNING":  # the train task itself has started
@@ -172,8 +236,14 @@ def test_train_start_stop_then_train_with_params_on_the_stock_format(served):
     assert stats["status"] == "DONE" and stats["step"] == 3
     data = stats["data"]
     assert data["images"] == 2 and data["train_samples"] == expected_train_samples(served), data
-    [skipped] = data["skipped"]
-    assert skipped["image"] == "ct_upload" and "'Segment_1'" in skipped["reason"]
+    skipped = {entry["image"]: entry["reason"] for entry in data["skipped"]}
+    assert "no segment name RadDiag knows ('Segment_1')" in skipped.pop("ct_upload")
+    if server.kind == "monailabel":
+        assert "question must be non-empty text" in skipped.pop("ct_bad_info")
+    assert skipped == {}
+    [empty_segment] = data["skipped_segments"]  # the plugin's empty "Segment_3": named, not trained on
+    assert (empty_segment["image"], empty_segment["segment"], empty_segment["label_value"]) == ("ct_liver", "Segment_3", 3)
+    assert "not a target RadDiag knows" in empty_segment["reason"]
 
 
 # ---- MONAI Label's integration tests for radiology apps (tests/integration/radiology), our model and images ----
@@ -196,6 +266,10 @@ def test_monailabel_integration_infer(served):
     for image in ("cxr_covid", "ct_upload"):
         response = requests.post(f"{url}/infer/{model}?image={image}", headers=headers)
         assert response.status_code == 200, response.text
+    # their params-carrying request (the deepgrow one): params as a JSON form field
+    image, params = "ct_upload", {"slice": 1, **SHORT}
+    response = requests.post(f"{url}/infer/{model}?image={image}", data={"params": json.dumps(params)}, headers=headers)
+    assert response.status_code == 200, response.text
 
 
 def test_monailabel_integration_trainer(served):

@@ -13,7 +13,7 @@ import re
 from urllib.parse import parse_qsl, urlencode
 
 from .auth import TokenStore
-from .policy import PUBLIC, PathError, normalise, required_role
+from .policy import LOGIN, PUBLIC, PathError, normalise, required_role
 from .validation import ID_PATTERN, Limits
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class SecurityMiddleware:
-    """Authenticates every request but ``/health``, enforces the role policy and size limits, and
-    sends the replaced endpoints (``overrides.handles``) to our own handlers."""
+    """Authenticates every request but ``/health`` and the stock plugin's sign-in (``stock_login``),
+    enforces the role policy and size limits, and sends the replaced endpoints (``overrides.handles``)
+    to our own handlers."""
 
     def __init__(self, app, tokens: TokenStore, limits: Limits, overrides=None):
         self.app = app
@@ -83,6 +84,11 @@ class SecurityMiddleware:
         role = required_role(method, path)
         if role == PUBLIC:
             return await send_json(send, 200, {"status": "ok"})
+        if role == LOGIN and self.overrides is not None:  # the stock plugin signs in before it has a token
+            routed = self.overrides.route_for(method, path)
+            scope = dict(scope, path=routed, raw_path=routed.encode("ascii"),
+                         state=dict(scope.get("state") or {}, tokens=self.tokens))
+            return await self._call_limited(self.overrides, scope, receive, send)
 
         identity = self.tokens.identify(self._token(scope))
         if identity is None and self.tokens.problem:

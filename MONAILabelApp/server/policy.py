@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 PUBLIC = "public"  # role value for endpoints open without a token (the health check only)
+LOGIN = "login"  # MONAI Label's sign-in for its Slicer plugin (server.stock_login): open, it takes a token
 ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}"  # a model, strategy, image or job name
 PATH_CHARS = re.compile(r"/[A-Za-z0-9._~,/-]*")
 DICOMWEB_PATH = r"[A-Za-z0-9./,-]+"  # checked further by the proxy (server.dicomweb)
@@ -38,6 +39,9 @@ def _rule(methods, pattern, role):
 
 RULES = [
     _rule(R, r"/health/?", PUBLIC),
+    _rule(("GET",), r"/auth/?", LOGIN),
+    _rule(("POST",), r"/auth/token/?", LOGIN),
+    _rule(("GET",), r"/auth/token/valid/?", "user"),
     # reading: any signed-in user
     _rule(R, r"/info/?", "user"),
     _rule(R, r"/|/docs|/openapi\.json|/favicon\.ico", "user"),
@@ -69,7 +73,7 @@ RULES = [
     _rule(("POST",), r"/reload/?", "admin"),
     _rule(("POST",), rf"/batch/infer/{ID}/?", "admin"),
     _rule(("DELETE",), r"/batch/infer/?", "admin"),
-    # not listed, so refused: sessions (they take uploads we do not check), /auth/*, whole-slide infer
+    # not listed, so refused: sessions (they take uploads we do not check), other /auth/* routes, whole-slide infer
 ]
 
 

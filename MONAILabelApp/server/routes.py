@@ -147,8 +147,10 @@ class Overrides:
         self._register_proxy_routes()
         self._register_queue_routes()
         from .datastore_routes import register_datastore_routes
+        from .stock_login import register_login_routes
 
         register_datastore_routes(self.app, limits)
+        register_login_routes(self.app)
 
         @self.app.get("/logs/gpu")
         async def gpu_info():

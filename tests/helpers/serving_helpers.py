@@ -173,10 +173,11 @@ class AppServer:
         self.handle.stop()
 
 
-def start_app_server(kind, app_dir, studies, conf, workdir: Path, timeout=300) -> AppServer:
-    """Start `kind` (one of SERVER_KINDS) on `studies`; serve.py gets users in workdir/auth.json and an admin token."""
+def start_app_server(kind, app_dir, studies, conf, workdir: Path, timeout=300, env=None) -> AppServer:
+    """Start `kind` (one of SERVER_KINDS) on `studies` (a folder or a DICOMweb URL); serve.py gets users in
+    workdir/auth.json and an admin token."""
     if kind == "monailabel":
-        return AppServer(kind, start_server(app_dir, studies, conf, timeout=timeout))
+        return AppServer(kind, start_server(app_dir, studies, conf, env=env, timeout=timeout))
     tokens = make_users(workdir / "auth.json")
-    handle = start_serve(app_dir, studies, workdir / "auth.json", tokens["admin"], conf=conf, timeout=timeout)
+    handle = start_serve(app_dir, studies, workdir / "auth.json", tokens["admin"], conf=conf, env=env, timeout=timeout)
     return AppServer(kind, handle, tokens["admin"])
