@@ -143,3 +143,72 @@ def test_paper_train_step_script_one_and_two_processes_at_a_tiny_size(tmp_path):
     assert not (work / "weights").exists()  # the large files are deleted
     assert not any((work / f"run-{n}proc" / "best").exists() for n in (1, 2))
     assert "processes, same effective batch 2" in result.stdout
+
+
+DEMO = ROOT / "MONAILabelApp" / "model" / "raddiagseg-demo"
+
+
+def _demo_cases(model, n):
+    import numpy as np
+
+    from raddiagseg.data import phantoms
+    from raddiagseg.imaging import to_unit_range
+
+    ct = phantoms.generate_ct(np.random.default_rng(3), "liver", size=128, slices=n + 4, tumours=2)
+    return [model.encode_images([to_unit_range(ct.hu[i + 2].astype(np.float32), "ct", None)]) for i in range(n)]
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
+def test_decode_step_masks_leave_answers_and_masks_bit_for_bit_unchanged(monkeypatch):
+    """The same greedy batch (left padding, rows finishing at different steps) with transformers building the masks
+    each step and with `LanguageModel.step_masks`: identical tokens and identical masks."""
+    import numpy as np
+
+    from raddiagseg import load_model, templates
+    from raddiagseg.model.language_model import LanguageModel
+
+    torch.manual_seed(0)
+    model = load_model(DEMO).eval()
+    features = _demo_cases(model, 2)
+    questions = [templates.DEFAULT_QUESTION, "Is there a tumour in the liver?"]  # different lengths: left padding
+    after = model.generate_batch(None, questions, features=features, max_new_tokens=48)
+    calls = []
+    fast = LanguageModel.step_masks
+    monkeypatch.setattr(LanguageModel, "step_masks", lambda self, a, d: calls.append(fast(self, a, d)) and None)
+    before = model.generate_batch(None, questions, features=features, max_new_tokens=48)
+    assert calls and all(c is not None for c in calls)  # the fast path was available at every step it replaced
+    assert [r.token_ids for r in after] == [r.token_ids for r in before]
+    assert len({len(r.token_ids) for r in after}) == 2  # one row finished before the other
+    for a, b in zip(after, before):
+        assert [s.label for s in a.segments] == [s.label for s in b.segments]
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.segments, b.segments))
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
+def test_int8_weight_only_keeps_the_demo_models_answers_and_masks():
+    import numpy as np
+
+    pytest.importorskip("torchao")
+    from raddiagseg import load_model, templates
+    from raddiagseg.model.quantize import Int8WeightOnlyLinear, quantize_model
+
+    base = load_model(DEMO).eval()
+    quant = load_model(DEMO).eval()
+    assert quantize_model(quant, "int8") == sum(isinstance(m, torch.nn.Linear) for m in base.language_model.causal_lm.modules())
+    layer = quant.language_model.causal_lm.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int8WeightOnlyLinear) and layer.qweight.dtype == torch.int8
+    x = torch.randn(2, 3, layer.in_features)
+    reference = base.language_model.causal_lm.model.layers[0].mlp.down_proj(x)
+    assert float((layer(x) - reference).abs().max()) < 0.02 * float(reference.abs().max())
+    same, dices = 0, []
+    features = _demo_cases(base, 4)
+    for f in features:
+        a = base.generate(None, templates.DEFAULT_QUESTION, features=f, max_new_tokens=64)
+        b = quant.generate(None, templates.DEFAULT_QUESTION, features=f.to(quant.device, quant.dtype), max_new_tokens=64)
+        if a.token_ids == b.token_ids:
+            same += 1
+            dices += [2 * np.logical_and(x.mask, y.mask).sum() / max(x.mask.sum() + y.mask.sum(), 1)
+                      for x, y in zip(a.segments, b.segments)]
+    assert same >= 3 and dices and min(dices) > 0.95
+    with pytest.raises(ValueError, match="quantize must be one of int8, int8-all"):
+        quantize_model(quant, "int4")

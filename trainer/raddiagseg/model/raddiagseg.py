@@ -411,7 +411,9 @@ class _eval_mode:
 
     def __enter__(self):
         self.was_training = self.module.training
-        self.module.eval()
+        if self.was_training:  # eval() walks every module (and merges the seg rows): only when it changes something
+            self.module.eval()
 
     def __exit__(self, *exc):
-        self.module.train(self.was_training)
+        if self.was_training:
+            self.module.train(True)
