@@ -90,7 +90,7 @@ def main():
     from raddiagseg.imaging import to_unit_range
     from raddiagseg.model.language_model import LanguageModel
 
-    folder = args.model or SHIPPED_MODEL
+    folder = args.model or SHIPPED_MODEL.relative_to(ROOT)
     model = load_model(folder).eval()
     ct = phantoms.generate_ct(np.random.default_rng(0), "liver", size=256, slices=args.slices + 4, tumours=2)
     features = [model.encode_images([to_unit_range(ct.hu[i + 2].astype(np.float32), "ct", None)]) for i in range(args.slices)]

@@ -95,6 +95,7 @@ def write_weights(folder: Path, config):
 
     paths = {"sam_checkpoint": folder / "medsam_vit_b.pth", "clip_dir": folder / "BiomedCLIP",
              "lm_dir": folder / "paligemma2-3b-pt-224"}
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's files
     t0 = time.perf_counter()
     weight_files.write_sam_checkpoint(paths["sam_checkpoint"], config.vision, config.mask_decoder)
     weight_files.write_open_clip_folder(paths["clip_dir"], config.clip)

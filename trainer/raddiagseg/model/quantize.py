@@ -85,8 +85,10 @@ def quantize_model(model, mode: str = "int8"):
     count = _replace_linears(causal)
     if mode == "int8-all":
         count += _replace_linears(model.vision_backbone) + _replace_linears(model.clip_encoder)
-        # nn.MultiheadAttention reads its out_proj weight directly: the projector's cross-attention stays as it is
-        count += _replace_linears(model.projector, skip={model.projector.cross_attn}) + _replace_linears(model.mask_decoder)
+        # nn.MultiheadAttention reads its out_proj weight directly, and the LM -> prompt projection's weight dtype is
+        # read to cast its input: those two stay as they are (both small)
+        count += _replace_linears(model.projector, skip={model.projector.cross_attn})
+        count += _replace_linears(model.mask_decoder, skip={model.mask_decoder.text_to_prompt})
     model.quantization = {"mode": mode, "linear_layers": count}
     model.eval()
     return count
