@@ -90,7 +90,7 @@ def main():
     from raddiagseg.imaging import to_unit_range
     from raddiagseg.model.language_model import LanguageModel
 
-    folder = args.model or SHIPPED_MODEL.relative_to(ROOT)
+    folder = args.model or SHIPPED_MODEL
     model = load_model(folder).eval()
     ct = phantoms.generate_ct(np.random.default_rng(0), "liver", size=256, slices=args.slices + 4, tumours=2)
     features = [model.encode_images([to_unit_range(ct.hu[i + 2].astype(np.float32), "ct", None)]) for i in range(args.slices)]
@@ -122,7 +122,7 @@ def main():
     steps = results["after"][0][2]
     lm_params = sum(p.numel() for p in model.language_model.parameters())
     lines = [HEADING, "",
-             f"{machine()}; model {folder} (LM {lm_params / 1e6:.1f} M parameters), {args.slices} CT slices x "
+             f"{machine()}; model {args.model or SHIPPED_MODEL.relative_to(ROOT)} (LM {lm_params / 1e6:.1f} M parameters), {args.slices} CT slices x "
              f"{args.rounds} rounds, greedy, {steps} decode steps per round, cached features; medians per token:", "",
              "| path | thread CPU ms/token | wall ms/token |", "|---|---|---|",
              f"| before (transformers builds the masks each step) | {cpu['before'] * 1000:.2f} | {wall['before'] * 1000:.2f} |",
