@@ -56,9 +56,17 @@ class Budget:
 
 
 def gpu_memory_gb(torch):
+    """Peak GPU memory since the last call (0 on CPU, the --device cpu dry run)."""
+    if not torch.cuda.is_available():
+        return 0.0
     peak = torch.cuda.max_memory_allocated() / 1024**3
     torch.cuda.reset_peak_memory_stats()
     return peak
+
+
+def sync(torch):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def answer_phase(model, units, repeats, torch):
@@ -96,16 +104,16 @@ def volume_phase(model, slices, batch_size, max_new_tokens, torch):
     runner = ModelRunner(Store(), SliceCache(0))
     options = {"max_new_tokens": max_new_tokens}
     runner.answer(units[:batch_size], questions[:batch_size], options, batch_size=batch_size)  # warm-up
-    torch.cuda.synchronize()
+    sync(torch)
     t0 = time.perf_counter()
     results, _ = runner.answer(units, questions, options, batch_size=batch_size)
-    torch.cuda.synchronize()
+    sync(torch)
     seconds = time.perf_counter() - t0
     return {"slices": slices, "batch_size": batch_size, "seconds": seconds, "slices_per_s": slices / seconds,
             "tokens": sum(len(r.token_ids) for r in results), "peak_gb": gpu_memory_gb(torch)}
 
 
-def train_phase(model, work: Path, steps, batch_size, torch):
+def train_phase(model, work: Path, steps, batch_size, device, torch):
     """`raddiagseg train`'s loop on the built model -> s/step (median after the first step)."""
     from paper_train_step import step_seconds, write_data
     from raddiagseg.training import TrainConfig, train
@@ -113,12 +121,12 @@ def train_phase(model, work: Path, steps, batch_size, torch):
     data = write_data(work)
     config = TrainConfig(data=str(data), out=str(work / "run"), stage="finetune", preset="paper", max_steps=steps,
                          batch_size=batch_size, grad_accum=1, lr=1e-4, warmup=1, val_every=10 * steps,
-                         save_every=10 * steps, val_samples=1, device="cuda", frozen_dtype="bfloat16",
+                         save_every=10 * steps, val_samples=1, device=device, frozen_dtype="bfloat16",
                          precision="auto", progress_bar=False)
     timings = []
 
     def progress(info):  # called after each optimizer step
-        torch.cuda.synchronize()
+        sync(torch)
         timings.append(time.perf_counter())
 
     train(config, model=model, progress=progress)
@@ -165,24 +173,28 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=24, help="whole-volume phase")
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--device", default="cuda", help="cuda; cpu is a dry run of the script's code (with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a tiny paper-shaped model (paper_train_step.py's), for the dry run")
     args = p.parse_args()
-    reason = no_gpu_reason()
+    reason = no_gpu_reason() if args.device == "cuda" else None
     if reason:
         print(reason)
         return 0
     import torch
 
     from latency import build_random
+    from paper_train_step import TINY
+    from raddiagseg.training.commands import parse_model_options
 
     budget = Budget(args.budget)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device("cuda"):
-        model = build_random("paper", torch.bfloat16)
-    torch.cuda.synchronize()
-    built = {"seconds": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters()),
-             "gb": torch.cuda.memory_allocated() / 1024**3}
-    name = torch.cuda.get_device_name()
+    with torch.device(args.device):
+        model = build_random("paper", torch.bfloat16, **parse_model_options(TINY if args.tiny else [], "paper"))
+    sync(torch)
+    params = sum(p.numel() for p in model.parameters())
+    built = {"seconds": time.perf_counter() - t0, "params": params, "gb": params * 2 / 1024**3}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"dry run on {args.device}"
     print(f"{name}: paper preset built in {built['seconds']:.1f} s ({built['params'] / 1e9:.2f} B parameters)", flush=True)
     from raddiagseg.data import phantoms
     from raddiagseg.imaging import to_unit_range
@@ -193,7 +205,7 @@ def main():
     plan = [("answer", 60, lambda: answer_phase(model, units, args.repeats, torch)),
             ("volume", 90, lambda: volume_phase(model, args.slices, args.batch_size, args.max_new_tokens, torch))]
     with tempfile.TemporaryDirectory(prefix="raddiag-gpu-") as tmp:
-        plan.append(("train", 120, lambda: train_phase(model, Path(tmp), args.train_steps, args.train_batch, torch)))
+        plan.append(("train", 120, lambda: train_phase(model, Path(tmp), args.train_steps, args.train_batch, args.device, torch)))
         for phase, needs, run in plan:
             if budget.left() < needs:
                 skipped[phase] = f"{budget.left():.0f} s of the {args.budget:.0f} s budget left, it needs about {needs} s"
@@ -201,7 +213,7 @@ def main():
             gpu_memory_gb(torch)
             try:
                 phases[phase] = run()
-            except Exception as exc:  # one failing phase must not lose the others' numbers
+            except (Exception, SystemExit) as exc:  # one failing phase must not lose the others' numbers
                 skipped[phase] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             print(f"{phase}: {phases.get(phase) or skipped[phase]}", flush=True)
     text = results_text(name, built, phases, skipped)

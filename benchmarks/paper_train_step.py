@@ -82,7 +82,8 @@ def write_data(folder: Path):
     if (out / "manifest.jsonl").is_file():
         return out
     assert main(["phantoms", "--out", str(src), "--ct-volumes", "2", "--xrays", "6", "--ct-size", "128",
-                 "--ct-slices", "8", "--xray-size", "128", "--vqa-images", "4", "--workers", "1"]) == 0
+                 "--ct-slices", "8", "--xray-size", "128", "--vqa-images", "2", "--refseg-images", "1",
+                 "--workers", "1"]) == 0
     assert main(["build", "--out", str(out), "--msd", str(src / "Task03_Liver"), str(src / "Task07_Pancreas"),
                  "--covidqu", str(src / "COVID-QU-Ex"), "--vqarad", str(src / "VQA_RAD" / "VQA_RAD Dataset Public.json"),
                  "--min-organ-pixels", "20", "--min-tumour-pixels", "5"]) == 0
