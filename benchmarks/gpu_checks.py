@@ -138,10 +138,11 @@ def train_phase(model, work: Path, steps, batch_size, device, torch):
             "first_step_s": seconds[0], "losses": losses, "trainable": trainable, "peak_gb": gpu_memory_gb(torch)}
 
 
-def results_text(device_name, built, phases, skipped):
+def results_text(device_name, built, phases, skipped, device="cuda"):
     lines = [HEADING, "",
-             f"**{device_name}**, `benchmarks/gpu_checks.py`: untrained paper preset ({built['params'] / 1e9:.2f} B "
-             f"parameters, bf16, built on the GPU in {built['seconds']:.0f} s, {built['gb']:.1f} GB of weights).", ""]
+             f"**{device_name}**, `benchmarks/gpu_checks.py`: untrained paper preset ({built['params'] / 1e6:,.1f} M "
+             f"parameters, bf16, built on {'the GPU' if device == 'cuda' else device} in {built['seconds']:.0f} s, "
+             f"{built['gb']:.1f} GB of weights).", ""]
     if "answer" in phases:
         a = phases["answer"]
         lines.append(f"- Answer (512x512 CT slice, scripted 3-step answer of {a['tokens']} tokens, {a['masks']} masks): "
@@ -216,7 +217,7 @@ def main():
             except (Exception, SystemExit) as exc:  # one failing phase must not lose the others' numbers
                 skipped[phase] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             print(f"{phase}: {phases.get(phase) or skipped[phase]}", flush=True)
-    text = results_text(name, built, phases, skipped)
+    text = results_text(name, built, phases, skipped, args.device)
     print("\n" + text)
     write_section(args.results, HEADING, text)
     return 0 if phases else 1

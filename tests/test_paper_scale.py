@@ -212,3 +212,21 @@ def test_int8_weight_only_keeps_the_demo_models_answers_and_masks():
     assert same >= 3 and dices and min(dices) > 0.95
     with pytest.raises(ValueError, match="quantize must be one of int8, int8-all"):
         quantize_model(quant, "int4")
+
+
+def test_gpu_checks_code_runs_its_three_phases_as_a_cpu_dry_run(tmp_path):
+    """The GPU script's phases (answer, whole volume, training step) on a tiny paper-shaped model on CPU, so the code
+    a GPU lease will run has run before; the section lands in the RESULTS.md it is given."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmarks\n\n## Other section\n\nkept\n")
+    run = subprocess.run([PYTHON, "benchmarks/gpu_checks.py", "--device", "cpu", "--tiny", "--repeats", "1", "--slices", "2",
+                          "--batch-size", "2", "--max-new-tokens", "4", "--train-steps", "2", "--train-batch", "1",
+                          "--budget", "1500", "--results", str(results)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800, env=_env())
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    text = results.read_text()
+    assert "## Other section\n\nkept" in text and "## Paper preset on a GPU (issue 25" in text
+    section = text[text.index("## Paper preset on a GPU"):]
+    for line in ("- Answer (512x512 CT slice", "- Whole volume (2 slices", "- Training step (finetune stage, batch 1"):
+        assert line in section
+    assert "not measured" not in section
