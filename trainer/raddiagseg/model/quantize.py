@@ -19,11 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# the kernel's activations: with fp32 ones it takes a slow path (measured 7-13x slower than a plain fp32 Linear for
+# the demo LM's 256 x 768 matrices on one token), with bf16 ones its vectorised path (faster than the fp32 Linear)
+COMPUTE_DTYPE = torch.bfloat16
 MODES = ("int8", "int8-all")  # int8: the LM and its head; int8-all: every Linear of the image encoders too
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is int8 (one scale per output row); activations keep their dtype."""
+    """A Linear whose weight is int8 (one scale per output row); it multiplies in bf16 and returns the input's dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -34,14 +37,12 @@ class Int8WeightOnlyLinear(nn.Module):
         quantized = Int8Tensor.from_hp(weight.float(), granularity=PerRow())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", quantized.qdata.contiguous())
-        self.register_buffer("scale", quantized.scale.reshape(-1).to(weight.dtype))
+        self.register_buffer("scale", quantized.scale.reshape(-1).to(COMPUTE_DTYPE))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != self.scale.dtype:
-            flat = flat.to(self.scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale)
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
