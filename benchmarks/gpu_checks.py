@@ -14,7 +14,7 @@ GPU directly in bf16 (random weights, nothing downloaded):
 - whole volume: the app's `ModelRunner` on a --slices x 512 x 512 CT phantom, --batch-size slices per
   encoder and LM call, greedy (random weights: every slice decodes --max-new-tokens tokens) -> slices/s;
 - training step: `raddiagseg train`'s loop (paper finetune stage: LoRA + projector + mask decoder + seg rows
-  train; frozen weights bf16, trainable fp32, bf16 autocast) on a small phantom dataset -> s/step, samples/s.
+  train; frozen weights bf16, trainable fp32, bf16 autocast) on 3-step CT phantom samples -> s/step, samples/s.
 
 Peak GPU memory is reported per phase. Each phase is skipped, and says so, once --budget seconds are spent, so
 the script ends inside the 10 minutes a GPU lease allows. Without a CUDA GPU it prints one line and exits 0.
@@ -113,23 +113,45 @@ def volume_phase(model, slices, batch_size, max_new_tokens, torch):
             "tokens": sum(len(r.token_ids) for r in results), "peak_gb": gpu_memory_gb(torch)}
 
 
+def phantom_samples(n):
+    """n 3-step training samples (512 px CT slices with liver and tumour masks) built in memory: no files, so no
+    image reader (SimpleITK) is needed on the GPU machine."""
+    from raddiagseg import templates
+    from raddiagseg.data import phantoms
+    from raddiagseg.imaging import to_unit_range
+
+    ct = phantoms.generate_ct(np.random.default_rng(2), "liver", size=512, slices=max(n, 4) + 4, tumours=2)
+    samples = []
+    for k in range(2, 2 + n):
+        organ, tumour = (ct.label[k] >= 1).astype(np.uint8), (ct.label[k] == 2).astype(np.uint8)
+        labels = ["liver", "liver tumour"] if tumour.any() else ["liver"]
+        answer = templates.vqaseg_answer(bool(tumour.any()), "Liver tumour" if tumour.any() else None, labels)
+        samples.append({"id": f"ct{k}", "task": "vqaseg", "modality": "ct", "question": templates.DEFAULT_QUESTION,
+                        "image": to_unit_range(ct.hu[k].astype(np.float32), "ct", None), "answer": answer,
+                        "masks": [organ, tumour][: len(labels)]})
+    return samples
+
+
 def train_phase(model, work: Path, steps, batch_size, device, torch):
-    """`raddiagseg train`'s loop on the built model -> s/step (median after the first step)."""
-    from paper_train_step import step_seconds, write_data
+    """`raddiagseg train`'s loop on the built model and in-memory phantom samples -> s/step (median after the first)."""
+    from paper_train_step import step_seconds
     from raddiagseg.training import TrainConfig, train
 
-    data = write_data(work)
-    config = TrainConfig(data=str(data), out=str(work / "run"), stage="finetune", preset="paper", max_steps=steps,
+    samples = phantom_samples(2 * batch_size)
+    (work / "manifest.jsonl").touch()  # the config names a manifest; the samples are given directly
+    config = TrainConfig(data=str(work), out=str(work / "run"), stage="finetune", preset="paper", max_steps=steps,
                          batch_size=batch_size, grad_accum=1, lr=1e-4, warmup=1, val_every=10 * steps,
-                         save_every=10 * steps, val_samples=1, device=device, frozen_dtype="bfloat16",
-                         precision="auto", progress_bar=False)
+                         save_every=10 * steps, device=device, frozen_dtype="bfloat16", precision="auto",
+                         progress_bar=False)
     timings = []
 
     def progress(info):  # called after each optimizer step
         sync(torch)
         timings.append(time.perf_counter())
 
-    train(config, model=model, progress=progress)
+    train(config, model=model, progress=progress, dataset=samples, collate=model.processor.collate,
+          epoch_order=lambda epoch: [int(i) for i in np.random.default_rng(epoch).permutation(len(samples))],
+          evaluate=lambda m: None)
     seconds, losses = step_seconds(work / "run")
     per_step = [b - a for a, b in zip(timings, timings[1:])]
     later = statistics.median(per_step) if per_step else seconds[0]

@@ -215,14 +215,16 @@ def test_int8_weight_only_keeps_the_demo_models_answers_and_masks():
 
 
 def test_gpu_checks_code_runs_its_three_phases_as_a_cpu_dry_run(tmp_path):
-    """The GPU script's phases (answer, whole volume, training step) on a tiny paper-shaped model on CPU, so the code
-    a GPU lease will run has run before; the section lands in the RESULTS.md it is given."""
+    """The GPU script's phases (answer, whole volume, training step) on a tiny paper-shaped model on CPU, without
+    SimpleITK and nibabel (the GPU image has neither), so the code a GPU lease will run has run before; the section
+    lands in the RESULTS.md it is given."""
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\n## Other section\n\nkept\n")
-    run = subprocess.run([PYTHON, "benchmarks/gpu_checks.py", "--device", "cpu", "--tiny", "--repeats", "1", "--slices", "2",
-                          "--batch-size", "2", "--max-new-tokens", "4", "--train-steps", "2", "--train-batch", "1",
-                          "--budget", "1500", "--results", str(results)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800, env=_env())
+    args = ["benchmarks/gpu_checks.py", "--device", "cpu", "--tiny", "--repeats", "1", "--slices", "2", "--batch-size", "2",
+            "--max-new-tokens", "4", "--train-steps", "2", "--train-batch", "1", "--budget", "1500", "--results", str(results)]
+    without_readers = ("import runpy, sys; sys.modules['SimpleITK'] = sys.modules['nibabel'] = None; "  # as on the GPU image
+                       f"sys.argv = {args!r}; sys.path.insert(0, 'benchmarks'); runpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([PYTHON, "-c", without_readers], cwd=ROOT, capture_output=True, text=True, timeout=1800, env=_env())
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     text = results.read_text()
     assert "## Other section\n\nkept" in text and "## Paper preset on a GPU (issue 25" in text
