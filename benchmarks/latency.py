@@ -136,8 +136,8 @@ def model_folder(args, work: Path):
     return folder, f"untrained {args.preset} preset (random weights, raddiagseg {getattr(raddiagseg, '__version__', '')})"
 
 
-def build_random(preset, dtype):
-    """A randomly initialised model of `preset`, its parameters created directly in `dtype`."""
+def build_random(preset, dtype, **overrides):
+    """A randomly initialised model of `preset` (config `overrides`), its parameters created directly in `dtype`."""
     import torch
 
     from raddiagseg import build_model
@@ -145,7 +145,7 @@ def build_random(preset, dtype):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return build_model(preset).eval()
+        return build_model(preset, **overrides).eval()
     finally:
         torch.set_default_dtype(previous)
 

@@ -5,41 +5,14 @@ an open_clip folder, a PaliGemma folder saved by transformers) with random weigh
 them through the same functions `build_model("paper", sam_checkpoint=..., clip_dir=..., lm_dir=...)` uses.
 """
 
-import json
 
 import pytest
 import torch
 
 from raddiagseg.model.config import demo_config, paper_config
+from raddiagseg.model.weight_files import sam_sized_like, write_open_clip_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def sam_sized_like(vision, decoder):
-    """A segment-anything `Sam` with the sizes of our config (the layout of a MedSAM checkpoint)."""
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    grid = vision.image_size // vision.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.embed_dim, depth=vision.depth,
-            num_heads=vision.num_heads, mlp_ratio=4, out_chans=vision.out_chans, qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=vision.use_rel_pos,
-            window_size=vision.window_size, global_attn_indexes=vision.global_attn_indexes,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=vision.out_chans, image_embedding_size=(grid, grid),
-            input_image_size=(vision.image_size, vision.image_size), mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=decoder.transformer_depth, embedding_dim=vision.out_chans,
-                                          mlp_dim=decoder.transformer_mlp_dim, num_heads=decoder.transformer_heads),
-            transformer_dim=vision.out_chans, iou_head_depth=3, iou_head_hidden_dim=decoder.iou_head_hidden_dim,
-        ),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -95,28 +68,6 @@ def test_wrong_or_corrupt_sam_files_fail_with_one_line_naming_the_mismatch(full_
         load_sam_checkpoint(tmp_path / "missing.pth", vision, decoder)
     with pytest.raises(FileNotFoundError):
         load_sam_checkpoint(tmp_path / "nope.pth", vision, decoder)
-
-
-def write_open_clip_folder(folder, clip_cfg, seed=0):
-    """An open_clip folder like BiomedCLIP's: config JSON + visual.trunk.* / visual.head.proj / text.* weights."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    trunk = VisionTransformer(img_size=clip_cfg.image_size, patch_size=clip_cfg.patch_size, embed_dim=clip_cfg.embed_dim,
-                              depth=clip_cfg.depth, num_heads=clip_cfg.num_heads, num_classes=0, global_pool="")
-    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
-    state["visual.head.proj.weight"] = torch.randn(64, clip_cfg.embed_dim)
-    state["text.transformer.embeddings.word_embeddings.weight"] = torch.randn(10, 8)
-    state["logit_scale"] = torch.tensor(4.6)
-    folder.mkdir(parents=True)
-    torch.save(state, folder / "open_clip_pytorch_model.bin")
-    config = {
-        "model_cfg": {"embed_dim": 64, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                                                        "timm_pool": "", "timm_proj": "linear", "image_size": clip_cfg.image_size}},
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    return trunk
 
 
 def write_paligemma_folder(folder, language_cfg, tokenizer, seed=0):

@@ -67,14 +67,19 @@ def cpu_has_fast_bf16():
     return False
 
 
-def load_for_serving(folder, device=None, choice="auto"):
-    """Load a model folder in the precision `serving_precision` picks (built directly in that dtype)."""
+def load_for_serving(folder, device=None, choice="auto", quantize=None):
+    """Load a model folder in the precision `serving_precision` picks (built directly in that dtype); `quantize`
+    (None, "int8", "int8-all") makes its Linear weights int8 (`raddiagseg.model.quantize`)."""
     from raddiagseg import load_model
 
     dtype, encoder_dtype = serving_precision(folder_preset(folder), device, choice)
     model = load_model(str(folder), device=device, dtype=dtype)
     if encoder_dtype != dtype:
         model.set_encoder_dtype(encoder_dtype)
+    if quantize:
+        from raddiagseg.model.quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model.eval()
 
 
@@ -93,13 +98,16 @@ def is_model_dir(path):
 
 
 class ModelStore:
-    def __init__(self, base_model_dir, work_dir, device=None, keep=3, dtype="auto"):
+    def __init__(self, base_model_dir, work_dir, device=None, keep=3, dtype="auto", quantize=None):
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
         self.models_dir = Path(work_dir) / "models"
         self.device = device
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
+        if quantize not in (None, "int8", "int8-all"):
+            raise ValueError(f"quantize must be int8 or int8-all, got {quantize!r}")
+        self.quantize = quantize
         self.keep = keep
         self._lock = threading.Lock()
         self._model = None
@@ -145,7 +153,7 @@ class ModelStore:
         with self._lock:
             if self._model is None or version != self._version:
                 logger.info("Loading model %s (version %s)", folder, version)
-                model = load_for_serving(folder, self.device, self.dtype)
+                model = load_for_serving(folder, self.device, self.dtype, self.quantize)
                 self._model, self._version = model, version
                 self.loads += 1
                 for callback in self.on_change:

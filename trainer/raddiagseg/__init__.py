@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> RadDiagSegModel:
-    """Load a checkpoint folder (config JSON + safetensors + tokenizer) written by `save_pretrained`."""
+               dtype: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None) -> RadDiagSegModel:
+    """Load a checkpoint folder (config JSON + safetensors + tokenizer) written by `save_pretrained`
+    (`frozen_dtype`: see `RadDiagSegModel.from_pretrained`)."""
     from raddiagseg.model.raddiagseg import RadDiagSegModel
 
-    return RadDiagSegModel.from_pretrained(path, device=device, dtype=dtype)
+    return RadDiagSegModel.from_pretrained(path, device=device, dtype=dtype, frozen_dtype=frozen_dtype)
 
 
 def build_model(preset: str = "demo", **overrides) -> RadDiagSegModel:

@@ -17,7 +17,19 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
+
+
+class _SimpleITK:
+    """SimpleITK, imported on first use: reading files needs it, windowing arrays (`to_unit_range`) does not, so a
+    model fed arrays runs without it (the GPU checks' machine lacks its 53 MB wheel, more than a lease carries)."""
+
+    def __getattr__(self, name):
+        import SimpleITK
+
+        return getattr(SimpleITK, name)
+
+
+sitk = _SimpleITK()
 
 CT_WINDOW = (40.0, 400.0)  # abdominal soft-tissue window: level, width (HU)
 MODALITY_TAG = "0008|0060"  # DICOM Modality

@@ -67,7 +67,7 @@ class RadDiagSegAppConfig:
         self.cache = SliceCache(_positive_int(conf, "feature_cache_size", 64))
         self.images = ImageCache(_positive_int(conf, "image_cache_mb", 512) * 2**20)
         self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
-                                dtype=conf.get("dtype") or "auto")
+                                dtype=conf.get("dtype") or "auto", quantize=conf.get("quantize") or None)
         self.store.on_change.append(lambda version: self.cache.clear())
         try:
             self.runner = ModelRunner(self.store, self.cache, drafts=conf.get("answer_drafts") or "slice")

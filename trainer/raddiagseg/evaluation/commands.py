@@ -91,6 +91,8 @@ def register(subparsers):
     predict.add_argument("--rvls2m", choices=("on", "off"), default=None, help="override the model's RVLS2M setting")
     predict.add_argument("--amputated", action="store_true", help="ask 3-step samples as three separate questions")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    predict.add_argument("--quantize", choices=("int8", "int8-all"), default=None,
+                         help="weight-only int8 on CPU (needs torchao): the LM and its head, or every Linear (int8-all)")
     predict.set_defaults(func=run_predict)
 
 
@@ -149,7 +151,7 @@ def run_predict(args):
         written, skipped = predict(args.model, args.data, args.out, split=args.split, batch_size=args.batch_size,
                                    amputated=args.amputated, max_new_tokens=args.max_new_tokens, tasks=args.tasks,
                                    max_samples=args.max_samples, device=args.device, cot=args.cot,
-                                   rvls2m=None if args.rvls2m is None else args.rvls2m == "on")
+                                   rvls2m=None if args.rvls2m is None else args.rvls2m == "on", quantize=args.quantize)
     except BenchmarkInputError as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {written} predictions to {args.out} ({skipped} already there)")

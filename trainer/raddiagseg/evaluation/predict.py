@@ -111,8 +111,9 @@ def _select(rows, tasks=None, max_samples=None):
 
 
 def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=False, max_new_tokens=128,
-            tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None):
-    """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped)."""
+            tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None, quantize=None):
+    """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped).
+    `quantize`: None, or a `raddiagseg.model.quantize` mode (weight-only int8) applied to a model loaded here."""
     rows = _select(read_manifest(manifest, None if split == "all" else split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
@@ -131,6 +132,10 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
             log.info("resuming %s: %d of %d samples already predicted", out, skipped, len(rows))
         if todo:
             model = model_from(model_or_dir, device)
+            if quantize:
+                from raddiagseg.model.quantize import quantize_model
+
+                quantize_model(model, quantize)
             model.eval()
             import torch
 

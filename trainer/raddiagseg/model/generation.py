@@ -157,9 +157,9 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
             next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             next_ids = logits.argmax(-1)
-        for b in range(len(rows.tokens)):
-            if not rows.done[b]:
-                rows.keep(b, next_ids[b].item(), last[b], eos, config.max_new_tokens)
+        for b, (token, done) in enumerate(zip(next_ids.tolist(), rows.done.tolist())):  # one sync, not two per row
+            if not done:
+                rows.keep(b, token, last[b], eos, config.max_new_tokens)
         if bool(rows.done.all()):
             break
         next_ids = torch.where(rows.done, torch.full_like(next_ids, pad), next_ids)

@@ -112,6 +112,14 @@ class RadDiagSegModel(nn.Module):
         """Recompute the LM's layer activations in backward (transformers' checkpointing): less memory, ~30 % slower."""
         self.language_model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def set_frozen_dtype(self, dtype):
+        """Parameters that do not train in `dtype` (bf16: the paper's frozen 2.6 B LM base in 5.2 GB instead of
+        10.5 GB), trainable ones in fp32, the master weights AdamW updates (bf16 autocast still runs the matmuls in
+        bf16). float32 makes every parameter fp32."""
+        for p in self.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+        return self
+
     def trainable_parameters(self):
         """Parameters the optimiser should update (per `config.trainable`)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -340,7 +348,9 @@ class RadDiagSegModel(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
+    def from_pretrained(cls, path, device=None, dtype=None, frozen_dtype=None):
+        """Load a checkpoint folder; `dtype` casts every parameter, `frozen_dtype` (for training) only those that
+        do not train (`set_frozen_dtype`: the model is built in it, the trainable ones read into fp32)."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a RadDiagSeg checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -352,12 +362,15 @@ class RadDiagSegModel(nn.Module):
             raise ValueError(f"checkpoint format {version} is newer than this raddiagseg understands ({FORMAT_VERSION})")
         config = RadDiagSegConfig.from_dict(data)
         previous = torch.get_default_dtype()
-        if dtype is not None and dtype.is_floating_point:
-            torch.set_default_dtype(dtype)  # build in the target dtype: a bf16 paper model never exists in fp32
+        build_dtype = frozen_dtype or dtype
+        if build_dtype is not None and build_dtype.is_floating_point:
+            torch.set_default_dtype(build_dtype)  # build in the target dtype: a bf16 paper model never exists in fp32
         try:
             model = cls(config, tokenizer=load_tokenizer(path))
         finally:
             torch.set_default_dtype(previous)
+        if frozen_dtype is not None:
+            model.set_frozen_dtype(frozen_dtype)
         expected = model.state_dict()
         tied = set(expected) - set(_dedupe_tied(expected))
         from raddiagseg.model.weights import check_state_dict, copy_safetensors_into, safetensors_header
@@ -398,7 +411,9 @@ class _eval_mode:
 
     def __enter__(self):
         self.was_training = self.module.training
-        self.module.eval()
+        if self.was_training:  # eval() walks every module (and merges the seg rows): only when it changes something
+            self.module.eval()
 
     def __exit__(self, *exc):
-        self.module.train(self.was_training)
+        if self.was_training:
+            self.module.train(True)

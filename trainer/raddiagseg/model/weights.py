@@ -168,7 +168,9 @@ def _lm_key(key):
 
 
 def load_gemma2_folder(folder, gemma2_config):
-    """Gemma-2 LM of a PaliGemma2 (or plain Gemma-2) HF folder as a Gemma2ForCausalLM, fp32.
+    """Gemma-2 LM of a PaliGemma2 (or plain Gemma-2) HF folder as a Gemma2ForCausalLM in torch's default dtype
+    (fp32, or bf16 when the model is built under `torch.set_default_dtype(torch.bfloat16)`: a bf16 paper LM
+    then never exists in fp32).
 
     The folder's LM sizes and every key/shape (safetensors headers) are checked against
     `gemma2_config` first; the weights then load through transformers without a random init
@@ -192,7 +194,7 @@ def load_gemma2_folder(folder, gemma2_config):
     mapping = {rf"^{prefix.replace('.', chr(92) + '.')}": "model." for prefix in LM_PREFIXES}
     with _quiet_transformers():
         lm = Gemma2ForCausalLM.from_pretrained(
-            str(folder), config=gemma2_config, key_mapping=mapping, dtype=torch.float32, local_files_only=True,
+            str(folder), config=gemma2_config, key_mapping=mapping, dtype=torch.get_default_dtype(), local_files_only=True,
             attn_implementation=gemma2_config._attn_implementation,
         )
     log.info("loaded Gemma-2 LM weights from %s (%d tensors)", folder, len(shapes))

@@ -47,6 +47,16 @@ def register(subparsers):
     p.add_argument("--cot", action="store_true", help="diagnosis chain-of-thought answers (modality -> finding -> diagnosis) for vqaseg")
     p.add_argument("--trainable", action="append", default=[], metavar="PART=VALUE",
                    help="change what trains, e.g. clip=true, projector=false, lm=lora (repeatable; saved with the model)")
+    p.add_argument("--sam-checkpoint", help="fresh model: MedSAM/SAM .pth for the vision backbone and mask decoder")
+    p.add_argument("--clip-dir", help="fresh model: open_clip BiomedCLIP folder for the CLIP encoder")
+    p.add_argument("--lm-dir", help="fresh model: PaliGemma2 HF folder (Gemma-2 LM weights and its tokenizer)")
+    p.add_argument("--model-option", action="append", default=[], metavar="PART.FIELD=VALUE",
+                   help="fresh model: change a field of the preset's config, e.g. language.lora_rank=16 (repeatable)")
+    p.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the parameters that do not train (bfloat16: the paper preset's frozen LM in half the "
+                        "memory; trainable parameters stay float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the LM's layer activations in backward: less memory, about 30 %% slower")
     p.set_defaults(func=run_train)
 
     d = subparsers.add_parser(
@@ -92,7 +102,18 @@ def config_from_args(args):
         num_workers=args.num_workers, precision=args.precision, engine=args.engine, device=args.device,
         resume=args.resume, augment=not args.no_augment, augmentation=args.augmentation, save_dtype=args.save_dtype,
         rvls2m=_rvls2m_settings(args), cot=args.cot, trainable=_trainable_flags(args.trainable),
+        model_overrides=_model_overrides(args), frozen_dtype=args.frozen_dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
+
+
+def _model_overrides(args):
+    """--model-option fields plus the weight sources (--sam-checkpoint, --clip-dir, --lm-dir) of a fresh model."""
+    overrides = parse_model_options(args.model_option, args.preset)
+    for key in ("sam_checkpoint", "clip_dir", "lm_dir"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
+    return overrides
 
 
 def _rvls2m_settings(args):
@@ -158,20 +179,20 @@ def _option_value(text, default):
     return None
 
 
-def parse_model_options(items):
+def parse_model_options(items, preset="demo"):
     """['clip.depth=4', 'projector.num_queries=32'] -> {'clip': {'depth': 4}, 'projector': {'num_queries': 32}}."""
     import dataclasses
 
     from raddiagseg.model.config import preset_config
 
-    config = preset_config("demo")
+    config = preset_config(preset)
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         part, _, name = key.strip().partition(".")
         section = getattr(config, part, None)
         if not sep or not name or not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
-            raise CommandError(f"--model-option {item!r}: expected PART.FIELD=VALUE with a field of the demo config, "
+            raise CommandError(f"--model-option {item!r}: expected PART.FIELD=VALUE with a field of the {preset} config, "
                                "e.g. clip.depth=4")
         default = getattr(section, name)
         value = _option_value(text, default)

@@ -16,7 +16,9 @@ from raddiagseg.model.config import PRESETS as MODEL_PRESETS
 STAGES = ("pretrain", "finetune")
 PRESETS = tuple(MODEL_PRESETS)  # the model presets (raddiagseg.model.config.PRESETS); PRESET_DEFAULTS has each one
 PRECISIONS = ("auto", "fp32", "bf16")
+FROZEN_DTYPES = ("float32", "bfloat16")
 ENGINES = ("ddp", "deepspeed")
+WEIGHT_SOURCES = ("sam_checkpoint", "clip_dir", "lm_dir")  # model_overrides naming pretrained weight files
 
 # Which manifest tasks each stage trains on, and in which proportion (paper 001, "Training details").
 STAGE_TASKS = {
@@ -70,6 +72,8 @@ class TrainConfig:
     synonym_prob: float = 0.3
     save_dtype: str = "float32"  # dtype of the best/final model folder ("float16" halves its size)
     model_overrides: dict = field(default_factory=dict)  # build_model(preset, **overrides) for a fresh model
+    frozen_dtype: str = "float32"  # dtype of the parameters that do not train ("bfloat16": half the memory of the LM base)
+    gradient_checkpointing: bool = False  # recompute the LM's layer activations in backward (less memory, slower)
     rvls2m: Optional[dict] = None  # e.g. {"enabled": True, "grid": 8, "top_k": 8}: set on the model (fresh or --init) before training
     cot: bool = False  # diagnosis chain-of-thought answers for vqaseg samples (templates.vqaseg_cot_answer)
     trainable: dict = field(default_factory=dict)  # model.set_trainable(**trainable) after build/--init, e.g. {"clip": True}
@@ -106,6 +110,16 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be a positive integer, got {config.max_steps}")
         if config.max_steps is None and not config.epochs:
             raise ValueError("give --max-steps (or epochs) for this preset and stage")
+        if config.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"--frozen-dtype must be one of {', '.join(FROZEN_DTYPES)}, got {config.frozen_dtype!r}")
+        if config.frozen_dtype == "bfloat16" and config.precision == "fp32":
+            raise ValueError("--frozen-dtype bfloat16 needs bf16 autocast: use --precision auto or bf16, not fp32")
+        if config.init and any(config.model_overrides.get(k) for k in WEIGHT_SOURCES):
+            raise ValueError("--sam-checkpoint/--clip-dir/--lm-dir build a fresh model: leave out --init (its checkpoint has the weights)")
+        for key in WEIGHT_SOURCES:
+            source = config.model_overrides.get(key)
+            if source and not Path(source).exists():
+                raise FileNotFoundError(f"--{key.replace('_', '-')} {source} does not exist")
         if config.augmentation not in ("basic", "scanner"):
             raise ValueError(f"--augmentation must be basic or scanner, got {config.augmentation!r}")
         if not config.lr or config.lr <= 0:

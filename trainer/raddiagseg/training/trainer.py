@@ -51,13 +51,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def autocast_dtype(precision, device):
-    """bf16 when asked, or on `auto` on a GPU that supports it; None means full fp32.
+def autocast_dtype(precision, device, frozen_dtype="float32"):
+    """bf16 when asked, or on `auto` on a GPU that supports it or when the frozen weights are bf16 (the trainable
+    fp32 parts then need autocast to meet them); None means full fp32.
 
-    On CPU `auto` stays fp32: measured on the 2-core demo machine, bf16 autocast made the tiny
+    On CPU `auto` otherwise stays fp32: measured on the 2-core demo machine, bf16 autocast made the tiny
     demo model's step slower, not faster (see the README's training section).
     """
-    if precision == "bf16":
+    if precision == "bf16" or (precision == "auto" and frozen_dtype == "bfloat16"):
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -65,14 +66,22 @@ def autocast_dtype(precision, device):
 
 
 def _make_model(config, device):
+    """--init's checkpoint or a fresh `preset` model (weights from its sources), built directly in the frozen dtype."""
+    dtype = _dtype(config.frozen_dtype)
     if config.init:
         from raddiagseg import load_model
 
-        model = load_model(config.init, device=device)
+        model = load_model(config.init, device=device, frozen_dtype=dtype)
     else:
         from raddiagseg import build_model
 
-        model = build_model(config.preset, **(config.model_overrides or {})).to(device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # a bf16 paper LM never exists in fp32 (10.5 GB)
+        try:
+            model = build_model(config.preset, **(config.model_overrides or {}))
+        finally:
+            torch.set_default_dtype(previous)
+        model.to(device)
     if config.rvls2m is not None:
         settings = dict(config.rvls2m)
         model.set_rvls2m(settings.pop("enabled", True), **settings)
@@ -214,17 +223,21 @@ def _resume_state(run_dir, config):
 
 def _prepare_model(config, ctx, model, resume_folder):
     """The model to train, on the device in train mode: the caller's (resumed weights loaded into it), the `last`
-    checkpoint, or --init / a fresh preset model."""
+    checkpoint, or --init / a fresh preset model; frozen parameters in `config.frozen_dtype`, trainable ones fp32."""
     if model is None:
         if resume_folder is not None:
             from raddiagseg import load_model
 
-            model = load_model(resume_folder, device=ctx.device)
+            model = load_model(resume_folder, device=ctx.device, frozen_dtype=_dtype(config.frozen_dtype))
         else:
             model = _make_model(config, ctx.device)
     elif resume_folder is not None:
         _load_weights_into(model, resume_folder)
     model.to(ctx.device)
+    if config.frozen_dtype != "float32":  # also after set_trainable: parameters it made trainable become fp32
+        model.set_frozen_dtype(_dtype(config.frozen_dtype))
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     model.train()
     return model
 
@@ -236,7 +249,7 @@ class _Loop:
     def __init__(self, config, ctx, model, trainable, run_dir, max_steps, accum, metric_name, evaluate):
         self.config, self.ctx, self.model, self.trainable, self.run_dir = config, ctx, model, trainable, run_dir
         self.max_steps, self.accum, self.metric_name, self.evaluate = max_steps, accum, metric_name, evaluate
-        self.bf16 = autocast_dtype(config.precision, ctx.device)
+        self.bf16 = autocast_dtype(config.precision, ctx.device, config.frozen_dtype)
         self.step, self.best_metric, self.best_step, self.val_metric = 0, None, 0, None
         self.engine = self.wrapped = self.optimizer = self.scheduler = self.plan = None
         self.metrics = self.bar = None
@@ -339,7 +352,7 @@ class _Loop:
         config, ctx, step = self.config, self.ctx, self.step
         validated = step % config.val_every == 0 or step == self.max_steps
         if validated:
-            self.val_metric = _validate(self.model, config, ctx, self.evaluate)
+            self.val_metric = _validate(self.model, config, ctx, self.evaluate, self.bf16)
             improved = self.val_metric is not None and (self.best_metric is None or self.val_metric > self.best_metric)
             if self.val_metric is None and self.best_metric is None:
                 improved = True  # no metric at all: the latest checkpoint is the best we know
@@ -408,17 +421,15 @@ def _metric_name(config, evaluate):
     return selection.metric_name(config.stage)
 
 
-def _validate(model, config, ctx, evaluate):
-    """Rank 0 evaluates the model on the validation split; every rank gets the number."""
+def _validate(model, config, ctx, evaluate, autocast=None):
+    """Rank 0 evaluates the model on the validation split (under the training's autocast); every rank gets the number."""
     value = None
     if ctx.is_main:
         was_training = model.training
         model.eval()
         try:
-            if evaluate is not None:
-                value = evaluate(model)
-            else:
-                value = _evaluate_on_manifest(model, config)
+            with torch.autocast(ctx.device.type, dtype=autocast, enabled=autocast is not None):
+                value = evaluate(model) if evaluate is not None else _evaluate_on_manifest(model, config)
         finally:
             model.train(was_training)
     return distributed.broadcast_object(value, ctx)
