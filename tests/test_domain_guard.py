@@ -183,3 +183,96 @@ def test_slicer_answer_panel_says_which_model_answered_and_why_it_refused(infer,
     assert "Answered by raddiagseg-demo: trained on synthetic phantoms only" in text and "not for clinical use" in text
     assert "This image is outside what the model was trained on: the image is unlike the model&#x27;s chest X-ray " \
            "training images" in text and "No diagnosis was given." in text and "No diagnosis given" in text
+
+
+# --- every image file that the installed packages ship -----------------------------------------------------------
+def _package_files():
+    """(name, path) of every file in the test-data folders of pydicom, pydicom-data, nibabel and scikit-image that
+    a user could send as an image (DICOM of every kind: CT, MR, enhanced MR/CT, CR, US, NM, secondary captures,
+    RT dose/plan/struct, SEG, SR, ECG waveforms; NIfTI 1/2, Analyze, MINC, MGH, PAR/REC, AFNI; PNG/JPEG/TIFF/GIF)."""
+    import importlib.util
+
+    folders = {"pydicom": ("data/test_files", ("*.dcm",)), "data_store": ("data", ("*.dcm",)),  # pydicom-data
+               "nibabel": ("tests/data", ("*.nii", "*.nii.gz", "*.mgz", "*.hdr", "*.mnc", "*.dcm", "*.REC", "*.HEAD")),
+               "skimage": ("data", ("*.png", "*.jpg", "*.tif", "*.gif"))}
+    files = []
+    for package, (sub, patterns) in folders.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        for pattern in patterns:
+            files += [(f"{package}/{p.relative_to(root)}", p) for p in sorted((root / sub).glob(pattern))]
+    return files
+
+
+def _dicom_tag(path):
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), stop_before_pixels=True, force=True).get("Modality", "")).strip().upper()
+    except Exception:  # not a DICOM pydicom can parse: no tag to compare
+        return ""
+
+
+def test_every_image_file_the_packages_ship_is_refused_or_rejected_with_a_4xx(infer):
+    """No real file gets a diagnosis: each is read and refused (out of domain, no detection, diagnosis or segments)
+    or rejected with a 4xx saying why; never a 5xx or another exception. A DICOM's own Modality is what it is read
+    as (an ultrasound is not an X-ray, a DICOM SEG or an RT dose grid is not a CT)."""
+    from fastapi import HTTPException
+
+    files = _package_files()
+    by_package = {p: sum(name.startswith(p) for name, _ in files) for p in ("pydicom/", "data_store/", "nibabel/", "skimage/")}
+    assert all(by_package.values()), by_package  # .ci/run installs them all
+    wrong, refused, rejected = [], [], []
+    for name, path in files:
+        try:
+            result = infer(path)
+        except HTTPException as error:
+            if not (400 <= error.status_code < 500 and str(error.detail).strip()):
+                wrong.append((name, error.status_code, error.detail))
+            rejected.append(name)
+            continue
+        except Exception as error:  # what the server would turn into a 500
+            wrong.append((name, type(error).__name__, str(error)[:200]))
+            continue
+        refused.append(name)
+        if not (result["domain"]["in_domain"] is False and result["detection"] is None and result["diagnosis"] is None
+                and result["segments"] == [] and result["answer"].startswith("Not answered")):
+            wrong.append((name, result["domain"], result["answer"][:200]))
+        tag = _dicom_tag(path) if name.endswith(".dcm") else ""
+        expected = {"CT": "ct", "MR": "mri", "CR": "xray", "DX": "xray"}.get(tag, tag.lower())
+        if tag and result["modality"] != {"value": expected, "source": "dicom"}:
+            wrong.append((name, tag, result["modality"]))
+    assert not wrong, "\n".join(map(str, wrong))
+    # the files that are images are read, not turned away: CT, MR, CR, US, NM, OT, SEG, RTDOSE, photos, NIfTI volumes
+    for family in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "RG1_UNCI.dcm", "US1_UNCI.dcm", "JPEG2000_UNC.dcm",
+                   "SC_rgb.dcm", "liver.dcm", "rtdose.dcm", "anatomical.nii", "camera.png", "retina.jpg",
+                   "chessboard_RGB.png"):
+        assert any(name.endswith("/" + family) for name in refused), (family, rejected)
+
+
+def test_a_modality_without_statistics_is_refused_without_encoding_and_force_still_answers(infer):
+    """An MR volume (nibabel's DICOMs, pydicom-data's enhanced MR) or an ultrasound is refused from its DICOM header
+    alone; `force` encodes and answers it, still flagged, with nothing the vocabulary ties to CT or X-ray."""
+    from raddiagseg import findings
+
+    runner = infer.task.runner
+    for name in ("emri_small.dcm", "US1_UNCI.dcm"):
+        path = _pydicom_file(name)
+        before = runner.encoded_images
+        result = infer(path)
+        assert result["domain"]["in_domain"] is False and runner.encoded_images == before, (name, result["domain"])
+        assert result["model"]["clinical_use"] is False
+        forced = infer(path, force=True, max_new_tokens=48)
+        assert runner.encoded_images > before and forced["domain"]["in_domain"] is False, name
+        modality = forced["modality"]["value"]
+        assert findings.diagnosis_entry(forced["diagnosis"]) is None, forced["answer"]  # every one is CT or X-ray
+        assert all(modality in findings.target_modalities(s["name"]) for s in forced["segments"]), forced["segments"]
+    us = infer(_pydicom_file("US1_UNCI.dcm"))
+    assert us["modality"] == {"value": "us", "source": "dicom"}
+    assert "the image is US (from the DICOM header)" in us["domain"]["reason"] and "send modality ct or xray" in \
+        us["domain"]["reason"], us["domain"]
+    as_xray = infer(_pydicom_file("US1_UNCI.dcm"), modality="xray")  # the user's word: scored as an X-ray (and unlike one)
+    assert as_xray["modality"] == {"value": "xray", "source": "param"} and as_xray["domain"]["score"] is not None
+    assert as_xray["domain"]["in_domain"] is False

@@ -179,7 +179,7 @@ def model_identity(folder, stats=None):
 
 
 def _title(modality):
-    return MODALITY_TITLES.get(modality, modality)
+    return MODALITY_TITLES.get(modality, modality.upper())  # another DICOM Modality as its code: US, NM, OT
 
 
 class DomainGuard:
@@ -198,6 +198,11 @@ class DomainGuard:
         """{name, trained_on, clinical_use} of the guarded model."""
         return model_identity(self.folder or Path(self.model_name), self.stats)
 
+    def scores_modality(self, modality):
+        """Whether a verdict on an image read as `modality` needs its features: False when the model has statistics
+        and none for that modality (refused as it is, e.g. an MR or a US for a CT/X-ray model)."""
+        return self.stats is None or modality in self.stats.modalities
+
     def check(self, features, unit_images, modality, source="intensities"):
         """One verdict per image; `modality` ("ct" | "xray" | "mri") is how the image was read, `source` why."""
         n = len(unit_images)
@@ -210,6 +215,8 @@ class DomainGuard:
         if modality not in trained:
             reason = (f"the image is {_title(modality)} (from {how}); this model was trained on "
                       f"{' and '.join(_title(m) for m in trained)} images only")
+            if modality not in MODALITY_TITLES:  # e.g. a chest film scanned as OT: the user may know better
+                reason += f" (send modality {' or '.join(trained)} to read it as one of those)"
             return [{"in_domain": False, "score": None, "threshold": None, "reason": reason}] * n
         descriptor = descriptors(features, unit_images)
         scores = {m: self.stats.scores(descriptor, m) for m in trained}
@@ -234,16 +241,16 @@ class DomainGuard:
 
 
 # --- statistics from data ------------------------------------------------------------------
-def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None):
-    """{modality: {block: (N, D)}} of the distinct CT / X-ray images of a manifest, fed as `raddiagseg predict`
-    feeds them (`evaluation.predict.sample_image`)."""
+def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None, split=None):
+    """{modality: {block: (N, D)}} of the distinct CT / X-ray images of a manifest (of one `split`, or all rows),
+    fed as `raddiagseg predict` feeds them (`evaluation.predict.sample_image`)."""
     import torch
 
     from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     rows, seen = {}, set()
-    for row in read_manifest(manifest, base=True):
+    for row in read_manifest(manifest, split, base=True):
         modality = row.get("modality")
         if modality not in ("ct", "xray") or not row.get("image") or row["image"] in seen:
             continue
@@ -276,14 +283,21 @@ def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None, 
     return manifest
 
 
+def _manifest_and_split(item):
+    return tuple(item) if isinstance(item, (tuple, list)) else (item, None)
+
+
 def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_QUANTILE, components=COMPONENTS,
-                batch_size=16, meta=None):
+                batch_size=16, meta=None, floor=None):
     """Fit on `fit_manifest`'s images, calibrate on those of `calib_manifests` (held out, pooled), save in `folder`;
-    returns (DomainStats, {modality: share of the calibration images in domain}).
+    returns (DomainStats, {modality: share of the calibration images in domain}). A manifest may be given as
+    (manifest, split). `floor` ({modality: threshold}) keeps a threshold from falling below a known one.
 
     Slices of one volume are alike, so the quantile's tail is set by whole volumes: calibrate on many volumes."""
-    fit = manifest_descriptors(model, fit_manifest, batch_size)
-    parts = [manifest_descriptors(model, m, batch_size) for m in calib_manifests]
+    fit_manifest, fit_split = _manifest_and_split(fit_manifest)
+    fit = manifest_descriptors(model, fit_manifest, batch_size, split=fit_split)
+    parts = [manifest_descriptors(model, m, batch_size, split=split)
+             for m, split in map(_manifest_and_split, calib_manifests)]
     held_out = {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
                 for m in sorted({m for p in parts for m in p})}
     missing = sorted(set(fit) ^ set(held_out))
@@ -293,9 +307,52 @@ def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_Q
     counts = {m: {"fit": int(len(fit[m]["pixels"])), "calibration": int(len(held_out[m]["pixels"]))} for m in fit}
     stats = DomainStats.fit(fit, components, {**(meta or {}), "images": counts, "components": components})
     stats.calibrate(held_out, quantile)
+    for modality, lowest in (floor or {}).items():
+        if modality in stats.thresholds and lowest > stats.thresholds[modality]:
+            stats.thresholds[modality] = float(lowest)
+    if floor:
+        stats.meta["threshold_floor"] = {m: float(t) for m, t in floor.items()}
     stats.save(folder)
     rates = {m: float(np.mean(stats.scores(held_out[m], m) <= stats.thresholds[m])) for m in held_out}
     return stats, rates
+
+
+DESCRIPTOR_PARTS = ("vision", "clip", "projector")  # `set_trainable` flags of what the descriptors are computed by
+
+
+def finetuned_stats(model, folder, served_folder, corrections, reference=None, batch_size=16):
+    """Domain statistics for a model fine-tuned (in `folder`) from the model in `served_folder`, so a retrained
+    model is guarded as its parent was and says what it was trained on; returns a summary dict, or None when the
+    parent had no statistics.
+
+    When fine-tuning left every part the descriptors come from unchanged (`DESCRIPTOR_PARTS` frozen) the parent's
+    statistics are exact and carried over. Otherwise they are refitted with the new model on the `reference`
+    ({"replay": (manifest, split), "validation": (manifest, split)}: the parent's own training distribution and
+    held-out set, as the train task's replay and gate use them). That set is smaller than the one the parent was
+    calibrated on, so a threshold never falls below the parent's (a small set's quantile is its maximum, and
+    slices of one volume move together). Without a reference the new model has no statistics: its answers say
+    `in_domain: null` until `raddiagseg domain-stats` is run for it."""
+    served = DomainStats.load(served_folder)
+    if served is None:
+        return None
+    trained_on = f"{served.meta.get('trained_on') or 'data not recorded'}; fine-tuned on {corrections}"
+    meta = {**served.meta, "trained_on": trained_on, "finetuned_from": Path(served_folder).name}
+    trainable = model.config.trainable
+    if not any(getattr(trainable, part) for part in DESCRIPTOR_PARTS):
+        DomainStats(served.blocks, served.thresholds, meta).save(folder)
+        return {"method": "carried over (the encoders and projector did not train)", "trained_on": trained_on,
+                "thresholds": served.thresholds}
+    if not reference:
+        return {"method": "none: no reference set to refit on; run `raddiagseg domain-stats --model DIR`",
+                "trained_on": trained_on}
+    keep = {k: v for k, v in meta.items() if k not in ("images", "quantile", "threshold_floor")}
+    keep.update(data="reference", fit=f"{reference['replay'][0]} ({reference['replay'][1] or 'all rows'})",
+                calibration=f"{reference['validation'][0]} ({reference['validation'][1] or 'all rows'})")
+    stats, rates = write_stats(model, folder, reference["replay"], [reference["validation"]],
+                               served.meta.get("quantile", DEFAULT_QUANTILE), served.meta.get("components", COMPONENTS),
+                               batch_size, keep, floor=served.thresholds)
+    return {"method": "refitted on the reference set", "trained_on": trained_on, "thresholds": stats.thresholds,
+            "calibration_in_domain": rates}
 
 
 def register(subparsers):
