@@ -3,8 +3,9 @@ packages ship (score vs threshold), and the share flagged under each issue-22 sh
 
     .venv/bin/python benchmarks/domain_guard.py [--model DIR] [--seed 31415] [--ct-volumes 26] [--xrays 240]
 
-Real files are read and windowed as the app reads them (`lib.image_io`, `lib.domain_guard.modality_of`; volumes:
-the middle slice of the radiological view) and scored by the model folder's `domain_stats.safetensors`.
+Real files are read and windowed as the app reads them (`lib.image_io.model_view`, `lib.domain_guard.modality_of`;
+volumes: the middle slice of the radiological view) and scored by the model folder's `domain_stats.safetensors`.
+Every other file the packages ship is swept through the app by tests/test_domain_guard.py.
 """
 
 import argparse
@@ -35,18 +36,17 @@ def real_files(folder):
 
 
 def score_file(model, guard, path):
+    """(modality read as, verdict) of the file's middle slice, read, oriented and windowed as the app does
+    (`ModelView.unit`: the file's own window where it has one)."""
     import torch
-    from raddiagseg.imaging import to_unit_range
 
     from lib import domain_guard, image_io
 
     image = image_io.read_image(path)
     array = image_io.image_array(image)
     read_as = domain_guard.modality_of(image, array)
-    if image.GetDimension() == 3:
-        view = image_io.VolumeView.of(image).to_view(array)
-        array = view[view.shape[0] // 2]
-    unit = to_unit_range(array.astype("float32"), read_as["value"])
+    view = image_io.model_view(image, array, read_as["value"])
+    unit = view.unit(view.n_slices // 2)
     with torch.inference_mode():
         features = model.encode_images([unit])
     return read_as, guard.check(features, [unit], read_as["value"], read_as["source"])[0]

@@ -283,23 +283,20 @@ def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None, 
     return manifest
 
 
-def _manifest_and_split(item):
-    return tuple(item) if isinstance(item, (tuple, list)) else (item, None)
+def _pooled(parts):
+    """{modality: {block: (N, D)}} of several manifest_descriptors results, concatenated."""
+    return {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
+            for m in sorted({m for p in parts for m in p})}
 
 
 def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_QUANTILE, components=COMPONENTS,
-                batch_size=16, meta=None, floor=None):
+                batch_size=16, meta=None):
     """Fit on `fit_manifest`'s images, calibrate on those of `calib_manifests` (held out, pooled), save in `folder`;
-    returns (DomainStats, {modality: share of the calibration images in domain}). A manifest may be given as
-    (manifest, split). `floor` ({modality: threshold}) keeps a threshold from falling below a known one.
+    returns (DomainStats, {modality: share of the calibration images in domain}).
 
     Slices of one volume are alike, so the quantile's tail is set by whole volumes: calibrate on many volumes."""
-    fit_manifest, fit_split = _manifest_and_split(fit_manifest)
-    fit = manifest_descriptors(model, fit_manifest, batch_size, split=fit_split)
-    parts = [manifest_descriptors(model, m, batch_size, split=split)
-             for m, split in map(_manifest_and_split, calib_manifests)]
-    held_out = {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
-                for m in sorted({m for p in parts for m in p})}
+    fit = manifest_descriptors(model, fit_manifest, batch_size)
+    held_out = _pooled([manifest_descriptors(model, m, batch_size) for m in calib_manifests])
     missing = sorted(set(fit) ^ set(held_out))
     if not fit or missing:
         raise ValueError(f"fit and calibration data must hold the same modalities (ct/xray); got {sorted(fit)} "
@@ -307,11 +304,6 @@ def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_Q
     counts = {m: {"fit": int(len(fit[m]["pixels"])), "calibration": int(len(held_out[m]["pixels"]))} for m in fit}
     stats = DomainStats.fit(fit, components, {**(meta or {}), "images": counts, "components": components})
     stats.calibrate(held_out, quantile)
-    for modality, lowest in (floor or {}).items():
-        if modality in stats.thresholds and lowest > stats.thresholds[modality]:
-            stats.thresholds[modality] = float(lowest)
-    if floor:
-        stats.meta["threshold_floor"] = {m: float(t) for m, t in floor.items()}
     stats.save(folder)
     rates = {m: float(np.mean(stats.scores(held_out[m], m) <= stats.thresholds[m])) for m in held_out}
     return stats, rates
@@ -320,39 +312,48 @@ def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_Q
 DESCRIPTOR_PARTS = ("vision", "clip", "projector")  # `set_trainable` flags of what the descriptors are computed by
 
 
-def finetuned_stats(model, folder, served_folder, corrections, reference=None, batch_size=16):
+def finetuned_stats(model, folder, served_folder, corrections, reference=(), batch_size=16):
     """Domain statistics for a model fine-tuned (in `folder`) from the model in `served_folder`, so a retrained
     model is guarded as its parent was and says what it was trained on; returns a summary dict, or None when the
     parent had no statistics.
 
-    When fine-tuning left every part the descriptors come from unchanged (`DESCRIPTOR_PARTS` frozen) the parent's
-    statistics are exact and carried over. Otherwise they are refitted with the new model on the `reference`
-    ({"replay": (manifest, split), "validation": (manifest, split)}: the parent's own training distribution and
-    held-out set, as the train task's replay and gate use them). That set is smaller than the one the parent was
-    calibrated on, so a threshold never falls below the parent's (a small set's quantile is its maximum, and
-    slices of one volume move together). Without a reference the new model has no statistics: its answers say
-    `in_domain: null` until `raddiagseg domain-stats` is run for it."""
+    The parent's statistics are carried over: fitted on many images, they describe the training distribution
+    better than a refit on the few images at hand would (a PCA of a few volumes scores held-out slices of the
+    same distribution far out and ends with a loose threshold). When fine-tuning changed a part the descriptors
+    come from (`DESCRIPTOR_PARTS`), the new model's scores of the `reference` images ([(manifest, split)]: the
+    parent's training distribution and held-out set, as the train task's replay and gate use them) recalibrate
+    each threshold at the parent's quantile, never below the parent's threshold; without reference images they
+    are carried over unchecked (a drift then refuses in-domain images, which `force` answers, rather than letting
+    real ones through)."""
     served = DomainStats.load(served_folder)
     if served is None:
         return None
     trained_on = f"{served.meta.get('trained_on') or 'data not recorded'}; fine-tuned on {corrections}"
-    meta = {**served.meta, "trained_on": trained_on, "finetuned_from": Path(served_folder).name}
+    stats = DomainStats(served.blocks, dict(served.thresholds),
+                        {**served.meta, "trained_on": trained_on, "finetuned_from": Path(served_folder).name})
+    summary = {"trained_on": trained_on}
     trainable = model.config.trainable
     if not any(getattr(trainable, part) for part in DESCRIPTOR_PARTS):
-        DomainStats(served.blocks, served.thresholds, meta).save(folder)
-        return {"method": "carried over (the encoders and projector did not train)", "trained_on": trained_on,
-                "thresholds": served.thresholds}
-    if not reference:
-        return {"method": "none: no reference set to refit on; run `raddiagseg domain-stats --model DIR`",
-                "trained_on": trained_on}
-    keep = {k: v for k, v in meta.items() if k not in ("images", "quantile", "threshold_floor")}
-    keep.update(data="reference", fit=f"{reference['replay'][0]} ({reference['replay'][1] or 'all rows'})",
-                calibration=f"{reference['validation'][0]} ({reference['validation'][1] or 'all rows'})")
-    stats, rates = write_stats(model, folder, reference["replay"], [reference["validation"]],
-                               served.meta.get("quantile", DEFAULT_QUANTILE), served.meta.get("components", COMPONENTS),
-                               batch_size, keep, floor=served.thresholds)
-    return {"method": "refitted on the reference set", "trained_on": trained_on, "thresholds": stats.thresholds,
-            "calibration_in_domain": rates}
+        summary["method"] = "carried over (the image encoders and projector did not train)"
+    elif not reference:
+        summary["method"] = "carried over unchecked (the image encoders trained; no reference images to check on)"
+    else:
+        quantile = served.meta.get("quantile", DEFAULT_QUANTILE)
+        images = _pooled([manifest_descriptors(model, m, batch_size, split=split) for m, split in reference])
+        summary["reference_in_domain_at_parent_threshold"] = {}
+        for modality, descriptor in images.items():
+            if modality not in stats.thresholds:
+                continue
+            scores = stats.scores(descriptor, modality)
+            parent = served.thresholds[modality]
+            summary["reference_in_domain_at_parent_threshold"][modality] = round(float(np.mean(scores <= parent)), 4)
+            stats.thresholds[modality] = max(parent, float(np.quantile(scores, quantile)))
+        stats.meta["recalibrated_on"] = ", ".join(f"{m} ({s or 'all rows'})" for m, s in reference)
+        summary["method"] = ("carried over; thresholds recalibrated on the new model's scores of the reference "
+                             "images (never below the parent's)")
+    stats.save(folder)
+    summary["thresholds"] = {m: round(t, 4) for m, t in stats.thresholds.items()}
+    return summary
 
 
 def register(subparsers):
