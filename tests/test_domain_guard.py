@@ -4,13 +4,12 @@ names a diagnosis of another modality; every answer says which model answered an
 Real images are files that packages ship (pydicom, pydicom-data, nibabel, scikit-image), asked through the app's real
 infer task (`RadDiagSegInfer` with its model store, runner and feature cache, as the server builds it)."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from app_studies import APP_DIR, DEMO_MODEL
+from app_studies import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "domain_stats.safetensors").is_file(),
                                 reason="the demo model folder has no domain statistics")
@@ -27,19 +26,10 @@ def _pydicom_file(name):
 
 @pytest.fixture(scope="module")
 def infer(tmp_path_factory):
-    """Callable(path, **params) -> the infer task's JSON result (the label file is removed)."""
-    from lib.configs.raddiagseg import RadDiagSegAppConfig
+    """Callable(path, **params) -> the infer task's JSON result (the label file is removed); `.task` is the task."""
+    from domain_guard import app_infer  # benchmarks/domain_guard.py
 
-    config = RadDiagSegAppConfig(str(APP_DIR), None, {"work_dir": str(tmp_path_factory.mktemp("work"))})
-    task = config.infer()
-
-    def run(path, **params):
-        label, result = task({"image": str(path), **params})
-        os.unlink(label)
-        return result
-
-    run.task = task
-    return run
+    return app_infer(tmp_path_factory.mktemp("work"))
 
 
 @pytest.fixture(scope="module")
@@ -186,64 +176,29 @@ def test_slicer_answer_panel_says_which_model_answered_and_why_it_refused(infer,
 
 
 # --- every image file that the installed packages ship -----------------------------------------------------------
-def _package_files():
-    """(name, path) of every file in the test-data folders of pydicom, pydicom-data, nibabel and scikit-image that
-    a user could send as an image (DICOM of every kind: CT, MR, enhanced MR/CT, CR, US, NM, secondary captures,
-    RT dose/plan/struct, SEG, SR, ECG waveforms; NIfTI 1/2, Analyze, MINC, MGH, PAR/REC, AFNI; PNG/JPEG/TIFF/GIF)."""
-    import importlib.util
-
-    folders = {"pydicom": ("data/test_files", ("*.dcm",)), "data_store": ("data", ("*.dcm",)),  # pydicom-data
-               "nibabel": ("tests/data", ("*.nii", "*.nii.gz", "*.mgz", "*.hdr", "*.mnc", "*.dcm", "*.REC", "*.HEAD")),
-               "skimage": ("data", ("*.png", "*.jpg", "*.tif", "*.gif"))}
-    files = []
-    for package, (sub, patterns) in folders.items():
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = Path(list(spec.submodule_search_locations)[0])
-        for pattern in patterns:
-            files += [(f"{package}/{p.relative_to(root)}", p) for p in sorted((root / sub).glob(pattern))]
-    return files
-
-
-def _dicom_tag(path):
-    import pydicom
-
-    try:
-        return str(pydicom.dcmread(str(path), stop_before_pixels=True, force=True).get("Modality", "")).strip().upper()
-    except Exception:  # not a DICOM pydicom can parse: no tag to compare
-        return ""
-
-
 def test_every_image_file_the_packages_ship_is_refused_or_rejected_with_a_4xx(infer):
     """No real file gets a diagnosis: each is read and refused (out of domain, no detection, diagnosis or segments)
     or rejected with a 4xx saying why; never a 5xx or another exception. A DICOM's own Modality is what it is read
     as (an ultrasound is not an X-ray, a DICOM SEG or an RT dose grid is not a CT)."""
-    from fastapi import HTTPException
+    from domain_guard import dicom_tag, outcome, package_files
 
-    files = _package_files()
+    files = package_files()
     by_package = {p: sum(name.startswith(p) for name, _ in files) for p in ("pydicom/", "data_store/", "nibabel/", "skimage/")}
     assert all(by_package.values()), by_package  # .ci/run installs them all
     wrong, refused, rejected = [], [], []
     for name, path in files:
-        try:
-            result = infer(path)
-        except HTTPException as error:
-            if not (400 <= error.status_code < 500 and str(error.detail).strip()):
-                wrong.append((name, error.status_code, error.detail))
+        kind, detail = outcome(infer, path)
+        if kind == "rejected":
             rejected.append(name)
             continue
-        except Exception as error:  # what the server would turn into a 500
-            wrong.append((name, type(error).__name__, str(error)[:200]))
+        if kind != "refused":
+            wrong.append((name, kind, str(detail)[:300]))
             continue
         refused.append(name)
-        if not (result["domain"]["in_domain"] is False and result["detection"] is None and result["diagnosis"] is None
-                and result["segments"] == [] and result["answer"].startswith("Not answered")):
-            wrong.append((name, result["domain"], result["answer"][:200]))
-        tag = _dicom_tag(path) if name.endswith(".dcm") else ""
+        tag = dicom_tag(path) if name.endswith(".dcm") else ""
         expected = {"CT": "ct", "MR": "mri", "CR": "xray", "DX": "xray"}.get(tag, tag.lower())
-        if tag and result["modality"] != {"value": expected, "source": "dicom"}:
-            wrong.append((name, tag, result["modality"]))
+        if tag and detail["modality"] != {"value": expected, "source": "dicom"}:
+            wrong.append((name, tag, detail["modality"]))
     assert not wrong, "\n".join(map(str, wrong))
     # the files that are images are read, not turned away: CT, MR, CR, US, NM, OT, SEG, RTDOSE, photos, NIfTI volumes
     for family in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "RG1_UNCI.dcm", "US1_UNCI.dcm", "JPEG2000_UNC.dcm",

@@ -257,15 +257,17 @@ class RadDiagSegTrain(TrainTask):
         return outcome
 
     def _domain_stats(self, served, checkpoint, references, data):
-        """The domain guard's statistics for the candidate (`raddiagseg.domain.finetuned_stats`), written into its
-        folder before it is published; a summary for train_stats (None when the served model has none)."""
-        from raddiagseg import domain, load_model
+        """The domain guard's statistics for the candidate (`raddiagseg.domain.finetuned_stats`, on the model loaded
+        as the server will serve it: device and precision), written into its folder before it is published; a
+        summary for train_stats (None when the served model has none)."""
+        from raddiagseg import domain
 
         if references and "replay" not in references:  # trained without replay: the replay part is still its data
             references, _ = self.reference_sets(served)
         n = data.get("images", 0)
         corrections = f"{n} corrected image{'s' if n != 1 else ''} saved on a RadDiag server"
-        return domain.finetuned_stats(load_model(checkpoint, device="cpu"), checkpoint, served, corrections,
+        model = model_store.load_for_serving(checkpoint, self.store.device, self.store.dtype)  # as it will be served
+        return domain.finetuned_stats(model, checkpoint, served, corrections,
                                       [(str(ref.manifest), ref.split) for ref in (references or {}).values()])
 
     @staticmethod
