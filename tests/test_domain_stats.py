@@ -114,3 +114,25 @@ def torch_no_grad():
     import torch
 
     return torch.no_grad()
+
+
+def test_the_train_task_writes_the_candidates_statistics_before_it_publishes(model_dir, manifests, tmp_path):
+    """The app's train task (RadDiagSegTrain._domain_stats, called by its gate on publishing) on a candidate
+    folder whose image encoder trained: statistics written, trained_on saying so, the summary for train_stats."""
+    from lib import model_store
+    from lib.trainers.raddiagseg import RadDiagSegTrain
+    from raddiagseg.training.reference import ReferenceSet
+
+    candidate = tmp_path / "run" / "best"
+    shutil.copytree(model_dir, candidate, ignore=shutil.ignore_patterns(domain.STATS_FILE))
+    model = load_model(candidate, device="cpu")
+    model.set_trainable(vision=True)  # what the candidate's config says trained
+    model.save_pretrained(str(candidate))
+    task = RadDiagSegTrain(model_store.ModelStore(model_dir, tmp_path / "work"), tmp_path / "work")
+    references = {"replay": ReferenceSet("replay", manifests["fit"], None, "phantoms"),
+                  "validation": ReferenceSet("validation", manifests["calib"], None, "phantoms")}
+    summary = task._domain_stats(model_dir, candidate, references, {"images": 1})
+    assert summary["method"].startswith("carried over; thresholds recalibrated"), summary
+    assert set(summary["reference_in_domain_at_parent_threshold"]) == {"ct", "xray"}
+    trained_on = domain.DomainGuard.for_model_dir(candidate).identity()["trained_on"]
+    assert trained_on.endswith("; fine-tuned on 1 corrected image saved on a RadDiag server"), trained_on
