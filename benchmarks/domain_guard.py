@@ -2,9 +2,11 @@
 packages ship (score vs threshold), and the share flagged under each issue-22 shift.
 
     .venv/bin/python benchmarks/domain_guard.py [--model DIR] [--seed 31415] [--ct-volumes 26] [--xrays 240]
+    .venv/bin/python benchmarks/domain_guard.py --sweep   # every image file the packages ship, through the app
 
-Real files are read and windowed as the app reads them (`lib.image_io`, `lib.domain_guard.modality_of`; volumes:
-the middle slice of the radiological view) and scored by the model folder's `domain_stats.safetensors`.
+Real files are read and windowed as the app reads them (`lib.image_io.model_view`, `lib.domain_guard.modality_of`;
+volumes: the middle slice of the radiological view) and scored by the model folder's `domain_stats.safetensors`.
+Every other file the packages ship is swept through the app by tests/test_domain_guard.py.
 """
 
 import argparse
@@ -31,19 +33,106 @@ def real_files(folder):
     return {k: v for k, v in files.items() if v}
 
 
+PACKAGE_FOLDERS = {  # package: (folder inside it, file patterns) of the real files it ships
+    "pydicom": ("data/test_files", ("*.dcm",)), "data_store": ("data", ("*.dcm",)),  # data_store: pydicom-data
+    "nibabel": ("tests/data", ("*.nii", "*.nii.gz", "*.mgz", "*.hdr", "*.mnc", "*.dcm", "*.REC", "*.HEAD")),
+    "skimage": ("data", ("*.png", "*.jpg", "*.tif", "*.gif")),
+}
+
+
+def package_files():
+    """(name, path) of every file in the test-data folders of pydicom, pydicom-data, nibabel and scikit-image that
+    a user could send as an image (DICOM of every kind: CT, MR, enhanced MR/CT, CR, US, NM, secondary captures,
+    RT dose/plan/struct, SEG, SR, ECG waveforms; NIfTI 1/2, Analyze, MINC, MGH, PAR/REC, AFNI; PNG/JPEG/TIFF/GIF)."""
+    import importlib.util
+
+    files = []
+    for package, (sub, patterns) in PACKAGE_FOLDERS.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        for pattern in patterns:
+            files += [(f"{package}/{p.relative_to(root)}", p) for p in sorted((root / sub).glob(pattern))]
+    return files
+
+
+def dicom_tag(path):
+    """The DICOM Modality pydicom reads from `path` (upper case), or "" (no tag, or not a DICOM it can parse)."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), stop_before_pixels=True, force=True).get("Modality", "")).strip().upper()
+    except Exception:
+        return ""
+
+
+def outcome(infer, path):
+    """What the app's infer task does with one file: ("refused" | "answered" | "rejected" | "error", detail)."""
+    from fastapi import HTTPException
+
+    try:
+        result = infer(path)
+    except HTTPException as error:
+        return ("rejected" if 400 <= error.status_code < 500 and str(error.detail).strip() else "error",
+                f"{error.status_code}: {error.detail}")
+    except Exception as error:  # what the server would turn into a 500
+        return "error", f"{type(error).__name__}: {error}"
+    refused = (result["domain"]["in_domain"] is False and result["detection"] is None and result["diagnosis"] is None
+               and result["segments"] == [] and result["answer"].startswith("Not answered"))
+    return ("refused" if refused else "answered"), result
+
+
+def app_infer(work):
+    """Callable(path, **params) -> the app's infer task's JSON result (as the server builds the task)."""
+    import os
+
+    from lib.configs.raddiagseg import RadDiagSegAppConfig
+
+    task = RadDiagSegAppConfig(str(ROOT / "MONAILabelApp"), None, {"work_dir": str(work)}).infer()
+
+    def run(path, **params):
+        label, result = task({"image": str(path), **params})
+        os.unlink(label)
+        return result
+
+    run.task = task
+    return run
+
+
+def sweep(work):
+    """Every file of `package_files` through the app: a table per package and how the DICOMs were read."""
+    infer = app_infer(work)
+    counts, modalities = {}, {}
+    for name, path in package_files():
+        kind, detail = outcome(infer, path)
+        row = counts.setdefault(name.split("/")[0], {"files": 0, "refused": 0, "rejected": 0, "answered": 0, "error": 0})
+        row["files"] += 1
+        row[kind] += 1
+        if kind in ("answered", "error"):
+            print(f"  {name}: {kind} {str(detail)[:200]}")
+        if isinstance(detail, dict):
+            key = f"{detail['modality']['value']} ({detail['modality']['source']})"
+            modalities[key] = modalities.get(key, 0) + 1
+    print("\n| package | files | refused (no detection/diagnosis/segments) | rejected (4xx) | answered | 5xx / error |")
+    print("|---|---|---|---|---|---|")
+    for package, row in counts.items():
+        print(f"| {package} | {row['files']} | {row['refused']} | {row['rejected']} | {row['answered']} | {row['error']} |")
+    print("\nread as: " + ", ".join(f"{k} {v}" for k, v in sorted(modalities.items())))
+
+
 def score_file(model, guard, path):
+    """(modality read as, verdict) of the file's middle slice, read, oriented and windowed as the app does
+    (`ModelView.unit`: the file's own window where it has one)."""
     import torch
-    from raddiagseg.imaging import to_unit_range
 
     from lib import domain_guard, image_io
 
     image = image_io.read_image(path)
     array = image_io.image_array(image)
     read_as = domain_guard.modality_of(image, array)
-    if image.GetDimension() == 3:
-        view = image_io.VolumeView.of(image).to_view(array)
-        array = view[view.shape[0] // 2]
-    unit = to_unit_range(array.astype("float32"), read_as["value"])
+    view = image_io.model_view(image, array, read_as["value"])
+    unit = view.unit(view.n_slices // 2)
     with torch.inference_mode():
         features = model.encode_images([unit])
     return read_as, guard.check(features, [unit], read_as["value"], read_as["source"])[0]
@@ -60,7 +149,12 @@ def main():
     parser.add_argument("--ct-volumes", type=int, default=26)
     parser.add_argument("--xrays", type=int, default=240)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: every image file pydicom, pydicom-data, nibabel and scikit-image ship, through the app")
     args = parser.parse_args()
+    if args.sweep:
+        with tempfile.TemporaryDirectory() as tmp:
+            return sweep(args.work or Path(tmp))
 
     import torch
     from raddiagseg import domain, load_model

@@ -63,6 +63,12 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
                 assert (reference["candidate"]["metrics"][modality][metric] or 0.0) >= old - allowed, (modality, metric)
     assert after["model"]["version"] != before["model"]["version"]
     assert after["model"]["name"].startswith("v0001-"), after["model"]
+    # the retrained model is guarded as its parent was and says what it was trained on (issue 21)
+    if before["domain"]["in_domain"] is not None:
+        assert stats["domain"]["method"], stats["domain"]
+        assert after["domain"]["in_domain"] is True, after["domain"]
+        assert after["model"]["trained_on"].startswith(before["model"]["trained_on"]), after["model"]
+        assert "fine-tuned on 1 corrected image saved on a RadDiag server" in after["model"]["trained_on"]
     assert after["detection"] is True, after["answer"]
     assert after["diagnosis"] and "liver tumour" in after["diagnosis"].lower(), after["answer"]
 

@@ -168,3 +168,31 @@ def test_one_bad_label_is_skipped_with_its_reason_and_the_rest_is_used(datastore
     rows = read_rows(summary)
     assert summary["images"] == 1 and rows and {r["volume"] for r in rows} == {"ct"}
     assert all(isinstance(r["question"], str) for r in rows)
+
+
+def test_an_image_of_a_modality_radiag_does_not_train_on_is_skipped_unless_label_info_names_one(datastore, tmp_path):
+    """Issue 21: a real ultrasound (pydicom-data's US1_UNCI.dcm, DICOM Modality US) is not turned into X-ray
+    training rows behind the user's back; label info `modality` says what to train it as."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("US1_UNCI.dcm")
+    if path is None:
+        pytest.skip("pydicom-data is not installed")
+    store, _, _, _ = datastore
+    store.add_image("us", path, {})
+    image = image_io.read_image(path)
+    label = np.zeros(tuple(reversed(image.GetSize())), np.uint8)
+    label[..., 40:80, 60:120] = 1
+    label_image = sitk.GetImageFromArray(label)
+    label_image.CopyInformation(image)
+    sitk.WriteImage(label_image, str(tmp_path / "us_label.nii.gz"))
+    store.save_label("us", str(tmp_path / "us_label.nii.gz"), "final", {"label_info": [{"name": "lung", "idx": 1}]})
+    summary = training_data.build(store, tmp_path / "data")
+    assert [s["image"] for s in summary["skipped"]] == ["us"]
+    assert "the image is US (its DICOM Modality)" in summary["skipped"][0]["reason"] and \
+        "label info modality" in summary["skipped"][0]["reason"]
+    store.save_label("us", str(tmp_path / "us_label.nii.gz"), "final",
+                     {"label_info": [{"name": "lung", "idx": 1}], "modality": "xray"})
+    summary = training_data.build(store, tmp_path / "again")
+    rows = [r for r in read_rows(summary) if r["volume"] == "us"]
+    assert summary["skipped"] == [] and rows and {r["modality"] for r in rows} == {"xray"}

@@ -4,13 +4,12 @@ names a diagnosis of another modality; every answer says which model answered an
 Real images are files that packages ship (pydicom, pydicom-data, nibabel, scikit-image), asked through the app's real
 infer task (`RadDiagSegInfer` with its model store, runner and feature cache, as the server builds it)."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from app_studies import APP_DIR, DEMO_MODEL
+from app_studies import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "domain_stats.safetensors").is_file(),
                                 reason="the demo model folder has no domain statistics")
@@ -27,19 +26,10 @@ def _pydicom_file(name):
 
 @pytest.fixture(scope="module")
 def infer(tmp_path_factory):
-    """Callable(path, **params) -> the infer task's JSON result (the label file is removed)."""
-    from lib.configs.raddiagseg import RadDiagSegAppConfig
+    """Callable(path, **params) -> the infer task's JSON result (the label file is removed); `.task` is the task."""
+    from domain_guard import app_infer  # benchmarks/domain_guard.py
 
-    config = RadDiagSegAppConfig(str(APP_DIR), None, {"work_dir": str(tmp_path_factory.mktemp("work"))})
-    task = config.infer()
-
-    def run(path, **params):
-        label, result = task({"image": str(path), **params})
-        os.unlink(label)
-        return result
-
-    run.task = task
-    return run
+    return app_infer(tmp_path_factory.mktemp("work"))
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +173,61 @@ def test_slicer_answer_panel_says_which_model_answered_and_why_it_refused(infer,
     assert "Answered by raddiagseg-demo: trained on synthetic phantoms only" in text and "not for clinical use" in text
     assert "This image is outside what the model was trained on: the image is unlike the model&#x27;s chest X-ray " \
            "training images" in text and "No diagnosis was given." in text and "No diagnosis given" in text
+
+
+# --- every image file that the installed packages ship -----------------------------------------------------------
+def test_every_image_file_the_packages_ship_is_refused_or_rejected_with_a_4xx(infer):
+    """No real file gets a diagnosis: each is read and refused (out of domain, no detection, diagnosis or segments)
+    or rejected with a 4xx saying why; never a 5xx or another exception. A DICOM's own Modality is what it is read
+    as (an ultrasound is not an X-ray, a DICOM SEG or an RT dose grid is not a CT)."""
+    from domain_guard import dicom_tag, outcome, package_files
+
+    files = package_files()
+    by_package = {p: sum(name.startswith(p) for name, _ in files) for p in ("pydicom/", "data_store/", "nibabel/", "skimage/")}
+    assert all(by_package.values()), by_package  # .ci/run installs them all
+    wrong, refused, rejected = [], [], []
+    for name, path in files:
+        kind, detail = outcome(infer, path)
+        if kind == "rejected":
+            rejected.append(name)
+            continue
+        if kind != "refused":
+            wrong.append((name, kind, str(detail)[:300]))
+            continue
+        refused.append(name)
+        tag = dicom_tag(path) if name.endswith(".dcm") else ""
+        expected = {"CT": "ct", "MR": "mri", "CR": "xray", "DX": "xray"}.get(tag, tag.lower())
+        if tag and detail["modality"] != {"value": expected, "source": "dicom"}:
+            wrong.append((name, tag, detail["modality"]))
+    assert not wrong, "\n".join(map(str, wrong))
+    # the files that are images are read, not turned away: CT, MR, CR, US, NM, OT, SEG, RTDOSE, photos, NIfTI volumes
+    for family in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "RG1_UNCI.dcm", "US1_UNCI.dcm", "JPEG2000_UNC.dcm",
+                   "SC_rgb.dcm", "liver.dcm", "rtdose.dcm", "anatomical.nii", "camera.png", "retina.jpg",
+                   "chessboard_RGB.png"):
+        assert any(name.endswith("/" + family) for name in refused), (family, rejected)
+
+
+def test_a_modality_without_statistics_is_refused_without_encoding_and_force_still_answers(infer):
+    """An MR volume (nibabel's DICOMs, pydicom-data's enhanced MR) or an ultrasound is refused from its DICOM header
+    alone; `force` encodes and answers it, still flagged, with nothing the vocabulary ties to CT or X-ray."""
+    from raddiagseg import findings
+
+    runner = infer.task.runner
+    for name in ("emri_small.dcm", "US1_UNCI.dcm"):
+        path = _pydicom_file(name)
+        before = runner.encoded_images
+        result = infer(path)
+        assert result["domain"]["in_domain"] is False and runner.encoded_images == before, (name, result["domain"])
+        assert result["model"]["clinical_use"] is False
+        forced = infer(path, force=True, max_new_tokens=48)
+        assert runner.encoded_images > before and forced["domain"]["in_domain"] is False, name
+        modality = forced["modality"]["value"]
+        assert findings.diagnosis_entry(forced["diagnosis"]) is None, forced["answer"]  # every one is CT or X-ray
+        assert all(modality in findings.target_modalities(s["name"]) for s in forced["segments"]), forced["segments"]
+    us = infer(_pydicom_file("US1_UNCI.dcm"))
+    assert us["modality"] == {"value": "us", "source": "dicom"}
+    assert "the image is US (from the DICOM header)" in us["domain"]["reason"] and "send modality ct or xray" in \
+        us["domain"]["reason"], us["domain"]
+    as_xray = infer(_pydicom_file("US1_UNCI.dcm"), modality="xray")  # the user's word: scored as an X-ray (and unlike one)
+    assert as_xray["modality"] == {"value": "xray", "source": "param"} and as_xray["domain"]["score"] is not None
+    assert as_xray["domain"]["in_domain"] is False

@@ -340,6 +340,19 @@ def test_answer_panel_names_the_model_and_warns_outside_its_domain():
     assert infer_options(force=True) == {"force": True} and "force" not in infer_options()
 
 
+def test_answer_panel_says_how_the_image_was_read():
+    """Issue 21 item 2: the modality the server read the image as, and how it knew."""
+    from RadDiagLib import answer_html, modality_line
+
+    us = dict(OUT_OF_DOMAIN, modality={"value": "us", "source": "dicom"})
+    assert modality_line(us) == "Read as US (from the DICOM header)."
+    assert "Answered by raddiagseg-demo: trained on synthetic phantoms only, not for clinical use. Read as US (from the " \
+           "DICOM header)." in answer_html(us)
+    assert modality_line({"modality": {"value": "xray", "source": "intensities"}}) == "Read as X-ray (from its intensities)."
+    assert modality_line({"modality": {"value": "ct", "source": "param"}}) == "Read as CT (as requested)."
+    assert modality_line({}) == "" and modality_line({"modality": "ct"}) == ""
+
+
 def test_finding_rows_show_the_measurements_and_the_centroid_in_ras():
     """Issue 23: one row per finding, with what the answer text says of it, and its centroid in RAS."""
     from raddiagseg.findings import describe_finding

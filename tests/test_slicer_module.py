@@ -635,3 +635,34 @@ def test_retrain_panel_shows_the_publishing_decision(core, monkeypatch):
     assert "Held-out corrections (15 rows): score 0.700 → 0.800" in shown
     ui.retrainButton.setText.assert_called_with("Retrain")
     widget.cleanup()
+
+
+def test_a_real_image_is_answered_with_a_refusal_that_names_the_model(core, tmp_path, monkeypatch, app_server):
+    """Issue 21 item 5 in the module: a real MR volume that nibabel ships, loaded in Slicer and sent to a live server
+    with the shipped demo model, gets no diagnosis; the answer panel warns that the image is outside what the model was
+    trained on, says which model answered, that it was trained on synthetic phantoms only and is not for clinical
+    use; detection and diagnosis are left empty for the user, and no segment is created."""
+    import nibabel.testing
+
+    if not (app_studies.DEMO_MODEL / "domain_stats.safetensors").is_file():
+        pytest.skip("the demo model folder has no domain statistics")
+    (tmp_path / "no studies").mkdir()
+    server = app_server("slicer_refusal", copy_studies=tmp_path / "no studies")["server"]
+    mr = core.slicer.util.loadVolume(str(Path(nibabel.testing.data_path) / "anatomical.nii"))
+    widget, ui = make_widget(core, monkeypatch, mr)
+    widget.logic.client = RadDiagClient(server.url, timeout=(5, 300))
+    widget.logic.consent = core.module.UploadConsent(DictSettings(), lambda url: (True, False))
+    job = widget.logic.startDiagnosis(mr, DEFAULT_QUESTION, "raddiagseg", sliceIndex=12)
+    assert job.wait(300) and job.state == "done", job.error
+    assert job.result.params["domain"]["in_domain"] is False and job.result.params["diagnosis"] is None
+    widget.onDiagnoseFinished(job.result)
+    page = ui.answerBrowser.setHtml.call_args[0][0]
+    assert "<b>Warning:</b> This image is outside what the model was trained on" in page, page
+    assert "No diagnosis was given." in page and "<b>No diagnosis given</b>" in page
+    assert "Answered by raddiagseg-demo: trained on synthetic phantoms only" in page and "not for clinical use" in page
+    assert "Outside the model's domain" in ui.statusLabel.setText.call_args[0][0]
+    ui.detectionCheckBox.setChecked.assert_called_with(False)
+    ui.diagnosisLineEdit.setText.assert_called_with("")
+    segmentation = widget.segmentationNode.GetSegmentation() if widget.segmentationNode is not None else None
+    assert segmentation is None or segmentation.GetNumberOfSegments() == 0
+    widget.cleanup()

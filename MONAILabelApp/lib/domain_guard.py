@@ -11,11 +11,11 @@ VOLUME_SHARE = 0.5  # a volume is in domain when at least this share of its chec
 
 
 def modality_of(image, array, requested=None):
-    """{"value": "ct" | "xray" | "mri", "source": "param" | "dicom" | "intensities"}."""
+    """{"value": "ct" | "xray" | "mri" | another DICOM Modality in lower case ("us", "nm", "ot", ...),
+    "source": "param" | "dicom" | "intensities"}."""
     if requested:
         return {"value": requested, "source": "param"}
-    tag = image.GetMetaData(imaging.MODALITY_TAG).strip() if image.HasMetaDataKey(imaging.MODALITY_TAG) else ""
-    source = "dicom" if tag.upper() in ("CT", "MR") or tag.upper() in imaging.DICOM_XRAY else "intensities"
+    source = "dicom" if imaging.dicom_modality(image) else "intensities"
     return {"value": imaging.infer_modality(image, array), "source": source}
 
 
@@ -46,6 +46,7 @@ class Screen:
             for k, verdict in enumerate(verdicts):
                 self.verdicts[indices[offset + k]] = verdict
             return [self.force or v["in_domain"] is not False for v in verdicts]
+        screen.needs_features = self.force or self.guard.scores_modality(self.modality["value"])
         return screen
 
     def volume_verdict(self):

@@ -48,7 +48,8 @@ class ModelRunner:
 
     def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False, progress=None, screen=None):
         """GenerationResults for each (image, question) (None where `screen` refused it), and stage timings summed
-        over batches.
+        over batches. `screen(offset, images, features)` says which images to answer; one whose `needs_features`
+        is False refuses them all and is called with features None (they are not encoded).
 
         `progress(k)` is called after each batch with the number of slices it answered."""
         import torch
@@ -67,6 +68,11 @@ class ModelRunner:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="slices", unit="batch", disable=not show_progress or len(starts) < 2):
             batch, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
+            if screen is not None and not getattr(screen, "needs_features", True):  # refused as it is: not encoded
+                results.extend(None for _ in screen(start, batch, None))
+                if progress is not None:
+                    progress(len(batch))
+                continue
             features, keys, n_encoded, seconds, encoder_stages = self.features(model, version, batch)
             timings["encode"] += seconds
             for stage, stage_seconds in encoder_stages.items():  # preprocess, vision, clip of the slices encoded now

@@ -87,6 +87,10 @@ def samples_for_image(image_id, image_path, label_path, info_dict, out_dir):
         raise label_info.LabelInfoError("label info names no segments: send segments, label_names or label_info "
                                         "with the label")
     view = image_io.model_view(image, modality=info.modality)
+    if view.modality not in label_info.MODALITIES:  # e.g. an ultrasound: its DICOM Modality is US
+        raise label_info.LabelInfoError(
+            f"the image is {view.modality.upper()} (its DICOM Modality), not a modality RadDiag trains on: send "
+            f"label info modality ({', '.join(label_info.MODALITIES)}) to train on it as one")
     modality, window = view.modality, view.window_for()  # the window the app shows these slices with
     has_abnormality_segment = any(role == "abnormality" for _, _, role in info.segments)
     volume_detection = info.detection

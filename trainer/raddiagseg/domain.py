@@ -177,7 +177,7 @@ def model_identity(folder, stats=None):
 
 
 def _title(modality):
-    return MODALITY_TITLES.get(modality, modality)
+    return MODALITY_TITLES.get(modality, modality.upper())  # another DICOM Modality as its code: US, NM, OT
 
 
 class DomainGuard:
@@ -196,6 +196,11 @@ class DomainGuard:
         """{name, trained_on, clinical_use} of the guarded model."""
         return model_identity(self.folder or Path(self.model_name), self.stats)
 
+    def scores_modality(self, modality):
+        """Whether a verdict on an image read as `modality` needs its features: False when the model has statistics
+        and none for that modality (refused as it is, e.g. an MR or a US for a CT/X-ray model)."""
+        return self.stats is None or modality in self.stats.modalities
+
     def check(self, features, unit_images, modality, source="intensities"):
         """One verdict per image; `modality` ("ct" | "xray" | "mri") is how the image was read, `source` why."""
         n = len(unit_images)
@@ -208,6 +213,8 @@ class DomainGuard:
         if modality not in trained:
             reason = (f"the image is {_title(modality)} (from {how}); this model was trained on "
                       f"{' and '.join(_title(m) for m in trained)} images only")
+            if modality not in MODALITY_TITLES:  # e.g. a chest film scanned as OT: the user may know better
+                reason += f" (send modality {' or '.join(trained)} to read it as one of those)"
             return [{"in_domain": False, "score": None, "threshold": None, "reason": reason}] * n
         descriptor = descriptors(features, unit_images)
         scores = {m: self.stats.scores(descriptor, m) for m in trained}
@@ -232,16 +239,16 @@ class DomainGuard:
 
 
 # --- statistics from data ------------------------------------------------------------------
-def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None):
-    """{modality: {block: (N, D)}} of the distinct CT / X-ray images of a manifest, fed as `raddiagseg predict`
-    feeds them (`evaluation.predict.sample_image`)."""
+def manifest_descriptors(model, manifest, batch_size=16, max_per_modality=None, split=None):
+    """{modality: {block: (N, D)}} of the distinct CT / X-ray images of a manifest (of one `split`, or all rows),
+    fed as `raddiagseg predict` feeds them (`evaluation.predict.sample_image`)."""
     import torch
 
     from raddiagseg.data.records import read_manifest
     from raddiagseg.evaluation.predict import sample_image
 
     rows, seen = {}, set()
-    for row in read_manifest(manifest, base=True):
+    for row in read_manifest(manifest, split, base=True):
         modality = row.get("modality")
         if modality not in ("ct", "xray") or not row.get("image") or row["image"] in seen:
             continue
@@ -274,6 +281,12 @@ def phantom_manifest(work, seed, ct_volumes, xrays, ct_slices=12, workers=None, 
     return manifest
 
 
+def _pooled(parts):
+    """{modality: {block: (N, D)}} of several manifest_descriptors results, concatenated."""
+    return {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
+            for m in sorted({m for p in parts for m in p})}
+
+
 def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_QUANTILE, components=COMPONENTS,
                 batch_size=16, meta=None):
     """Fit on `fit_manifest`'s images, calibrate on those of `calib_manifests` (held out, pooled), save in `folder`;
@@ -281,9 +294,7 @@ def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_Q
 
     Slices of one volume are alike, so the quantile's tail is set by whole volumes: calibrate on many volumes."""
     fit = manifest_descriptors(model, fit_manifest, batch_size)
-    parts = [manifest_descriptors(model, m, batch_size) for m in calib_manifests]
-    held_out = {m: {b: np.concatenate([p[m][b] for p in parts if m in p]) for b in BLOCKS}
-                for m in sorted({m for p in parts for m in p})}
+    held_out = _pooled([manifest_descriptors(model, m, batch_size) for m in calib_manifests])
     missing = sorted(set(fit) ^ set(held_out))
     if not fit or missing:
         raise ValueError(f"fit and calibration data must hold the same modalities (ct/xray); got {sorted(fit)} "
@@ -294,6 +305,53 @@ def write_stats(model, folder, fit_manifest, calib_manifests, quantile=DEFAULT_Q
     stats.save(folder)
     rates = {m: float(np.mean(stats.scores(held_out[m], m) <= stats.thresholds[m])) for m in held_out}
     return stats, rates
+
+
+DESCRIPTOR_PARTS = ("vision", "clip", "projector")  # `set_trainable` flags of what the descriptors are computed by
+
+
+def finetuned_stats(model, folder, served_folder, corrections, reference=(), batch_size=16):
+    """Domain statistics for a model fine-tuned (in `folder`) from the model in `served_folder`, so a retrained
+    model is guarded as its parent was and says what it was trained on; returns a summary dict, or None when the
+    parent had no statistics.
+
+    The parent's statistics are carried over: fitted on many images, they describe the training distribution
+    better than a refit on the few images at hand would (a PCA of a few volumes scores held-out slices of the
+    same distribution far out and ends with a loose threshold). When fine-tuning changed a part the descriptors
+    come from (`DESCRIPTOR_PARTS`), the new model's scores of the `reference` images ([(manifest, split)]: the
+    parent's training distribution and held-out set, as the train task's replay and gate use them) recalibrate
+    each threshold at the parent's quantile, never below the parent's threshold; without reference images they
+    are carried over unchecked (a drift then refuses in-domain images, which `force` answers, rather than letting
+    real ones through)."""
+    served = DomainStats.load(served_folder)
+    if served is None:
+        return None
+    trained_on = f"{served.meta.get('trained_on') or 'data not recorded'}; fine-tuned on {corrections}"
+    stats = DomainStats(served.blocks, dict(served.thresholds),
+                        {**served.meta, "trained_on": trained_on, "finetuned_from": Path(served_folder).name})
+    summary = {"trained_on": trained_on}
+    trainable = model.config.trainable
+    if not any(getattr(trainable, part) for part in DESCRIPTOR_PARTS):
+        summary["method"] = "carried over (the image encoders and projector did not train)"
+    elif not reference:
+        summary["method"] = "carried over unchecked (the image encoders trained; no reference images to check on)"
+    else:
+        quantile = served.meta.get("quantile", DEFAULT_QUANTILE)
+        images = _pooled([manifest_descriptors(model, m, batch_size, split=split) for m, split in reference])
+        summary["reference_in_domain_at_parent_threshold"] = {}
+        for modality, descriptor in images.items():
+            if modality not in stats.thresholds:
+                continue
+            scores = stats.scores(descriptor, modality)
+            parent = served.thresholds[modality]
+            summary["reference_in_domain_at_parent_threshold"][modality] = round(float(np.mean(scores <= parent)), 4)
+            stats.thresholds[modality] = max(parent, float(np.quantile(scores, quantile)))
+        stats.meta["recalibrated_on"] = ", ".join(f"{m} ({s or 'all rows'})" for m, s in reference)
+        summary["method"] = ("carried over; thresholds recalibrated on the new model's scores of the reference "
+                             "images (never below the parent's)")
+    stats.save(folder)
+    summary["thresholds"] = {m: round(t, 4) for m, t in stats.thresholds.items()}
+    return summary
 
 
 def register(subparsers):

@@ -100,7 +100,7 @@ def restrict_to_modality(result, modality):
 
     parsed = parse_answer(result.answer)
     entry = diagnosis_entry(parsed.diagnosis) if parsed.detection is True else None
-    title = templates.MODALITY_NAMES.get(modality, modality)
+    title = templates.MODALITY_NAMES.get(modality, f"{modality.upper()} image")  # e.g. a DICOM US: "US image"
     if entry and entry.get("modality") and entry["modality"] != modality:
         note = (f"The model named {entry['label']}, a {templates.MODALITY_NAMES.get(entry['modality'], entry['modality'])} "
                 f"diagnosis, on a {title}: the answer is withheld.")

@@ -12,6 +12,7 @@ is shown exactly as that slice inside its volume. `ModelView.unit` windows and s
 
 import gzip
 import os
+import re
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def _to_gray(image):
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     rgb = array[..., :3]
     gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if rgb.shape[-1] == 3 else rgb[..., 0]
-    result = sitk.GetImageFromArray(np.round(gray).astype(np.uint8) if array.max() <= 255 else gray, isVector=False)
+    stored = sitk.GetArrayViewFromImage(image).dtype  # 16-bit RGB stays unsigned integers (read as an X-ray, not a CT)
+    result = sitk.GetImageFromArray(np.round(gray).astype(stored) if np.issubdtype(stored, np.integer) else gray,
+                                    isVector=False)
     result.SetOrigin(image.GetOrigin())
     result.SetSpacing(image.GetSpacing())
     result.SetDirection(image.GetDirection())
@@ -211,18 +214,23 @@ def is_volume(image):
     return image.GetDimension() == 3 and image.GetSize()[2] > 1
 
 
-def infer_modality(image, array):
-    """The DICOM Modality when the file has one (CT → `ct`, MR → `mri`, CR/DX/… → `xray`); otherwise
-    `ct` for volumes and HU-range (signed, negative) slices, `xray` for 2D images with unsigned pixels
-    (8- or 16-bit PNG/JPEG/DICOM radiographs) or values in 0..255."""
+def dicom_modality(image):
+    """The file's DICOM Modality (a code string: upper case, e.g. "CT", "US", "OT"), or "" when it has none."""
     tag = image.GetMetaData(MODALITY_TAG).strip().upper() if image.HasMetaDataKey(MODALITY_TAG) else ""
-    if tag == "CT":
-        return "ct"
-    if tag == "MR":
-        return "mri"
+    return re.sub(r"[^A-Z0-9_]", "", tag)[:16]
+
+
+def infer_modality(image, array):
+    """The DICOM Modality when the file has one (CT → `ct`, MR → `mri`, CR/DX/… → `xray`, any other, e.g. US,
+    NM, OT or SEG, as itself in lower case: an ultrasound is never guessed to be an X-ray from its pixels);
+    otherwise `ct` for volumes and HU-range (signed, negative) slices, `xray` for 2D images with unsigned pixels
+    (8- or 16-bit PNG/JPEG/DICOM radiographs) or values in 0..255."""
+    tag = dicom_modality(image)
+    if tag:
+        return {"CT": "ct", "MR": "mri"}.get(tag) or ("xray" if tag in DICOM_XRAY else tag.lower())
     if is_volume(image):
         return "ct"
-    if tag in DICOM_XRAY or np.issubdtype(array.dtype, np.unsignedinteger):
+    if np.issubdtype(array.dtype, np.unsignedinteger):
         return "xray"
     if float(array.min()) >= 0 and float(array.max()) <= 255 and not _looks_like_hu(array):
         return "xray"

@@ -252,7 +252,23 @@ class RadDiagSegTrain(TrainTask):
                   "augment": False, "progress_bar": False}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress, evaluate=evaluate)
-        return self._decide(served, result.best_checkpoint, served_reports, candidate_reports, evaluate.metric_name)
+        outcome = self._decide(served, result.best_checkpoint, served_reports, candidate_reports, evaluate.metric_name,
+                               domain_stats=lambda: self._domain_stats(served, result.best_checkpoint, references, data))
+        return outcome
+
+    def _domain_stats(self, served, checkpoint, references, data):
+        """The domain guard's statistics for the candidate (`raddiagseg.domain.finetuned_stats`, on the model loaded
+        as the server will serve it: device and precision), written into its folder before it is published; a
+        summary for train_stats (None when the served model has none)."""
+        from raddiagseg import domain
+
+        if references and "replay" not in references:  # trained without replay: the replay part is still its data
+            references, _ = self.reference_sets(served)
+        n = data.get("images", 0)
+        corrections = f"{n} corrected image{'s' if n != 1 else ''} saved on a RadDiag server"
+        model = model_store.load_for_serving(checkpoint, self.store.device, self.store.dtype)  # as it will be served
+        return domain.finetuned_stats(model, checkpoint, served, corrections,
+                                      [(str(ref.manifest), ref.split) for ref in (references or {}).values()])
 
     @staticmethod
     def _gate_settings():
@@ -262,9 +278,10 @@ class RadDiagSegTrain(TrainTask):
                 "noise_z": model_store.NOISE_Z, "rule": model_store.TOLERANCE_RULE,
                 "metrics": list(selection.STAGE_METRICS["finetune"])}
 
-    def _decide(self, served, checkpoint, served_reports, candidate_reports, metric_name):
+    def _decide(self, served, checkpoint, served_reports, candidate_reports, metric_name, domain_stats=None):
         """Compare both models set by set: per metric, the candidate's drop against a tolerance raised to the
-        measured noise of this comparison (paired bootstrap over the rows both scored)."""
+        measured noise of this comparison (paired bootstrap over the rows both scored). A published candidate
+        first gets its domain statistics (`domain_stats()`, reported under `domain`)."""
         from raddiagseg.training import reference, selection
 
         sets = {}
@@ -284,6 +301,8 @@ class RadDiagSegTrain(TrainTask):
         if publish:
             if (Path(served) / reference.REFERENCE_FILE).is_file():  # the next retraining replays the same distribution
                 shutil.copyfile(Path(served) / reference.REFERENCE_FILE, Path(checkpoint) / reference.REFERENCE_FILE)
+            if domain_stats is not None:
+                outcome["domain"] = domain_stats()
             outcome["published_model"] = str(self.store.publish(checkpoint))
         logger.info("Training finished: published=%s (%s)", publish, reason)
         return outcome

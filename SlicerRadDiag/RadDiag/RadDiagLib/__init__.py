@@ -11,7 +11,7 @@ from .segments import SegmentSpec, segment_specs, export_order
 from .labelinfo import build_label_info
 from .jobs import BackgroundJob
 from .consent import UploadConsent, DictSettings
-from .answer import answer_html, domain_warning, model_notice
+from .answer import answer_html, domain_warning, modality_line, model_notice
 from .findings import FINDING_COLUMNS, FindingRow, finding_rows
 from .options import RVLS2M_CHOICES, infer_options
 from .history import UrlHistory
@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_MODEL", "DEFAULT_QUESTION", "DEFAULT_SERVER_URL",
     "RadDiagClient", "InferResult", "ServerError",
     "SegmentSpec", "segment_specs", "export_order", "build_label_info",
-    "BackgroundJob", "UploadConsent", "DictSettings", "answer_html", "domain_warning", "model_notice",
+    "BackgroundJob", "UploadConsent", "DictSettings", "answer_html", "domain_warning", "modality_line", "model_notice",
     "FINDING_COLUMNS", "FindingRow", "finding_rows", "UrlHistory", "RVLS2M_CHOICES", "infer_options",
     "TrainingProgress", "gate_report", "training_progress",
     "DiagnosisResult", "diagnose", "image_id_for", "retrain", "submit_correction",

@@ -2,8 +2,8 @@
 
 Model output is untrusted text; it is always HTML-escaped before any markup is added. Seg
 tokens become the name of the segment they produced, in its colour. Every answer says which
-model gave it (the response's `model`), and an image outside the model's domain (`domain`) is
-flagged above everything else. Servers that send neither key are still displayed.
+model gave it (the response's `model`) and how the image was read (`modality`), and an image outside
+the model's domain (`domain`) is flagged above everything else. Servers that send neither key are still displayed.
 """
 
 import html
@@ -81,6 +81,20 @@ def model_notice(params):
     return text + "."
 
 
+MODALITY_TITLES = {"ct": "CT", "xray": "X-ray", "mri": "MR"}  # any other: its DICOM code (US, NM, OT, ...)
+MODALITY_SOURCES = {"param": "as requested", "dicom": "from the DICOM header", "intensities": "from its intensities"}
+
+
+def modality_line(params):
+    """How the server read the image, e.g. "Read as US (from the DICOM header)."; "" when it does not say."""
+    modality = params.get("modality")
+    if not isinstance(modality, dict) or not modality.get("value"):
+        return ""
+    value = str(modality["value"])
+    source = MODALITY_SOURCES.get(modality.get("source"), "")
+    return f"Read as {MODALITY_TITLES.get(value, value.upper())}" + (f" ({source})." if source else ".")
+
+
 def domain_warning(params):
     """Why the image is outside the model's domain and what that did to the answer; "" when it is inside
     (or the server has no domain check)."""
@@ -105,7 +119,7 @@ def answer_html(params, specs=()):
     warning = domain_warning(params)
     if warning:
         parts.append(f'<p style="background-color:{WARNING}; color:black"><b>Warning:</b> {html.escape(warning)}</p>')
-    notice = model_notice(params)
+    notice = " ".join(t.rstrip(".") + "." for t in (model_notice(params), modality_line(params)) if t)
     if notice:
         parts.append(f"<i>{html.escape(notice)}</i>")
     no_answer = warning and params.get("detection") is None
