@@ -7,6 +7,7 @@ slicer.app) and what stands in for Qt is in tests/slicer_env.py; widgets and the
 
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
