@@ -106,7 +106,7 @@ def bad_inputs(site):
 
     cases = [(name, method, path, data, files) for name, method, path, data, files in bad_input_cases()]
     cases += [(name, method, path, data, None) for name, method, path, data, _ in CRASHERS]
-    for suffix in ("%0A", "%0a/", "%00", ";x", "%20", "%2F..%2Fimage"):
+    for suffix in ("%0A", "%0a/", "%00", ";x", "%20", "%2F..%2Fimage", "%0D", "%09", "%5C", "%C2%A0", "//", "/%2e"):
         cases.append((f"path suffix {suffix}", "PUT", f"/datastore/image{suffix}?image=ct1", None,
                       {"file": ("ct1.nii.gz", b"not an image")}))
     for name, make in (("x.mhd", _mhd), ("x.mha", _mhd), ("x.nhdr", _nhdr), ("x.nrrd", _nhdr)):
@@ -121,7 +121,15 @@ def bad_inputs(site):
         ("dataset limit_cases 0", "GET", "/datastore/dataset?limit_cases=0", None, None),
         ("proxy in local mode", "GET", "/proxy/dicom/qido/studies", None, None),
         ("proxy escaping its prefix", "GET", "/proxy/dicom/wado/..%2F..%2Ftools/shutdown", None, None),
+        ("proxy escaping its prefix, double-encoded", "GET", "/proxy/dicom/wado/%252e%252e/tools/shutdown", None, None),
+        ("label info slice outside the image", "PUT", "/datastore/label?image=ct1", {"params": '{"slice": 99}'},
+         {"label": ("l.nii.gz", _label(site, "ct1", 1))}),
     ]
+    from test_serving_attacks import JSON_BODIES
+
+    for name, body, _ in JSON_BODIES:  # MONAI Label's own JSON routes (a lone surrogate answered 500)
+        cases += [(f"train body {name}", "POST", "/train/raddiagseg", body, None),
+                  (f"scoring body {name}", "POST", "/scoring/x", body, None)]
     ok, server_errors, other = 0, [], []
     for name, method, path, data, files in cases:
         reply = requests.request(method, site.url + path, headers=site.headers("admin"), data=data, files=files,

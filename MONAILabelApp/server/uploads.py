@@ -56,6 +56,17 @@ class Checked:
     origin: tuple
     direction: tuple
     values: tuple = ()  # label values present (labels only)
+    slices: int | None = None  # how many slices a label info `slice` may index; None for a 2D image
+
+
+def slice_count(reader) -> int | None:
+    """Slices along the axis training reads a label info ``slice`` on (the through-plane axis of the
+    model's view, ``raddiagseg.imaging.VolumeView``), from a header read; None for a 2D image."""
+    from raddiagseg.imaging import VolumeView
+
+    if reader.GetDimension() != 3:
+        return None
+    return int(reader.GetSize()[2 - VolumeView.of(reader).slice_axis])
 
 
 def upload_suffix(filename: str | None) -> str:
@@ -237,7 +248,7 @@ def check_image_file(path: str, limits: Limits, what: str = "image", label: bool
         _check_itk_voxels(path, READERS[suffix], check)
     dim = len(size)
     return Checked(size=size, spacing=tuple(reader.GetSpacing())[:dim], origin=tuple(reader.GetOrigin())[:dim],
-                   direction=tuple(reader.GetDirection()), values=tuple(sorted(check.values)))
+                   direction=tuple(reader.GetDirection()), values=tuple(sorted(check.values)), slices=slice_count(reader))
 
 
 async def check_upload(path: str, limits: Limits, what: str, label: bool = False) -> Checked:
