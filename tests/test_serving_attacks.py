@@ -153,6 +153,44 @@ def test_pixel_data_beyond_what_the_header_declares_is_refused(env):
     assert reply.status_code == 400 and "more data" in _detail(reply)
 
 
+def test_a_nifti_whose_offset_hides_a_bomb_is_refused_from_its_header(env):
+    """A few voxels after a vox_offset of 256 MB of gzipped zeros (0.25 MB uploaded): the check inflated the
+    offset in one read and accepted the file."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((8, 8, 8))
+    header.set_data_dtype(np.int16)
+    header.set_data_offset(4 * MAX_DECODED_MB * 1024 * 1024)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    bomb = env["base"] / "offset-bomb.nii.gz"
+    with gzip.open(bomb, "wb", compresslevel=6) as f:
+        f.write(buf.getvalue())
+        zeros = bytes(16 * 1024 * 1024)
+        left = header.get_data_offset() - len(buf.getvalue())
+        while left > 0:
+            f.write(zeros[: min(left, len(zeros))])
+            left -= len(zeros)
+        f.write(bytes(8 * 8 * 8 * 2))
+    before = _peak_rss_mb(env["server"])
+    reply = requests.put(env["url"] + "/datastore/image?image=offsetbomb", headers=h(env, "annotator"),
+                         files={"file": ("offsetbomb.nii.gz", bomb.read_bytes())}, timeout=120)
+    assert reply.status_code == 413 and "decompress" in _detail(reply), reply.text
+    assert _peak_rss_mb(env["server"]) - before < MAX_DECODED_MB, "the server inflated the offset"
+    assert not (env["studies"] / "offsetbomb.nii.gz").exists()
+
+
+def test_a_nrrd_that_skips_bytes_through_gzip_is_refused_from_its_header(env):
+    """ITK skips 'byte skip' through a gzip stream byte by byte: 512 MB held the one check thread for > 5 minutes."""
+    head = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nendian: little\nencoding: gzip\nbyte skip: 1048576\n\n"
+    body = head + gzip.compress(bytes(1024 * 1024 + 8 * 8 * 8 * 2))
+    start = time.perf_counter()
+    reply = requests.put(env["url"] + "/datastore/image?image=skipper", headers=h(env, "annotator"),
+                         files={"file": ("skipper.nrrd", body)}, timeout=120)
+    assert reply.status_code == 400 and "skip" in _detail(reply), reply.text
+    assert time.perf_counter() - start < 10
+    assert not (env["studies"] / "skipper.nrrd").exists()
+
+
 # ---------------------------------------------------------------- 4. headers that point at server files
 
 def _mhd(data_file):
