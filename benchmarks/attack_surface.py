@@ -102,7 +102,7 @@ def _has_detail(reply):
 def bad_inputs(site):
     """(tried, 4xx with a message, 5xx, other) over every corpus; the failures are printed."""
     from test_serving import bad_input_cases
-    from test_serving_attacks import CRASHERS, _mhd, _nhdr
+    from test_serving_attacks import CRASHERS, _mhd, _nhdr, _nrrd_skipping
 
     cases = [(name, method, path, data, files) for name, method, path, data, files in bad_input_cases()]
     cases += [(name, method, path, data, None) for name, method, path, data, _ in CRASHERS]
@@ -122,6 +122,8 @@ def bad_inputs(site):
         ("proxy in local mode", "GET", "/proxy/dicom/qido/studies", None, None),
         ("proxy escaping its prefix", "GET", "/proxy/dicom/wado/..%2F..%2Ftools/shutdown", None, None),
         ("proxy escaping its prefix, double-encoded", "GET", "/proxy/dicom/wado/%252e%252e/tools/shutdown", None, None),
+        ("NRRD skipping 512 MB through gzip", "PUT", "/datastore/image?image=skipper", None,
+         {"file": ("skipper.nrrd", _nrrd_skipping(512 * 1024 * 1024))}),
         ("label info slice outside the image", "PUT", "/datastore/label?image=ct1", {"params": '{"slice": 99}'},
          {"label": ("l.nii.gz", _label(site, "ct1", 1))}),
     ]
@@ -230,9 +232,10 @@ def peak_rss_mb(site) -> float:
 def memory(site):
     """Peak RSS before, after 3 concurrent gzip bombs, after 3 concurrent uploads at the upload limit."""
     import nibabel
-    from test_serving_attacks import _nifti_bomb
+    from test_serving_attacks import _nifti_bomb, _nifti_offset_bomb
 
     bomb = _nifti_bomb(site.work / "bomb.nii.gz", shape=(512, 512, 1024))  # float64: 2 GiB inflated
+    offset_bomb = _nifti_offset_bomb(site.work / "offset-bomb.nii.gz", 2 * 1024**3)  # 2 GiB before 512 voxels
     shape = (512, 512, int(site.upload_mb * 1024 * 1024 * 0.95) // (512 * 512 * 2))
     big = site.work / "big.nii"
     array = np.random.default_rng(0).integers(-1000, 1000, size=shape, dtype=np.int16)
@@ -250,7 +253,7 @@ def memory(site):
             replies = list(pool.map(put, [(path, f"{prefix}{i}") for i in range(3)]))
         return [r.status_code for r in replies]
 
-    bomb_status = concurrently(bomb, "bomb")
+    bomb_status = concurrently(bomb, "bomb") + concurrently(offset_bomb, "offsetbomb")
     after_bomb = peak_rss_mb(site)
     big_status = concurrently(big, "big")
     after_big = peak_rss_mb(site)
@@ -355,7 +358,8 @@ def main(argv=None):
         (f"auth matrix cells ({n_routes} method+path pairs x no/wrong token, user, annotator, admin)", cells),
         ("auth cells wrong", len(wrong)),
         ("CORS checks / wrong", f"{cors_checks} / {cors_wrong}"),
-        (f"3 concurrent gzip bombs ({mem['bomb_mb']:.1f} MB, 2 GiB inflated): answers", mem["bomb_status"]),
+        (f"3 concurrent gzip bombs ({mem['bomb_mb']:.1f} MB, 2 GiB inflated), then 3 with 2 GiB before their pixel "
+         "data (vox_offset): answers", mem["bomb_status"]),
         (f"3 concurrent uploads of {mem['big_mb']:.0f} MB (limit {args.upload_mb} MB): answers", mem["big_status"]),
         ("server peak RSS before / after bombs / after uploads (MB)",
          f"{mem['before']:.0f} / {mem['after_bomb']:.0f} / {mem['after_big']:.0f}"),

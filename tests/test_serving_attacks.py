@@ -153,24 +153,40 @@ def test_pixel_data_beyond_what_the_header_declares_is_refused(env):
     assert reply.status_code == 400 and "more data" in _detail(reply)
 
 
-def test_a_nifti_whose_offset_hides_a_bomb_is_refused_from_its_header(env):
-    """A few voxels after a vox_offset of 256 MB of gzipped zeros (0.25 MB uploaded): the check inflated the
-    offset in one read and accepted the file."""
+def _nifti_offset_bomb(path: Path, offset: int) -> Path:
+    """A .nii.gz of 8x8x8 voxels whose vox_offset puts `offset` bytes of gzipped zeros before them."""
     header = nibabel.Nifti1Header()
     header.set_data_shape((8, 8, 8))
     header.set_data_dtype(np.int16)
-    header.set_data_offset(4 * MAX_DECODED_MB * 1024 * 1024)
+    header.set_data_offset(offset)
     buf = io.BytesIO()
     header.write_to(buf)
-    bomb = env["base"] / "offset-bomb.nii.gz"
-    with gzip.open(bomb, "wb", compresslevel=6) as f:
+    zeros = bytes(16 * 1024 * 1024)
+    with gzip.open(path, "wb", compresslevel=6) as f:
         f.write(buf.getvalue())
-        zeros = bytes(16 * 1024 * 1024)
-        left = header.get_data_offset() - len(buf.getvalue())
+        left = offset - len(buf.getvalue())
         while left > 0:
             f.write(zeros[: min(left, len(zeros))])
             left -= len(zeros)
         f.write(bytes(8 * 8 * 8 * 2))
+    return path
+
+
+def _nrrd_skipping(skip: int) -> bytes:
+    """A gzip NRRD of 8x8x8 voxels with `byte skip: skip` (the skipped bytes are gzipped zeros)."""
+    head = f"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nendian: little\nencoding: gzip\nbyte skip: {skip}\n\n"
+    out = io.BytesIO(head.encode())
+    out.seek(0, io.SEEK_END)
+    with gzip.GzipFile(fileobj=out, mode="wb") as f:
+        for start in range(0, skip + 8 * 8 * 8 * 2, 16 * 1024 * 1024):
+            f.write(bytes(min(16 * 1024 * 1024, skip + 8 * 8 * 8 * 2 - start)))
+    return out.getvalue()
+
+
+def test_a_nifti_whose_offset_hides_a_bomb_is_refused_from_its_header(env):
+    """A few voxels after a vox_offset of 256 MB of gzipped zeros (0.25 MB uploaded): the check inflated the
+    offset in one read and accepted the file."""
+    bomb = _nifti_offset_bomb(env["base"] / "offset-bomb.nii.gz", 4 * MAX_DECODED_MB * 1024 * 1024)
     before = _peak_rss_mb(env["server"])
     reply = requests.put(env["url"] + "/datastore/image?image=offsetbomb", headers=h(env, "annotator"),
                          files={"file": ("offsetbomb.nii.gz", bomb.read_bytes())}, timeout=120)
@@ -181,11 +197,9 @@ def test_a_nifti_whose_offset_hides_a_bomb_is_refused_from_its_header(env):
 
 def test_a_nrrd_that_skips_bytes_through_gzip_is_refused_from_its_header(env):
     """ITK skips 'byte skip' through a gzip stream byte by byte: 512 MB held the one check thread for > 5 minutes."""
-    head = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nendian: little\nencoding: gzip\nbyte skip: 1048576\n\n"
-    body = head + gzip.compress(bytes(1024 * 1024 + 8 * 8 * 8 * 2))
     start = time.perf_counter()
     reply = requests.put(env["url"] + "/datastore/image?image=skipper", headers=h(env, "annotator"),
-                         files={"file": ("skipper.nrrd", body)}, timeout=120)
+                         files={"file": ("skipper.nrrd", _nrrd_skipping(1024 * 1024))}, timeout=120)
     assert reply.status_code == 400 and "skip" in _detail(reply), reply.text
     assert time.perf_counter() - start < 10
     assert not (env["studies"] / "skipper.nrrd").exists()
