@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -447,6 +448,27 @@ def test_dataset_downloads_leave_nothing_in_the_temp_folder(env):
         r.raw.read(10)  # a client that hangs up after the first bytes
     time.sleep(0.5)
     assert sorted(p.name for p in env["tmp"].iterdir()) == before
+
+
+def test_uploads_of_a_killed_server_are_removed_at_the_next_start_not_those_of_a_running_one(tmp_path):
+    """kill -9 during label saves left their upload temp files in the temp folder for good."""
+    from server.uploads import UPLOAD_PREFIX, remove_orphaned_uploads
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"{UPLOAD_PREFIX}{gone.pid}-abc.nii.gz"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a server still uploading
+    running = tmp_path / f"{UPLOAD_PREFIX}{alive.pid}-def.nii.gz"
+    mine = tmp_path / f"{UPLOAD_PREFIX}{os.getpid()}-ghi.nii.gz"
+    other = tmp_path / "raddiag-upload-notes.txt"
+    try:
+        for path in (orphan, running, mine, other):
+            path.write_bytes(b"x")
+        assert remove_orphaned_uploads(str(tmp_path)) == [str(orphan)]
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, mine.name, other.name])
 
 
 def test_label_info_updates_follow_the_training_rules(env):

@@ -47,6 +47,7 @@ CHUNK_BYTES = 8 * 1024 * 1024
 HEADER_BYTES = 64 * 1024  # text headers (NRRD, MetaImage) must end within this
 TRAILING_SLACK = 64 * 1024  # bytes after a NIfTI's pixel data we tolerate (never inflated further)
 CHECK_WORKERS = 1
+UPLOAD_PREFIX = "raddiag-upload-"  # + the server's pid: a file whose server is gone was orphaned by a kill
 _checks = ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="upload-check")
 
 
@@ -272,7 +273,7 @@ async def save_upload(upload, limits: Limits, what: str, label: bool = False) ->
     """Copy a multipart upload to a private temp file and check it; the caller removes the file,
     which is already gone when this raises."""
     suffix = upload_suffix(upload.filename if upload is not None else None)
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="raddiag-upload-")
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as out:
             total = 0
@@ -285,6 +286,27 @@ async def save_upload(upload, limits: Limits, what: str, label: bool = False) ->
     except BaseException:
         remove_file(path)
         raise
+
+
+def remove_orphaned_uploads(folder: str | None = None) -> list[str]:
+    """Delete upload temp files of servers that no longer run (killed mid-upload: nothing could remove
+    them then); another running server's files stay. Returns the paths removed."""
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(folder):
+        match = re.match(re.escape(UPLOAD_PREFIX) + r"(\d+)-", name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # that server still runs (or the pid was reused: keep the file, the safe side)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        remove_file(os.path.join(folder, name))
+        removed.append(os.path.join(folder, name))
+    return removed
 
 
 def remove_file(path: str | None) -> None:
