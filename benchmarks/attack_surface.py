@@ -48,7 +48,8 @@ BEFORE = ("Before (the attack run of issue 18): the gzip bomb took the server fr
           "one check thread > 5 min), lone surrogates in MONAI Label's own JSON routes (`POST /train/...`, "
           "`/scoring/...` started the task, then answered 500), downloads of an unknown series with a DICOMweb "
           "datastore (500), label info with a `slice` outside the image or updated so that label values went unnamed "
-          "(200), and upload temp files left for good by a kill -9 (4 after this run's kill). Peak RSS is VmHWM of "
+          "(200), and upload temp files left for good by a kill -9 (4 after the kill of the run before the fix; in this run the "
+          "restart removed the 6 the kill left). Peak RSS is VmHWM of "
           "the server process (MONAI Label and torch imported: ~1.4 GB before any request); bombs are refused from "
           "their header, so they add little. The kill -9 / journal crash points between the label and the index "
           "renames are in tests/test_serving_faults.py.")
