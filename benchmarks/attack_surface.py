@@ -40,12 +40,19 @@ ORIGIN = "https://viewer.example.org"
 ROLES = ("user", "annotator", "admin")
 BEFORE = ("Before (the attack run of issue 18): the gzip bomb took the server from 1.7 to 6.3 GB and three at once to "
           "13.5 GB with `/info/` stalled 25 s; 7 kinds of input answered 500; a 0-byte index after kill -9 stopped the "
-          "server from starting and every label's info was lost. This rerun also found and fixed three more 500s "
+          "server from starting and every label's info was lost. The first rerun also found and fixed three more 500s "
           "(`DELETE /datastore/image` of an unknown id, `GET /logs/gpu` without nvidia-smi, `GET /datastore/dataset` "
-          "with no labels) and a server path in `POST /activelearning/...` answers. Peak RSS is VmHWM of the server "
-          "process (MONAI Label and torch imported: ~1.4 GB before any request); a bomb is refused from its header, "
-          "so 3 bombs add < 10 MB and 3 concurrent 61 MB uploads < 40 MB. The kill -9 / journal crash points between "
-          "the label and the index renames are in tests/test_serving_faults.py.")
+          "with no labels) and a server path in `POST /activelearning/...` answers. An item-by-item audit then probed "
+          "variants the corpus lacked and fixed: a `.nii.gz` whose `vox_offset` put 256 MB of gzipped zeros before 512 "
+          "voxels (0.25 MB uploaded; accepted after +283 MB peak), a gzip NRRD with `byte skip: 536870912` (held the "
+          "one check thread > 5 min), lone surrogates in MONAI Label's own JSON routes (`POST /train/...`, "
+          "`/scoring/...` started the task, then answered 500), downloads of an unknown series with a DICOMweb "
+          "datastore (500), label info with a `slice` outside the image or updated so that label values went unnamed "
+          "(200), and upload temp files left for good by a kill -9 (4 after the kill of the run before the fix; in this run the "
+          "restart removed the 6 the kill left). Peak RSS is VmHWM of "
+          "the server process (MONAI Label and torch imported: ~1.4 GB before any request); bombs are refused from "
+          "their header, so they add little. The kill -9 / journal crash points between the label and the index "
+          "renames are in tests/test_serving_faults.py.")
 
 
 class Site:
@@ -102,11 +109,11 @@ def _has_detail(reply):
 def bad_inputs(site):
     """(tried, 4xx with a message, 5xx, other) over every corpus; the failures are printed."""
     from test_serving import bad_input_cases
-    from test_serving_attacks import CRASHERS, _mhd, _nhdr
+    from test_serving_attacks import CRASHERS, _mhd, _nhdr, _nrrd_skipping
 
     cases = [(name, method, path, data, files) for name, method, path, data, files in bad_input_cases()]
     cases += [(name, method, path, data, None) for name, method, path, data, _ in CRASHERS]
-    for suffix in ("%0A", "%0a/", "%00", ";x", "%20", "%2F..%2Fimage"):
+    for suffix in ("%0A", "%0a/", "%00", ";x", "%20", "%2F..%2Fimage", "%0D", "%09", "%5C", "%C2%A0", "//", "/%2e"):
         cases.append((f"path suffix {suffix}", "PUT", f"/datastore/image{suffix}?image=ct1", None,
                       {"file": ("ct1.nii.gz", b"not an image")}))
     for name, make in (("x.mhd", _mhd), ("x.mha", _mhd), ("x.nhdr", _nhdr), ("x.nrrd", _nhdr)):
@@ -121,7 +128,17 @@ def bad_inputs(site):
         ("dataset limit_cases 0", "GET", "/datastore/dataset?limit_cases=0", None, None),
         ("proxy in local mode", "GET", "/proxy/dicom/qido/studies", None, None),
         ("proxy escaping its prefix", "GET", "/proxy/dicom/wado/..%2F..%2Ftools/shutdown", None, None),
+        ("proxy escaping its prefix, double-encoded", "GET", "/proxy/dicom/wado/%252e%252e/tools/shutdown", None, None),
+        ("NRRD skipping 512 MB through gzip", "PUT", "/datastore/image?image=skipper", None,
+         {"file": ("skipper.nrrd", _nrrd_skipping(512 * 1024 * 1024))}),
+        ("label info slice outside the image", "PUT", "/datastore/label?image=ct1", {"params": '{"slice": 99}'},
+         {"label": ("l.nii.gz", _label(site, "ct1", 1))}),
     ]
+    from test_serving_attacks import JSON_BODIES
+
+    for name, body, _ in JSON_BODIES:  # MONAI Label's own JSON routes (a lone surrogate answered 500)
+        cases += [(f"train body {name}", "POST", "/train/raddiagseg", body, None),
+                  (f"scoring body {name}", "POST", "/scoring/x", body, None)]
     ok, server_errors, other = 0, [], []
     for name, method, path, data, files in cases:
         reply = requests.request(method, site.url + path, headers=site.headers("admin"), data=data, files=files,
@@ -222,9 +239,10 @@ def peak_rss_mb(site) -> float:
 def memory(site):
     """Peak RSS before, after 3 concurrent gzip bombs, after 3 concurrent uploads at the upload limit."""
     import nibabel
-    from test_serving_attacks import _nifti_bomb
+    from test_serving_attacks import _nifti_bomb, _nifti_offset_bomb
 
     bomb = _nifti_bomb(site.work / "bomb.nii.gz", shape=(512, 512, 1024))  # float64: 2 GiB inflated
+    offset_bomb = _nifti_offset_bomb(site.work / "offset-bomb.nii.gz", 2 * 1024**3)  # 2 GiB before 512 voxels
     shape = (512, 512, int(site.upload_mb * 1024 * 1024 * 0.95) // (512 * 512 * 2))
     big = site.work / "big.nii"
     array = np.random.default_rng(0).integers(-1000, 1000, size=shape, dtype=np.int16)
@@ -242,7 +260,7 @@ def memory(site):
             replies = list(pool.map(put, [(path, f"{prefix}{i}") for i in range(3)]))
         return [r.status_code for r in replies]
 
-    bomb_status = concurrently(bomb, "bomb")
+    bomb_status = concurrently(bomb, "bomb") + concurrently(offset_bomb, "offsetbomb")
     after_bomb = peak_rss_mb(site)
     big_status = concurrently(big, "big")
     after_big = peak_rss_mb(site)
@@ -335,6 +353,7 @@ def main(argv=None):
         mem = memory(site)
         leftovers = sorted(p.name for p in site.tmp.iterdir() if not p.name.startswith("torchinductor"))
         saved, racing, lost = faults(site)
+        after_kill = sorted(p.name for p in site.tmp.iterdir() if not p.name.startswith("torchinductor"))
     finally:
         if site.server is not None:
             site.server.stop()
@@ -347,11 +366,13 @@ def main(argv=None):
         (f"auth matrix cells ({n_routes} method+path pairs x no/wrong token, user, annotator, admin)", cells),
         ("auth cells wrong", len(wrong)),
         ("CORS checks / wrong", f"{cors_checks} / {cors_wrong}"),
-        (f"3 concurrent gzip bombs ({mem['bomb_mb']:.1f} MB, 2 GiB inflated): answers", mem["bomb_status"]),
+        (f"3 concurrent gzip bombs ({mem['bomb_mb']:.1f} MB, 2 GiB inflated), then 3 with 2 GiB before their pixel "
+         "data (vox_offset): answers", mem["bomb_status"]),
         (f"3 concurrent uploads of {mem['big_mb']:.0f} MB (limit {args.upload_mb} MB): answers", mem["big_status"]),
         ("server peak RSS before / after bombs / after uploads (MB)",
          f"{mem['before']:.0f} / {mem['after_bomb']:.0f} / {mem['after_big']:.0f}"),
-        ("files left in the server's temp folder", len(leftovers)),
+        ("files left in the server's temp folder: after the inputs above / after kill -9 and the restarts",
+         f"{len(leftovers)} / {len(after_kill)}"),
         ("label saves: answered before the kill / 6 racing kill -9, images with a newer one answered",
          f"{saved} / {racing}"),
         ("labels lost or paired with another save's info, after the restart and after a 0-byte index", len(lost)),
@@ -366,7 +387,7 @@ def main(argv=None):
                 f"MONAI Label with the tests' stand-in model; {os.cpu_count()} CPUs, {platform.python_version()}).\n\n"
                 f"{table}\n\n{BEFORE}\n")
         write_section(args.results, SECTION, text)
-    failed = errors or other or wrong or cors_wrong or lost or site.crashes or leftovers
+    failed = errors or other or wrong or cors_wrong or lost or site.crashes or leftovers or after_kill
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -154,6 +155,58 @@ def test_pixel_data_beyond_what_the_header_declares_is_refused(env):
     assert reply.status_code == 400 and "more data" in _detail(reply)
 
 
+def _nifti_offset_bomb(path: Path, offset: int) -> Path:
+    """A .nii.gz of 8x8x8 voxels whose vox_offset puts `offset` bytes of gzipped zeros before them."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((8, 8, 8))
+    header.set_data_dtype(np.int16)
+    header.set_data_offset(offset)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    zeros = bytes(16 * 1024 * 1024)
+    with gzip.open(path, "wb", compresslevel=6) as f:
+        f.write(buf.getvalue())
+        left = offset - len(buf.getvalue())
+        while left > 0:
+            f.write(zeros[: min(left, len(zeros))])
+            left -= len(zeros)
+        f.write(bytes(8 * 8 * 8 * 2))
+    return path
+
+
+def _nrrd_skipping(skip: int) -> bytes:
+    """A gzip NRRD of 8x8x8 voxels with `byte skip: skip` (the skipped bytes are gzipped zeros)."""
+    head = f"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nendian: little\nencoding: gzip\nbyte skip: {skip}\n\n"
+    out = io.BytesIO(head.encode())
+    out.seek(0, io.SEEK_END)
+    with gzip.GzipFile(fileobj=out, mode="wb") as f:
+        for start in range(0, skip + 8 * 8 * 8 * 2, 16 * 1024 * 1024):
+            f.write(bytes(min(16 * 1024 * 1024, skip + 8 * 8 * 8 * 2 - start)))
+    return out.getvalue()
+
+
+def test_a_nifti_whose_offset_hides_a_bomb_is_refused_from_its_header(env):
+    """A few voxels after a vox_offset of 256 MB of gzipped zeros (0.25 MB uploaded): the check inflated the
+    offset in one read and accepted the file."""
+    bomb = _nifti_offset_bomb(env["base"] / "offset-bomb.nii.gz", 4 * MAX_DECODED_MB * 1024 * 1024)
+    before = _peak_rss_mb(env["server"])
+    reply = requests.put(env["url"] + "/datastore/image?image=offsetbomb", headers=h(env, "annotator"),
+                         files={"file": ("offsetbomb.nii.gz", bomb.read_bytes())}, timeout=120)
+    assert reply.status_code == 413 and "decompress" in _detail(reply), reply.text
+    assert _peak_rss_mb(env["server"]) - before < MAX_DECODED_MB, "the server inflated the offset"
+    assert not (env["studies"] / "offsetbomb.nii.gz").exists()
+
+
+def test_a_nrrd_that_skips_bytes_through_gzip_is_refused_from_its_header(env):
+    """ITK skips 'byte skip' through a gzip stream byte by byte: 512 MB held the one check thread for > 5 minutes."""
+    start = time.perf_counter()
+    reply = requests.put(env["url"] + "/datastore/image?image=skipper", headers=h(env, "annotator"),
+                         files={"file": ("skipper.nrrd", _nrrd_skipping(1024 * 1024))}, timeout=120)
+    assert reply.status_code == 400 and "skip" in _detail(reply), reply.text
+    assert time.perf_counter() - start < 10
+    assert not (env["studies"] / "skipper.nrrd").exists()
+
+
 # ---------------------------------------------------------------- 4. headers that point at server files
 
 def _mhd(data_file):
@@ -259,6 +312,18 @@ def test_the_proxy_uses_the_servers_credentials_never_the_clients(dicomweb):
         assert "X-Evil" not in headers
 
 
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/datastore/image?image=1.2.3"), ("GET", "/datastore/label?label=1.2.3&tag=final"),
+    ("HEAD", "/datastore/label?label=1.2.3&tag=final"),
+])
+def test_downloading_a_series_the_pacs_does_not_hold_is_a_404(dicomweb, method, path):
+    """MONAI Label's DICOMweb datastore answered 500 (IndexError looking the series up)."""
+    reply = requests.request(method, dicomweb["url"] + path, headers=h(dicomweb, "user"), timeout=30)
+    assert reply.status_code == 404, (path, reply.status_code, reply.text[:200])
+    if method == "GET":
+        assert "1.2.3" in _detail(reply)
+
+
 def test_the_proxy_in_local_mode_is_a_404_with_a_message(env):
     reply = requests.get(env["url"] + "/proxy/dicom/qido/studies", headers=h(env, "user"), timeout=30)
     assert reply.status_code == 404 and "DICOMweb" in _detail(reply)
@@ -302,6 +367,26 @@ def test_inputs_that_answered_500_are_4xx_with_a_message(env, name, method, path
     reply = requests.request(method, env["url"] + path, headers=h(env, "admin"), data=data, timeout=60)
     assert 400 <= reply.status_code < 500, (name, reply.status_code, reply.text[:300])
     assert says in _detail(reply), reply.text[:300]
+    assert requests.get(env["url"] + "/info/", headers=h(env, "user"), timeout=10).status_code == 200
+
+
+JSON_BODIES = [
+    ("lone surrogate", b'{"epochs": "\\udfff"}', "surrogate"),
+    ("nested 20,000 levels", b'{"x": ' + b"[" * 20000 + b"]" * 20000 + b"}", "nested"),
+    ("not UTF-8", b'{"x": "\xed\xbf\xbf"}', "UTF-8"),
+    ("a list", b"[1, 2]", "object"),
+]
+
+
+@pytest.mark.parametrize("role,path", [("admin", "/train/raddiagseg"), ("annotator", "/scoring/x"),
+                                       ("user", "/activelearning/first")])
+@pytest.mark.parametrize("name,body,says", JSON_BODIES, ids=[b[0] for b in JSON_BODIES])
+def test_json_bodies_of_every_route_are_checked_like_params(env, role, path, name, body, says):
+    """MONAI Label's train and scoring routes started the task, then answered 500 encoding a lone surrogate."""
+    reply = requests.post(env["url"] + path, headers={**h(env, role), "Content-Type": "application/json"}, data=body,
+                          timeout=60)
+    assert reply.status_code == 400, (name, path, reply.status_code, reply.text[:300])
+    assert says in _detail(reply)
     assert requests.get(env["url"] + "/info/", headers=h(env, "user"), timeout=10).status_code == 200
 
 
@@ -364,6 +449,27 @@ def test_dataset_downloads_leave_nothing_in_the_temp_folder(env):
         r.raw.read(10)  # a client that hangs up after the first bytes
     time.sleep(0.5)
     assert sorted(p.name for p in env["tmp"].iterdir()) == before
+
+
+def test_uploads_of_a_killed_server_are_removed_at_the_next_start_not_those_of_a_running_one(tmp_path):
+    """kill -9 during label saves left their upload temp files in the temp folder for good."""
+    from server.uploads import UPLOAD_PREFIX, remove_orphaned_uploads
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"{UPLOAD_PREFIX}{gone.pid}-abc.nii.gz"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a server still uploading
+    running = tmp_path / f"{UPLOAD_PREFIX}{alive.pid}-def.nii.gz"
+    mine = tmp_path / f"{UPLOAD_PREFIX}{os.getpid()}-ghi.nii.gz"
+    other = tmp_path / "raddiag-upload-notes.txt"
+    try:
+        for path in (orphan, running, mine, other):
+            path.write_bytes(b"x")
+        assert remove_orphaned_uploads(str(tmp_path)) == [str(orphan)]
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, mine.name, other.name])
 
 
 def test_label_info_updates_follow_the_training_rules(env):
@@ -484,6 +590,57 @@ def test_label_values_that_no_segment_names_are_refused(env):
     assert reply.status_code == 400 and "[2]" in _detail(reply), reply.text
     both = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}
     assert _label_upload(env, "ct1", array, info=both).status_code == 200
+
+
+TWO_VALUES = np.zeros((6, 24, 20))
+TWO_VALUES[:, :8] = 1
+TWO_VALUES[:, 12:] = 2
+BOTH_NAMED = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}
+INFO_ROUTES = [("/datastore/label/info?label=ct2&tag=rules", "info"), ("/datastore/updatelabelinfo?label=ct2&tag=rules",
+                                                                        "params")]
+
+
+def _save_rules_label(env, info):
+    label = sitk.GetImageFromArray(TWO_VALUES.astype(np.uint8))
+    label.SetSpacing((0.8, 0.8, 2.5))
+    path = env["base"] / "rules-label.nii.gz"
+    sitk.WriteImage(label, str(path))
+    return requests.put(env["url"] + "/datastore/label?image=ct2&tag=rules", headers=h(env, "annotator"),
+                        data={"params": json.dumps(info)}, files={"label": ("label.nii.gz", path.read_bytes())},
+                        timeout=60)
+
+
+@pytest.mark.parametrize("info,says", [
+    ({"question": 12345, **BOTH_NAMED}, "question"),  # item 8's attack on the save route
+    ({"slice": 6, **BOTH_NAMED}, "slice 6 is outside"),  # ct2 has 6 slices: training skipped such a label
+])
+def test_label_info_training_cannot_use_is_refused_when_the_label_is_saved(env, info, says):
+    saved = env["studies"] / "labels" / "rules" / "ct2.nii.gz"
+    before = saved.read_bytes() if saved.exists() else None
+    reply = _save_rules_label(env, info)
+    assert reply.status_code == 400 and says in _detail(reply) and "training" in _detail(reply), reply.text
+    assert (saved.read_bytes() if saved.exists() else None) == before
+
+
+@pytest.mark.parametrize("route,field", INFO_ROUTES, ids=["label/info", "updatelabelinfo"])
+@pytest.mark.parametrize("update,says", [
+    ({"question": 12345}, "question"),
+    ({"slice": 99}, "slice 99 is outside"),
+    ({"label_info": [{"name": "liver", "idx": 1}]}, "[2]"),  # would leave value 2 unnamed, as a save may not
+    ({"segments": [{"name": "liver", "label_value": 1}]}, "[2]"),
+])
+def test_label_info_updates_follow_the_rules_of_a_save_on_both_routes(env, route, field, update, says):
+    assert _save_rules_label(env, {**BOTH_NAMED, "slice": 5}).status_code == 200
+    reply = requests.put(env["url"] + route, headers=h(env, "annotator"), data={field: json.dumps(update)}, timeout=30)
+    assert reply.status_code == 400 and says in _detail(reply), reply.text
+    info = requests.get(env["url"] + "/datastore/label/info?label=ct2&tag=rules", headers=h(env, "user")).json()
+    assert info["label_info"] == BOTH_NAMED["label_info"] and info["slice"] == 5 and "question" not in info
+
+
+def test_a_segment_name_training_does_not_know_still_names_its_value(env):
+    """lib/label_info: such a segment is left out of training, the rest of the label used (not a refusal)."""
+    reply = _save_rules_label(env, {"label_info": [{"name": "liver", "idx": 1}, {"name": "my lesion", "idx": 2}]})
+    assert reply.status_code == 200, reply.text
 
 
 def test_error_messages_name_folders_not_server_paths(monkeypatch, tmp_path):

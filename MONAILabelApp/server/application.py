@@ -72,8 +72,11 @@ def prepare_datastore(options: ServeOptions):
     from monailabel.interfaces.utils.app import app_instance
 
     from .datastore_safety import install_atomic_writes, remove_partial_files
+    from .uploads import remove_orphaned_uploads
 
     install_atomic_writes()  # before the datastore is created: its first index read may need recovery
+    for path in remove_orphaned_uploads():
+        logger.info("removed %s, an upload of a server that was killed", os.path.basename(path))
     if not options.studies.startswith(("http://", "https://")):
         remove_partial_files(os.path.realpath(options.studies))
     instance = app_instance()

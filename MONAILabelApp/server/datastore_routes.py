@@ -7,7 +7,9 @@ paths or left files behind:
   user downloads;
 - ``GET /datastore/image/info`` and ``GET /datastore/?output=train`` give ids and paths relative
   to the studies folder, never the server's absolute paths;
-- deleting an unknown image or label is a 404 (MONAI Label answered 500);
+- deleting an unknown image or label is a 404 (MONAI Label answered 500), and so is downloading
+  one (``GET /datastore/image``, ``GET``/``HEAD /datastore/label``: MONAI Label's DICOMweb
+  datastore answered 500 for a series the PACS does not hold);
 - ``HEAD /datastore/image?check_sum=ALGO:HEX``: an unknown algorithm or a digest that is not hex is
   a 400 (MONAI Label crashed on it and never matched a valid one);
 - ``GET /datastore/dataset`` streams the zip MONAI Label builds in the temp folder and deletes it
@@ -24,7 +26,15 @@ import re
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import StreamingResponse
 
-from .routes import _image_exists, _instance, require_image, check_info_fits, check_label_info, relative_path
+from .routes import (
+    _image_exists,
+    _instance,
+    check_info_fits,
+    check_label_info,
+    relative_path,
+    require_image,
+    stored_label,
+)
 from .uploads import remove_file
 from .validation import InputError, Limits, check_id, parse_json_object
 
@@ -36,6 +46,20 @@ ZIP_CHUNK = 1024 * 1024
 async def _require_label(datastore, label: str, tag: str) -> None:
     """404 with a message unless the datastore holds `label` under `tag`."""
     if not await asyncio.to_thread(lambda: bool(datastore.get_label_by_image_id(label, tag))):
+        raise InputError(404, f"label {label!r} with tag {tag!r} is not in the datastore")
+
+
+async def _require_label_file(datastore, label: str, tag: str) -> None:
+    """404 with a message unless `label` can be downloaded: a DICOMweb datastore's final labels are
+    SEG series on the PACS (looked up there), other labels files in the datastore."""
+    from monailabel.datastore.local import LocalDatastore
+
+    def found():
+        if tag == "final" and hasattr(datastore, "_client"):  # DICOMWebDatastore
+            return bool(datastore._client.search_for_series(search_filters={"SeriesInstanceUID": label}))
+        return bool(LocalDatastore.get_label_uri(datastore, label, tag))
+
+    if not await asyncio.to_thread(found):
         raise InputError(404, f"label {label!r} with tag {tag!r} is not in the datastore")
 
 
@@ -86,7 +110,7 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
         await _require_label(datastore, label, tag)
         update["user"] = request.state.identity.name
         merged = {**datastore.get_label_info(label, tag), **update}
-        check_label_info(merged, ())
+        check_label_info(merged, await stored_label(datastore, label, tag, limits))
         check_info_fits(datastore, merged, limits, f"label {label!r}")
         await asyncio.to_thread(datastore.update_label_info, label, tag, update)
         return {}
@@ -115,6 +139,24 @@ def register_datastore_routes(app: FastAPI, limits: Limits) -> None:
         await _require_label(datastore, id, tag)
         await asyncio.to_thread(datastore.remove_label, id, tag)
         return {}
+
+    @app.get("/datastore/image")
+    async def download_image(image: str):
+        from monailabel.endpoints.datastore import download_image as send_image
+
+        check_id(image)
+        datastore = _instance().datastore()
+        await require_image(datastore, image)
+        return await asyncio.to_thread(send_image, image)
+
+    @app.api_route("/datastore/label", methods=["GET", "HEAD"])
+    async def download_label(request: Request, label: str, tag: str):
+        from monailabel.endpoints.datastore import download_label as send_label
+
+        check_id(label, "label")
+        check_id(tag, "label tag")
+        await _require_label_file(_instance().datastore(), label, tag)
+        return await asyncio.to_thread(send_label, label, tag, request.method == "HEAD")
 
     @app.head("/datastore/image")
     async def check_image(image: str, check_sum: str | None = None):

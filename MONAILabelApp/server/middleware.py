@@ -1,5 +1,6 @@
 """Pure ASGI layer in front of MONAI Label: health check, bearer-token auth with roles, id checks
-on query strings, request-size limits, and routing of the endpoints we replaced.
+on query strings, request-size limits, JSON bodies checked as params are (MONAI Label's own routes
+included), and routing of the endpoints we replaced.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so multipart uploads and file responses stream through
 untouched.
@@ -14,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from .auth import TokenStore
 from .policy import LOGIN, PUBLIC, PathError, normalise, required_role
-from .validation import ID_PATTERN, Limits
+from .validation import ID_PATTERN, InputError, Limits, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,45 @@ def _header(scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _json_body(scope) -> bool:
+    """Whether FastAPI would read this request's body as JSON: no content type, ``application/json``
+    or ``application/*+json`` (the DICOMweb proxy forwards its bodies as they are)."""
+    if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE") or scope["path"].startswith("/proxy/"):
+        return False
+    media = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    return media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _checked_json_body(scope, receive, limits: Limits):
+    """Read a JSON body and check it as params are checked (size, nesting, lone surrogates, an object);
+    returns a ``receive`` that replays it, then passes on what the client sends next (its hang-up)."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive  # the client hung up: the app sees the disconnect
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > limits.max_params_bytes:
+            raise InputError(413, f"the JSON request body is larger than {limits.max_params_bytes} bytes")
+    if body.strip():
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(400, "the JSON request body is not valid UTF-8") from None
+        parse_json_object(text, limits, "the JSON request body")
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 class SecurityMiddleware:
@@ -125,6 +165,11 @@ class SecurityMiddleware:
         scope = dict(scope)
         scope["state"] = dict(scope.get("state") or {}, identity=identity)
 
+        if _json_body(scope):  # MONAI Label's own JSON routes (train, scoring) answered 500 to a lone surrogate
+            try:
+                receive = await _checked_json_body(scope, receive, self.limits)
+            except InputError as e:
+                return await send_json(send, e.status, {"detail": e.message})
         target, routed = self.app, self.overrides.route_for(method, path) if self.overrides is not None else None
         if routed is not None:
             target = self.overrides

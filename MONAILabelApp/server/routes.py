@@ -10,6 +10,7 @@ the event loop keeps answering.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match
 
 from . import dicomweb
-from .uploads import Checked, remove_file, save_upload, upload_suffix
+from .uploads import Checked, check_upload, remove_file, save_upload, slice_count, upload_suffix
 from .validation import (
     RESERVED_PARAMS,
     InputError,
@@ -88,7 +89,8 @@ def _image_geometry(datastore, image_id: str) -> Checked | None:
         return None
     dim = min(3, reader.GetDimension())
     return Checked(size=tuple(int(s) for s in reader.GetSize())[:3], spacing=tuple(reader.GetSpacing())[:dim],
-                   origin=tuple(reader.GetOrigin())[:dim], direction=tuple(reader.GetDirection()))
+                   origin=tuple(reader.GetOrigin())[:dim], direction=tuple(reader.GetDirection()),
+                   slices=slice_count(reader))
 
 
 def check_label_matches(label: Checked, image: Checked, image_id: str) -> None:
@@ -106,19 +108,43 @@ def check_label_matches(label: Checked, image: Checked, image_id: str) -> None:
         raise InputError(400, f"label direction does not match image {image_id!r} direction")
 
 
-def check_label_info(info: dict, values: tuple) -> None:
-    """Label info must be readable by training (the same parser), and name every value in the label."""
+def check_label_info(info: dict, label: Checked | None) -> None:
+    """Label info must be readable by training (the same parser and slice rule) and, once it names
+    segments, name every value in the label (a name training does not know counts: that segment is
+    left out of training, as ``lib.label_info`` says). ``label``: what the label file holds; None
+    when it cannot be read here (the parser's rules still apply)."""
     from lib import label_info
 
     try:
         parsed = label_info.parse(info)
     except label_info.LabelInfoError as e:
         raise InputError(400, f"label info (params) cannot be used for training: {e}") from None
-    named = {value for _, value, _ in parsed.segments}
-    unnamed = sorted(set(values) - {0} - named)
+    if label is None:
+        return
+    if parsed.slice is not None and label.slices is not None and parsed.slice >= label.slices:
+        raise InputError(400, f"label info (params) cannot be used for training: slice {parsed.slice} is outside "
+                              f"the image, which has {label.slices} slices (0..{label.slices - 1})")
+    named = {value for _, value, _ in parsed.segments} | {value for _, value in parsed.unknown}
+    unnamed = sorted(set(label.values) - {0} - named)
     if named and unnamed:
         raise InputError(400, f"label values {unnamed[:20]} are not named by any segment in the label info; "
                               f"named: {sorted(named)}")
+
+
+async def stored_label(datastore, label: str, tag: str, limits: Limits) -> Checked | None:
+    """What a saved label file holds (values, slices), read as training reads it (a DICOMweb
+    datastore's local NIfTI copy); None when there is no such file we can read."""
+    from monailabel.datastore.local import LocalDatastore
+
+    if not isinstance(datastore, LocalDatastore):
+        return None
+    uri = await asyncio.to_thread(LocalDatastore.get_label_uri, datastore, label, tag)
+    if not uri or not os.path.isfile(uri):
+        return None
+    try:
+        return await check_upload(uri, limits, "label", label=True)
+    except InputError:
+        return None
 
 
 def check_info_fits(datastore, info: dict, limits: Limits, what: str) -> None:
@@ -318,7 +344,8 @@ class Overrides:
                 geometry = await asyncio.to_thread(_image_geometry, datastore, image)
                 if geometry is not None:
                     check_label_matches(checked, geometry, image)
-                check_label_info(info, checked.values)
+                    checked = dataclasses.replace(checked, slices=geometry.slices)  # training counts the image's
+                check_label_info(info, checked)
                 info["user"] = request.state.identity.name
                 check_info_fits(datastore, info, limits, f"label {image!r}")
 

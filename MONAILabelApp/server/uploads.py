@@ -5,10 +5,13 @@ What a check refuses, in the order it looks:
 - a file that is not self-contained: detached-header formats (``.mhd``, ``.nhdr``, a NIfTI
   header/image pair) and headers naming a data file are refused from their first bytes, before
   any image reader opens them, so an upload can never make the server read, or probe for, one
-  of its own files;
+  of its own files; so is a NRRD with ``byte skip``/``line skip`` (ITK skips through a gzip
+  stream byte by byte: a 0.5 MB file skipping 512 MB held the check for over 5 minutes);
 - a format other than the one its name says (the reader is chosen from the name, not sniffed);
-- a declared size (header dimensions x bytes per voxel) above the limits, before any pixel data
-  is inflated: a 2 MB ``.nii.gz`` that would inflate to 2 GB is refused after its header;
+- a declared size (header dimensions x bytes per voxel, plus a NIfTI's offset to its pixel data)
+  above the limits, before any pixel data is inflated: a 2 MB ``.nii.gz`` that would inflate to
+  2 GB is refused after its header, as is one whose ``vox_offset`` puts 2 GB of zeros before a
+  few voxels;
 - pixel data that is short, carries trailing bytes, or holds NaN/Inf (and, for labels,
   non-integer values or values outside 0..255). NIfTI is read as a stream in fixed-size chunks
   with a byte cap; other formats into one buffer of the (already bounded) declared size.
@@ -44,6 +47,7 @@ CHUNK_BYTES = 8 * 1024 * 1024
 HEADER_BYTES = 64 * 1024  # text headers (NRRD, MetaImage) must end within this
 TRAILING_SLACK = 64 * 1024  # bytes after a NIfTI's pixel data we tolerate (never inflated further)
 CHECK_WORKERS = 1
+UPLOAD_PREFIX = "raddiag-upload-"  # + the server's pid: a file whose server is gone was orphaned by a kill
 _checks = ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="upload-check")
 
 
@@ -56,6 +60,17 @@ class Checked:
     origin: tuple
     direction: tuple
     values: tuple = ()  # label values present (labels only)
+    slices: int | None = None  # how many slices a label info `slice` may index; None for a 2D image
+
+
+def slice_count(reader) -> int | None:
+    """Slices along the axis training reads a label info ``slice`` on (the through-plane axis of the
+    model's view, ``raddiagseg.imaging.VolumeView``), from a header read; None for a 2D image."""
+    from raddiagseg.imaging import VolumeView
+
+    if reader.GetDimension() != 3:
+        return None
+    return int(reader.GetSize()[2 - VolumeView.of(reader).slice_axis])
 
 
 def upload_suffix(filename: str | None) -> str:
@@ -89,6 +104,10 @@ def _refuse_data_file_reference(path: str, suffix: str, what: str) -> None:
         if any(re.match(rb"\s*data\s*file\s*:", line, re.IGNORECASE) for line in lines):
             raise InputError(400, f"the uploaded {what} is a NRRD header naming a separate data file; "
                                   "send a NRRD with its pixel data attached")
+        if any(re.match(rb"\s*(byte|line)\s*skip\s*:\s*(?!0*\s*$)", line, re.IGNORECASE) for line in lines):
+            # ITK skips these through a gzip stream byte by byte: 512 MB of skipped zeros held the check for minutes
+            raise InputError(400, f"the uploaded {what} is a NRRD with 'byte skip' or 'line skip'; send a NRRD "
+                                  "whose pixel data follows its header")
         if end < 0:
             raise InputError(400, f"the uploaded {what} has a NRRD header longer than {HEADER_BYTES} bytes")
         return
@@ -158,8 +177,12 @@ def _check_nifti_voxels(path: str, header, declared: int, check: _VoxelCheck) ->
     step = max(dtype.itemsize, CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize)
     try:
         with _open(path) as f:
-            if len(f.read(offset)) < offset:
-                raise InputError(400, f"the uploaded {check.what} is truncated: it ends inside its header")
+            skipped = 0
+            while skipped < offset:  # in chunks: the offset is inflated too, and counted in the limit
+                data = f.read(min(CHUNK_BYTES, offset - skipped))
+                if not data:
+                    raise InputError(400, f"the uploaded {check.what} is truncated: it ends inside its header")
+                skipped += len(data)
             remaining = declared
             while remaining:
                 data = f.read(min(step, remaining))
@@ -223,11 +246,12 @@ def check_image_file(path: str, limits: Limits, what: str = "image", label: bool
                               f"{limits.max_voxels} voxels")
     if header is not None:
         declared = int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+        inflated = declared + int(header.get_data_offset())  # what lies before the pixel data is inflated too
     else:
         itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).itemsize
-        declared = math.prod(size) * itemsize
-    if declared > limits.max_decoded_bytes:
-        raise InputError(413, f"the uploaded {what} would decompress to {declared} bytes; the limit is "
+        declared = inflated = math.prod(size) * itemsize
+    if inflated > limits.max_decoded_bytes:
+        raise InputError(413, f"the uploaded {what} would decompress to {inflated} bytes; the limit is "
                               f"{limits.max_decoded_bytes}")
 
     check = _VoxelCheck(what, label)
@@ -237,7 +261,7 @@ def check_image_file(path: str, limits: Limits, what: str = "image", label: bool
         _check_itk_voxels(path, READERS[suffix], check)
     dim = len(size)
     return Checked(size=size, spacing=tuple(reader.GetSpacing())[:dim], origin=tuple(reader.GetOrigin())[:dim],
-                   direction=tuple(reader.GetDirection()), values=tuple(sorted(check.values)))
+                   direction=tuple(reader.GetDirection()), values=tuple(sorted(check.values)), slices=slice_count(reader))
 
 
 async def check_upload(path: str, limits: Limits, what: str, label: bool = False) -> Checked:
@@ -249,7 +273,7 @@ async def save_upload(upload, limits: Limits, what: str, label: bool = False) ->
     """Copy a multipart upload to a private temp file and check it; the caller removes the file,
     which is already gone when this raises."""
     suffix = upload_suffix(upload.filename if upload is not None else None)
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="raddiag-upload-")
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as out:
             total = 0
@@ -262,6 +286,27 @@ async def save_upload(upload, limits: Limits, what: str, label: bool = False) ->
     except BaseException:
         remove_file(path)
         raise
+
+
+def remove_orphaned_uploads(folder: str | None = None) -> list[str]:
+    """Delete upload temp files of servers that no longer run (killed mid-upload: nothing could remove
+    them then); another running server's files stay. Returns the paths removed."""
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(folder):
+        match = re.match(re.escape(UPLOAD_PREFIX) + r"(\d+)-", name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # that server still runs (or the pid was reused: keep the file, the safe side)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        remove_file(os.path.join(folder, name))
+        removed.append(os.path.join(folder, name))
+    return removed
 
 
 def remove_file(path: str | None) -> None:
