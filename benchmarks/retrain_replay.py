@@ -78,7 +78,7 @@ COLUMNS = [("xray", "dice_org", "X-ray Dice-Org"), ("xray", "dice_abn", "X-ray D
 def _row(name, held, served, cells=("", "", "", "")):
     drop, where = retraining.largest_drop(held["metrics"], served["metrics"])
     return (f"| {name} | " + " | ".join(cells) + " | " + " | ".join(retraining.cell(held["metrics"], m, k) for m, k, _ in COLUMNS)
-            + f" | {held['score']:.3f} | {drop:+.3f} {where} |")
+            + f" | {held['score']:.3f} | " + ("" if held is served else f"{drop:+.3f} {where}") + " |")
 
 
 def table(results):
@@ -86,7 +86,7 @@ def table(results):
              + " | ".join(c[2] for c in COLUMNS) + " | held-out score | largest held-out drop vs served |",
              "|---" * (len(COLUMNS) + 7) + "|"]
     served = results["served"]
-    lines.append(_row("served", served, served).replace(" +0.000 ", " "))
+    lines.append(_row("served", served, served))
     for key, entry in results.items():
         if key == "served":
             continue

@@ -40,15 +40,24 @@ def set_rng_state(state):
 
 def write_checkpoint(model, target, training_state=None, info=None, dtype=None):
     """Save `model` (and optionally the resumable training state, a small JSON info) as folder `target`, atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp):
         save_model(model, tmp, dtype)
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
         if info is not None:
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+    return write_folder(target, fill)
+
+
+def write_folder(target, fill):
+    """Folder `target` written by `fill(tmp)` into a hidden folder next to it, which then replaces it (atomically)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
         replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,17 +150,13 @@ def blend(base, tuned, weight, target):
             if a.shape != b.shape:
                 raise ValueError(f"{key} has shape {tuple(a.shape)} in {base} and {tuple(b.shape)} in {tuned}")
             state[key] = a.float().lerp(b.float(), float(weight)).to(b.dtype) if b.is_floating_point() else b
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp):
         for path in tuned.iterdir():
             if path.is_file() and path.name not in (WEIGHTS_FILE, STATE_FILE):
                 shutil.copyfile(path, tmp / path.name)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "raddiagseg": str(FORMAT_VERSION)})
         info = {**read_info(tuned), "blend": {"weight": float(weight), "base": str(base), "tuned": str(tuned)}}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_folder(target, fill)
