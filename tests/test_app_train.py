@@ -125,7 +125,8 @@ def test_corrections_alone_forget_and_the_gate_refuses_to_publish(unseen):
     assert stats["data"]["images"] == 4 and stats["data"]["replay_rows"] == 0 and stats["data"]["val_on_train"]
 
     gate = stats["gate"]
-    assert gate["blend_weights"] == [1.0, 0.5, 0.25]
+    weights = gate["blend_weights"]
+    assert weights[0] == 1.0 and all(b == a / 2 for a, b in zip(weights, weights[1:])) and len(weights) >= 3
     tuned = gate["attempts"][0]
     assert tuned["weight"] == 1.0 and tuned["published"] is False and "reference validation set" in tuned["reason"]
     assert all(not a["published"] for a in gate["attempts"][:-1])
