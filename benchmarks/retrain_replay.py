@@ -26,7 +26,7 @@ def main():
     retraining.add_run_arguments(parser, "/tmp/raddiag-replay", 60, "phantom seed of the corrections", 4, 24)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     parser.add_argument("--lr", type=float, nargs="+", default=[2e-4])
-    parser.add_argument("--blend-tries", type=int, default=3, help="the train task's blend_tries (1: no blends)")
+    parser.add_argument("--blend-tries", type=int, help="the train task's blend_tries (1: no blends; default: the task's)")
     parser.add_argument("--corrections", nargs="+", default=CORRECTION_KINDS,
                         help="kinds of the corrected studies, one study each (liver, pancreas, COVID-19, Non-COVID, Normal)")
     args = parser.parse_args()
@@ -51,8 +51,10 @@ def main():
             config = retraining.app_config(run / "studies", run / "work", model_path=args.model,
                                            reference_cache=out / "reference")
             started = time.time()
-            stats = config.trainer()({"max_steps": args.steps, "replay_ratio": ratio, "lr": lr,
-                                      "blend_tries": args.blend_tries}, store)
+            request = {"max_steps": args.steps, "replay_ratio": ratio, "lr": lr}
+            if args.blend_tries:
+                request["blend_tries"] = args.blend_tries
+            stats = config.trainer()(request, store)
             train_s = time.time() - started
             corrected = stats["gate"]["sets"].get("heldout_corrections") or stats["gate"]["sets"]["corrections"]
             entry = {"published": stats["published"], "reason": stats["reason"], "task_s": round(train_s, 1),
