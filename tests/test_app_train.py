@@ -41,7 +41,8 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
 
     started = requests.post(f"{server.url}/train/raddiagseg", json={"max_steps": TRAIN_STEPS}, timeout=60)
     assert started.status_code == 200, started.text
-    status = wait_for_training(server.url, timeout=900)
+    # training, then up to `blend_tries` (6) gate checks of 200 reference rows each: ~15 min on a loaded 2-core box
+    status = wait_for_training(server.url, timeout=1800)
     stats = requests.get(server.url + "/info/", timeout=10).json()["train_stats"]["raddiagseg"]
     assert status["status"] == "DONE", f"{status}\n{stats}\n{server.log()}"
     assert stats["step"] == TRAIN_STEPS and stats["data"]["train_samples"] >= 3
