@@ -4,8 +4,10 @@ app's own train task (replay and publishing gate as shipped), scored on held-out
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/active_learning.py --out /tmp/al --rounds 2 --k 2
     (or one process per strategy, side by side: --strategies uncertain; then --strategies with none to tabulate)
 
-Start model: the shipped demo model (what a new user serves; training a weaker one from scratch takes longer than the
-whole benchmark on a 2-core CPU). Pool: unseen-seed phantoms (CT volumes and X-rays). Strategies: `uncertain`
+Start model: `--model`, by default the shipped demo model (what a new user serves). Pool and held-out set: unseen-seed
+phantoms (CT volumes and X-rays); `--variation scanner` draws them with generator version 2 (each study its own
+acquisition), where a model trained on version-1 phantoms is weak (RESULTS.md, "Robustness to scanner variation"): the
+strategies then have something to find, while the gate still guards the model's own (reference) distribution. Strategies: `uncertain`
 (sampling disagreement), `uncertain` with `uncertain_method=tts`, and MONAI Label's `random`, each called through the
 app's strategy objects one image at a time, as `POST /activelearning/<strategy>` does; the chosen image's ground truth
 is saved as the clinician's final label. Per round: the candidate's held-out metrics (it is what the corrections
@@ -35,9 +37,10 @@ def run_strategy(name, args, out, heldout):
     strategy_name, conf = STRATEGIES[name]
     run = out / name
     shutil.rmtree(run, ignore_errors=True)
-    pool = retraining.write_pool(run / "studies", run / "truth", POOL_KINDS, args.seed)
+    pool = retraining.write_pool(run / "studies", run / "truth", POOL_KINDS, args.seed, variation=args.variation)
     store = retraining.datastore(run / "studies")
-    config = retraining.app_config(run / "studies", run / "work", reference_cache=out / "reference", **conf)
+    config = retraining.app_config(run / "studies", run / "work", model_path=args.model,
+                                   reference_cache=out / "reference", **conf)
     strategy = config.strategies()[strategy_name]
     random.seed(args.seed)  # MONAI Label's Random draws from the `random` module
     rounds, picks, served_score = [], [], None
@@ -57,6 +60,7 @@ def run_strategy(name, args, out, heldout):
         if stats["published"]:
             served_score = candidate["score"]
         entry = {"round": number, "corrections": len(picks), "chosen": chosen, "published": stats["published"],
+                 "blend_weight": stats.get("blend_weight"),
                  "reason": stats["reason"], "gate": stats["gate"], "candidate": candidate, "served_score": served_score,
                  "select_s": round(select_s, 1), "train_s": round(train_s, 1)}
         rounds.append(entry)
@@ -81,7 +85,7 @@ def main():
             path.write_text(json.dumps(run_strategy(name, args, out, heldout), indent=1, default=str))
     start_path = out / "start.json"
     if not start_path.is_file():
-        start_path.write_text(json.dumps(retraining.score(retraining.DEMO_MODEL, heldout), indent=1))
+        start_path.write_text(json.dumps(retraining.score(args.model, heldout), indent=1))
     results = {"start": json.loads(start_path.read_text())}
     results.update({name: json.loads((out / f"{name}.json").read_text()) for name in STRATEGIES
                     if (out / f"{name}.json").is_file()})
@@ -118,9 +122,9 @@ def noise_table(served_reports, results):
     paired = {}
     for name, rounds in results.items():
         for entry in rounds if name != "start" else []:
-            for modality, values in entry["gate"]["sets"].get("reference", {}).get("noise", {}).items():
-                for key, std in values.items():
-                    paired.setdefault((modality, key), []).append(std)
+            for modality, values in entry["gate"]["sets"].get("reference", {}).get("bounds", {}).items():
+                for key, bound in values.items():
+                    paired.setdefault((modality, key), []).append(bound["std"])
     lines = ["| modality (rows) | metric | served | bootstrap std | one diagnosis flipped | paired noise of candidates "
              "(min–max) |", "|---|---|---|---|---|---|"]
     for modality, values in noise.items():
@@ -137,13 +141,8 @@ COLUMNS = [("xray", "diagnosis_f1", "X-ray diag F1"), ("xray", "dice_abn", "X-ra
            ("ct", "dice_abn", "CT Dice-Abn")]
 
 
-def _cell(metrics, modality, key):
-    value = metrics.get(modality, {}).get(key)
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _fixed_rule(gate):
-    """What the app's gate decides on the same scores under the earlier fixed rule (every metric may drop by 0.02)."""
+    """What the app's gate would decide on the same scores if it compared the observed drops with 0.02 (no bound)."""
     from lib import model_store
     from raddiagseg.training import selection
 
@@ -153,30 +152,31 @@ def _fixed_rule(gate):
     return "published" if model_store.gate(sets)[0] else "refused"
 
 
-def _largest_drop(metrics, start):
-    """(drop, 'modality metric') of the held-out metric that fell most below the start model's."""
-    drops = [(start[m][k] - (metrics.get(m, {}).get(k) or 0.0), f"{m} {k}")
-             for m in start for k in start[m] if start[m][k] is not None]
-    return max(drops)
+def _decision(entry):
+    """'published' / 'refused', with the blend weight of the published candidate when it was a blend."""
+    if not entry["published"]:
+        return "refused"
+    weight = entry.get("blend_weight")
+    return "published" + (f" (blend {weight:g})" if weight not in (None, 1.0) else "")
 
 
 def table(results):
     lines = ["| strategy | corrections | chosen | candidate score | " + " | ".join(c[2] for c in COLUMNS)
-             + " | largest held-out fall vs start | gate (fixed 0.02 rule) | served score after |", "|---" * (len(COLUMNS) + 7) + "|"]
+             + " | largest held-out fall vs start | gate (0.02 on the observed drop) | served score after |", "|---" * (len(COLUMNS) + 7) + "|"]
     start = results["start"]
-    lines.append(f"| start (shipped demo) | 0 | | {start['score']:.3f} | "
-                 + " | ".join(_cell(start["metrics"], m, k) for m, k, _ in COLUMNS) + f" | | | {start['score']:.3f} |")
+    lines.append(f"| start model | 0 | | {start['score']:.3f} | "
+                 + " | ".join(retraining.cell(start["metrics"], m, k) for m, k, _ in COLUMNS) + f" | | | {start['score']:.3f} |")
     for name, rounds in results.items():
         if name == "start":
             continue
         for entry in rounds:
             served = entry["served_score"] if entry["served_score"] is not None else start["score"]
             chosen = ", ".join(c["id"] for c in entry["chosen"])
-            drop, where = _largest_drop(entry["candidate"]["metrics"], start["metrics"])
+            drop, where = retraining.largest_drop(entry["candidate"]["metrics"], start["metrics"])
             fixed = _fixed_rule(entry["gate"])
             lines.append(f"| {name} | {entry['corrections']} | {chosen} | {entry['candidate']['score']:.3f} | "
-                         + " | ".join(_cell(entry["candidate"]["metrics"], m, k) for m, k, _ in COLUMNS)
-                         + f" | {drop:.3f} {where} | {'published' if entry['published'] else 'refused'} ({fixed}) "
+                         + " | ".join(retraining.cell(entry["candidate"]["metrics"], m, k) for m, k, _ in COLUMNS)
+                         + f" | {drop:.3f} {where} | {_decision(entry)} ({fixed}) "
                          f"| {served:.3f} |")
     return "\n".join(lines)
 
@@ -198,7 +198,7 @@ def plot(results, path):
         published = [e for e in rounds if e["published"]]
         axis.scatter([e["corrections"] for e in published], [e["candidate"]["score"] for e in published],
                      s=90, facecolors="none", edgecolors="black")
-    axis.axhline(start, color="grey", linestyle=":", label="start (shipped demo)")
+    axis.axhline(start, color="grey", linestyle=":", label="start model")
     axis.set_xlabel("corrections")
     axis.set_ylabel("held-out selection score")
     axis.set_title("Active learning (circled: published by the gate)", fontsize=9)

@@ -28,8 +28,9 @@ class Study:
     info: dict
 
 
-def _ct(seed, task, slices):
-    phantom = phantoms.generate_ct(np.random.default_rng(seed), task, slices=slices)
+def _ct(seed, task, slices, variation="none"):
+    rng = np.random.default_rng(seed)
+    phantom = phantoms.generate_ct(rng, task, slices=slices, scan=phantoms.draw_ct_scan(rng) if variation == "scanner" else None)
     images = []
     for array in (phantom.hu.astype(np.int16), phantom.label.astype(np.uint8)):
         image = sitk.GetImageFromArray(array)  # (z, row, col) = S, P, L: identity direction is LPS
@@ -43,8 +44,9 @@ def _ct(seed, task, slices):
     return images[0], images[1], info
 
 
-def _xray(seed, kind):
-    phantom = phantoms.generate_xray(np.random.default_rng(seed), kind)
+def _xray(seed, kind, variation="none"):
+    rng = np.random.default_rng(seed)
+    phantom = phantoms.generate_xray(rng, kind, exposure=phantoms.draw_xray_exposure(rng) if variation == "scanner" else None)
     label = phantom.lung.astype(np.uint8)
     segments = [{"name": "lung", "label_value": 1}]
     if kind == "COVID-19":
@@ -55,9 +57,10 @@ def _xray(seed, kind):
     return sitk.GetImageFromArray(phantom.image), sitk.GetImageFromArray(label), info
 
 
-def write_pool(studies_dir, truth_dir, kinds, seed, ct_slices=12):
+def write_pool(studies_dir, truth_dir, kinds, seed, ct_slices=12, variation="none"):
     """Write one study per entry of `kinds` (e.g. ["liver", "COVID-19", ...]) drawn from `seed` + its index into
-    `studies_dir`, its ground truth into `truth_dir`; returns {image_id: Study}."""
+    `studies_dir`, its ground truth into `truth_dir`; returns {image_id: Study}. `variation` "scanner": each study
+    with its own acquisition (generator version 2: contrast phase, kernel, slice thickness, position, exposure ...)."""
     studies_dir, truth_dir = Path(studies_dir), Path(truth_dir)
     studies_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ def write_pool(studies_dir, truth_dir, kinds, seed, ct_slices=12):
     for index, kind in enumerate(kinds):
         ct = kind in phantoms.CT_TASKS
         image_id = f"{'ct' if ct else 'cxr'}_{index:03d}_{kind.lower().replace('-', '')}"
-        image, label, info = _ct(seed + index, kind, ct_slices) if ct else _xray(seed + index, kind)
+        image, label, info = _ct(seed + index, kind, ct_slices, variation) if ct else _xray(seed + index, kind, variation)
         suffix = ".nii.gz" if ct else ".png"
         sitk.WriteImage(image, str(studies_dir / f"{image_id}{suffix}"))
         label_path = truth_dir / f"{image_id}.nii.gz"
@@ -103,14 +106,14 @@ def app_config(studies_dir, work_dir, model_path=DEMO_MODEL, reference_cache=Non
                                                             "device": "cpu", **{k: str(v) for k, v in conf.items()}})
 
 
-def heldout_manifest(folder, seed, ct_volumes, xrays, ct_slices=12):
-    """A held-out phantom dataset (never trained on, not the gate's reference seed); built once."""
+def heldout_manifest(folder, seed, ct_volumes, xrays, ct_slices=12, variation="none"):
+    """A held-out phantom dataset (never trained on, not the gate's reference seed) of generator `variation`; built once."""
     from raddiagseg.data.builder import build_phantom_dataset
 
     folder = Path(folder)
     if not (folder / "manifest.jsonl").is_file():
         build_phantom_dataset(folder, ct_volumes=ct_volumes, xrays=xrays, seed=seed, ct_slices=ct_slices,
-                              vqa_images=0, refseg_images=0, workers=1)
+                              vqa_images=0, refseg_images=0, workers=1, variation=variation)
     return folder / "manifest.jsonl"
 
 
@@ -138,6 +141,10 @@ def add_run_arguments(parser, out, steps, seed_help, heldout_ct, heldout_xrays):
     parser.add_argument("--heldout-ct", type=int, default=heldout_ct)
     parser.add_argument("--heldout-xrays", type=int, default=heldout_xrays)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="the served (start) model folder")
+    parser.add_argument("--variation", choices=("none", "scanner"), default="none",
+                        help="phantom generator of the corrections and the held-out set: 'scanner' (version 2) gives "
+                             "studies the demo model has not seen the like of, for a start model with something to learn")
 
 
 def start_run(args):
@@ -147,4 +154,17 @@ def start_run(args):
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return out, heldout_manifest(out / "heldout", args.heldout_seed, args.heldout_ct, args.heldout_xrays)
+    return out, heldout_manifest(out / "heldout", args.heldout_seed, args.heldout_ct, args.heldout_xrays,
+                                 variation=args.variation)
+
+
+def cell(metrics, modality, key):
+    """A metric of a `score` result for a Markdown table ('–' where the model has none)."""
+    value = metrics.get(modality, {}).get(key)
+    return "–" if value is None else f"{value:.3f}"
+
+
+def largest_drop(metrics, reference):
+    """(drop, 'modality metric') of the metric that fell most below `reference`'s (negative: none fell)."""
+    return max((reference[m][k] - (metrics.get(m, {}).get(k) or 0.0), f"{m} {k}")
+               for m in reference for k in reference[m] if reference[m][k] is not None)

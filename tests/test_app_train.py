@@ -3,6 +3,7 @@ newly published model, whose answer on the corrected slice follows the correctio
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,8 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
 
     started = requests.post(f"{server.url}/train/raddiagseg", json={"max_steps": TRAIN_STEPS}, timeout=60)
     assert started.status_code == 200, started.text
-    status = wait_for_training(server.url, timeout=900)
+    # training, then up to `blend_tries` (6) gate checks of 200 reference rows each: ~15 min on a loaded 2-core box
+    status = wait_for_training(server.url, timeout=1800)
     stats = requests.get(server.url + "/info/", timeout=10).json()["train_stats"]["raddiagseg"]
     assert status["status"] == "DONE", f"{status}\n{stats}\n{server.log()}"
     assert stats["step"] == TRAIN_STEPS and stats["data"]["train_samples"] >= 3
@@ -49,18 +51,9 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
         assert stats["gate"]["reason"], stats
         assert after["model"]["version"] == before["model"]["version"]
         return
-    # Published: at least as good on the corrected cases, and on the reference set no metric of any modality lower
-    # than the tolerance the gate recorded for it (0.02, or the comparison's measured noise, at most 0.05).
-    sets = stats["gate"]["sets"]
-    corrected = sets.get("heldout_corrections") or sets["corrections"]
-    assert corrected["candidate"]["score"] >= corrected["served"]["score"], corrected
-    reference = sets["reference"]
-    for modality, values in reference["served"]["metrics"].items():
-        for metric, old in values.items():
-            if old is not None:
-                allowed = reference["tolerances"].get(modality, {}).get(metric, stats["gate"]["tolerance"])
-                assert stats["gate"]["tolerance"] <= allowed <= stats["gate"]["tolerance_cap"]
-                assert (reference["candidate"]["metrics"][modality][metric] or 0.0) >= old - allowed, (modality, metric)
+    # Published: better on the corrected cases, and on the reference set no metric of any modality could have dropped
+    # by more than the tolerance (0.02) at the gate's confidence (upper bound of the paired bootstrap).
+    assert_safe_publish(stats)
     assert after["model"]["version"] != before["model"]["version"]
     assert after["model"]["name"].startswith("v0001-"), after["model"]
     # the retrained model is guarded as its parent was and says what it was trained on (issue 21)
@@ -71,6 +64,22 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
         assert "fine-tuned on 1 corrected image saved on a RadDiag server" in after["model"]["trained_on"]
     assert after["detection"] is True, after["answer"]
     assert after["diagnosis"] and "liver tumour" in after["diagnosis"].lower(), after["answer"]
+
+
+def assert_safe_publish(stats):
+    """What a published model must satisfy, read from the train_stats the user sees."""
+    sets, tolerance = stats["gate"]["sets"], stats["gate"]["tolerance"]
+    assert tolerance == 0.02 and stats["gate"]["confidence"] >= 0.95
+    corrected = sets.get("heldout_corrections") or sets["corrections"]
+    assert corrected["candidate"]["score"] > corrected["served"]["score"], corrected
+    reference = sets["reference"]
+    assert not reference["worse"], reference["worse"]
+    for modality, values in reference["served"]["metrics"].items():
+        for metric, old in values.items():
+            if old is not None:
+                bound = reference["bounds"][modality][metric]
+                assert bound["upper"] <= tolerance and bound["drop"] <= tolerance, (modality, metric, bound)
+                assert (reference["candidate"]["metrics"][modality][metric] or 0.0) >= old - tolerance, (modality, metric)
 
 
 # --- forgetting: corrections alone make a worse model, the gate refuses it ------------------------------------------
@@ -103,7 +112,9 @@ def unseen(server_factory, tmp_path_factory):
 
 def test_corrections_alone_forget_and_the_gate_refuses_to_publish(unseen):
     """The issue's case: a handful of corrected unseen-seed phantoms, trained on alone (no replay), learn them and
-    forget the rest; the candidate must be refused on the reference set, with both models' scores reported."""
+    forget the rest; the fine-tuned model must be refused on the reference set, with both models' scores reported.
+    The blends of served and fine-tuned weights checked after it are either refused too, or one is published that
+    could not have dropped by more than 0.02 on any reference metric and is better on the corrections."""
     server, root = unseen["server"], unseen["root"]
     for name, (label, info) in unseen["truth"].items():
         path = root / f"{name}_label.nii.gz"
@@ -120,16 +131,25 @@ def test_corrections_alone_forget_and_the_gate_refuses_to_publish(unseen):
     assert status["status"] == "DONE", f"{status}\n{stats}\n{server.log()}"
     assert stats["data"]["images"] == 4 and stats["data"]["replay_rows"] == 0 and stats["data"]["val_on_train"]
 
-    sets = stats["gate"]["sets"]
+    gate = stats["gate"]
+    weights = gate["blend_weights"]
+    assert weights[0] == 1.0 and all(b == a / 2 for a, b in zip(weights, weights[1:])) and len(weights) >= 3
+    tuned = gate["attempts"][0]
+    assert tuned["weight"] == 1.0 and tuned["published"] is False and "reference validation set" in tuned["reason"]
+    assert all(not a["published"] for a in gate["attempts"][:-1])
+    sets = gate["sets"]  # the last candidate checked
     assert set(sets) == {"reference", "corrections"}  # under 5 images: no held-out corrections
     for entry in sets.values():  # both models scored on both sets, per modality
         assert set(entry["served"]["metrics"]) == set(entry["candidate"]["metrics"]) == {"ct", "xray"}
         assert entry["served"]["rows"] > 0 and entry["served"]["rows"] == entry["candidate"]["rows"]
     assert sets["reference"]["served"]["rows"] == 24  # val_max_samples honoured
-    assert sets["reference"]["worse"], sets["reference"]  # it forgot: some metric dropped by more than 0.02
-    assert all(w["delta"] < -stats["gate"]["tolerance"] for w in sets["reference"]["worse"])
-    assert stats["published"] is False and "reference validation set" in stats["reason"], stats["reason"]
-    assert "published_model" not in stats and not (root / "work" / "models" / "CURRENT").exists()
+    if not stats["published"]:
+        assert "published_model" not in stats and not (root / "work" / "models" / "CURRENT").exists()
+        assert "reference validation set" in stats["reason"] or "not better" in stats["reason"], stats["reason"]
+        return
+    assert stats["blend_weight"] < 1.0 and stats["reason"].startswith(f"blend weight {stats['blend_weight']:g}")
+    assert_safe_publish(stats)
+    assert (root / "work" / "models" / "CURRENT").read_text().strip() == Path(stats["published_model"]).name
 
 
 def test_train_params_are_checked(unseen):

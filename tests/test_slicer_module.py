@@ -604,11 +604,12 @@ def test_retrain_panel_shows_the_publishing_decision(core, monkeypatch):
     def summary(score, dice_abn):
         return {"rows": 15, "score": score, "metrics": {"xray": {"dice_org": 0.968, "dice_abn": dice_abn}}}
 
-    worse = [{"modality": "xray", "metric": "dice_abn", "served": 0.765, "candidate": 0.554}]
+    worse = [{"modality": "xray", "metric": "dice_abn", "served": 0.765, "candidate": 0.554, "upper_drop": 0.23}]
     stats = {"status": "DONE", "published": False, "step": 60, "total_steps": 60, "loss": 0.25,
              "reason": "X-ray Dice abnormality fell by 0.211 on the reference validation set (tolerance 0.02)",
              "reference": {"guarded": True},
-             "gate": {"tolerance": 0.02, "sets": {
+             "gate": {"tolerance": 0.02, "attempts": [{"weight": 1.0, "published": False},
+                                                      {"weight": 0.5, "published": False}], "sets": {
                  "reference": {"served": summary(0.87, 0.765), "candidate": summary(0.76, 0.554), "worse": worse},
                  "heldout_corrections": {"served": summary(0.7, 0.5), "candidate": summary(0.8, 0.6), "worse": []}}}}
 
@@ -632,7 +633,8 @@ def test_retrain_panel_shows_the_publishing_decision(core, monkeypatch):
     shown = ui.trainingStatusLabel.setText.call_args[0][0]
     assert shown.startswith("Training finished; the old model stays live (X-ray Dice abnormality fell by 0.211")
     assert "Reference validation set (15 rows): score 0.870 → 0.760" in shown
-    assert "X-ray: Dice organ 0.968 → 0.968, Dice abnormality 0.765 → 0.554 (worse)" in shown
+    assert "X-ray: Dice organ 0.968 → 0.968, Dice abnormality 0.765 → 0.554 (worse: drop up to 0.230)" in shown
+    assert "Candidates checked: fine-tuned model refused; blend weight 0.5 refused (shown: the last)" in shown
     assert "Held-out corrections (15 rows): score 0.700 → 0.800" in shown
     ui.retrainButton.setText.assert_called_with("Retrain")
     widget.cleanup()

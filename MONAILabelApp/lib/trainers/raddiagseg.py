@@ -5,7 +5,9 @@ The served model's reference (`reference.json` in its folder, or `--conf referen
 `raddiagseg.training.reference`) gives replay rows, mixed into the corrections at `replay_ratio` replay rows per
 correction row, and a fixed validation set. Candidate and served model are scored on that set, on the held-out
 corrections (every 5th image once there are 5) and, with fewer images, on the corrections trained on; the
-publishing gate (`model_store.gate`) compares them per modality and metric (`raddiagseg.training.selection`).
+publishing gate (`model_store.gate`) compares them per modality and metric on the upper confidence bound of each
+drop (`raddiagseg.training.selection`). A fine-tuned model the gate refuses for forgetting is followed by blends of
+served and fine-tuned weights that keep more of the served model (`blend_tries`); the first that passes is published.
 
 MONAI Label runs this in a separate process that re-creates the app, so everything it shares with the server goes
 through files in the work dir: `train_stats.json` (progress and the gate report, read by `stats()` for `/info/`)
@@ -35,12 +37,19 @@ TRAIN_PARAMS = {
     "val_max_samples": (int, 1, 10000, 200),
     "replay_ratio": (float, 0.0, 50.0, 4.0),
     "lr": (float, 1e-6, 1e-2, 2e-4),
+    "blend_tries": (int, 1, 8, 6),  # down to 1/32: RESULTS.md, "Retraining that cannot publish a worse model"
 }
 # MONAI Label's own name for the length of a run (its sample apps and integration tests send it): passes over the
 # training mix (corrections + replay). Used when `max_steps` is not given.
 MAX_EPOCHS = (float, 0.01, 1000.0)
 UNGUARDED = ("no reference set for this model (no reference.json in its folder, no --conf reference_manifest): "
              "forgetting is unguarded; retraining uses the corrections alone and is checked on held-out corrections only")
+
+
+def blend_weights(tries):
+    """Weights of the fine-tuned model in the candidates the gate checks, in order: 1 (the fine-tuned model), then
+    blends with the served model's weights that keep more of it (1/2, 1/4, ...; `checkpoints.blend`)."""
+    return [0.5 ** k for k in range(tries)]
 
 
 def write_json_atomic(path, data):
@@ -223,7 +232,7 @@ class RadDiagSegTrain(TrainTask):
             gate_sets["corrections"] = (data["manifest"], "train")
         else:
             gate_sets["heldout_corrections"] = (data["manifest"], "val")
-        stats["gate"] = self._gate_settings()
+        stats["gate"] = self._gate_settings(params["blend_tries"])
         write_json_atomic(self.stats_path, stats)
 
         n = params["val_max_samples"]
@@ -252,9 +261,9 @@ class RadDiagSegTrain(TrainTask):
                   "augment": False, "progress_bar": False}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         result = train(TrainConfig(**{k: v for k, v in wanted.items() if k in known}), progress=progress, evaluate=evaluate)
-        outcome = self._decide(served, result.best_checkpoint, served_reports, candidate_reports, evaluate.metric_name,
-                               domain_stats=lambda: self._domain_stats(served, result.best_checkpoint, references, data))
-        return outcome
+        return self._choose(served, result.best_checkpoint, run_dir, gate_sets, served_reports, candidate_reports,
+                            params, stats, evaluate.metric_name,
+                            domain_stats=lambda checkpoint: self._domain_stats(served, checkpoint, references, data))
 
     def _domain_stats(self, served, checkpoint, references, data):
         """The domain guard's statistics for the candidate (`raddiagseg.domain.finetuned_stats`, on the model loaded
@@ -271,38 +280,78 @@ class RadDiagSegTrain(TrainTask):
                                       [(str(ref.manifest), ref.split) for ref in (references or {}).values()])
 
     @staticmethod
-    def _gate_settings():
+    def _gate_settings(tries):
         from raddiagseg.training import selection
 
-        return {"tolerance": model_store.GATE_TOLERANCE, "tolerance_cap": model_store.GATE_TOLERANCE_CAP,
-                "noise_z": model_store.NOISE_Z, "rule": model_store.TOLERANCE_RULE,
-                "metrics": list(selection.STAGE_METRICS["finetune"])}
+        return {"tolerance": model_store.GATE_TOLERANCE, "confidence": model_store.GATE_CONFIDENCE,
+                "rule": model_store.TOLERANCE_RULE, "metrics": list(selection.STAGE_METRICS["finetune"]),
+                "blend_weights": blend_weights(tries)}
 
-    def _decide(self, served, checkpoint, served_reports, candidate_reports, metric_name, domain_stats=None):
-        """Compare both models set by set: per metric, the candidate's drop against a tolerance raised to the
-        measured noise of this comparison (paired bootstrap over the rows both scored). A published candidate
-        first gets its domain statistics (`domain_stats()`, reported under `domain`)."""
-        from raddiagseg.training import reference, selection
+    @staticmethod
+    def _compare(served_reports, candidate_reports):
+        """{set name: both models' summaries, the drop bounds and the metrics that may be worse than the tolerance}."""
+        from raddiagseg.training import selection
 
         sets = {}
         for name, (old, old_records) in served_reports.items():
             new, new_records = candidate_reports[name]
-            noise = selection.paired_noise(old_records, new_records)
-            tolerances = selection.noise_tolerances(noise, model_store.GATE_TOLERANCE, model_store.GATE_TOLERANCE_CAP,
-                                                    model_store.NOISE_Z)
-            sets[name] = {"served": _summary(old), "candidate": _summary(new), "noise": noise, "tolerances": tolerances,
-                          "worse": selection.regressions(old, new, model_store.GATE_TOLERANCE, tolerances=tolerances)}
-        publish, reason = model_store.gate(sets)
+            bounds = selection.drop_bounds(old_records, new_records, confidence=model_store.GATE_CONFIDENCE)
+            sets[name] = {"served": _summary(old), "candidate": _summary(new), "bounds": bounds,
+                          "worse": selection.regressions(old, new, model_store.GATE_TOLERANCE, bounds=bounds)}
+        return sets
+
+    def _choose(self, served, tuned, run_dir, gate_sets, served_reports, tuned_reports, params, stats, metric_name,
+                domain_stats=None):
+        """Gate the fine-tuned model, then, while it is refused for being worse on a guard set, blends of served and
+        fine-tuned weights that keep more of the served model (weight 1/2, 1/4, ...: `blend_weights`); publish the
+        first that passes. A blend is not tried after a refusal for not being better on the corrections (a smaller
+        step learns them less)."""
+        from raddiagseg.training import checkpoints
+
+        attempts = []
+        for weight in blend_weights(params["blend_tries"]):
+            if weight == 1.0:
+                folder, reports = Path(tuned), tuned_reports
+            else:
+                stats["phase"] = f"checking a blend with weight {weight:g} of the fine-tuned model"
+                write_json_atomic(self.stats_path, stats)
+                folder = checkpoints.blend(served, tuned, weight, Path(run_dir) / f"blend-{weight:g}")
+                reports = {name: _evaluate(str(folder), s, params["val_max_samples"]) for name, s in gate_sets.items()}
+            sets = self._compare(served_reports, reports)
+            publish, reason = model_store.gate(sets)
+            attempts.append({"weight": weight, "checkpoint": str(folder), "published": publish, "reason": reason,
+                             "sets": sets})
+            logger.info("blend weight %g: %s (%s)", weight, "publish" if publish else "refused", reason)
+            if publish or not any(sets[n]["worse"] for n in model_store.GUARD_SETS if n in sets):
+                break
+        stats.pop("phase", None)
+        return self._decide(served, attempts, metric_name, params["blend_tries"], domain_stats)
+
+    def _decide(self, served, attempts, metric_name, tries, domain_stats=None):
+        """The outcome of the last attempt (the published one, or the smallest step tried), every attempt's decision,
+        and the model published when one passed; a published model first gets its domain statistics
+        (`domain_stats(checkpoint)`, reported under `domain`)."""
+        from raddiagseg.training import reference
+
+        chosen = attempts[-1]
+        publish, reason, sets = chosen["published"], chosen["reason"], chosen["sets"]
+        if len(attempts) > 1:
+            reason = f"blend weight {chosen['weight']:g} of the fine-tuned model: {reason}"
         first = next(iter(sets.values()))
         outcome = {"metric_name": metric_name, "baseline_metric": first["served"]["score"],
                    "new_metric": first["candidate"]["score"], "best_metric": first["candidate"]["score"],
-                   "checkpoint": str(checkpoint), "published": publish, "reason": reason}
-        outcome["gate"] = {**self._gate_settings(), "sets": sets, "published": publish, "reason": reason}
+                   "checkpoint": chosen["checkpoint"], "blend_weight": chosen["weight"], "published": publish,
+                   "reason": reason}
+        outcome["gate"] = {**self._gate_settings(tries), "sets": sets,
+                           "published": publish, "reason": reason,
+                           "attempts": [{k: a[k] for k in ("weight", "published", "reason", "checkpoint")}
+                                        | {"scores": {n: [e["served"]["score"], e["candidate"]["score"]]
+                                                      for n, e in a["sets"].items()}} for a in attempts]}
         if publish:
             if (Path(served) / reference.REFERENCE_FILE).is_file():  # the next retraining replays the same distribution
-                shutil.copyfile(Path(served) / reference.REFERENCE_FILE, Path(checkpoint) / reference.REFERENCE_FILE)
-            if domain_stats is not None:
-                outcome["domain"] = domain_stats()
-            outcome["published_model"] = str(self.store.publish(checkpoint))
+                shutil.copyfile(Path(served) / reference.REFERENCE_FILE, Path(chosen["checkpoint"]) / reference.REFERENCE_FILE)
+            if domain_stats is not None:  # the published model keeps a domain guard fitted to it
+                outcome["domain"] = domain_stats(chosen["checkpoint"])
+            outcome["published_model"] = str(self.store.publish(chosen["checkpoint"]))
         logger.info("Training finished: published=%s (%s)", publish, reason)
         return outcome

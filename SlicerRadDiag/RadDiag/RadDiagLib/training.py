@@ -18,6 +18,13 @@ def _value(value):
     return "–" if value is None else f"{value:.3f}"
 
 
+def _worse_mark(worse):
+    """' (worse)' for a metric the gate refused, with how far it could have dropped when the gate bounded it."""
+    if not worse:
+        return ""
+    return f" (worse: drop up to {worse['upper_drop']:.3f})" if "upper_drop" in worse else " (worse)"
+
+
 def gate_report(stats):
     """Lines saying how the retrained model compared with the served one, set by set and metric by metric
     (served → new, marked where the new one is worse than the tolerance allows); [] when the stats carry no
@@ -32,14 +39,19 @@ def gate_report(stats):
         return lines
     rule = gate.get("rule") or f"a metric may drop by at most {gate.get('tolerance')}"
     lines.append(f"Publishing check (served → new; {rule}):")
+    attempts = gate.get("attempts") or []
+    if len(attempts) > 1:  # the fine-tuned model was refused and blends that keep more of the served one were checked
+        lines.append("Candidates checked: " + "; ".join(
+            f"{'fine-tuned model' if a.get('weight') == 1 else 'blend weight ' + format(a.get('weight'), 'g')} "
+            f"{'published' if a.get('published') else 'refused'}" for a in attempts) + " (shown: the last)")
     for name, entry in sets.items():
         served, candidate = entry.get("served") or {}, entry.get("candidate") or {}
         lines.append(f"{SET_TITLES.get(name, name)} ({served.get('rows', '?')} rows): score "
                      f"{_value(served.get('score'))} → {_value(candidate.get('score'))}")
-        worse = {(w.get("modality"), w.get("metric")) for w in entry.get("worse") or []}
+        worse = {(w.get("modality"), w.get("metric")): w for w in entry.get("worse") or []}
         for modality, metrics in (served.get("metrics") or {}).items():
             new = (candidate.get("metrics") or {}).get(modality) or {}
-            cells = [f"{METRIC_TITLES.get(k, k)} {_value(v)} → {_value(new.get(k))}" + (" (worse)" if (modality, k) in worse else "")
+            cells = [f"{METRIC_TITLES.get(k, k)} {_value(v)} → {_value(new.get(k))}" + _worse_mark(worse.get((modality, k)))
                      for k, v in metrics.items() if v is not None or new.get(k) is not None]
             lines.append(f"  {MODALITY_TITLES.get(modality, modality)}: " + ", ".join(cells))
     return lines
@@ -93,7 +105,8 @@ def training_progress(task, stats):
     if not task:
         return TrainingProgress("idle", None, "No training has run on this server yet.")
     if status in ("RUNNING", "QUEUED", "PENDING"):
-        return TrainingProgress("running", fraction, "Training… " + (detail or "starting"))
+        phase = f" ({stats['phase']})" if stats.get("phase") else ""  # e.g. checking a blend after training
+        return TrainingProgress("running", fraction, "Training… " + (detail or "starting") + phase)
     if status == "DONE":
         report = "\n".join(["", *gate_report(stats)]) if stats.get("gate") or stats.get("reference") else ""
         if published is False:
