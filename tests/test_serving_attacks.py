@@ -390,6 +390,19 @@ def test_json_bodies_of_every_route_are_checked_like_params(env, role, path, nam
     assert requests.get(env["url"] + "/info/", headers=h(env, "user"), timeout=10).status_code == 200
 
 
+def test_stop_button_with_the_stock_clients_stale_content_length_is_answered(env):
+    """MONAI Label's client keeps the Content-Length of its last request with a body and sends it with its
+    Stop button's DELETE /train/ (no body): serve.py waited for that body and never answered."""
+    import http.client
+
+    host, port = env["url"].split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("DELETE", "/train/", headers={**h(env, "admin"), "content-type": "application/json",
+                                                      "content-length": "17"})
+    reply = connection.getresponse()
+    assert reply.status == 200, reply.read()[:300]
+
+
 def test_gpu_info_is_nvidia_smi_or_a_404_saying_there_is_none(env):
     import shutil
 

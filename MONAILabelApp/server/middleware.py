@@ -62,8 +62,10 @@ def _header(scope, name: bytes) -> str | None:
 
 def _json_body(scope) -> bool:
     """Whether FastAPI would read this request's body as JSON: no content type, ``application/json``
-    or ``application/*+json`` (the DICOMweb proxy forwards its bodies as they are)."""
-    if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE") or scope["path"].startswith("/proxy/"):
+    or ``application/*+json`` (the DICOMweb proxy forwards its bodies as they are). Never for DELETE:
+    no route reads its body, and MONAI Label's client sends its last request's Content-Length with
+    its Stop button (``train_stop``), so waiting for that body would hang the request."""
+    if scope["method"] not in ("POST", "PUT", "PATCH") or scope["path"].startswith("/proxy/"):
         return False
     media = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
     return media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json"))
