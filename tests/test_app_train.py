@@ -15,6 +15,7 @@ from live_server import wait_for_training
 
 pytest.importorskip("raddiagseg.training")
 TRAIN_STEPS = int(os.environ.get("RADDIAG_APP_TEST_TRAIN_STEPS", "80"))
+GATE_ROWS = 100  # reference rows per gate check (the app default is 200): half the time, still a 95% bound
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
                              files={"label": ("corrected.nii.gz", handle)}, data={"params": json.dumps(info)}, timeout=60)
     assert saved.status_code == 200, saved.text
 
-    started = requests.post(f"{server.url}/train/raddiagseg", json={"max_steps": TRAIN_STEPS}, timeout=60)
+    started = requests.post(f"{server.url}/train/raddiagseg", json={"max_steps": TRAIN_STEPS, "val_max_samples": GATE_ROWS}, timeout=60)
     assert started.status_code == 200, started.text
     # training, then up to `blend_tries` (6) gate checks of 200 reference rows each: ~15 min on a loaded 2-core box
     status = wait_for_training(server.url, timeout=1800)

@@ -212,15 +212,14 @@ def test_a_modality_without_statistics_is_refused_without_encoding_and_force_sti
     alone; `force` encodes and answers it, still flagged, with nothing the vocabulary ties to CT or X-ray."""
     from raddiagseg import findings
 
-    runner = infer.task.runner
     for name in ("emri_small.dcm", "US1_UNCI.dcm"):
         path = _pydicom_file(name)
-        before = runner.encoded_images
         result = infer(path)
-        assert result["domain"]["in_domain"] is False and runner.encoded_images == before, (name, result["domain"])
+        assert result["domain"]["in_domain"] is False and result["feature_cache"]["encoded"] == result["feature_cache"]["cached"] == 0, \
+            (name, result["domain"])
         assert result["model"]["clinical_use"] is False
         forced = infer(path, force=True, max_new_tokens=48)
-        assert runner.encoded_images > before and forced["domain"]["in_domain"] is False, name
+        assert forced["feature_cache"]["encoded"] > 0 and forced["domain"]["in_domain"] is False, name
         modality = forced["modality"]["value"]
         assert findings.diagnosis_entry(forced["diagnosis"]) is None, forced["answer"]  # every one is CT or X-ray
         assert all(modality in findings.target_modalities(s["name"]) for s in forced["segments"]), forced["segments"]
