@@ -27,6 +27,9 @@ if not (app_studies.APP_DIR / "main.py").exists():
 MODEL = "raddiagseg"
 TRAIN_TIMEOUT_S = 600
 TRAIN_STEPS = 1  # the app's train task costs minutes on 2 shared cores (app start, data, 2 evaluations) even so
+# one gate check on 40 reference rows: the journey shows training and its verdict; the gate itself is tested in
+# test_app_train.py and test_app_retrain_gate.py
+TRAIN_PARAMS = {"max_steps": TRAIN_STEPS, "blend_tries": 1, "val_max_samples": 40}
 
 
 def vocabulary_spec(name, label_value):
@@ -129,7 +132,7 @@ def journey(server, tmp_path, image, truth, diagnosis, train=True):
         def wait(self, seconds):
             time.sleep(seconds)
 
-    progress = retrain(client, MODEL, context=Context(), poll_s=1.0, params={"max_steps": TRAIN_STEPS},
+    progress = retrain(client, MODEL, context=Context(), poll_s=1.0, params=TRAIN_PARAMS,
                        timeout_s=TRAIN_TIMEOUT_S)
     assert progress.state == "done", f"{progress.message}\n{server.log()}"
     assert seen and all(m for _, m in seen)
