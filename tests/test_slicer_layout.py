@@ -1,6 +1,5 @@
 """The extension's files: what Slicer's build installs, and what RadDiagLib may import."""
 
-import ast
 import json
 import re
 from pathlib import Path
