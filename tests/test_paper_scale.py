@@ -78,7 +78,6 @@ def test_frozen_bf16_weights_train_fp32_lora_and_seg_rows_under_autocast():
     from raddiagseg import build_model
     from raddiagseg.training.commands import parse_model_options
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from paper_train_step import TINY
     from model_helpers import phantom_sample
 
