@@ -42,7 +42,7 @@ def test_correction_trains_publishes_and_is_served_without_restart(served, tmp_p
 
     started = requests.post(f"{server.url}/train/raddiagseg", json={"max_steps": TRAIN_STEPS, "val_max_samples": GATE_ROWS}, timeout=60)
     assert started.status_code == 200, started.text
-    # training, then up to `blend_tries` (6) gate checks of 200 reference rows each: ~15 min on a loaded 2-core box
+    # training, then up to `blend_tries` (6) gate checks of GATE_ROWS reference rows each: 2.5 min quiet, more when loaded
     status = wait_for_training(server.url, timeout=1800)
     stats = requests.get(server.url + "/info/", timeout=10).json()["train_stats"]["raddiagseg"]
     assert status["status"] == "DONE", f"{status}\n{stats}\n{server.log()}"
