@@ -112,7 +112,7 @@ def train_command(args, data, weights, out, nproc, options):
              "--out", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
              "--grad-accum", str(args.grad_accum), "--lr", str(LR), "--warmup", "1", "--val-every", str(args.steps),
              "--val-samples", "1", "--save-dtype", "bfloat16", "--frozen-dtype", args.frozen_dtype, "--no-augment",
-             "--device", "cpu"]
+             "--device", "cpu", "--engine", args.engine]
     for key, path in weights.items():
         train += [f"--{key.replace('_', '-')}", str(path)]
     for option in options:
@@ -150,10 +150,18 @@ def answer_check(checkpoint: Path, out_json: Path):
     unit = to_unit_range(ct.hu[3].astype(np.float32), "ct", None)
     t0 = time.perf_counter()
     result = model.generate(unit, templates.DEFAULT_QUESTION, max_new_tokens=12)
+    answer_s = time.perf_counter() - t0
+    # a few steps from random weights need not emit a seg token: script one answer (the LM still runs every step)
+    # so that the reloaded projector, seg rows and mask decoder are seen to turn seg-token states into masks
+    from latency import FORCED_ANSWER, scripted_logits
+
+    scripted_logits(model, model.processor.answer_ids(templates.vqaseg_answer(*FORCED_ANSWER)))
+    scripted = model.generate(unit, templates.DEFAULT_QUESTION, max_new_tokens=48)
     counts = model.parameter_counts()
     out_json.write_text(json.dumps({
-        "load_s": loaded, "answer_s": time.perf_counter() - t0, "answer": result.answer,
+        "load_s": loaded, "answer_s": answer_s, "answer": result.answer,
         "tokens": len(result.token_ids), "segments": len(result.segments),
+        "scripted_segments": {s.label: int(s.mask.sum()) for s in scripted.segments},
         "parameters": {k: {"total": t, "trainable": n} for k, (t, n) in counts.items()},
         "trainable": sum(n for _, n in counts.values()), "total": sum(t for t, _ in counts.values()),
     }))
@@ -199,7 +207,8 @@ def one_run(args, data, weights, options, nproc, threads):
     print(f"{nproc} process(es): {report['s_per_step']:.2f} s/step (steps {', '.join(f'{s:.1f}' for s in steps)} s), "
           f"peak RSS {rss:.2f} GB, {answer['trainable'] / 1e6:.2f} M of {answer['total'] / 1e6:.1f} M parameters "
           f"trainable, best/ {report['checkpoint_gb']:.2f} GB; reloaded in {answer['load_s']:.1f} s and answered "
-          f"{answer['tokens']} tokens in {answer['answer_s']:.1f} s (peak RSS {answer_rss:.2f} GB)", flush=True)
+          f"{answer['tokens']} tokens in {answer['answer_s']:.1f} s (peak RSS {answer_rss:.2f} GB); scripted answer's masks "
+          f"(pixels): {answer['scripted_segments']}", flush=True)
     return report
 
 
@@ -226,6 +235,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (shared by the processes of a run)")
     p.add_argument("--frozen-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"),
+                   help="deepspeed: ZeRO-2 (needs the deepspeed package; on CPU it uses gloo)")
     p.add_argument("--tiny", action="store_true", help="a tiny paper-shaped model (seconds; the pytest check)")
     p.add_argument("--model-option", action="append", default=[], metavar="PART.FIELD=VALUE")
     p.add_argument("--keep", action="store_true", help="keep the weight files and checkpoints")
@@ -242,7 +253,8 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     nprocs = [int(n) for n in args.nproc.split(",")]
     report = {"model_options": options, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-              "frozen_dtype": args.frozen_dtype, "gradient_checkpointing": args.gradient_checkpointing, "runs": []}
+              "frozen_dtype": args.frozen_dtype, "gradient_checkpointing": args.gradient_checkpointing,
+              "engine": args.engine, "runs": []}
     try:
         data = write_data(args.work)
         weights, sizes = write_weights(args.work / "weights", config)
@@ -278,17 +290,22 @@ def results_text(report):
              f"`benchmarks/paper_train_step.py` ({machine()}): random weights written in the real formats, "
              f"`raddiagseg train --preset paper` finetune stage, {report['steps']} steps, effective batch "
              f"{report['batch_size'] * report['grad_accum']}, frozen weights {report['frozen_dtype']}, gradient "
-             f"checkpointing {'on' if report['gradient_checkpointing'] else 'off'}; model options "
+             f"checkpointing {'on' if report['gradient_checkpointing'] else 'off'}, engine "
+             f"{'DeepSpeed ZeRO-2' if report.get('engine') == 'deepspeed' else 'DDP'}; model options "
              f"{' '.join(report['model_options']) or 'none (full size)'}.", "",
-             "| processes | s/step | peak RSS (GB, per process) | trainable / total params | best/ (GB) | reload + answer |",
-             "|---|---|---|---|---|---|"]
+             "| processes | s/step | peak RSS (GB, per process) | trainable / total params | best/ (GB) | reload + answer "
+             "| answer tokens | scripted answer's masks (pixels) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         a = r["answer"]
         lines.append(f"| {r['nproc']} | {r['s_per_step']:.2f} | {r['peak_rss_gb']:.2f} | {a['trainable'] / 1e6:.2f} M / "
-                     f"{a['total'] / 1e6:.1f} M | {r['checkpoint_gb']:.2f} | {a['load_s']:.1f} s + {a['answer_s']:.1f} s |")
+                     f"{a['total'] / 1e6:.1f} M | {r['checkpoint_gb']:.2f} | {a['load_s']:.1f} s + {a['answer_s']:.1f} s | "
+                     f"{a['tokens']} | {', '.join(f'{k}: {v}' for k, v in a.get('scripted_segments', {}).items()) or '-'} |")
     if "ddp_vs_one_process" in report:
         c = report["ddp_vs_one_process"]
-        lines += ["", f"DDP (replicated LoRA) vs one process: losses within {c['loss_max_abs_diff']:.1e}, trainable "
+        engine = "DeepSpeed ZeRO-2 (optimizer state and gradients split over the ranks)" if report.get(
+            "engine") == "deepspeed" else "DDP (replicated LoRA)"
+        lines += ["", f"{engine}, two processes vs one: losses within {c['loss_max_abs_diff']:.1e}, trainable "
                       f"weights within {c['weights_max_abs_diff']:.1e} after the last step."]
     return "\n".join(lines) + "\n"
 

@@ -134,6 +134,7 @@ def test_paper_train_step_script_one_and_two_processes_at_a_tiny_size(tmp_path):
         assert 0 < params["mask_decoder"]["trainable"] < params["mask_decoder"]["total"]
         assert 0 < params["language_model"]["trainable"] < params["language_model"]["total"] / 2
         assert run["answer"]["tokens"] > 0 and run["peak_rss_gb"] > 0 and len(run["step_s"]) == 2
+        assert list(run["answer"]["scripted_segments"]) == ["liver", "liver tumour"]  # seg states -> masks
         assert run["effective_batch"] == 2
     assert one["answer"]["trainable"] == two["answer"]["trainable"]
     ddp = report["ddp_vs_one_process"]
@@ -142,6 +143,26 @@ def test_paper_train_step_script_one_and_two_processes_at_a_tiny_size(tmp_path):
     assert not (work / "weights").exists()  # the large files are deleted
     assert not any((work / f"run-{n}proc" / "best").exists() for n in (1, 2))
     assert "processes, same effective batch 2" in result.stdout
+
+
+def test_deepspeed_zero2_on_two_processes_ends_where_one_process_does(tmp_path):
+    """`--engine deepspeed` (ZeRO-2 on CPU, gloo) at a tiny paper size: one process and `torchrun` x2 with the same
+    effective batch. ZeRO reduces gradients in buckets in the order backward produces them, so a rank whose
+    micro-batch has no masks must still run the mask decoder (RadDiagSegModel.decode_every_batch): without it the
+    ranks' buckets disagree (gloo aborts, or gradients of different weights are summed)."""
+    pytest.importorskip("deepspeed")
+    work, report_path = tmp_path / "work", tmp_path / "report.json"
+    result = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "paper_train_step.py"), "--work", str(work), "--tiny",
+                             "--steps", "3", "--nproc", "1,2", "--engine", "deepspeed", "--json", str(report_path)],
+                            capture_output=True, text=True, timeout=900, env=_env())
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["engine"] == "deepspeed"
+    for run in report["runs"]:
+        assert list(run["answer"]["scripted_segments"]) == ["liver", "liver tumour"]
+    ddp = report["ddp_vs_one_process"]
+    assert ddp["same_keys"] and ddp["loss_max_abs_diff"] < 1e-3
+    assert ddp["weights_max_abs_diff"] < 0.05 * ddp["adam_max_move"]
 
 
 DEMO = ROOT / "MONAILabelApp" / "model" / "raddiagseg-demo"

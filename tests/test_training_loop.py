@@ -119,15 +119,22 @@ def test_train_command_reports_a_missing_manifest_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_without_the_package_is_a_clear_error(tmp_path):
-    pytest.importorskip("raddiagseg.training.trainer")
-    if __import__("importlib").util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
-    (tmp_path / "manifest.jsonl").touch()
+def test_deepspeed_without_the_package_is_a_clear_error(monkeypatch):
     from raddiagseg.training.distributed import deepspeed_engine
 
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as on a machine without it: `import deepspeed` fails
     with pytest.raises(ValueError, match="needs the deepspeed package"):
         deepspeed_engine(None, None, None, 1, 1, 1, False, 1.0)
+
+
+def test_resume_under_deepspeed_is_refused_in_one_line(tmp_path):
+    (tmp_path / "manifest.jsonl").touch()
+    result = subprocess.run([PYTHON, "-m", "raddiagseg", "train", "--data", str(tmp_path), "--stage", "finetune",
+                             "--out", str(tmp_path / "run"), "--engine", "deepspeed", "--resume"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--resume is not supported with --engine deepspeed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_epochs_set_the_run_length_when_no_step_count_is_given(tmp_path):

@@ -64,6 +64,8 @@ class RadDiagSegModel(nn.Module):
             self.language_model.add_lora()
         self._apply_trainable()
         self.mask_decoder_calls = 0  # counted so callers/tests can see that no seg token means no decoder call
+        # training under DeepSpeed ZeRO: run the mask decoder on every batch (weight 0 without masks), see forward
+        self.decode_every_batch = False
 
     # --- parameters -------------------------------------------------------------------------
     def _apply_trainable(self):
@@ -232,6 +234,12 @@ class RadDiagSegModel(nn.Module):
             loss_bce = F.binary_cross_entropy_with_logits(pred[:, 0], gt, reduction="none").mean(dim=(1, 2)).mean()
             dice = DiceLoss(sigmoid=True, reduction="none")(pred, gt[:, None])
             loss_dice = dice.reshape(n_masks).mean()
+        elif self.decode_every_batch and self.training:
+            # ZeRO reduces gradients in buckets in the order backward produces them, so every rank must run the same
+            # graph: without masks the decoder still runs (on the first state) and its gradients are exactly 0
+            low_res = self.mask_decoder(vision, hidden[:1, 0], torch.zeros(1, dtype=torch.long, device=dev),
+                                        region=self.region_config())
+            loss_bce = loss_dice = 0.0 * low_res.float().sum()
         else:
             loss_bce = loss_dice = loss_text.new_zeros(())
         w = self.config.loss

@@ -93,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "deepspeed" and self.resume:
+            raise ValueError("--resume is not supported with --engine deepspeed (ZeRO keeps the optimizer state split "
+                             "over the ranks): start a new run from the checkpoint with --init, or use --engine ddp")
         defaults = PRESET_DEFAULTS[(self.preset, self.stage)]
         values = dataclasses.asdict(self)
         for key in ("lr", "batch_size", "grad_accum", "warmup", "val_every", "epochs", "max_steps"):

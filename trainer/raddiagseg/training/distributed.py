@@ -131,6 +131,13 @@ def deepspeed_engine(model, optimizer, scheduler, micro_batch, grad_accum, world
         import deepspeed
     except ImportError:
         raise ValueError("--engine deepspeed needs the deepspeed package (pip install deepspeed); use --engine ddp") from None
+    if "WORLD_SIZE" not in os.environ:  # one process without torchrun: else DeepSpeed looks for MPI to find its rank
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,

@@ -264,6 +264,9 @@ class _Loop:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=self.warmup,
                                                          num_training_steps=self.max_steps)
         if state is not None:
+            if state.get("optimizer") is None:
+                raise ValueError(f"{self.run_dir / 'last'} was written by --engine deepspeed and holds no optimizer "
+                                 "state to resume: start a new run from it with --init")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
@@ -273,6 +276,7 @@ class _Loop:
                 checkpoints.set_rng_state(rngs[ctx.rank])
             log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.max_steps)
         if config.engine == "deepspeed":
+            self.model.decode_every_batch = True  # the same graph on every rank (RadDiagSegModel.forward)
             self.engine, self.optimizer, self.scheduler = distributed.deepspeed_engine(
                 self.model, self.optimizer, self.scheduler, micro_batch, self.accum, ctx.world_size, self.bf16 is not None,
                 config.max_grad_norm)
@@ -326,8 +330,9 @@ class _Loop:
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1}: lower --lr or check the data")
-            if self.engine is not None:
+            if self.engine is not None:  # DeepSpeed counts micro-batches: it steps at its accumulation boundary
                 self.engine.backward(loss)
+                self.engine.step()
             else:
                 (loss / self.accum).backward()
         return torch.tensor([_scalar(out.get(k)) for k in LOSS_KEYS], dtype=torch.float64)
@@ -335,8 +340,9 @@ class _Loop:
     def optimizer_step(self):
         """One optimiser step (gradient clipping, schedule) -> the gradient norm before clipping, or None."""
         grad_norm = None
-        if self.engine is not None:
-            self.engine.step()
+        if self.engine is not None:  # stepped in micro_step
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm)
         else:
             if self.config.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
@@ -455,7 +461,8 @@ def _save_last(model, optimizer, scheduler, config, ctx, run_dir, step, best_met
         epoch, offset = plan.position(step)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            # DeepSpeed's ZeRO optimizer holds one partition per rank: its state is not resumable from rank 0's
+            "optimizer": None if config.engine == "deepspeed" else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng_per_rank": rngs,
             "data": {"seed": config.seed, "epoch": epoch, "offset": offset, "samples_seen": step * plan.step_size},
