@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""What one decode step of a small LM costs against its arithmetic, before and after the step-mask fast path.
+"""What one decode step of a small LM costs against its matmuls, through transformers' modules and through
+`LanguageModel.fused_step`.
 
     nice -n 10 .venv/bin/python benchmarks/decode_overhead.py [--model DIR] [--rounds 4] [--results]
 
 Greedy answers to the app's default question on CT phantom slices (cached image features, so only the LM
-runs), the two paths interleaved round by round in this one process:
+runs), three paths interleaved round by round in this one process:
 
-- before: transformers builds the full and sliding attention masks from the 2D mask at every step
-  (`LanguageModel.step_masks` switched off);
-- after: `LanguageModel.step_masks` hands it the (B, 1, 1, L) masks directly (the default).
+- transformers: its Gemma-2 modules, building the full and sliding attention masks from the 2D mask at every step;
+- step masks: its modules, with `LanguageModel.step_masks` handing them the (B, 1, 1, L) masks;
+- fused step: `LanguageModel.fused_step`, the same operations without the module tree (the default).
 
 Per token it reports the thread's CPU time (robust on a shared box: waiting for a core is not counted) and the
-wall time, and the arithmetic floor: every Linear of the LM and its head run once on a one-token input, the
-same matmuls a step makes, timed alone. Answers (token ids) of both paths must be identical.
+wall time; the fused step's projection matmuls timed where they run (their weights come from memory each step),
+and the rest of the per-token path as the difference; and the projections and LM head timed alone in a loop
+that keeps their weights in cache. Answers (token ids) of the three paths must be identical.
 """
 
 from __future__ import annotations
@@ -97,39 +99,61 @@ def main():
     question = templates.DEFAULT_QUESTION
     timer = StepTimer()
     fast = LanguageModel.step_masks
+    import raddiagseg.model.language_model as lm_module
+
+    project = lm_module._project
+    matmul = {"cpu": 0.0}
+
+    def timed_project(projection, x):  # the fused path's matmuls, timed where they run (weights not in cache)
+        c0 = time.thread_time()
+        y = project(projection, x)
+        matmul["cpu"] += time.thread_time() - c0
+        return y
 
     def answers(path):
-        LanguageModel.step_masks = fast if path == "after" else (lambda self, attention_mask, dtype: None)
+        LanguageModel.step_masks = fast if path != "transformers" else (lambda self, attention_mask, dtype: None)
+        LanguageModel.fused_decode = path == "fused step"
+        lm_module._project = timed_project if path == "fused step" else project
         try:
             return [model.generate(None, question, features=f, max_new_tokens=args.max_new_tokens).token_ids for f in features]
         finally:
-            LanguageModel.step_masks = fast
+            LanguageModel.step_masks, LanguageModel.fused_decode, lm_module._project = fast, True, project
 
-    results = {"before": [], "after": []}
+    paths = ("transformers", "step masks", "fused step")
+    results = {path: [] for path in paths}
     tokens = {}
-    for path in ("before", "after"):  # warm-up, not timed
+    for path in paths:  # warm-up, not timed
         tokens[path] = answers(path)
         timer.take()
+    matmul["cpu"] = 0.0
     for _ in range(args.rounds):
-        for path in ("before", "after"):
+        for path in paths:
             if answers(path) != tokens[path]:
                 raise SystemExit(f"the {path} path answered differently between rounds")
             results[path].append(timer.take())
-    same = tokens["before"] == tokens["after"]
+    same = tokens["transformers"] == tokens["step masks"] == tokens["fused step"]
+    fused_steps = sum(r[2] for r in results["fused step"])
+    in_context = matmul["cpu"] / fused_steps
     floor, n_linear, n_weights = linear_floor(model)
     cpu = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
     wall = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
-    steps = results["after"][0][2]
+    steps = results["fused step"][0][2]
     lm_params = sum(p.numel() for p in model.language_model.parameters())
+    rows = {"transformers": "transformers' Gemma-2 modules, masks built from the 2D mask each step",
+            "step masks": "transformers' Gemma-2 modules, `LanguageModel.step_masks`",
+            "fused step": "`LanguageModel.fused_step` (the default)"}
     lines = [HEADING, "",
              f"{machine()}; model {args.model or SHIPPED_MODEL.relative_to(ROOT)} (LM {lm_params / 1e6:.1f} M parameters), {args.slices} CT slices x "
              f"{args.rounds} rounds, greedy, {steps} decode steps per round, cached features; medians per token:", "",
              "| path | thread CPU ms/token | wall ms/token |", "|---|---|---|",
-             f"| before (transformers builds the masks each step) | {cpu['before'] * 1000:.2f} | {wall['before'] * 1000:.2f} |",
-             f"| after (`LanguageModel.step_masks`) | {cpu['after'] * 1000:.2f} | {wall['after'] * 1000:.2f} |", "",
-             f"after/before (CPU): {cpu['after'] / cpu['before']:.2f}; arithmetic floor (the {n_linear} Linear layers, "
-             f"{n_weights / 1e6:.2f} M weights, on one token): {floor * 1000:.2f} ms, so a step costs "
-             f"{cpu['after'] / floor:.1f}x its matmuls (before: {cpu['before'] / floor:.1f}x); answers identical: {same}."]
+             *[f"| {rows[k]} | {cpu[k] * 1000:.2f} | {wall[k] * 1000:.2f} |" for k in paths], "",
+             f"Answers of the three paths identical: {same}. Projection matmuls of the fused step where they run "
+             f"(their weights read from memory each step): {in_context * 1000:.2f} ms per "
+             f"token, so the rest of the per-token path (norms, rotary, KV cache, attention, logits, bookkeeping) costs "
+             f"{(cpu['fused step'] - in_context) * 1000:.2f} ms (transformers' modules: "
+             f"{(cpu['step masks'] - in_context) * 1000:.2f} ms). The {n_linear} Linear layers with the LM head "
+             f"({n_weights / 1e6:.2f} M weights) timed alone, in a loop that keeps their weights in cache: "
+             f"{floor * 1000:.2f} ms."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:

@@ -205,6 +205,43 @@ def test_decode_step_masks_leave_answers_and_masks_bit_for_bit_unchanged(monkeyp
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
+def test_fused_decode_step_answers_bit_for_bit_as_transformers_modules(monkeypatch):
+    """`LanguageModel.fused_step` (the default decode step) against transformers' Gemma-2 modules, on the demo model
+    (fp32, plain Linear layers) and on a paper-shaped model with LoRA in bf16 (peft layers, called as modules):
+    identical tokens and seg masks, and the fused step really ran."""
+    import numpy as np
+
+    from raddiagseg import build_model, load_model, templates
+    from raddiagseg.model.language_model import LanguageModel
+    from raddiagseg.training.commands import parse_model_options
+
+    from paper_train_step import TINY
+
+    fused_calls = []
+    fused = LanguageModel.fused_step
+    monkeypatch.setattr(LanguageModel, "fused_step", staticmethod(lambda *a: fused_calls.append(1) or fused(*a)))
+    torch.manual_seed(0)
+    demo = load_model(DEMO).eval()
+    paper = build_model("paper", **parse_model_options(TINY, "paper")).to(torch.bfloat16).eval()
+    assert paper.language_model.has_lora
+    questions = [templates.DEFAULT_QUESTION, "Is there a tumour in the liver?"]  # different lengths: left padding
+    for model, features in ((demo, _demo_cases(demo, 2)), (paper, None)):
+        images = None if features else [np.random.default_rng(k).random((64, 64), dtype=np.float32) for k in range(2)]
+        answers = {}
+        for path in (True, False):
+            monkeypatch.setattr(LanguageModel, "fused_decode", path)
+            fused_calls.clear()
+            answers[path] = model.generate_batch(images, questions, features=features, max_new_tokens=24)
+            assert bool(fused_calls) == path
+        assert [r.token_ids for r in answers[True]] == [r.token_ids for r in answers[False]]
+        assert any(len(r.token_ids) > 1 for r in answers[True])
+        for a, b in zip(answers[True], answers[False]):
+            assert [(s.label, s.score) for s in a.segments] == [(s.label, s.score) for s in b.segments]  # same bits
+            assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.segments, b.segments))
+        assert model is paper or any(r.segments for r in answers[True])  # the demo's answers carried masks
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
 def test_int8_weight_only_keeps_the_demo_models_answers_and_masks():
     import numpy as np
 

@@ -148,10 +148,12 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
     """One token per unfinished row and step until every row is done -> the number of steps."""
     pad, eos = model.processor.ids["pad"], model.processor.ids["eos"]
     generator = torch.Generator(device=model.device).manual_seed(config.seed) if config.seed is not None else None
+    lm = model.language_model
+    plan = lm.step_plan()
     steps = 0
     while not bool(rows.done.all()):
         steps += 1
-        logits = model.language_model.logits(last).float()
+        logits = lm.logits(last).float()
         if config.do_sample:
             probs = torch.softmax(logits / max(config.temperature, 1e-5), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -165,10 +167,13 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
         next_ids = torch.where(rows.done, torch.full_like(next_ids, pad), next_ids)
         rows.attention = torch.cat([rows.attention, (~rows.done).long()[:, None]], dim=1)
         position = position + 1
-        hidden, cache = model.language_model(
-            model.language_model.embed(next_ids[:, None]), attention_mask=rows.attention, position_ids=position,
-            past_key_values=cache, use_cache=True,
-        )
+        embeds = lm.embed(next_ids[:, None])
+        masks = lm.step_masks(rows.attention, embeds.dtype) if plan is not None else None
+        if masks is not None:
+            hidden = lm.fused_step(plan, embeds, masks["full_attention"], position, cache)
+        else:
+            hidden, cache = lm(embeds, attention_mask=rows.attention, position_ids=position, past_key_values=cache,
+                               use_cache=True)
         last = hidden[:, -1]
     return steps
 

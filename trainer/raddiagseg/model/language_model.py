@@ -123,6 +123,67 @@ class LanguageModel(nn.Module):
         )
         return out.last_hidden_state, out.past_key_values
 
+    # decode steps through `fused_step` instead of transformers' module tree (benchmarks/decode_overhead.py)
+    fused_decode = True
+
+    def step_plan(self):
+        """What `fused_step` reads, gathered once per answer, or None where it would not compute exactly what
+        transformers does (training, gradients, an attention other than eager, forward hooks)."""
+        lm = self.causal_lm
+        model = lm.model
+        if (not self.fused_decode or self.training or torch.is_grad_enabled()
+                or lm.config._attn_implementation != "eager"
+                or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
+            return None
+        config = model.config
+
+        def norm(n):
+            return (1.0 + n.weight.float(), n.eps)
+
+        layers = []
+        for layer in model.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(tuple(_projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+                          + (mlp.act_fn,) + tuple(norm(n) for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                                                    layer.pre_feedforward_layernorm,
+                                                                    layer.post_feedforward_layernorm)))
+        return {"layers": layers, "norm": norm(model.norm), "rotary": model.rotary_emb,
+                "head_dim": config.head_dim, "groups": config.num_attention_heads // config.num_key_value_heads,
+                "scaling": config.query_pre_attn_scalar ** -0.5, "softcap": config.attn_logit_softcapping}
+
+    @staticmethod
+    def fused_step(plan, inputs_embeds, mask, position_ids, cache):
+        """One cached decode step (B, 1, D) -> last hidden states (B, 1, D) after the final norm. The tensor operations
+        of transformers' eager Gemma-2 path, in its order and dtypes (so the same values, bit for bit), without its
+        module calls, keyword plumbing and per-call config and attribute lookups: on the demo preset those cost more
+        than the step's matmuls (benchmarks/RESULTS.md, "Demo preset: decode step overhead").
+        `plan`: `step_plan()`; `mask`: the step's additive (B, 1, 1, L) mask (`step_masks`); `cache`: transformers'
+        cache, updated in place."""
+        hidden = inputs_embeds
+        batch, head_dim, groups = hidden.shape[0], plan["head_dim"], plan["groups"]
+        scaling, softcap = plan["scaling"], plan["softcap"]
+        cos, sin = plan["rotary"](hidden, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for index, (q_proj, k_proj, v_proj, o_proj, gate, up, down, act, n1, n2, n3, n4) in enumerate(plan["layers"]):
+            x = _gemma_norm(hidden, n1)
+            q = _project(q_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            k = _project(k_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            v = _project(v_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            k, v = cache.update(k, v, index)
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            weights = torch.matmul(q, k.transpose(2, 3)) * scaling
+            if softcap is not None:
+                weights = torch.tanh(weights / softcap) * softcap
+            weights = weights + mask[:, :, :, : k.shape[-2]]
+            weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, v).transpose(1, 2).contiguous().reshape(batch, 1, -1).contiguous()
+            hidden = hidden + _gemma_norm(_project(o_proj, out), n2)
+            x = _gemma_norm(hidden, n3)
+            hidden = hidden + _gemma_norm(_project(down, act(_project(gate, x)) * _project(up, x)), n4)
+        return _gemma_norm(hidden, plan["norm"])
+
     def step_masks(self, attention_mask, dtype):
         """The additive (B, 1, 1, L) masks of one decode step (one new token per row, after L - 1 cached ones), or
         None once L outgrows the sliding window (transformers then builds them, with its cropped sliding cache).
@@ -165,3 +226,35 @@ class LanguageModel(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _projection(module):
+    """A plain nn.Linear as (weight, bias), for `_project` to apply as its forward does; anything else (peft LoRA,
+    int8) as the module, called."""
+    return (module.weight, module.bias) if type(module) is nn.Linear else module
+
+
+def _project(projection, x):
+    if isinstance(projection, tuple):
+        return torch.nn.functional.linear(x, *projection)
+    return projection(x)
+
+
+def _gemma_norm(x, norm):
+    """transformers' Gemma2RMSNorm.forward, operation for operation; `norm`: (1 + its weight as float32, eps)."""
+    scale, eps = norm
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * scale).type_as(x)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x, groups):
+    if groups == 1:
+        return x
+    batch, kv_heads, length, head_dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, groups, length, head_dim).reshape(batch, kv_heads * groups, length, head_dim)
