@@ -42,7 +42,7 @@ class Counting:
         self.scripts = [[model.processor.answer_ids(a) for a in rows] for rows in passes]
         self.pass_index, self.step = -1, 0
         encode, forward, decoder = model.encode_images, model.language_model.forward, model.mask_decoder.forward
-        real_logits = model.language_model.logits
+        real_logits, fused_step = model.language_model.logits, model.language_model.fused_step
 
         def encode_images(images):
             self.encode_calls += 1
@@ -54,6 +54,10 @@ class Counting:
             if kwargs.get("past_key_values") is None:  # a prefill starts a new decoding pass
                 self.pass_index, self.step = self.pass_index + 1, 0
             return forward(*args, **kwargs)
+
+        def fused(*args):  # a decode step that bypasses transformers' modules (LanguageModel.fused_step)
+            self.lm_calls += 1
+            return fused_step(*args)
 
         def logits(hidden):
             real = real_logits(hidden)
@@ -73,12 +77,14 @@ class Counting:
         model.encode_images = encode_images
         model.language_model.forward = lm_forward
         model.language_model.logits = logits
+        model.language_model.fused_step = fused
         model.mask_decoder.forward = mask_decoder
 
     def restore(self):
         del self.model.encode_images
         del self.model.language_model.forward
         del self.model.language_model.logits
+        del self.model.language_model.fused_step
         del self.model.mask_decoder.forward
 
 

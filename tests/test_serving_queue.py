@@ -191,7 +191,7 @@ def test_slicer_panel_shows_slices_done_and_time_left_of_a_whole_volume(served, 
     assert job.state == "done", job.error
     n = job.result.params["volume"]["n_slices"]
     counted = [(f, m) for f, m in updates if re.fullmatch(rf"\d+ of \d+ slices answered( \(volume of {n} slices\))?"
-                                                            r"(, (about \d+( min)?( \d+ s)?|under a second) left)?\.", m or "")]
+                                                            r"(, (about (\d+ min( \d+ s)?|\d+ s)|under a second) left)?\.", m or "")]
     assert counted and any(m.endswith(" left.") for _, m in counted), updates
     done = [int(m.split()[0]) for _, m in counted]
     fractions = [f for f, _ in counted]
