@@ -136,6 +136,7 @@ class LanguageModel(nn.Module):
                 or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
             return None
         config = model.config
+        from transformers.models.gemma2 import modeling_gemma2
 
         def norm(n):
             return (1.0 + n.weight.float(), n.eps)
@@ -150,7 +151,8 @@ class LanguageModel(nn.Module):
                                                                     layer.post_feedforward_layernorm)))
         return {"layers": layers, "norm": norm(model.norm), "rotary": model.rotary_emb,
                 "head_dim": config.head_dim, "groups": config.num_attention_heads // config.num_key_value_heads,
-                "scaling": config.query_pre_attn_scalar ** -0.5, "softcap": config.attn_logit_softcapping}
+                "scaling": config.query_pre_attn_scalar ** -0.5, "softcap": config.attn_logit_softcapping,
+                "rotate_half": modeling_gemma2.rotate_half, "repeat_kv": modeling_gemma2.repeat_kv}
 
     @staticmethod
     def fused_step(plan, inputs_embeds, mask, position_ids, cache):
@@ -160,6 +162,7 @@ class LanguageModel(nn.Module):
         than the step's matmuls (benchmarks/RESULTS.md, "Demo preset: decode step overhead").
         `plan`: `step_plan()`; `mask`: the step's additive (B, 1, 1, L) mask (`step_masks`); `cache`: transformers'
         cache, updated in place."""
+        rotate_half, repeat_kv = plan["rotate_half"], plan["repeat_kv"]
         hidden = inputs_embeds
         batch, head_dim, groups = hidden.shape[0], plan["head_dim"], plan["groups"]
         scaling, softcap = plan["scaling"], plan["softcap"]
@@ -170,9 +173,9 @@ class LanguageModel(nn.Module):
             q = _project(q_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
             k = _project(k_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
             v = _project(v_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k, v = cache.update(k, v, index)
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
             weights = torch.matmul(q, k.transpose(2, 3)) * scaling
             if softcap is not None:
                 weights = torch.tanh(weights / softcap) * softcap
@@ -247,14 +250,3 @@ def _gemma_norm(x, norm):
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
     return (y * scale).type_as(x)
 
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _repeat_kv(x, groups):
-    if groups == 1:
-        return x
-    batch, kv_heads, length, head_dim = x.shape
-    return x[:, :, None].expand(batch, kv_heads, groups, length, head_dim).reshape(batch, kv_heads * groups, length, head_dim)
