@@ -7,6 +7,7 @@ phantoms, and prints its validation caption accuracy per caption, so a recipe ca
 
 Usage:
   .venv/bin/python benchmarks/align_recipes.py --data WORK/data-train [--steps 1000] [--out results.json] \
+      [--augmentation basic|scanner] [--also-val WORK/data-train-mixed] \
       [--recipe NAME='clip.depth=4 projector.num_queries=64'] ...
 Without --recipe it runs RECIPES below. --data is a `raddiagseg build` folder (e.g. a demo work folder's data-train).
 """
@@ -35,17 +36,21 @@ def run(name, options, args):
     model = build_model("demo", **overrides)
     start = time.perf_counter()
     summary = align_clip_encoder(model, args.data, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, augmentation=args.augmentation,
+                                 also_val={Path(m).name: m for m in args.also_val})
     summary.update(recipe=name, overrides=overrides, seconds=time.perf_counter() - start)
     return summary
 
 
 def table(results):
     captions = sorted({c for r in results for c in r["val_acc_per_caption"]})
-    lines = ["| recipe | steps | time | val acc | " + " | ".join(captions) + " |",
-             "|---" * (4 + len(captions)) + "|"]
+    others = sorted({k for r in results for k in r if k.startswith("val_acc_") and not k.startswith("val_acc_per")})
+    lines = ["| recipe | steps | time | val acc | " + " | ".join(o.replace("_", " ") for o in others)
+             + (" | " if others else "") + " | ".join(captions) + " |",
+             "|---" * (4 + len(others) + len(captions)) + "|"]
     for r in results:
-        cells = [f"{r['val_acc_per_caption'].get(c, float('nan')):.2f}" for c in captions]
+        cells = [f"{r.get(o, float('nan')):.3f}" for o in others]
+        cells += [f"{r['val_acc_per_caption'].get(c, float('nan')):.2f}" for c in captions]
         lines.append(f"| {r['recipe']} | {r['steps']} | {r['seconds'] / 60:.1f} min | {r['val_acc']:.3f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -60,6 +65,10 @@ def main(argv=None):
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=OPTIONS",
                         help="demo-config fields as `raddiagseg demo --model-option` takes them, space separated, "
                              "e.g. d4='clip.depth=4 projector.num_queries=64'")
+    parser.add_argument("--augmentation", default="basic", choices=("basic", "scanner"),
+                        help="training augmentation of every recipe (clip_align.AUGMENT_RANGES)")
+    parser.add_argument("--also-val", action="append", default=[], metavar="DATA",
+                        help="also score the caption accuracy on this build folder's val split (e.g. scanner phantoms)")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

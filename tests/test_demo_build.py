@@ -89,7 +89,8 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
     settings = DemoSettings(out=str(out), align_steps=2, pretrain_steps=1, finetune_steps=1, train_ct_volumes=2,
                             train_xrays=6, test_ct_volumes=2, test_xrays=3, ct_slices=6,
                             model_overrides={"projector": {"num_queries": 8}}, workers=2, num_workers=1,
-                            pretrain_trainable={"projector": False}, finetune_trainable={"projector": False})
+                            pretrain_trainable={"projector": False}, finetune_trainable={"projector": False},
+                            variation="mixed", augmentation="scanner")
     card = build_demo(settings)
     assert card == out / "MODEL_CARD.md"
     assert not (out.parent / "raddiagseg-demo.tmp").exists()
@@ -100,6 +101,14 @@ def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_rep
     assert int(cells[1]) == report["ct"]["n"]
     assert float(cells[2]) == pytest.approx(report["ct"]["detection_f1"], abs=5e-4)
     assert re.search(r"seed 98765", text) and "never used in training" in text
+    # stage 0 aligns on clean phantoms (the default), stages 1-2 train on the scanner-variation ones (two training sets)
+    work = tmp_path / "model" / ".raddiagseg-demo-work"
+    assert settings.align_variation == "none"
+    assert (work / "data-train" / "manifest.jsonl").is_file() and (work / "data-train-mixed" / "manifest.jsonl").is_file()
+    assert f'variation "none" with "{settings.align_augmentation}" augmentation in stage 0, variation "mixed" with ' \
+           f'"{settings.augmentation}"' in " ".join(text.split())
+    assert json.loads((work / "pretrain" / "config.json").read_text())["data"] == str(work / "data-train-mixed" / "manifest.jsonl")
+    assert "val_acc_mixed" in json.loads((work / "aligned" / "alignment.json").read_text())
 
     config = json.loads((out / "config.json").read_text())
     assert config["trainable"]["clip"] is False

@@ -210,9 +210,10 @@ def _accuracy(aligner, images, labels, batch_size=64):
 
 
 def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=0, progress=True, device="cpu",
-                       num_workers=0, augmentation="basic"):
+                       num_workers=0, augmentation="basic", also_val=None):
     """Train `model.clip_encoder` and `model.projector` in place on the manifest's VQA-Seg images; returns a summary dict
-    with the caption accuracy on the train and val splits (val: images the alignment never saw).
+    with the caption accuracy on the train and val splits (val: images the alignment never saw), and on the val
+    split of each `also_val` {name: manifest} (e.g. phantoms of another generator version) as `val_acc_<name>`.
 
     The images are read once (in `num_workers` processes), kept in memory at the CLIP input size (float16, ~100 kB
     each at 224 px: 0.3 GB for the demo's 3226) and augmented per batch with `augment_batch`.
@@ -268,6 +269,11 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     val_acc, val_per_caption = _accuracy(aligner, val_images, val_labels)
     summary = {"steps": steps, "augmentation": augmentation, "captions": captions, "final_loss": float(np.mean(losses[-20:])),
                "train_acc": train_acc, "val_acc": val_acc, "val_acc_per_caption": val_per_caption}
+    for name, other in (also_val or {}).items():
+        other_set = ManifestDataset(other, split="val", tasks=["vqaseg"], augment=False)
+        other_set.rows = [r for r in other_set.rows if caption(r) in index]
+        summary[f"val_acc_{name}"], summary[f"val_acc_per_caption_{name}"] = _accuracy(
+            aligner, load_all_resized(other_set, size, num_workers), [index[caption(r)] for r in other_set.rows])
     model.clip_encoder.to(home)
     model.projector.to(home)
     model.train(was_training)

@@ -81,12 +81,18 @@ def register(subparsers):
                    help="change what stage 1 trains, e.g. projector=false (repeatable)")
     d.add_argument("--finetune-trainable", action="append", metavar="PART=VALUE",
                    help="change what stage 2 trains, e.g. clip=true (repeatable)")
-    d.add_argument("--variation", choices=("none", "scanner", "mixed"), default="none",
-                   help="phantom variation of the training data (`raddiagseg phantoms --variation`; default none: "
-                        "generator version 1, as the shipped model; mixed: half the studies vary like real scanners)")
-    d.add_argument("--augmentation", choices=("basic", "scanner"), default="basic",
-                   help="training augmentation of every stage (default basic, as the shipped model; scanner adds "
+    from raddiagseg.training import demo as demo_recipe
+
+    d.add_argument("--variation", choices=("none", "scanner", "mixed"), default=demo_recipe.TRAIN_VARIATION,
+                   help="phantom variation of stages 1-2's training data (`raddiagseg phantoms --variation`; default "
+                        f"{demo_recipe.TRAIN_VARIATION}; mixed: half the studies vary like real scanners)")
+    d.add_argument("--augmentation", choices=("basic", "scanner"), default=demo_recipe.AUGMENTATION,
+                   help=f"training augmentation of stages 1-2 (default {demo_recipe.AUGMENTATION}; scanner adds "
                         "rotation, zoom, contrast, gamma, blur/sharpen, noise, mirroring, X-ray polarity)")
+    d.add_argument("--align-variation", choices=("none", "scanner", "mixed"), default=demo_recipe.ALIGN_VARIATION,
+                   help=f"phantom variation of stage 0's (CLIP alignment) data (default {demo_recipe.ALIGN_VARIATION})")
+    d.add_argument("--align-augmentation", choices=("basic", "scanner"), default=demo_recipe.ALIGN_AUGMENTATION,
+                   help=f"stage 0's augmentation (default {demo_recipe.ALIGN_AUGMENTATION})")
     d.set_defaults(func=run_demo)
 
 
@@ -211,7 +217,8 @@ def run_demo(args):
         align_steps=args.align_steps, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
         precision=args.precision, num_workers=args.num_workers, resume=args.resume, val_samples=args.val_samples,
         model_overrides=parse_model_options(args.model_option), device=args.device, workers=args.workers,
-        variation=args.variation, augmentation=args.augmentation,
+        variation=args.variation, augmentation=args.augmentation, align_variation=args.align_variation,
+        align_augmentation=args.align_augmentation,
     )
     if args.pretrain_trainable is not None:
         settings.pretrain_trainable = _trainable_flags(args.pretrain_trainable)

@@ -40,11 +40,15 @@ FINETUNE_RATIO = {"vqaseg": 0.5, "vqa": 0.25, "refseg": 0.25}
 # from 0.761 / 0.853 to 0.931 / 0.951 with X-ray diagnosis F1 0.947 -> 0.983.
 PRETRAIN_TRAINABLE = {"projector": False}
 FINETUNE_TRAINABLE = {"projector": False}
-# Training phantoms and augmentation: the shipped model's (generator version 1, basic augmentation). `--variation mixed
-# --augmentation scanner` (half the studies with their own contrast phase, kernel, thickness, position, FOV, exposure;
-# scanner augmentation in every stage) is the scanner-variation recipe under trial: at these step counts it cut stage 0's
-# held-out caption accuracy from 0.894 to 0.635 (benchmarks/RESULTS.md, "Demo rebuild with scanner variation"), so it
-# is not the default. benchmarks/robustness.py measures any model under the shifts.
+# Training phantoms and augmentation, per stage: the shipped model's are generator version 1 with the basic
+# augmentation everywhere. Stage 0 (the CLIP alignment) is where the model learns to see lesions, and the CLIP encoder
+# and projector are frozen after it; measured (benchmarks/RESULTS.md, "Demo rebuild with scanner variation"): stage 0
+# on scanner-variation phantoms lost the normal CTs (caption accuracy 0.635), and stage 0 on version 1 with stages 1-2
+# on variation "mixed" with "scanner" augmentation (`--variation mixed --augmentation scanner`) scored no better than
+# v7 on version-2 phantoms and lost clean Dice, so none of these is the default. benchmarks/robustness.py measures a
+# model under the shifts.
+ALIGN_VARIATION = "none"
+ALIGN_AUGMENTATION = "basic"
 TRAIN_VARIATION = "none"
 AUGMENTATION = "basic"
 # What the shipped demo model should reach on held-out phantoms, per modality (the card says which it meets).
@@ -75,8 +79,10 @@ class DemoSettings:
     workers: Optional[int] = None  # phantom-drawing processes (default: all CPUs)
     pretrain_trainable: dict = field(default_factory=lambda: dict(PRETRAIN_TRAINABLE))  # set_trainable flags of stage 1
     finetune_trainable: dict = field(default_factory=lambda: dict(FINETUNE_TRAINABLE))  # set_trainable flags of stage 2
-    variation: str = TRAIN_VARIATION  # phantom variation of the training data (data.phantoms.VARIATIONS)
-    augmentation: str = AUGMENTATION  # training augmentation of every stage ("basic" or "scanner")
+    variation: str = TRAIN_VARIATION  # phantom variation of stages 1-2's training data (data.phantoms.VARIATIONS)
+    augmentation: str = AUGMENTATION  # training augmentation of stages 1-2 ("basic" or "scanner")
+    align_variation: str = ALIGN_VARIATION  # phantom variation of stage 0's training data
+    align_augmentation: str = ALIGN_AUGMENTATION  # stage 0's augmentation (clip_align.AUGMENT_RANGES)
 
 
 def _phantoms(folder, ct_volumes, xrays, seed, resume, ct_slices, workers, variation="none"):
@@ -118,8 +124,9 @@ def _stage(stage, data, out, settings, init=None):
     return (result.best_checkpoint, summary), False
 
 
-def _align(data, out, settings):
-    """Stage 0: a fresh demo model whose CLIP encoder is caption-aligned, then frozen; saved to `out`."""
+def _align(data, out, settings, also_val=None):
+    """Stage 0: a fresh demo model whose CLIP encoder is caption-aligned, then frozen; saved to `out`.
+    `also_val` {name: manifest}: also report the caption accuracy on these val splits (stages 1-2's data)."""
     import torch
 
     from raddiagseg import build_model
@@ -134,7 +141,8 @@ def _align(data, out, settings):
     steps = settings.align_steps or DEMO_STEPS["align"]
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = align_clip_encoder(model, data, steps=steps, seed=settings.train_seed, device=device,
-                                 num_workers=settings.num_workers, augmentation=settings.augmentation)
+                                 num_workers=settings.num_workers, augmentation=settings.align_augmentation,
+                                 also_val=also_val)
     model.set_trainable(clip=False)
     staging = out.parent / (out.name + ".tmp")
     if staging.exists():
@@ -179,15 +187,19 @@ def build_demo(settings: DemoSettings):
     steps = _StepTimes(work / "timings.json", settings.resume)
 
     def data():
-        train, reused_train = _phantoms(work / "data-train", settings.train_ct_volumes, settings.train_xrays,
-                                        settings.train_seed, settings.resume, settings.ct_slices, settings.workers,
-                                        settings.variation)
-        test, reused_test = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays,
-                                      settings.test_seed, settings.resume, settings.ct_slices, settings.workers)
-        return (train, test), reused_train and reused_test
+        sets, reused = {}, []
+        for variation in dict.fromkeys((settings.align_variation, settings.variation)):
+            folder = work / ("data-train" if variation == "none" else f"data-train-{variation}")
+            sets[variation], done = _phantoms(folder, settings.train_ct_volumes, settings.train_xrays, settings.train_seed,
+                                              settings.resume, settings.ct_slices, settings.workers, variation)
+            reused.append(done)
+        test, done = _phantoms(work / "data-heldout", settings.test_ct_volumes, settings.test_xrays,
+                               settings.test_seed, settings.resume, settings.ct_slices, settings.workers)
+        return (sets[settings.align_variation], sets[settings.variation], test), all(reused) and done
 
-    train_data, test_data = steps.run("data_s", data)
-    aligned, align_summary = steps.run("align_s", lambda: _align(train_data, work / "aligned", settings))
+    align_data, train_data, test_data = steps.run("data_s", data)
+    also_val = {settings.variation: train_data} if train_data != align_data else None
+    aligned, align_summary = steps.run("align_s", lambda: _align(align_data, work / "aligned", settings, also_val))
     pretrained, pre_summary = steps.run("pretrain_s", lambda: _stage("pretrain", train_data, work / "pretrain", settings,
                                                                      init=aligned))
     finetuned, fine_summary = steps.run("finetune_s", lambda: _stage("finetune", train_data, work / "finetune", settings,
@@ -290,13 +302,15 @@ phantoms only**. It exists so that the app, the Slicer extension and the tests w
 ## How it was made
 `raddiagseg demo` (this folder is its output), settings: `{json.dumps(config)}`
 
-- Training data: phantoms with seed {settings.train_seed}, variation "{settings.variation}" ({settings.train_ct_volumes} CT volumes of {settings.ct_slices} slices in the MSD liver and
+- Training data: phantoms with seed {settings.train_seed} ({settings.train_ct_volumes} CT volumes of {settings.ct_slices} slices in the MSD liver and
   pancreas layouts, {settings.train_xrays} chest X-rays in the COVID-QU-Ex layout, VQA-RAD/SLAKE-style and Ref-Seg
-  phantoms), built with `raddiagseg build` into the RadDiagSeg-D tasks; "{settings.augmentation}" augmentation in every stage.
+  phantoms), built with `raddiagseg build` into the RadDiagSeg-D tasks: variation "{settings.align_variation}" with
+  "{settings.align_augmentation}" augmentation in stage 0, variation "{settings.variation}" with "{settings.augmentation}"
+  augmentation in stages 1-2.
 - Stage 0 (CLIP alignment, `raddiagseg/training/clip_align.py`): {align['steps']} steps of the CLIP loss between
   images (through the CLIP encoder and the projector) and captions written from their ground truth; caption
   accuracy on unseen validation volumes
-  {_fmt(align.get('val_acc'))} (train {_fmt(align.get('train_acc'))}). The CLIP encoder is frozen afterwards.
+  {_fmt(align.get('val_acc'))} (train {_fmt(align.get('train_acc'))}{_other_val(align, settings)}). The CLIP encoder is frozen afterwards.
 - What stages 1 and 2 change in what trains (`model.set_trainable`): {_flags(settings.pretrain_trainable)} and
   {_flags(settings.finetune_trainable)}; everything else as the demo preset (the LM, SAM encoder and mask decoder train).
 - Stage 1 (pretrain, Ref-Seg + VQA): {pre['steps']} steps, best {pre['metric_name']} = {_fmt(pre['best_metric'])} at step {pre['best_step']}.
@@ -324,6 +338,11 @@ ct_volumes={settings.test_ct_volumes}, xrays={settings.test_xrays}, seed={settin
 Synthetic anatomy and lesions only; one axial 2D slice or one X-ray per question; answers follow the
 RadDiagSeg-D templates; the vocabulary is the one in `raddiagseg/resources/vocabulary.json`.
 """
+
+
+def _other_val(align, settings):
+    value = align.get(f"val_acc_{settings.variation}")
+    return "" if value is None else f"; on stages 1-2's variation-\"{settings.variation}\" phantoms {_fmt(value)}"
 
 
 def _flags(flags):
