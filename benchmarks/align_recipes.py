@@ -74,6 +74,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (Path(args.data) / "manifest.jsonl").is_file():
         parser.error(f"--data {args.data} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
+    for other in args.also_val:  # checked before any alignment runs, not after the first one
+        if not (Path(other) / "manifest.jsonl").is_file():
+            parser.error(f"--also-val {other} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
     from raddiagseg.training.commands import CommandError, parse_model_options
 
     recipes = dict(RECIPES)
