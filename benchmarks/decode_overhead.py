@@ -9,12 +9,16 @@ runs), three paths interleaved round by round in this one process:
 
 - transformers: its Gemma-2 modules, building the full and sliding attention masks from the 2D mask at every step;
 - step masks: its modules, with `LanguageModel.step_masks` handing them the (B, 1, 1, L) masks;
-- fused step: `LanguageModel.fused_step`, the same operations without the module tree (the default).
+- fused step: `LanguageModel.fused_step`, the same operations without the module tree (the default);
+- compiled step: `static_decode` (opt-in `LanguageModel.compile_decode`): the step on a preallocated cache, compiled
+  by torch.compile (its first answer, which compiles, is the untimed warm-up; its compile time is reported).
 
 Per token it reports the thread's CPU time (robust on a shared box: waiting for a core is not counted) and the
 wall time; the fused step's projection matmuls timed where they run (their weights come from memory each step),
 and the rest of the per-token path as the difference; and the projections and LM head timed alone in a loop
-that keeps their weights in cache. Answers (token ids) of the three paths must be identical.
+that keeps their weights in cache. The compiled step runs the same matmuls (aten::mm on the same weights, one token),
+so its per-token path outside them is its time minus the fused step's in-place matmul time. Answers (token ids) of
+all paths must be identical.
 """
 
 from __future__ import annotations
@@ -112,18 +116,24 @@ def main():
 
     def answers(path):
         LanguageModel.step_masks = fast if path != "transformers" else (lambda self, attention_mask, dtype: None)
-        LanguageModel.fused_decode = path == "fused step"
+        LanguageModel.fused_decode = path in ("fused step", "compiled step")
+        LanguageModel.compile_decode = path == "compiled step"
         lm_module._project = timed_project if path == "fused step" else project
         try:
             return [model.generate(None, question, features=f, max_new_tokens=args.max_new_tokens).token_ids for f in features]
         finally:
             LanguageModel.step_masks, LanguageModel.fused_decode, lm_module._project = fast, True, project
+            LanguageModel.compile_decode = False
 
-    paths = ("transformers", "step masks", "fused step")
+    paths = ("transformers", "step masks", "fused step", "compiled step")
     results = {path: [] for path in paths}
     tokens = {}
+    compile_s = None
     for path in paths:  # warm-up, not timed
+        started = time.perf_counter()
         tokens[path] = answers(path)
+        if path == "compiled step":
+            compile_s = time.perf_counter() - started
         timer.take()
     matmul["cpu"] = 0.0
     for _ in range(args.rounds):
@@ -131,7 +141,7 @@ def main():
             if answers(path) != tokens[path]:
                 raise SystemExit(f"the {path} path answered differently between rounds")
             results[path].append(timer.take())
-    same = tokens["transformers"] == tokens["step masks"] == tokens["fused step"]
+    same = all(tokens[path] == tokens["transformers"] for path in paths)
     fused_steps = sum(r[2] for r in results["fused step"])
     in_context = matmul["cpu"] / fused_steps
     floor, n_linear, n_weights = linear_floor(model)
@@ -141,17 +151,20 @@ def main():
     lm_params = sum(p.numel() for p in model.language_model.parameters())
     rows = {"transformers": "transformers' Gemma-2 modules, masks built from the 2D mask each step",
             "step masks": "transformers' Gemma-2 modules, `LanguageModel.step_masks`",
-            "fused step": "`LanguageModel.fused_step` (the default)"}
+            "fused step": "`LanguageModel.fused_step` (the default)",
+            "compiled step": "`static_decode`, compiled (`compile_decode`, opt-in)"}
     lines = [HEADING, "",
              f"{machine()}; model {args.model or SHIPPED_MODEL.relative_to(ROOT)} (LM {lm_params / 1e6:.1f} M parameters), {args.slices} CT slices x "
              f"{args.rounds} rounds, greedy, {steps} decode steps per round, cached features; medians per token:", "",
              "| path | thread CPU ms/token | wall ms/token |", "|---|---|---|",
              *[f"| {rows[k]} | {cpu[k] * 1000:.2f} | {wall[k] * 1000:.2f} |" for k in paths], "",
-             f"Answers of the three paths identical: {same}. Projection matmuls of the fused step where they run "
+             f"Answers of the four paths identical: {same}. Projection matmuls of the fused step where they run "
              f"(their weights read from memory each step): {in_context * 1000:.2f} ms per "
              f"token, so the rest of the per-token path (norms, rotary, KV cache, attention, logits, bookkeeping) costs "
              f"{(cpu['fused step'] - in_context) * 1000:.2f} ms (transformers' modules: "
-             f"{(cpu['step masks'] - in_context) * 1000:.2f} ms). The {n_linear} Linear layers with the LM head "
+             f"{(cpu['step masks'] - in_context) * 1000:.2f} ms; the compiled step: "
+             f"{(cpu['compiled step'] - in_context) * 1000:.2f} ms, after {compile_s:.1f} s for its first answer, "
+             f"compiling included). The {n_linear} Linear layers with the LM head "
              f"({n_weights / 1e6:.2f} M weights) timed alone, in a loop that keeps their weights in cache: "
              f"{floor * 1000:.2f} ms."]
     text = "\n".join(lines) + "\n"

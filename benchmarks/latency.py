@@ -262,6 +262,7 @@ def main():
     p.add_argument("--force-answer", action="store_true", help="floor decodes a fixed 3-step answer with 2 seg tokens")
     p.add_argument("--answer-drafts", default="slice", choices=["slice", "recent", "off"],
                    help="the app's --conf answer_drafts, mirrored by the floor (default: slice, the app's default)")
+    p.add_argument("--compile-decode", action="store_true", help="the app's --conf compile_decode true, here and in the server")
     args = p.parse_args()
     set_threads(args.threads)
     import torch
@@ -297,7 +298,7 @@ def main():
             with torch.device(device):
                 model = build_random(args.preset, serving_precision(args.preset, device, args.dtype)[0])
         else:
-            model = load_for_serving(folder, device, args.dtype)  # as the server does
+            model = load_for_serving(folder, device, args.dtype, compile_decode=args.compile_decode)  # as the server does
         model.eval()
         print(f"model: {description}; preset {model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"{precision(model)}, loaded in {time.perf_counter() - t0:.1f} s; question: the app's default 3-step question, "
@@ -321,7 +322,8 @@ def main():
             import requests
             from live_server import start_server
 
-            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype, "answer_drafts": args.answer_drafts}
+            conf = {"model_path": str(folder), "work_dir": str(work / "app-work"), "dtype": args.dtype, "answer_drafts": args.answer_drafts,
+                    "compile_decode": str(args.compile_decode).lower()}
             t0 = time.perf_counter()
             with start_server(APP, work / "studies", conf) as server:
                 print(f"server up in {time.perf_counter() - t0:.1f} s at {server.url}")

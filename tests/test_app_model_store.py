@@ -1,5 +1,5 @@
 """Which model the app serves across publishes, rollbacks, interrupted publishes and restarts
-(lib/model_store.py; folders only, no model is loaded)."""
+(lib/model_store.py; folders, and the options the served model is loaded with)."""
 
 import json
 
@@ -59,3 +59,19 @@ def test_old_versions_are_pruned_but_the_served_one_is_kept(tmp_path):
         store.publish(checkpoint(tmp_path / f"run{i}", f"run{i}"))
     versions = sorted(p.name[:5] for p in (tmp_path / "work" / "models").glob("v*"))
     assert versions == ["v0003", "v0004"] and served_tag(store) == "run3"
+
+
+def test_compile_decode_conf_reaches_the_served_model_and_a_bad_value_is_refused(tmp_path):
+    import pytest
+    from app_studies import DEMO_MODEL
+    from lib.configs.raddiagseg import RadDiagSegAppConfig
+
+    app_dir = DEMO_MODEL.parents[1]
+    for value, expected in (("true", True), ("off", False), (None, False)):
+        conf = {"model_path": str(DEMO_MODEL), "work_dir": str(tmp_path / "work")}
+        if value is not None:
+            conf["compile_decode"] = value
+        model, _ = RadDiagSegAppConfig(app_dir, str(tmp_path), conf).store.get()
+        assert model.language_model.compile_decode is expected
+    with pytest.raises(ValueError, match="compile_decode must be true or false, got 'sometimes'"):
+        RadDiagSegAppConfig(app_dir, str(tmp_path), {"compile_decode": "sometimes", "work_dir": str(tmp_path / "work")})

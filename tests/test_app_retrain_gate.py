@@ -103,7 +103,7 @@ def bound_gate(served_records, candidate_records):
 def test_gate_decides_on_the_upper_bound_of_the_drop_and_refuses_forgetting():
     # A candidate that answers every row as the served model did: no drop, bound 0, published.
     (ok, reason), bounds = bound_gate(records(60), records(60))
-    assert ok and bounds["xray"]["diagnosis_f1"] == {"drop": 0.0, "upper": 0.0, "std": 0.0}
+    assert ok and bounds["xray"]["diagnosis_f1"] == {"drop": 0.0, "upper": 0.0, "std": 0.0, "rows": 60}
     assert "95% upper bound" in reason
     # One diagnosis flip among 60 rows: observed drop 0.008, within 0.02, but another sample of the same distribution
     # could show three (upper bound ~0.026): the point estimate would publish it, the bound refuses it.
@@ -123,6 +123,38 @@ def test_gate_decides_on_the_upper_bound_of_the_drop_and_refuses_forgetting():
     (ok, reason), bounds = bound_gate(records(60), records(60, dice_abn=0.55))
     assert not ok and bounds["xray"]["dice_abn"]["upper"] == pytest.approx(0.2, abs=1e-3)
     assert "X-ray dice_abn 0.750 -> 0.550 (drop up to 0.200)" in reason and "reference validation set" in reason
+
+
+def test_gate_compares_dice_on_the_rows_both_models_diagnose_correctly():
+    """Dice counts only correctly diagnosed rows, so a candidate that diagnoses other rows has another Dice average
+    with the same masks. The gate compares Dice on the rows both diagnosed correctly, and leaves diagnosis changes to
+    the diagnosis F1; masks that got worse on those rows are still refused."""
+    served = records(60)
+    for i, row in enumerate(served):  # the first ten rows' masks are the easy ones
+        row["dice"] = [("lung", "organ", 0.95), ("infection", "abnormality", 0.95 if i < 10 else 0.7)]
+
+    def candidate(flipped=(), dice_abn=None):
+        rows = []
+        for row in served:
+            flip = row["id"] in {f"row{i}" for i in flipped}
+            dice = [(n, role, dice_abn if dice_abn is not None and role == "abnormality" else d) for n, role, d in row["dice"]]
+            rows.append({**row, "c": 0 if flip else 1, "dice": [] if flip else dice})
+        return rows
+
+    # Two rows diagnosed differently: the report's Dice-Abn falls (0.742 -> 0.737, easy rows gone), the masks did not.
+    two = candidate(flipped={0, 1})
+    (_, _), bounds = bound_gate(served, two)
+    assert bounds["xray"]["dice_abn"]["drop"] == 0.0 and bounds["xray"]["dice_abn"]["rows"] == 58
+    assert build(served)["xray"]["dice_abn"] > build(two)["xray"]["dice_abn"]
+    # Nothing diagnosed correctly by both: no Dice to compare (diagnosis F1 decides), not a Dice of 0.
+    none_common = [{**row, "c": 0, "dice": []} for row in served]
+    bounds = selection.drop_bounds(served, none_common)
+    assert bounds["xray"]["dice_abn"] == {"drop": None, "upper": None, "std": None, "rows": 0}
+    worse = selection.regressions(build(served), build(none_common), 0.02, bounds=bounds)
+    assert "dice_abn" not in {w["metric"] for w in worse} and "diagnosis_f1" in {w["metric"] for w in worse}
+    # Worse masks on the common rows: refused, as the forgetting case is.
+    (ok, reason), bounds = bound_gate(served, candidate(flipped={0}, dice_abn=0.5))
+    assert not ok and bounds["xray"]["dice_abn"]["drop"] > 0.2 and "X-ray dice_abn" in reason
 
 
 def test_training_mix_draws_replay_rows_at_the_ratio_with_paths_that_resolve(tmp_path):

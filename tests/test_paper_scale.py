@@ -289,3 +289,54 @@ def test_gpu_checks_code_runs_its_three_phases_as_a_cpu_dry_run(tmp_path):
     for line in ("- Answer (512x512 CT slice", "- Whole volume (2 slices", "- Training step (finetune stage, batch 1"):
         assert line in section
     assert "not measured" not in section
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
+def test_compiled_decode_step_keeps_the_demo_models_answers_and_masks(monkeypatch, caplog):
+    """`compile_decode` (static cache, torch.compile) against the default fused step on the demo model: a batch of CT
+    slices and X-rays with questions of different lengths (left padding, rows finishing at different steps) gets the
+    same tokens and masks; the compiled step really ran; where compiling fails the same step runs uncompiled, with the
+    same answers and one warning."""
+    import logging
+
+    import numpy as np
+
+    from raddiagseg import load_model, templates
+    from raddiagseg.data import phantoms
+    from raddiagseg.imaging import to_unit_range
+    from raddiagseg.model import static_decode
+
+    model = load_model(DEMO).eval()
+    rng = np.random.default_rng(5)
+    ct = phantoms.generate_ct(rng, "liver", size=128, slices=6, tumours=2)
+    xray = phantoms.generate_xray(rng, "COVID-19", size=128)
+    images = [*(to_unit_range(ct.hu[k].astype(np.float32), "ct", None) for k in (2, 3)), xray.image / np.float32(255)]
+    questions = [templates.DEFAULT_QUESTION, "Is there a tumour in the liver?", templates.DEFAULT_QUESTION]
+
+    def answer(compile_decode):
+        model.language_model.compile_decode = compile_decode
+        return model.generate_batch(images, questions, max_new_tokens=48)
+
+    base = answer(False)
+    steps = []
+    real = static_decode.StaticDecoder.step
+    monkeypatch.setattr(static_decode.StaticDecoder, "step", lambda self, *a: steps.append(1) or real(self, *a))
+    compiled = answer(True)
+    assert steps and not model.language_model._static_step["failed"]
+    assert len({len(r.token_ids) for r in base}) > 1 and any(r.segments for r in base)
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in base]
+    for a, b in zip(compiled, base):
+        assert [s.label for s in a.segments] == [s.label for s in b.segments]
+        for x, y in zip(a.segments, b.segments):  # seg-token states equal up to the compiler's summation order
+            assert (x.mask != y.mask).mean() < 1e-3 and abs(x.score - y.score) < 1e-3
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    del model.language_model._static_step
+    monkeypatch.setattr(static_decode.torch, "compile", lambda fn, **kw: no_compiler)
+    with caplog.at_level(logging.WARNING, logger="raddiagseg.model.static_decode"):
+        fallback = answer(True)
+    assert [r.token_ids for r in fallback] == [r.token_ids for r in base]
+    assert model.language_model._static_step["failed"]
+    assert sum("compiled decode step unavailable" in r.getMessage() for r in caplog.records) == 1

@@ -67,9 +67,10 @@ def cpu_has_fast_bf16():
     return False
 
 
-def load_for_serving(folder, device=None, choice="auto", quantize=None):
+def load_for_serving(folder, device=None, choice="auto", quantize=None, compile_decode=False):
     """Load a model folder in the precision `serving_precision` picks (built directly in that dtype); `quantize`
-    (None, "int8", "int8-all") makes its Linear weights int8 (`raddiagseg.model.quantize`)."""
+    (None, "int8", "int8-all") makes its Linear weights int8 (`raddiagseg.model.quantize`); `compile_decode`
+    compiles its decode step (`raddiagseg.model.static_decode`)."""
     from raddiagseg import load_model
 
     dtype, encoder_dtype = serving_precision(folder_preset(folder), device, choice)
@@ -80,6 +81,7 @@ def load_for_serving(folder, device=None, choice="auto", quantize=None):
         from raddiagseg.model.quantize import quantize_model
 
         quantize_model(model, quantize)
+    model.language_model.compile_decode = bool(compile_decode)
     return model.eval()
 
 
@@ -98,7 +100,7 @@ def is_model_dir(path):
 
 
 class ModelStore:
-    def __init__(self, base_model_dir, work_dir, device=None, keep=3, dtype="auto", quantize=None):
+    def __init__(self, base_model_dir, work_dir, device=None, keep=3, dtype="auto", quantize=None, compile_decode=False):
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
         self.models_dir = Path(work_dir) / "models"
         self.device = device
@@ -108,6 +110,7 @@ class ModelStore:
         if quantize not in (None, "int8", "int8-all"):
             raise ValueError(f"quantize must be int8 or int8-all, got {quantize!r}")
         self.quantize = quantize
+        self.compile_decode = compile_decode
         self.keep = keep
         self._lock = threading.Lock()
         self._model = None
@@ -153,7 +156,7 @@ class ModelStore:
         with self._lock:
             if self._model is None or version != self._version:
                 logger.info("Loading model %s (version %s)", folder, version)
-                model = load_for_serving(folder, self.device, self.dtype, self.quantize)
+                model = load_for_serving(folder, self.device, self.dtype, self.quantize, self.compile_decode)
                 self._model, self._version = model, version
                 self.loads += 1
                 for callback in self.on_change:
@@ -202,8 +205,8 @@ class ModelStore:
 GATE_TOLERANCE = 0.02
 GATE_CONFIDENCE = 0.95
 TOLERANCE_RULE = (f"no metric of any modality may drop by more than {GATE_TOLERANCE} at {GATE_CONFIDENCE:.0%} confidence "
-                  "(upper bound of a paired bootstrap over the rows) on the reference set and the held-out corrections, "
-                  "and the corrected cases must score higher")
+                  "(upper bound of a paired bootstrap over the rows; Dice on the rows both models diagnose correctly) "
+                  "on the reference set and the held-out corrections, and the corrected cases must score higher")
 GUARD_SETS = ("reference", "heldout_corrections")  # sets the served model's quality is checked on
 SET_TITLES = {"reference": "the reference validation set", "heldout_corrections": "the held-out corrections",
               "corrections": "the corrections it trained on"}

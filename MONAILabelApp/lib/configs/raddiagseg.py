@@ -47,6 +47,15 @@ def _positive_int(conf, key, default):
     return value
 
 
+def _flag(conf, key, default=False):
+    from lib.infer_params import FALSE_WORDS, TRUE_WORDS
+
+    value = str(conf.get(key, default)).strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError(f"--conf {key} must be true or false, got {conf.get(key)!r}")
+    return value in TRUE_WORDS
+
+
 def default_work_dir(studies):
     if studies and not str(studies).startswith(("http://", "https://")) and os.path.isdir(studies):
         return Path(studies) / ".raddiag"
@@ -67,7 +76,8 @@ class RadDiagSegAppConfig:
         self.cache = SliceCache(_positive_int(conf, "feature_cache_size", 64))
         self.images = ImageCache(_positive_int(conf, "image_cache_mb", 512) * 2**20)
         self.store = ModelStore(self.model_path, self.work_dir, device=conf.get("device") or None,
-                                dtype=conf.get("dtype") or "auto", quantize=conf.get("quantize") or None)
+                                dtype=conf.get("dtype") or "auto", quantize=conf.get("quantize") or None,
+                                compile_decode=_flag(conf, "compile_decode"))
         self.store.on_change.append(lambda version: self.cache.clear())
         try:
             self.runner = ModelRunner(self.store, self.cache, drafts=conf.get("answer_drafts") or "slice")

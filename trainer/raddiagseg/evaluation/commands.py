@@ -93,6 +93,8 @@ def register(subparsers):
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     predict.add_argument("--quantize", choices=("int8", "int8-all"), default=None,
                          help="weight-only int8 on CPU (needs torchao): the LM and its head, or every Linear (int8-all)")
+    predict.add_argument("--compile-decode", action="store_true",
+                         help="compile the LM's decode step (torch.compile; seconds to compile, then less CPU per token)")
     predict.set_defaults(func=run_predict)
 
 
@@ -151,7 +153,8 @@ def run_predict(args):
         written, skipped = predict(args.model, args.data, args.out, split=args.split, batch_size=args.batch_size,
                                    amputated=args.amputated, max_new_tokens=args.max_new_tokens, tasks=args.tasks,
                                    max_samples=args.max_samples, device=args.device, cot=args.cot,
-                                   rvls2m=None if args.rvls2m is None else args.rvls2m == "on", quantize=args.quantize)
+                                   rvls2m=None if args.rvls2m is None else args.rvls2m == "on", quantize=args.quantize,
+                                   compile_decode=args.compile_decode)
     except BenchmarkInputError as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {written} predictions to {args.out} ({skipped} already there)")

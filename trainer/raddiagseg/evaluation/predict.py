@@ -111,9 +111,11 @@ def _select(rows, tasks=None, max_samples=None):
 
 
 def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=False, max_new_tokens=128,
-            tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None, quantize=None):
+            tasks=None, max_samples=None, device=None, progress=True, cot=False, rvls2m=None, quantize=None,
+            compile_decode=False):
     """Write predictions for the rows of `split` to `out` (PRED.jsonl), skipping ids already there. Returns (written, skipped).
-    `quantize`: None, or a `raddiagseg.model.quantize` mode (weight-only int8) applied to a model loaded here."""
+    `quantize`: None, or a `raddiagseg.model.quantize` mode (weight-only int8) applied to a model loaded here;
+    `compile_decode`: decode steps compiled (`raddiagseg.model.static_decode`)."""
     rows = _select(read_manifest(manifest, None if split == "all" else split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
@@ -136,6 +138,8 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
                 from raddiagseg.model.quantize import quantize_model
 
                 quantize_model(model, quantize)
+            if compile_decode:
+                model.language_model.compile_decode = True
             model.eval()
             import torch
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from raddiagseg.answers import token_labels
+from raddiagseg.model import static_decode
 from raddiagseg.model.outputs import GenerationResult, ImageFeatures, SegmentResult
 
 if TYPE_CHECKING:
@@ -150,10 +151,13 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
     generator = torch.Generator(device=model.device).manual_seed(config.seed) if config.seed is not None else None
     lm = model.language_model
     plan = lm.step_plan()
+    static = None
+    if lm.compile_decode and static_decode.supported(lm, plan, rows.attention.shape[1] + config.max_new_tokens):
+        static = static_decode.StaticDecoder(lm, plan, cache, rows.attention, position, config.max_new_tokens, last.dtype)
+    logits = lm.logits(last).float()
     steps = 0
     while not bool(rows.done.all()):
         steps += 1
-        logits = lm.logits(last).float()
         if config.do_sample:
             probs = torch.softmax(logits / max(config.temperature, 1e-5), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -165,8 +169,12 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
         if bool(rows.done.all()):
             break
         next_ids = torch.where(rows.done, torch.full_like(next_ids, pad), next_ids)
-        rows.attention = torch.cat([rows.attention, (~rows.done).long()[:, None]], dim=1)
         position = position + 1
+        if static is not None:  # the cache's mask is the decoder's own: rows.attention is not needed any more
+            hidden, logits = static.step(next_ids[:, None], position, ~rows.done)
+            last = hidden[:, -1]
+            continue
+        rows.attention = torch.cat([rows.attention, (~rows.done).long()[:, None]], dim=1)
         embeds = lm.embed(next_ids[:, None])
         masks = lm.step_masks(rows.attention, embeds.dtype) if plan is not None else None
         if masks is not None:
@@ -175,6 +183,7 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
             hidden, cache = lm(embeds, attention_mask=rows.attention, position_ids=position, past_key_values=cache,
                                use_cache=True)
         last = hidden[:, -1]
+        logits = lm.logits(last).float()
     return steps
 
 

@@ -125,6 +125,8 @@ class LanguageModel(nn.Module):
 
     # decode steps through `fused_step` instead of transformers' module tree (benchmarks/decode_overhead.py)
     fused_decode = True
+    # decode steps compiled on a preallocated cache (`static_decode`; opt-in: compiling costs seconds per process)
+    compile_decode = False
 
     def step_plan(self):
         """What `fused_step` reads, gathered once per answer, or None where it would not compute exactly what

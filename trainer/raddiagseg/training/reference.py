@@ -31,7 +31,7 @@ PARTS = ("replay", "validation")
 # Demo-model sizes: enough replay rows for a 4:1 mix with a few corrected volumes, a validation set that scores in
 # well under a minute on a 2-core CPU.
 REPLAY_PHANTOMS = dict(ct_volumes=12, xrays=60, ct_slices=12)
-VALIDATION_PHANTOMS = dict(ct_volumes=6, xrays=24, ct_slices=12)
+VALIDATION_PHANTOMS = dict(ct_volumes=16, xrays=96, ct_slices=12)
 
 
 @dataclass

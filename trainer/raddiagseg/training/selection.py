@@ -43,11 +43,14 @@ def selection_score(report, stage="finetune"):
 
 def regressions(served, candidate, tolerance, stage="finetune", bounds=None):
     """Where `candidate` may be more than `tolerance` below `served`: [{modality, metric, served, candidate, delta,
-    upper_drop?}]. Without `bounds` the observed drop is compared; with `bounds` (`drop_bounds`) the upper confidence
-    bound of the drop, so a candidate whose drop could exceed the tolerance on another sample counts as worse.
+    upper_drop?}]. Without `bounds` the observed drop is compared; with `bounds` (`drop_bounds`) the drop on the rows
+    both models were scored on and its upper confidence bound, so a candidate whose drop could exceed the tolerance on
+    another sample counts as worse.
 
     A metric the served model has and the candidate lacks (e.g. Dice with no true-positive masks left) counts as 0
-    for the candidate; a modality only one report has is compared against nothing and never counts as worse.
+    for the candidate, unless `bounds` say that no row has it for both models (a Dice over cases only one of them
+    diagnosed correctly compares nothing: the diagnosis F1 carries that change); a modality only one report has is
+    compared against nothing and never counts as worse.
     """
     metrics = STAGE_METRICS[stage]
     theirs, mine = per_modality(served, metrics), per_modality(candidate, metrics)
@@ -59,7 +62,9 @@ def regressions(served, candidate, tolerance, stage="finetune", bounds=None):
                 continue
             new = 0.0 if new is None else float(new)
             bound = ((bounds or {}).get(modality) or {}).get(key)
-            drop = max(float(old) - new, bound["upper"]) if bound else float(old) - new
+            if bound and bound["upper"] is None:
+                continue
+            drop = max(bound["drop"], bound["upper"]) if bound else float(old) - new
             if drop > tolerance + 1e-9:
                 entry = {"modality": modality, "metric": key, "served": round(float(old), 4),
                          "candidate": round(new, 4), "delta": round(new - float(old), 4)}
@@ -73,14 +78,25 @@ BOOTSTRAP_DRAWS = 400  # paired bootstrap draws: the 95th percentile of a drop i
 CONFIDENCE = 0.95
 
 
+def _common_dice(served, candidate):
+    """One row's two records, their VQA-Seg Dice values kept only where both models have them: Dice is scored on
+    correctly diagnosed rows (c = 1), so a Dice change is measured on the cases both diagnosed, and a diagnosis that
+    changed counts once, in the diagnosis F1."""
+    if served.get("task") == "vqaseg" and not (served.get("dice") and candidate.get("dice")):
+        return {**served, "dice": []}, {**candidate, "dice": []}
+    return served, candidate
+
+
 def drop_bounds(served_records, candidate_records, stage="finetune", draws=BOOTSTRAP_DRAWS, confidence=CONFIDENCE,
                 seed=0):
-    """{modality: {metric: {"drop", "upper", "std"}}}: how far each metric of the candidate falls below the served
-    model's (served - candidate) on these rows, its one-sided `confidence` upper bound and its standard deviation, by a
-    paired bootstrap: rows drawn with replacement within each modality, the same rows for both models (per-row records
-    of `evaluate_model`, paired by id). The upper bound is what the drop could be on another sample of the same
-    distribution: two models that answer every row alike have 0, one diagnosis flip among 56 X-rays about 0.04.
-    A modality with fewer than 2 paired rows has no bound (its observed drop is all there is)."""
+    """{modality: {metric: {"drop", "upper", "std", "rows"}}}: how far each metric of the candidate falls below the
+    served model's (served - candidate) on these rows, its one-sided `confidence` upper bound and its standard
+    deviation, by a paired bootstrap: rows drawn with replacement within each modality, the same rows for both models
+    (per-row records of `evaluate_model`, paired by id). VQA-Seg Dice is compared on the rows both models diagnosed
+    correctly (`rows`: how many; with none, drop and upper are None: nothing to compare). The upper bound is what the
+    drop could be on another sample of the same distribution: two models that answer every row alike have 0, one
+    diagnosis flip among 56 X-rays about 0.04. A modality with fewer than 2 paired rows has no bound (its observed drop
+    is all there is)."""
     from raddiagseg.evaluation.scoring import summarise
 
     metrics = STAGE_METRICS[stage]
@@ -88,10 +104,12 @@ def drop_bounds(served_records, candidate_records, stage="finetune", draws=BOOTS
     rng = np.random.default_rng(seed)
     bounds = {}
     for modality in sorted({r["modality"] for r in candidate_records}):
-        pairs = [(theirs[r["id"]], r) for r in candidate_records if r["modality"] == modality and r["id"] in theirs]
+        pairs = [_common_dice(theirs[r["id"]], r) for r in candidate_records
+                 if r["modality"] == modality and r["id"] in theirs]
         if len(pairs) < 2:
             continue
         old_all, new_all = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
+        rows = _metric_rows(pairs)
         drops = {key: [] for key in metrics}
         for _ in range(draws):
             sample = [pairs[i] for i in rng.integers(0, len(pairs), len(pairs))]
@@ -99,8 +117,22 @@ def drop_bounds(served_records, candidate_records, stage="finetune", draws=BOOTS
             for key in metrics:
                 if old.get(key) is not None:
                     drops[key].append(old[key] - (new.get(key) or 0.0))
-        bounds[modality] = {key: {"drop": round(old_all[key] - (new_all.get(key) or 0.0), 4),
-                                  "upper": round(float(np.quantile(values, confidence)), 4),
-                                  "std": round(float(np.std(values)), 4)}
-                            for key, values in drops.items() if len(values) > 1 and old_all.get(key) is not None}
+        bounds[modality] = {}
+        for key, values in drops.items():
+            if old_all.get(key) is not None and len(values) > 1:
+                bounds[modality][key] = {"drop": round(old_all[key] - (new_all.get(key) or 0.0), 4),
+                                         "upper": round(float(np.quantile(values, confidence)), 4),
+                                         "std": round(float(np.std(values)), 4), "rows": rows[key]}
+            elif key.startswith("dice_") and rows[key] == 0:
+                bounds[modality][key] = {"drop": None, "upper": None, "std": None, "rows": 0}
     return bounds
+
+
+def _metric_rows(pairs):
+    """{metric: rows of `pairs` that count in it}: VQA-Seg rows for F1, rows with Dice of a role for Dice."""
+    vqaseg = [old for old, _ in pairs if old.get("task") == "vqaseg"]
+    roles = {"dice_org": "organ", "dice_abn": "abnormality"}
+    rows = {"detection_f1": len(vqaseg), "diagnosis_f1": len(vqaseg),
+            "refseg_dice": sum(old.get("task") == "refseg" for old, _ in pairs)}
+    rows.update({key: sum(any(d[1] == role for d in old.get("dice") or ()) for old in vqaseg) for key, role in roles.items()})
+    return rows

@@ -1,0 +1,148 @@
+"""Compiled decode steps on a preallocated KV cache (opt-in: `LanguageModel.compile_decode`, `raddiagseg predict
+--compile-decode`, the app's `--conf compile_decode true`).
+
+Why: a small LM's decode step is mostly not arithmetic. On the demo preset (4 x 256 Gemma-2) `fused_step` still
+dispatches some 300 small tensor operations per token and grows transformers' cache by concatenation; with
+torch.compile (inductor) on fixed shapes those fuse into a few C++ loops around the 30 matmuls, and the per-token
+path outside the matmuls falls from ~1.8 ms to ~0.5 ms (benchmarks/RESULTS.md, "Demo preset: decode step
+overhead"). The price is compiling: ~10 s the first time on 2 CPU cores, a few seconds per process once inductor's
+on-disk cache holds the graph, and again for each new batch size or cache length. Hence opt-in: it pays for
+`predict` over many rows and for a server that answers all day, not for one answer.
+
+Shapes are fixed per answer: the cache holds `bucket(prompt + max_new_tokens)` slots per layer (SLOT_BUCKET), slots
+not written yet are masked out, so one graph serves every step and every answer of a similar length. The step
+computes what `LanguageModel.fused_step` + `LanguageModel.logits` compute, in the same dtypes; the compiler may sum in
+another order, so values can differ in the last bits (answers and masks compared in
+tests/test_inference_paths.py). Where the compiler is missing or fails, the same step runs uncompiled (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SLOT_BUCKET = 64  # cache lengths are rounded up to a multiple of this: fewer distinct shapes, fewer compilations
+
+
+def supported(lm, plan, cache_length):
+    """Whether a static step can replace `fused_step` for this answer: plain Linear projections (not LoRA or int8
+    modules), a plain LM head, and a cache that fits in the sliding window (where every layer attends to all of it)."""
+    if plan is None or any(not isinstance(p, tuple) for layer in plan["layers"] for p in layer[:7]):
+        return False
+    head = lm.causal_lm.lm_head
+    window = lm.causal_lm.config.sliding_window
+    return type(head) is torch.nn.Linear and head.bias is None and (window is None or cache_length <= window)
+
+
+def _norm(x, norm):
+    scale, eps = norm
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * scale).type_as(x)
+
+
+def step_function(lm, plan):
+    """The pure step (ids (B, 1), position (B, 1), active (B,) bool, slot (1,), then the decoder's buffers: mask (B, 1,
+    1, S), keys and values (layers, B, kv heads, S, hd), cos and sin tables (positions, hd)) -> (last hidden states
+    (B, 1, D) after the final norm, logits (B, V) as float32). It opens `slot` in the mask for the `active` rows and
+    writes the step's keys and values there."""
+    layers, final = plan["layers"], plan["norm"]
+    head_dim, groups, scaling, softcap = plan["head_dim"], plan["groups"], plan["scaling"], plan["softcap"]
+    embed = lm.causal_lm.get_input_embeddings()
+    head = lm.causal_lm.lm_head.weight
+    cap = lm.causal_lm.config.final_logit_softcapping
+    half = head_dim // 2
+
+    def rotate(t, cos, sin):
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    def step(ids, position, active, slot, mask, keys, values, cos_table, sin_table):
+        hidden = embed(ids)
+        batch = hidden.shape[0]
+        mask.index_copy_(3, slot, torch.where(active, 0.0, torch.finfo(mask.dtype).min).to(mask.dtype).view(batch, 1, 1, 1))
+        cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
+        for index, (q_proj, k_proj, v_proj, o_proj, gate, up, down, act, n1, n2, n3, n4) in enumerate(layers):
+            x = _norm(hidden, n1)
+            q = F.linear(x, *q_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
+            k = F.linear(x, *k_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
+            v = F.linear(x, *v_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys[index].index_copy_(2, slot, k)
+            values[index].index_copy_(2, slot, v)
+            all_k, all_v = keys[index], values[index]
+            if groups > 1:
+                all_k, all_v = all_k.repeat_interleave(groups, 1), all_v.repeat_interleave(groups, 1)
+            weights = torch.matmul(q, all_k.transpose(2, 3)) * scaling
+            if softcap is not None:
+                weights = torch.tanh(weights / softcap) * softcap
+            weights = torch.softmax(weights + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, all_v).transpose(1, 2).reshape(batch, 1, -1)
+            hidden = hidden + _norm(F.linear(out, *o_proj), n2)
+            x = _norm(hidden, n3)
+            hidden = hidden + _norm(F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down), n4)
+        hidden = _norm(hidden, final)
+        logits = F.linear(hidden[:, -1], head)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return hidden, logits.float()
+
+    return step
+
+
+def compiled_step(lm, plan):
+    """The step of `lm` compiled once per model (kept on it); the uncompiled step after a failed compilation."""
+    cached = getattr(lm, "_static_step", None)
+    if cached is None:
+        cached = {"eager": step_function(lm, plan), "compiled": None, "failed": False}
+        cached["compiled"] = torch.compile(cached["eager"], dynamic=False, fullgraph=True)
+        lm._static_step = cached
+    return cached
+
+
+class StaticDecoder:
+    """One answer's decode state on fixed-size cache buffers, filled from the prefill pass's transformers cache."""
+
+    def __init__(self, lm, plan, cache, attention, position, max_new_tokens, dtype):
+        batch, length = attention.shape
+        size = -(-(length + max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET
+        first = cache.layers[0].keys
+        shape = (len(cache.layers), *first.shape[:2], size, first.shape[-1])
+        self.keys, self.values = first.new_zeros(shape), first.new_zeros(shape)
+        for index, layer in enumerate(cache.layers):
+            self.keys[index, :, :, :length] = layer.keys
+            self.values[index, :, :, :length] = layer.values
+        low = torch.finfo(dtype).min
+        self.mask = torch.full((batch, 1, 1, size), low, dtype=dtype, device=attention.device)
+        self.mask[:, 0, 0, :length] = torch.where(attention.bool(), 0.0, low)
+        self.length = length
+        positions = torch.arange(int(position.max()) + max_new_tokens + 1, device=attention.device)[None]
+        cos, sin = plan["rotary"](torch.empty(1, dtype=dtype, device=attention.device), positions)  # in `dtype`
+        self.cos, self.sin = cos[0], sin[0]
+        self.functions = compiled_step(lm, plan)
+        self.checked = False  # whether a compiled call of this answer passed the compiled graph's guards
+
+    def step(self, ids, position, active):
+        """(hidden (B, 1, D), logits (B, V)) for the tokens `ids` (B, 1) at `position` (B, 1); `active` (B,): rows
+        whose token is real (finished rows feed padding, masked out as transformers' attention mask does)."""
+        slot = torch.tensor([self.length], device=ids.device)
+        self.length += 1
+        args = (ids, position, active, slot, self.mask, self.keys, self.values, self.cos, self.sin)
+        functions = self.functions
+        if functions["failed"]:
+            return functions["eager"](*args)
+        try:
+            if self.checked:  # same tensors and shapes every step of an answer: the guards cannot fail
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return functions["compiled"](*args)
+            out = functions["compiled"](*args)
+            self.checked = True
+            return out
+        except Exception as error:  # no C++ compiler, an unsupported operation: same step, uncompiled
+            functions["failed"] = True
+            log.warning("compiled decode step unavailable (%s: %s); decoding uncompiled",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return functions["eager"](*args)
