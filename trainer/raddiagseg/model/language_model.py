@@ -171,7 +171,7 @@ class LanguageModel(nn.Module):
         cos, sin = plan["rotary"](hidden, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for index, (q_proj, k_proj, v_proj, o_proj, gate, up, down, act, n1, n2, n3, n4) in enumerate(plan["layers"]):
-            x = _gemma_norm(hidden, n1)
+            x = gemma_norm(hidden, n1)
             q = _project(q_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
             k = _project(k_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
             v = _project(v_proj, x).view(batch, 1, -1, head_dim).transpose(1, 2)
@@ -184,10 +184,10 @@ class LanguageModel(nn.Module):
             weights = weights + mask[:, :, :, : k.shape[-2]]
             weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(weights, v).transpose(1, 2).contiguous().reshape(batch, 1, -1).contiguous()
-            hidden = hidden + _gemma_norm(_project(o_proj, out), n2)
-            x = _gemma_norm(hidden, n3)
-            hidden = hidden + _gemma_norm(_project(down, act(_project(gate, x)) * _project(up, x)), n4)
-        return _gemma_norm(hidden, plan["norm"])
+            hidden = hidden + gemma_norm(_project(o_proj, out), n2)
+            x = gemma_norm(hidden, n3)
+            hidden = hidden + gemma_norm(_project(down, act(_project(gate, x)) * _project(up, x)), n4)
+        return gemma_norm(hidden, plan["norm"])
 
     def step_masks(self, attention_mask, dtype):
         """The additive (B, 1, 1, L) masks of one decode step (one new token per row, after L - 1 cached ones), or
@@ -245,7 +245,7 @@ def _project(projection, x):
     return projection(x)
 
 
-def _gemma_norm(x, norm):
+def gemma_norm(x, norm):
     """transformers' Gemma2RMSNorm.forward, operation for operation; `norm`: (1 + its weight as float32, eps)."""
     scale, eps = norm
     y = x.float()

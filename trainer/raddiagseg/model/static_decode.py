@@ -23,6 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from raddiagseg.model.language_model import gemma_norm
+
 log = logging.getLogger(__name__)
 
 SLOT_BUCKET = 64  # cache lengths are rounded up to a multiple of this: fewer distinct shapes, fewer compilations
@@ -36,13 +38,6 @@ def supported(lm, plan, cache_length):
     head = lm.causal_lm.lm_head
     window = lm.causal_lm.config.sliding_window
     return type(head) is torch.nn.Linear and head.bias is None and (window is None or cache_length <= window)
-
-
-def _norm(x, norm):
-    scale, eps = norm
-    y = x.float()
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * scale).type_as(x)
 
 
 def step_function(lm, plan):
@@ -66,7 +61,7 @@ def step_function(lm, plan):
         mask.index_copy_(3, slot, torch.where(active, 0.0, torch.finfo(mask.dtype).min).to(mask.dtype).view(batch, 1, 1, 1))
         cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
         for index, (q_proj, k_proj, v_proj, o_proj, gate, up, down, act, n1, n2, n3, n4) in enumerate(layers):
-            x = _norm(hidden, n1)
+            x = gemma_norm(hidden, n1)
             q = F.linear(x, *q_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
             k = F.linear(x, *k_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
             v = F.linear(x, *v_proj).view(batch, 1, -1, head_dim).transpose(1, 2)
@@ -81,10 +76,10 @@ def step_function(lm, plan):
                 weights = torch.tanh(weights / softcap) * softcap
             weights = torch.softmax(weights + mask, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(weights, all_v).transpose(1, 2).reshape(batch, 1, -1)
-            hidden = hidden + _norm(F.linear(out, *o_proj), n2)
-            x = _norm(hidden, n3)
-            hidden = hidden + _norm(F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down), n4)
-        hidden = _norm(hidden, final)
+            hidden = hidden + gemma_norm(F.linear(out, *o_proj), n2)
+            x = gemma_norm(hidden, n3)
+            hidden = hidden + gemma_norm(F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down), n4)
+        hidden = gemma_norm(hidden, final)
         logits = F.linear(hidden[:, -1], head)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -123,7 +118,6 @@ class StaticDecoder:
         cos, sin = plan["rotary"](torch.empty(1, dtype=dtype, device=attention.device), positions)  # in `dtype`
         self.cos, self.sin = cos[0], sin[0]
         self.functions = compiled_step(lm, plan)
-        self.checked = False  # whether a compiled call of this answer passed the compiled graph's guards
 
     def step(self, ids, position, active):
         """(hidden (B, 1, D), logits (B, V)) for the tokens `ids` (B, 1) at `position` (B, 1); `active` (B,): rows
@@ -134,13 +128,8 @@ class StaticDecoder:
         functions = self.functions
         if functions["failed"]:
             return functions["eager"](*args)
-        try:
-            if self.checked:  # same tensors and shapes every step of an answer: the guards cannot fail
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return functions["compiled"](*args)
-            out = functions["compiled"](*args)
-            self.checked = True
-            return out
+        try:  # guards checked on every call (~0.05 ms): skipping them is process-wide, and answers run in threads
+            return functions["compiled"](*args)
         except Exception as error:  # no C++ compiler, an unsupported operation: same step, uncompiled
             functions["failed"] = True
             log.warning("compiled decode step unavailable (%s: %s); decoding uncompiled",
