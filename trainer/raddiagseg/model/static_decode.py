@@ -4,16 +4,16 @@
 Why: a small LM's decode step is mostly not arithmetic. On the demo preset (4 x 256 Gemma-2) `fused_step` still
 dispatches some 300 small tensor operations per token and grows transformers' cache by concatenation; with
 torch.compile (inductor) on fixed shapes those fuse into a few C++ loops around the 30 matmuls, and the per-token
-path outside the matmuls falls from ~1.8 ms to ~0.5 ms (benchmarks/RESULTS.md, "Demo preset: decode step
-overhead"). The price is compiling: ~10 s the first time on 2 CPU cores, a few seconds per process once inductor's
-on-disk cache holds the graph, and again for each new batch size or cache length. Hence opt-in: it pays for
-`predict` over many rows and for a server that answers all day, not for one answer.
+path outside the matmuls falls from 1.2-1.7 ms to 0.1-0.9 ms (benchmarks/RESULTS.md, "Demo preset: decode step
+overhead"). The price is compiling (below). Hence opt-in: it pays for `predict` over many rows and for a server that
+answers all day, not for one answer.
 
-Shapes are fixed per answer: the cache holds `bucket(prompt + max_new_tokens)` slots per layer (SLOT_BUCKET), slots
-not written yet are masked out, so one graph serves every step and every answer of a similar length. The step
+Shapes are fixed per answer: the cache holds `prompt + max_new_tokens` rounded up to SLOT_BUCKET slots per layer, slots
+not written yet are masked out, and the batch is padded to a power of two, so one graph serves every step and every
+answer of a similar length and batch (each new pair compiles once: 4-16 s measured, a few seconds from inductor's
+on-disk cache in a later process; after 8 graphs torch.compile runs further shapes uncompiled). The step
 computes what `LanguageModel.fused_step` + `LanguageModel.logits` compute, in the same dtypes; the compiler may sum in
-another order, so values can differ in the last bits (answers and masks compared in
-tests/test_inference_paths.py). Where the compiler is missing or fails, the same step runs uncompiled (logged once).
+another order, so values can differ in the last bits (answers and masks compared in tests/test_paper_scale.py). Where the compiler is missing or fails, the same step runs uncompiled (logged once).
 """
 
 from __future__ import annotations
@@ -98,23 +98,31 @@ def compiled_step(lm, plan):
     return cached
 
 
+def _bucket(n):
+    """Batch sizes are padded up to a power of two: one compiled graph per bucket, not per batch size."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 class StaticDecoder:
-    """One answer's decode state on fixed-size cache buffers, filled from the prefill pass's transformers cache."""
+    """One answer's decode state on fixed-size cache buffers, filled from the prefill pass's transformers cache.
+    Rows beyond the batch (up to its power-of-two bucket) attend to one empty slot and are dropped from the outputs."""
 
     def __init__(self, lm, plan, cache, attention, position, max_new_tokens, dtype):
         batch, length = attention.shape
         size = -(-(length + max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET
+        rows = _bucket(batch)
         first = cache.layers[0].keys
-        shape = (len(cache.layers), *first.shape[:2], size, first.shape[-1])
+        shape = (len(cache.layers), rows, first.shape[1], size, first.shape[-1])
         self.keys, self.values = first.new_zeros(shape), first.new_zeros(shape)
         for index, layer in enumerate(cache.layers):
-            self.keys[index, :, :, :length] = layer.keys
-            self.values[index, :, :, :length] = layer.values
+            self.keys[index, :batch, :, :length] = layer.keys
+            self.values[index, :batch, :, :length] = layer.values
         low = torch.finfo(dtype).min
-        self.mask = torch.full((batch, 1, 1, size), low, dtype=dtype, device=attention.device)
-        self.mask[:, 0, 0, :length] = torch.where(attention.bool(), 0.0, low)
-        self.length = length
-        positions = torch.arange(int(position.max()) + max_new_tokens + 1, device=attention.device)[None]
+        self.mask = torch.full((rows, 1, 1, size), low, dtype=dtype, device=attention.device)
+        self.mask[:batch, 0, 0, :length] = torch.where(attention.bool(), 0.0, low)
+        self.mask[batch:, 0, 0, 0] = 0.0  # padding rows: one (zero) key, so their softmax stays finite
+        self.batch, self.length = batch, length
+        positions = torch.arange(size, device=attention.device)[None]  # a row's position < its length <= size
         cos, sin = plan["rotary"](torch.empty(1, dtype=dtype, device=attention.device), positions)  # in `dtype`
         self.cos, self.sin = cos[0], sin[0]
         self.functions = compiled_step(lm, plan)
@@ -124,7 +132,16 @@ class StaticDecoder:
         whose token is real (finished rows feed padding, masked out as transformers' attention mask does)."""
         slot = torch.tensor([self.length], device=ids.device)
         self.length += 1
+        extra = self.mask.shape[0] - self.batch
+        if extra:
+            ids = torch.cat([ids, ids[:1].expand(extra, -1)])
+            position = torch.cat([position, position[:1].expand(extra, -1)])
+            active = torch.cat([active, active.new_zeros(extra)])
         args = (ids, position, active, slot, self.mask, self.keys, self.values, self.cos, self.sin)
+        hidden, logits = self._run(args)
+        return hidden[: self.batch], logits[: self.batch]
+
+    def _run(self, args):
         functions = self.functions
         if functions["failed"]:
             return functions["eager"](*args)
