@@ -26,7 +26,7 @@ import numpy as np
 import retraining
 
 STRATEGIES = {"uncertain": ("uncertain", {}), "uncertain-tts": ("uncertain", {"uncertain_method": "tts"}),
-              "random": ("random", {})}
+              "uncertain-balanced": ("uncertain", {"uncertain_balance": "true"}), "random": ("random", {})}
 # Unseen-seed pool: 4 CT volumes, 6 X-rays, every kind the app answers.
 POOL_KINDS = ["liver", "pancreas", "COVID-19", "Non-COVID", "Normal", "liver", "pancreas", "COVID-19", "Non-COVID",
               "Normal"]

@@ -69,6 +69,53 @@ def test_uncertain_tts_method_scores_by_reported_disagreement():
         Uncertain(None, None, method="entropy")
 
 
+def test_uncertain_balanced_picks_from_the_modality_with_fewest_labels(tmp_path):
+    """On MONAI Label's own datastore: X-rays disagree more than CT slices, so the plain ranking picks an X-ray
+    whatever was labelled; balanced, once an X-ray is labelled and no CT, it picks the most uncertain CT."""
+    import SimpleITK as sitk
+    from monailabel.datastore.local import LocalDatastore
+    from PIL import Image
+
+    from lib.activelearning.uncertain import INFO_KEY, Uncertain
+
+    rng = np.random.default_rng(0)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("ct_a", "ct_b"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.integers(-1000, 1000, (3, 8, 8)).astype(np.int16)),
+                        str(studies / f"{name}.nii.gz"))
+    for name in ("cxr_a", "cxr_b", "cxr_c"):
+        Image.fromarray(rng.integers(0, 255, (16, 16)).astype(np.uint8)).save(studies / f"{name}.png")
+    uncertainty = {"ct_a": 0.1, "ct_b": 0.3, "cxr_a": 0.9, "cxr_b": 0.8, "cxr_c": 0.7}
+
+    class Runner:  # the model's disagreement, by image: X-rays (16 px wide) the most uncertain
+        def answer(self, images, questions, options, batch_size=8, show_progress=False, tts=False):
+            return [SimpleNamespace(agreement={"uncertainty": 0.6 if im.shape[-1] == 16 else 0.2}) for im in images], {}
+
+    class Store:
+        def get(self):
+            return None, "v1"
+
+    store = LocalDatastore(str(studies), extensions=["*.nii.gz", "*.png"], auto_reload=False)
+    for image_id, value in uncertainty.items():  # scores as an earlier call left them (no model run for these)
+        modality = "ct" if image_id.startswith("ct") else "xray"
+        store.update_image_info(image_id, {INFO_KEY: {"score": value, "model_version": "v1", "modality": modality}})
+    label = tmp_path / "label.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(label)
+    store.save_label("cxr_a", str(label), "final", {})
+    plain = Uncertain(Store(), Runner(), method="tts")
+    balanced = Uncertain(Store(), Runner(), method="tts", balance=True)
+    assert plain({"strategy": "uncertain"}, store)["id"] == "cxr_b"
+    assert balanced({"strategy": "uncertain"}, store) == {"id": "ct_b", "score": 0.3}
+    store.save_label("ct_b", str(label), "final", {})  # one of each labelled: the higher score wins again
+    assert balanced({"strategy": "uncertain"}, store)["id"] == "cxr_b"
+    # an image without a score is scored through the model on the way, its modality read from the file
+    store.update_image_info("cxr_c", {INFO_KEY: {}})
+    assert balanced({"strategy": "uncertain"}, store)["id"] == "cxr_b"
+    info = store.get_image_info("cxr_c")[INFO_KEY]
+    assert (info["score"], info["modality"], info["model_version"]) == (pytest.approx(0.6), "xray", "v1")
+
+
 # (params, accepted?): both layers must give the same answer for each
 SHARED_PARAM_TABLE = [
     ({"rvls2m": "on"}, True), ({"rvls2m": "off"}, True), ({"rvls2m": True}, True), ({"rvls2m": "default"}, True),

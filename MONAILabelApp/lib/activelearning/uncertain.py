@@ -9,11 +9,16 @@ new model is published. Volumes are scored on three axial slices (25/50/75 %).
 With `method="tts"` the score is instead the disagreement that test-time scaling reports
 (`result.agreement["uncertainty"]`: 1 - mean of the answer share and the masks' consensus IoU
 over m answers x n perturbed prompts, paper 003).
+
+With `balance=True` (`--conf uncertain_balance true`) the pick is the most uncertain image of the modality with the
+fewest labelled images so far: sampling disagreement is higher on X-rays than on CT slices, and the plain ranking
+picked only X-rays from a weak model (benchmarks/RESULTS.md, "Active learning").
 """
 
 import itertools
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 from fastapi import HTTPException
@@ -60,14 +65,18 @@ def disagreement(samples):
 
 def scoring_slices(image):
     """The model's inputs for scoring: a 2D or one-slice image itself, a volume's axial slices at 25/50/75 %."""
-    view = image_io.model_view(image)
+    return _slices(image_io.model_view(image))
+
+
+def _slices(view):
     n = view.n_slices
     picks = sorted({int(n * f) for f in (0.25, 0.5, 0.75)})
     return [view.unit(k) for k in picks]
 
 
 class Uncertain(Strategy):
-    def __init__(self, store, runner, n_samples=3, max_candidates=16, max_new_tokens=64, method="sampling", tts_masks=3):
+    def __init__(self, store, runner, n_samples=3, max_candidates=16, max_new_tokens=64, method="sampling", tts_masks=3,
+                 balance=False):
         super().__init__("Unlabeled image with the most disagreement between sampled answers and masks")
         self.store = store
         self.runner = runner
@@ -77,9 +86,13 @@ class Uncertain(Strategy):
         if method not in ("sampling", "tts"):
             raise ValueError(f"uncertain method must be 'sampling' or 'tts', got {method!r}")
         self.method, self.tts_masks = method, tts_masks
+        self.balance = balance
 
     def score(self, image_path, max_new_tokens=None):
-        slices = scoring_slices(image_io.read_image(image_path))
+        return self.score_view(image_io.model_view(image_io.read_image(image_path)), max_new_tokens)
+
+    def score_view(self, view, max_new_tokens=None):
+        slices = _slices(view)
         options = {"max_new_tokens": max_new_tokens or self.max_new_tokens, "do_sample": True, "temperature": 1.0}
         per_slice = []
         if self.method == "tts":
@@ -106,20 +119,41 @@ class Uncertain(Strategy):
         scored = []
         for image_id in images:
             cached = datastore.get_image_info(image_id).get(INFO_KEY) or {}
-            if cached.get("model_version") == version:
-                scored.append((cached["score"], image_id))
+            if cached.get("model_version") == version and cached.get("modality"):
+                scored.append((cached["score"], image_id, cached["modality"]))
         fresh = [i for i in images if i not in {s[1] for s in scored}][: self.max_candidates]
         for image_id in fresh:
             try:
-                value = self.score(datastore.get_image_uri(image_id), max_new_tokens)
+                view = image_io.model_view(image_io.read_image(datastore.get_image_uri(image_id)))
+                value = self.score_view(view, max_new_tokens)
             except image_io.InputError as error:
                 logger.warning("uncertain: cannot score %s: %s", image_id, error)
                 continue
-            datastore.update_image_info(image_id, {INFO_KEY: {"score": value, "model_version": version, "ts": int(time.time())}})
-            scored.append((value, image_id))
+            datastore.update_image_info(image_id, {INFO_KEY: {"score": value, "model_version": version,
+                                                              "modality": view.modality, "ts": int(time.time())}})
+            scored.append((value, image_id, view.modality))
         if not scored:
             return None
         scored.sort(key=lambda s: s[1])  # ties: the first id
-        best_score, best = max(scored, key=lambda s: s[0])
-        logger.info("uncertain: selected %s (score %.3f of %d scored)", best, best_score, len(scored))
+        if self.balance:
+            scored = self._least_labelled_modality(scored, datastore, request)
+        best_score, best, modality = max(scored, key=lambda s: s[0])
+        logger.info("uncertain: selected %s (%s, score %.3f of %d scored)", best, modality, best_score, len(scored))
         return {"id": best, "score": best_score}
+
+    def _least_labelled_modality(self, scored, datastore, request):
+        """The scored candidates of the modality with the fewest labelled images (ties: the higher best score)."""
+        counts = Counter()
+        for image_id in datastore.get_labeled_images(request.get("label_tag"), request.get("labels")):
+            modality = (datastore.get_image_info(image_id).get(INFO_KEY) or {}).get("modality")
+            if modality is None:  # labelled before it was ever scored: read it
+                try:
+                    modality = image_io.model_view(image_io.read_image(datastore.get_image_uri(image_id))).modality
+                except image_io.InputError:
+                    continue
+            counts[modality] += 1
+        best = {}
+        for value, _, modality in scored:
+            best[modality] = max(best.get(modality, value), value)
+        chosen = min(best, key=lambda m: (counts[m], -best[m]))
+        return [s for s in scored if s[2] == chosen]

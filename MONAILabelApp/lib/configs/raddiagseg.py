@@ -18,6 +18,8 @@
     uncertain_samples   sampled answers per image for the `uncertain` strategy (default 3)
     uncertain_method    sampling (pairwise disagreement of sampled answers, default) | tts (the
                         disagreement test-time scaling reports: uncertain_samples answers x 3 perturbed prompts)
+    uncertain_balance   true: pick from the modality with the fewest labelled images (default false)
+    compile_decode      true: compile the LM's decode step (raddiagseg.model.static_decode; default false)
 """
 
 import hashlib
@@ -88,6 +90,7 @@ class RadDiagSegAppConfig:
         self.uncertain_method = conf.get("uncertain_method", "sampling")
         if self.uncertain_method not in ("sampling", "tts"):
             raise ValueError(f"--conf uncertain_method must be sampling or tts, got {self.uncertain_method!r}")
+        self.uncertain_balance = _flag(conf, "uncertain_balance")
 
     def infer(self):
         return RadDiagSegInfer(self.store, self.runner, images=self.images)
@@ -97,7 +100,8 @@ class RadDiagSegAppConfig:
 
     def strategies(self):
         return {
-            "uncertain": Uncertain(self.store, self.runner, n_samples=self.uncertain_samples, method=self.uncertain_method),
+            "uncertain": Uncertain(self.store, self.runner, n_samples=self.uncertain_samples, method=self.uncertain_method,
+                                   balance=self.uncertain_balance),
             "random": Random(),
             "first": First(),
         }
