@@ -8,7 +8,8 @@ Start model: `--model`, by default the shipped demo model (what a new user serve
 phantoms (CT volumes and X-rays); `--variation scanner` draws them with generator version 2 (each study its own
 acquisition), where a model trained on version-1 phantoms is weak (RESULTS.md, "Robustness to scanner variation"): the
 strategies then have something to find, while the gate still guards the model's own (reference) distribution. Strategies: `uncertain`
-(sampling disagreement), `uncertain` with `uncertain_method=tts`, and MONAI Label's `random`, each called through the
+(sampling disagreement), `uncertain` with `uncertain_method=tts`, `uncertain` with `uncertain_balance=true` (from the
+modality with the fewest corrections), and MONAI Label's `random`, each called through the
 app's strategy objects one image at a time, as `POST /activelearning/<strategy>` does; the chosen image's ground truth
 is saved as the clinician's final label. Per round: the candidate's held-out metrics (it is what the corrections
 bought), the gate's decision, and the served model's held-out score after the gate (the candidate's when published).
