@@ -10,7 +10,9 @@ Gemma-2 MLP matrix (thread CPU time, bf16 activations): 1 token 5.6 -> 3.8 ms, 8
 300 tokens 1376 -> 499 ms, relative error 0.8-1.1 % of the output's range.
 
 The LM's LoRA adapters are merged into its weights first and the tied LM head gets its own int8 copy (the
-embedding table stays as it is: a lookup reads one row). Modes: "int8" (the Gemma-2 LM and its head) or "int8-all"
+embedding table stays as it is: a lookup reads one row). Weights are quantized ROW_BLOCK rows at a time, so quantizing
+needs little memory beyond the model (before: a bf16 copy of the head and a float32 copy of each whole weight, 12.3 GB
+peak for the paper preset). Modes: "int8" (the Gemma-2 LM and its head) or "int8-all"
 (also the SAM image encoder, the CLIP trunk, the projector's MLPs and the mask decoder's Linear layers).
 """
 
@@ -25,20 +27,30 @@ COMPUTE_DTYPE = torch.bfloat16
 MODES = ("int8", "int8-all")  # int8: the LM and its head; int8-all: every Linear of the image encoders too
 
 
+ROW_BLOCK = 4096  # rows quantized at a time: the float32 copy torchao quantizes from stays small (a 257k-row head: 38 MB)
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear whose weight is int8 (one scale per output row); it multiplies in bf16 and returns the input's dtype."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear = None, weight=None, bias=None):
+        """From a Linear, or from a `weight` (out, in) and `bias` (e.g. the embedding table a tied LM head reads)."""
         super().__init__()
         from torchao.quantization import PerRow
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
 
-        weight = linear.weight.detach()
-        quantized = Int8Tensor.from_hp(weight.float(), granularity=PerRow())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", quantized.qdata.contiguous())
-        self.register_buffer("scale", quantized.scale.reshape(-1).to(COMPUTE_DTYPE))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        if linear is not None:
+            weight, bias = linear.weight, linear.bias
+        weight = weight.detach()
+        qdata, scales = [], []
+        for start in range(0, weight.shape[0], ROW_BLOCK):  # per-row scales: blocks of rows quantize alike
+            block = Int8Tensor.from_hp(weight[start:start + ROW_BLOCK].float(), granularity=PerRow())
+            qdata.append(block.qdata)
+            scales.append(block.scale.reshape(-1).to(COMPUTE_DTYPE))
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("qweight", torch.cat(qdata).contiguous())
+        self.register_buffer("scale", torch.cat(scales))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x):
         flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
@@ -79,11 +91,9 @@ def quantize_model(model, mode: str = "int8"):
     if lm.has_lora:  # fold the adapters into the base weights, then drop the peft wrappers
         lm.lm = lm.lm.merge_and_unload()
     causal = lm.causal_lm
-    causal.lm_head = nn.Linear(causal.lm_head.in_features, causal.lm_head.out_features, bias=False,
-                               dtype=causal.lm_head.weight.dtype, device=causal.lm_head.weight.device)
-    with torch.no_grad():  # the tied head as its own Linear (the embedding table keeps the shared values)
-        causal.lm_head.weight.copy_(causal.model.embed_tokens.weight)
-    count = _replace_linears(causal)
+    # the tied head gets its own int8 copy, quantized from the embedding table it shares (which stays as it is)
+    causal.lm_head = Int8WeightOnlyLinear(weight=causal.model.embed_tokens.weight)
+    count = 1 + _replace_linears(causal)
     if mode == "int8-all":
         count += _replace_linears(model.vision_backbone) + _replace_linears(model.clip_encoder)
         # nn.MultiheadAttention reads its out_proj weight directly, and the LM -> prompt projection's weight dtype is
