@@ -5,9 +5,10 @@ Every Linear of the chosen components keeps its weight as int8 with one scale pe
 by torchao's quantization primitives) and multiplies with PyTorch's own CPU kernel `aten._weight_int8pack_mm`,
 which reads the int8 weight directly. Why not torchao's `Int8WeightOnlyConfig`: in eager mode on CPU its linear
 turns the whole int8 weight back into the activation dtype at every call (its fast path needs torch.compile),
-which reads more memory than the bf16 weight it replaces. Measured on the 2-core box for one 2304 x 9216
-Gemma-2 MLP matrix (thread CPU time, bf16 activations): 1 token 5.6 -> 3.8 ms, 8 tokens 36.9 -> 12.5 ms,
-300 tokens 1376 -> 499 ms, relative error 0.8-1.1 % of the output's range.
+which reads more memory than the bf16 weight it replaces. The int8 kernel pays for one row at a time (a decode
+step: half the bytes of the bf16 weight read); for a prefill of many rows it is 3-4x slower than bf16, so from
+DEQUANT_ROWS rows on the layer makes bf16 weights block by block and multiplies in bf16 instead. Relative error
+0.9-1.0 % of the output's range either way.
 
 The LM's LoRA adapters are merged into its weights first and the tied LM head gets its own int8 copy (the
 embedding table stays as it is: a lookup reads one row). Weights are quantized ROW_BLOCK rows at a time, so quantizing
@@ -28,6 +29,12 @@ MODES = ("int8", "int8-all")  # int8: the LM and its head; int8-all: every Linea
 
 
 ROW_BLOCK = 4096  # rows quantized at a time: the float32 copy torchao quantizes from stays small (a 257k-row head: 38 MB)
+# From this many input rows on, the int8 kernel is slower than making bf16 weights (DEQUANT_BLOCK rows at a time) and
+# multiplying in bf16. Measured on the 2-core box, one 9216 x 2304 Gemma-2 matrix, bf16 activations: 300 rows: bf16
+# 33.6 ms, int8 kernel 134.5 ms, dequantized blocks 38.9 ms; 64 rows: 8.6 / 29.1 / 11.8 ms; 32 rows: 5.6 / 14.7 /
+# 23.3 ms; 1 row (a decode step, 32768 x 2304): bf16 8.0 ms, int8 kernel 4.6 ms.
+DEQUANT_ROWS = 48
+DEQUANT_BLOCK = 1024
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -54,7 +61,12 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if flat.shape[0] >= DEQUANT_ROWS:  # a prefill: bf16 weights made block by block, one bf16 matmul each
+            y = torch.cat([torch.nn.functional.linear(flat, self.qweight[start:start + DEQUANT_BLOCK]
+                                                      * self.scale[start:start + DEQUANT_BLOCK, None])
+                           for start in range(0, self.out_features, DEQUANT_BLOCK)], dim=1)
+        else:  # a decode step: the int8 kernel reads half the bytes of the bf16 weight
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
