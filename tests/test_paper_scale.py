@@ -331,6 +331,25 @@ def test_compiled_decode_step_keeps_the_demo_models_answers_and_masks(monkeypatc
         for x, y in zip(a.segments, b.segments):  # seg-token states equal up to the compiler's summation order
             assert (x.mask != y.mask).mean() < 1e-3 and abs(x.score - y.score) < 1e-3
 
+    # weights changed in place (a load, a training step): the step is rebuilt, not decoded with stale copies
+    with torch.no_grad():
+        model.language_model.causal_lm.model.norm.weight.mul_(1.5)
+    changed = answer(False)
+    assert [r.token_ids for r in answer(True)] == [r.token_ids for r in changed]
+    # past torch.compile's graph limit a new shape decodes uncompiled; the compiled shapes stay compiled
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    del model.language_model._static_step
+    answer(True)  # batch of 3 (bucket 4): compiled
+    with caplog.at_level(logging.WARNING, logger="raddiagseg.model.static_decode"):
+        single = model.generate_batch(images[:1], questions[:1], max_new_tokens=48)  # bucket 1: past the limit
+    assert any("graph limit reached" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    model.language_model.compile_decode = False
+    assert single[0].token_ids == model.generate_batch(images[:1], questions[:1], max_new_tokens=48)[0].token_ids
+    assert not model.language_model._static_step["failed"]
+    with torch.no_grad():
+        model.language_model.causal_lm.model.norm.weight.div_(1.5)
+
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 

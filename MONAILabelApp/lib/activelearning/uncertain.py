@@ -11,7 +11,8 @@ With `method="tts"` the score is instead the disagreement that test-time scaling
 over m answers x n perturbed prompts, paper 003).
 
 With `balance=True` (`--conf uncertain_balance true`) the pick is the most uncertain image of the modality with the
-fewest labelled images so far: sampling disagreement is higher on X-rays than on CT slices, and the plain ranking
+fewest labelled images so far, among the modalities of the images scored so far (each call scores at most
+`max_candidates` new ones): sampling disagreement is higher on X-rays than on CT slices, and the plain ranking
 picked only X-rays from a weak model (benchmarks/RESULTS.md, "Active learning").
 """
 
@@ -145,12 +146,14 @@ class Uncertain(Strategy):
         """The scored candidates of the modality with the fewest labelled images (ties: the higher best score)."""
         counts = Counter()
         for image_id in datastore.get_labeled_images(request.get("label_tag"), request.get("labels")):
-            modality = (datastore.get_image_info(image_id).get(INFO_KEY) or {}).get("modality")
-            if modality is None:  # labelled before it was ever scored: read it
+            info = datastore.get_image_info(image_id).get(INFO_KEY) or {}
+            modality = info.get("modality")
+            if modality is None:  # labelled before it was ever scored: read it once, keep it with the image
                 try:
                     modality = image_io.model_view(image_io.read_image(datastore.get_image_uri(image_id))).modality
                 except image_io.InputError:
                     continue
+                datastore.update_image_info(image_id, {INFO_KEY: {**info, "modality": modality}})
             counts[modality] += 1
         best = {}
         for value, _, modality in scored:

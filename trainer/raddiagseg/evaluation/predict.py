@@ -138,7 +138,10 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
                 from raddiagseg.model.quantize import quantize_model
 
                 quantize_model(model, quantize)
-            if compile_decode:
+            if compile_decode:  # on a model this call loaded (a model passed in is left as it came)
+                if not isinstance(model_or_dir, (str, Path)):
+                    raise BenchmarkInputError("compile_decode applies to a model folder; set "
+                                              "model.language_model.compile_decode on a model object yourself")
                 model.language_model.compile_decode = True
             model.eval()
             import torch

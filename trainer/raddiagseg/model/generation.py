@@ -151,9 +151,10 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
     generator = torch.Generator(device=model.device).manual_seed(config.seed) if config.seed is not None else None
     lm = model.language_model
     plan = lm.step_plan()
-    static = None
-    if lm.compile_decode and static_decode.supported(lm, plan, rows.attention.shape[1] + config.max_new_tokens):
-        static = static_decode.StaticDecoder(lm, plan, cache, rows.attention, position, config.max_new_tokens, last.dtype)
+    static = None  # the compiled step's decoder, built at the first step (none when drafts were kept to the end)
+    use_static = lm.compile_decode and static_decode.supported(lm, plan, rows.attention.shape[1] + config.max_new_tokens)
+    if lm.compile_decode and not use_static:
+        static_decode.log_unsupported(lm)
     logits = lm.logits(last).float()
     steps = 0
     while not bool(rows.done.all()):
@@ -170,7 +171,9 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
             break
         next_ids = torch.where(rows.done, torch.full_like(next_ids, pad), next_ids)
         position = position + 1
-        if static is not None:  # the cache's mask is the decoder's own: rows.attention is not needed any more
+        if use_static:  # the cache's mask is the decoder's own: rows.attention is not needed any more
+            if static is None:
+                static = static_decode.StaticDecoder(lm, plan, cache, rows.attention, config.max_new_tokens, last.dtype)
             hidden, logits = static.step(next_ids[:, None], position, ~rows.done)
             last = hidden[:, -1]
             continue

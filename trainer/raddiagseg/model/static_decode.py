@@ -11,7 +11,9 @@ answers all day, not for one answer.
 Shapes are fixed per answer: the cache holds `prompt + max_new_tokens` rounded up to SLOT_BUCKET slots per layer, slots
 not written yet are masked out, and the batch is padded to a power of two, so one graph serves every step and every
 answer of a similar length and batch (each new pair compiles once: 4-16 s measured, a few seconds from inductor's
-on-disk cache in a later process; after 8 graphs torch.compile runs further shapes uncompiled). The step
+on-disk cache in a later process; past torch.compile's limit of graphs per function, new shapes run uncompiled and
+the compiled ones stay). Not used (the fused step runs instead) for LoRA or int8 projections, attention other than
+eager, or a cache longer than the sliding window; `raddiagseg predict` and the app log that once. The step
 computes what `LanguageModel.fused_step` + `LanguageModel.logits` compute, in the same dtypes; the compiler may sum in
 another order, so values can differ in the last bits (answers and masks compared in tests/test_paper_scale.py). Where the compiler is missing or fails, the same step runs uncompiled (logged once).
 """
@@ -19,6 +21,7 @@ another order, so values can differ in the last bits (answers and masks compared
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,14 @@ def supported(lm, plan, cache_length):
     head = lm.causal_lm.lm_head
     window = lm.causal_lm.config.sliding_window
     return type(head) is torch.nn.Linear and head.bias is None and (window is None or cache_length <= window)
+
+
+def log_unsupported(lm):
+    """Say once per model that `compile_decode` is on but this model decodes with the fused step."""
+    if not getattr(lm, "_static_unsupported_logged", False):
+        lm._static_unsupported_logged = True
+        log.warning("compile_decode: this model's decode step cannot be compiled (LoRA or int8 projections, attention "
+                    "other than eager, or a cache beyond the sliding window); decoding with the fused step")
 
 
 def step_function(lm, plan):
@@ -88,12 +99,20 @@ def step_function(lm, plan):
     return step
 
 
+def _weights_key(lm):
+    """The identity, version (bumped by in-place updates) and device of every LM weight: a model whose weights were
+    loaded, trained or moved since its step was built gets a new one, not a step that reads stale copies."""
+    return tuple((id(p), p._version, str(p.device)) for p in lm.causal_lm.parameters())
+
+
 def compiled_step(lm, plan):
-    """The step of `lm` compiled once per model (kept on it); the uncompiled step after a failed compilation."""
+    """The model's step, built once per state of its weights and kept on it: {"eager", "compiled", "failed", "lock"}."""
+    key = _weights_key(lm)
     cached = getattr(lm, "_static_step", None)
-    if cached is None:
-        cached = {"eager": step_function(lm, plan), "compiled": None, "failed": False}
-        cached["compiled"] = torch.compile(cached["eager"], dynamic=False, fullgraph=True)
+    if cached is None or cached["key"] != key:
+        eager = step_function(lm, plan)
+        cached = {"key": key, "eager": eager, "failed": False, "lock": threading.Lock(),
+                  "compiled": torch.compile(eager, dynamic=False, fullgraph=True)}
         lm._static_step = cached
     return cached
 
@@ -107,7 +126,7 @@ class StaticDecoder:
     """One answer's decode state on fixed-size cache buffers, filled from the prefill pass's transformers cache.
     Rows beyond the batch (up to its power-of-two bucket) attend to one empty slot and are dropped from the outputs."""
 
-    def __init__(self, lm, plan, cache, attention, position, max_new_tokens, dtype):
+    def __init__(self, lm, plan, cache, attention, max_new_tokens, dtype):
         batch, length = attention.shape
         size = -(-(length + max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET
         rows = _bucket(batch)
@@ -145,10 +164,17 @@ class StaticDecoder:
         functions = self.functions
         if functions["failed"]:
             return functions["eager"](*args)
-        try:  # guards checked on every call (~0.05 ms): skipping them is process-wide, and answers run in threads
-            return functions["compiled"](*args)
-        except Exception as error:  # no C++ compiler, an unsupported operation: same step, uncompiled
-            functions["failed"] = True
-            log.warning("compiled decode step unavailable (%s: %s); decoding uncompiled",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        # One compiled call at a time: the app answers requests in threads, and dynamo and inductor are not
+        # thread-safe while they compile. Guards are checked on every call (~0.05 ms).
+        with functions["lock"]:
+            try:
+                return functions["compiled"](*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # more shapes than torch.compile keeps: this one uncompiled
+                if not functions.get("limit_logged"):
+                    functions["limit_logged"] = True
+                    log.warning("compiled decode step: torch.compile's graph limit reached; new shapes decode uncompiled")
+            except Exception as error:  # no C++ compiler, an unsupported operation: the same step, uncompiled
+                functions["failed"] = True
+                log.warning("compiled decode step unavailable (%s: %s); decoding uncompiled",
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return functions["eager"](*args)
