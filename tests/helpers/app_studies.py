@@ -70,8 +70,8 @@ def assert_volume_answer_consistent(result, label_path, image):
     """What any model's whole-volume answer must hold (issue 23), checked against the label file the server wrote:
 
     - every segment is a finding and is named in the answer text, with a line per finding giving its size and
-      slices; a normal volume names no segment;
-    - segments are the organ and abnormality of the diagnosis, and each lesion lies in that organ;
+      slices; a normal volume names no segment; a volume no slice answered yes or no to lists its masks only;
+    - segments of an abnormal volume are the organ and abnormality of the diagnosis, each lesion in that organ;
     - each finding's volume and centroid are those of its voxels in the label file (organ: its lesions included),
       its slices the range they occupy; `volume.discarded` says what was dropped and why."""
     from raddiagseg.findings import describe_finding, diagnosis_entry
@@ -89,13 +89,16 @@ def assert_volume_answer_consistent(result, label_path, image):
         assert re.search(rf"\b{re.escape(name)} <seg\d{{3}}>", result["answer"]), (name, result["answer"])
     for entry in result["volume"]["discarded"]:
         assert set(entry) == {"name", "slices", "voxels", "reason"} and entry["voxels"] > 0 and entry["reason"], entry
-    if result["detection"] is not True:
+    if result["detection"] is False:
         assert not found and not labels.any(), result["answer"]
         return
-    entry = diagnosis_entry(result["diagnosis"]) or {}
     lesions = [f for f in found if f["role"] == "abnormality"]
-    assert {f["name"] for f in found} <= {entry.get("organ"), entry.get("abnormality")}, (result["diagnosis"], found)
-    assert all(f["organ"] == entry.get("organ") for f in lesions), lesions
+    if result["detection"] is None:  # no slice said yes or no (unreadable answers): the masks stand, as for Ref-Seg
+        assert result["diagnosis"] is None and result["answer"].startswith("Segmentation masks:"), result["answer"]
+    else:
+        entry = diagnosis_entry(result["diagnosis"]) or {}
+        assert {f["name"] for f in found} <= {entry.get("organ"), entry.get("abnormality")}, (result["diagnosis"], found)
+        assert all(f["organ"] == entry.get("organ") for f in lesions), lesions
 
     matrix = np.eye(4)
     matrix[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
