@@ -37,9 +37,16 @@ def run(name, options, args):
     start = time.perf_counter()
     summary = align_clip_encoder(model, args.data, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                  progress=not args.quiet, augmentation=args.augmentation,
-                                 also_val={Path(m).name: m for m in args.also_val})
+                                 also_val={Path(m).name: m for m in args.also_val}
+                                 | {_set_name(m): (m, None) for m in args.also_all})
     summary.update(recipe=name, overrides=overrides, seconds=time.perf_counter() - start)
     return summary
+
+
+def _set_name(folder):
+    """'.../seed31337/x_ray_gamma_2/built' -> 'seed31337/x_ray_gamma_2' (what the table's column says)."""
+    parts = Path(folder).parts
+    return "/".join(parts[-3:-1]) if parts[-1] == "built" else parts[-1]
 
 
 def table(results):
@@ -65,18 +72,22 @@ def main(argv=None):
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=OPTIONS",
                         help="demo-config fields as `raddiagseg demo --model-option` takes them, space separated, "
                              "e.g. d4='clip.depth=4 projector.num_queries=64'")
-    parser.add_argument("--augmentation", default="basic", choices=("basic", "scanner"),
+    parser.add_argument("--augmentation", default="basic", choices=("basic", "scanner", "acquisition"),
                         help="training augmentation of every recipe (clip_align.AUGMENT_RANGES)")
     parser.add_argument("--also-val", action="append", default=[], metavar="DATA",
                         help="also score the caption accuracy on this build folder's val split (e.g. scanner phantoms)")
+    parser.add_argument("--also-all", action="append", default=[], metavar="DATA",
+                        help="also score the caption accuracy on every split of this build folder (e.g. the built "
+                             "shifts of benchmarks/robustness.py: WORK/seed31337/*/built)")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not (Path(args.data) / "manifest.jsonl").is_file():
         parser.error(f"--data {args.data} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
-    for other in args.also_val:  # checked before any alignment runs, not after the first one
-        if not (Path(other) / "manifest.jsonl").is_file():
-            parser.error(f"--also-val {other} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
+    for flag, others in (("--also-val", args.also_val), ("--also-all", args.also_all)):  # checked before any run
+        for other in others:
+            if not (Path(other) / "manifest.jsonl").is_file():
+                parser.error(f"{flag} {other} has no manifest.jsonl; point it at a `raddiagseg build` output folder")
     from raddiagseg.training.commands import CommandError, parse_model_options
 
     recipes = dict(RECIPES)

@@ -112,7 +112,7 @@ def test_gate_decides_on_the_upper_bound_of_the_drop_and_refuses_forgetting():
     assert 0.005 < drop < 0.01 and not selection.regressions(build(records(60)), build(one_flip), 0.02)
     (ok, reason), bounds = bound_gate(records(60), one_flip)
     assert bounds["xray"]["diagnosis_f1"]["drop"] == round(drop, 4) and bounds["xray"]["diagnosis_f1"]["upper"] > 0.02
-    assert not ok and "X-ray diagnosis_f1 1.000 -> 0.992 (drop up to 0.0" in reason
+    assert not ok and "X-ray diagnosis_f1 1.000 -> 0.992 (on the 60 rows compared: drop 0.008, up to 0.0" in reason
     # The same one flip among 400 rows is bounded below 0.02: a bigger reference set certifies smaller changes.
     (ok, _), bounds = bound_gate(records(400), records(400, flipped={5}))
     assert ok and bounds["xray"]["diagnosis_f1"]["upper"] <= 0.02
@@ -122,7 +122,8 @@ def test_gate_decides_on_the_upper_bound_of_the_drop_and_refuses_forgetting():
     # Forgetting (the case): every abnormality mask worse by 0.2, consistently: refused, bound = drop.
     (ok, reason), bounds = bound_gate(records(60), records(60, dice_abn=0.55))
     assert not ok and bounds["xray"]["dice_abn"]["upper"] == pytest.approx(0.2, abs=1e-3)
-    assert "X-ray dice_abn 0.750 -> 0.550 (drop up to 0.200)" in reason and "reference validation set" in reason
+    assert "X-ray dice_abn 0.750 -> 0.550 (on the 60 rows compared: drop 0.200, up to 0.200)" in reason
+    assert "reference validation set" in reason
 
 
 def test_gate_compares_dice_on_the_rows_both_models_diagnose_correctly():
@@ -226,6 +227,9 @@ def test_slicer_retrain_panel_shows_both_models_on_both_sets():
     assert blended[1] == ("Candidates checked: fine-tuned model refused; blend weight 0.5 refused; blend weight 0.25 "
                           "published (shown: the last)")
     assert "Dice abnormality 0.750 → 0.554 (worse: drop up to 0.031)" in blended[4]
+    counted = gate_report({**stats, "gate": {**stats["gate"], "attempts": tried, "sets": {"reference": {
+        **sets["reference"], "worse": [{**bounded, "drop": 0.012, "rows": 41}]}}}})
+    assert "Dice abnormality 0.750 → 0.554 (worse: drop 0.012 on the 41 rows compared, up to 0.031)" in counted[4]
     unguarded = gate_report({"reference": {"guarded": False, "warning": "forgetting is unguarded"}})
     assert unguarded == ["Warning: forgetting is unguarded"]
 

@@ -81,6 +81,46 @@ def test_scanner_alignment_augmentation_inverts_only_x_rays_and_spreads_contrast
     assert contrast[1] > 2 * contrast[0]
 
 
+def test_acquisition_augmentation_changes_ct_contrast_around_soft_tissue_and_x_ray_exposure_by_modality():
+    """A CT contrast change scales soft tissue around its level and leaves air black (the tumour-organ difference
+    scales, the tissue keeps its place); X-rays get wide gammas."""
+    from raddiagseg.training.clip_align import CT_SOFT_TISSUE, augment_batch
+
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    radius = ((yy - 63.5) ** 2 + (xx - 63.5) ** 2).sqrt()
+    images = torch.zeros(256, 128, 128)  # air
+    images[:, radius < 48] = CT_SOFT_TISSUE  # a round body of soft tissue (discs: rotation moves nothing)
+    images[:, radius < 19] = CT_SOFT_TISSUE - 0.15  # a hypodense tumour
+    xray = torch.arange(256) % 2 == 0
+    out = augment_batch(images, torch.Generator().manual_seed(5), "acquisition", xray)
+    ct = out[~xray]  # sampled where zoom (15 %) and shift (7 px) keep each region what it was
+    ring = (radius > 32) & (radius < 34)
+    tissue, tumour, air = ct[:, ring].mean(1), ct[:, radius < 8].mean(1), ct[:, :3, :3].mean((1, 2))
+    difference = tissue - tumour
+    assert float(difference.min()) > 0.05 and float(difference.max()) < 0.3  # contrast x0.5-1.3 (plus noise, blur)
+    assert float(difference.std()) > 0.02  # it does vary
+    assert float(air.max()) < 0.1  # air stays black (up to noise and offset)
+    level = tissue[(difference - 0.15).abs() > 0.04]  # where the contrast changed most, the tissue stayed near its level
+    assert float((level - CT_SOFT_TISSUE).abs().median()) < 0.08
+    basic = augment_batch(images, torch.Generator().manual_seed(5), "basic", xray)
+    spread = [float(x[xray][:, radius < 8].mean(1).std()) for x in (out, basic)]  # mid-grey: a gamma moves it
+    assert spread[0] > 1.5 * spread[1]  # X-ray gamma 0.45-2.4 against basic's 0.8-1.25
+
+
+def test_thick_slices_average_a_ct_slice_with_its_volumes_neighbours_only():
+    from raddiagseg.training.clip_align import _batches, neighbour_means
+
+    rows = [{"modality": "ct", "volume": "a", "slice": k} for k in (1, 2, 3, 5)] + \
+           [{"modality": "ct", "volume": "b", "slice": 2}, {"modality": "xray"}]
+    images = torch.arange(6, dtype=torch.float16)[:, None, None].expand(6, 16, 16).clone() / 10
+    means = neighbour_means(rows, images)
+    expected = [0.1, 0.1, 0.1, 0.3, 0.4, 0.5]  # a1: a2; a2: (a1 + a3) / 2; a3: a2 (a4 missing); a5: alone; b2; X-ray
+    assert means[:, 0, 0].float().tolist() == pytest.approx(expected, abs=1e-3)
+    # the acquisition batches draw from them (and run on images this small)
+    batches = list(_batches(images, list(range(6)), 6, 20, seed=0, kind="acquisition", neighbours=means))
+    assert len(batches) == 20 and all(b.shape == (6, 16, 16) for b, _ in batches)
+
+
 def test_demo_build_writes_a_loadable_fp16_model_whose_card_quotes_the_score_report(tmp_path):
     from raddiagseg import load_model
     from raddiagseg.training.demo import DemoSettings, build_demo

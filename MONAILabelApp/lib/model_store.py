@@ -215,7 +215,9 @@ SET_TITLES = {"reference": "the reference validation set", "heldout_corrections"
 def _worse_text(items):
     titles = {"ct": "CT", "xray": "X-ray"}
     return ", ".join(f"{titles.get(w['modality'], w['modality'])} {w['metric']} {w['served']:.3f} -> {w['candidate']:.3f}"
-                     + (f" (drop up to {w['upper_drop']:.3f})" if "upper_drop" in w else "") for w in items)
+                     + (f" (on the {w['rows']} rows compared: drop {w['drop']:.3f}, up to {w['upper_drop']:.3f})"
+                        if w.get("rows") is not None else f" (drop up to {w['upper_drop']:.3f})" if "upper_drop" in w
+                        else "") for w in items)
 
 
 def gate(sets):

@@ -22,7 +22,11 @@ def _worse_mark(worse):
     """' (worse)' for a metric the gate refused, with how far it could have dropped when the gate bounded it."""
     if not worse:
         return ""
-    return f" (worse: drop up to {worse['upper_drop']:.3f})" if "upper_drop" in worse else " (worse)"
+    if "upper_drop" not in worse:
+        return " (worse)"
+    if worse.get("rows") is not None and worse.get("drop") is not None:  # servers that say what they compared
+        return f" (worse: drop {worse['drop']:.3f} on the {worse['rows']} rows compared, up to {worse['upper_drop']:.3f})"
+    return f" (worse: drop up to {worse['upper_drop']:.3f})"
 
 
 def gate_report(stats):

@@ -104,7 +104,9 @@ def load_all_resized(dataset, size, num_workers=0, progress=False):
 # The ranges of `ManifestDataset`'s augmentations (data/dataset.py `_augmenter`), per kind: warp chance, rotation
 # (radians), zoom, shift (fraction of the image), intensity scale (multiplicative for "basic", around the mean for
 # "scanner") and shift, gamma chance and range, noise chance and largest σ, blur chance and σ range (px at 224),
-# sharpen chance, mirror chance, X-ray inversion chance.
+# sharpen chance, mirror chance, X-ray inversion chance. Optional, per modality: CT contrast chance and factor around
+# the soft-tissue level (`CT_SOFT_TISSUE`, air kept black), X-ray gamma chance and range (replacing `gamma` on X-rays),
+# thick-slice chance (a CT slice averaged with its volume's neighbouring slices, see `neighbour_means`).
 AUGMENT_RANGES = {
     "basic": dict(warp=0.7, angle=0.12, zoom=0.1, shift=0.11, scale=(0.9, 1.1), around_mean=False, offset=0.05,
                   gamma_p=0.3, gamma=(0.8, 1.25), noise_p=0.4, noise=0.02, blur_p=0.0, blur=(0.3, 1.5),
@@ -112,7 +114,18 @@ AUGMENT_RANGES = {
     "scanner": dict(warp=0.8, angle=0.44, zoom=0.2, shift=0.125, scale=(0.55, 1.5), around_mean=True, offset=0.08,
                     gamma_p=0.4, gamma=(0.45, 2.4), noise_p=0.5, noise=0.08, blur_p=0.3, blur=(0.3, 1.5),
                     sharpen_p=0.2, mirror_p=0.1, invert_p=0.15, padding="zeros"),
+    # "acquisition": the scanner differences of the robustness benchmark, drawn the way each modality's physics makes
+    # them, so that a tumour stays as visible as it was: a CT contrast change scales soft tissue around its level
+    # (contrast to noise kept; "scanner"'s scaling around the image mean moves air and fat instead), thick slices and
+    # soft kernels smooth and lower the noise (blur), X-ray exposure is a gamma; patient position and mirrored anatomy
+    # for both (no caption names a side).
+    "acquisition": dict(warp=0.8, angle=0.44, zoom=0.15, shift=0.11, scale=(0.9, 1.1), around_mean=False, offset=0.05,
+                        gamma_p=0.3, gamma=(0.8, 1.25), noise_p=0.4, noise=0.04, blur_p=0.35, blur=(0.3, 1.5),
+                        sharpen_p=0.1, mirror_p=0.5, invert_p=0.0, padding="zeros",
+                        ct_contrast_p=0.6, ct_contrast=(0.5, 1.3), xray_gamma_p=0.5, xray_gamma=(0.45, 2.4),
+                        thick_p=0.35),
 }
+CT_SOFT_TISSUE = 0.5  # 40 HU in the model's CT window (imaging.CT_WINDOW: level 40, width 400)
 
 
 def _gaussian_blur(x, sigma):
@@ -130,9 +143,10 @@ def _gaussian_blur(x, sigma):
 
 
 def augment_batch(images, generator, kind="basic", xray=None):
-    """The training augmentation of `ManifestDataset` (`AUGMENT_RANGES[kind]`: "basic" or "scanner"), drawn per image
-    but applied to the whole (B, H, W) batch in a few tensor calls instead of one MONAI call per image.
-    `xray`: (B,) bool, which images may be inverted (X-ray polarity); no caption names a side, so any may mirror."""
+    """Stage 0's augmentation (`AUGMENT_RANGES[kind]`; "basic" and "scanner" are also `ManifestDataset`'s), drawn per
+    image but applied to the whole (B, H, W) batch in a few tensor calls instead of one MONAI call per image.
+    `xray`: (B,) bool, which images are X-rays (polarity, exposure; the rest are CT); no caption names a side, so any
+    may mirror."""
     r = AUGMENT_RANGES[kind]
     n = images.shape[0]
 
@@ -159,6 +173,10 @@ def augment_batch(images, generator, kind="basic", xray=None):
         sharpen = torch.where(chosen(r["sharpen_p"]), uniform(0.5, 1.5), torch.zeros(n)).view(per_image)
         smooth = torch.where(sharpen > 0, x, blurred)  # a sharpened image is not also blurred
         x = smooth + sharpen * (x - _gaussian_blur(x, torch.full((n,), 1.0)))
+    is_xray = torch.zeros(n, dtype=torch.bool) if xray is None else xray.bool()
+    if r.get("ct_contrast_p"):
+        f = torch.where(chosen(r["ct_contrast_p"]) & ~is_xray, uniform(*r["ct_contrast"]), torch.ones(n)).view(per_image)
+        x = torch.where(x > 0, CT_SOFT_TISSUE + f * (x - CT_SOFT_TISSUE), x).clamp(0.0, 1.0)
     factor = torch.where(chosen(0.5), uniform(*r["scale"]), torch.ones(n)).view(per_image)
     if r["around_mean"]:
         mean = x.mean((1, 2), keepdim=True)
@@ -166,7 +184,10 @@ def augment_batch(images, generator, kind="basic", xray=None):
     else:
         x = x * factor
     x = x + torch.where(chosen(0.5), uniform(-r["offset"], r["offset"]), torch.zeros(n)).view(per_image)
-    gamma = torch.where(chosen(r["gamma_p"]), uniform(*r["gamma"]), torch.ones(n)).view(per_image)
+    gamma = torch.where(chosen(r["gamma_p"]), uniform(*r["gamma"]), torch.ones(n))
+    if r.get("xray_gamma_p"):
+        gamma = torch.where(is_xray, torch.where(chosen(r["xray_gamma_p"]), uniform(*r["xray_gamma"]), torch.ones(n)), gamma)
+    gamma = gamma.view(per_image)
     low, high = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
     span = (high - low).clamp_min(1e-7)
     x = ((x - low) / span).clamp_min(0) ** gamma * span + low
@@ -178,17 +199,41 @@ def augment_batch(images, generator, kind="basic", xray=None):
     return x
 
 
-def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None):
-    """`steps` augmented batches of the resized `images` in a seeded order (whole permutations, repeated)."""
+def neighbour_means(rows, images):
+    """(N, H, W): for each CT row, the mean of the slices next to it in its volume (those the set has; the slice
+    itself when it has none), for X-rays the image itself. A thick slice is the slice averaged with these
+    (partial volume: what a 3-5 mm reconstruction of thin slices shows)."""
+    where = {(r.get("volume"), r.get("slice")): i for i, r in enumerate(rows) if r["modality"] == "ct"}
+    means = images.clone()
+    for i, r in enumerate(rows):
+        if r["modality"] != "ct" or r.get("volume") is None:
+            continue
+        near = [where[key] for key in ((r["volume"], r["slice"] - 1), (r["volume"], r["slice"] + 1)) if key in where]
+        if near:
+            means[i] = images[near].float().mean(0).to(images.dtype)
+    return means
+
+
+def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None, neighbours=None):
+    """`steps` augmented batches of the resized `images` in a seeded order (whole permutations, repeated).
+    `neighbours` (`neighbour_means`): with the kind's `thick_p`, a CT image becomes (slice + w · both neighbours) /
+    (1 + 2w), w uniform in [0, 1] (w = 1: three slices averaged)."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
+    thick_p = AUGMENT_RANGES[kind].get("thick_p", 0.0) if neighbours is not None else 0.0
     order = []
     while len(order) < steps * batch_size:
         order.extend(rng.permutation(len(images)).tolist())
     labels = torch.as_tensor(labels)
     for step in range(steps):
         index = torch.as_tensor(order[step * batch_size: (step + 1) * batch_size])
-        yield augment_batch(images[index], generator, kind, None if xray is None else xray[index]), labels[index]
+        batch = images[index].float()
+        if thick_p:
+            n = len(index)
+            w = torch.where(torch.rand(n, generator=generator) < thick_p, torch.rand(n, generator=generator),
+                            torch.zeros(n)).view(n, 1, 1)
+            batch = (batch + 2 * w * neighbours[index].float()) / (1 + 2 * w)
+        yield augment_batch(batch, generator, kind, None if xray is None else xray[index]), labels[index]
 
 
 def _accuracy(aligner, images, labels, batch_size=64):
@@ -213,7 +258,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
                        num_workers=0, augmentation="basic", also_val=None):
     """Train `model.clip_encoder` and `model.projector` in place on the manifest's VQA-Seg images; returns a summary dict
     with the caption accuracy on the train and val splits (val: images the alignment never saw), and on the val
-    split of each `also_val` {name: manifest} (e.g. phantoms of another generator version) as `val_acc_<name>`.
+    split of each `also_val` {name: manifest} (e.g. phantoms of another generator version) as `val_acc_<name>`;
+    a value (manifest, None) scores all of that manifest's splits (a held-out set).
 
     The images are read once (in `num_workers` processes), kept in memory at the CLIP input size (float16, ~100 kB
     each at 224 px: 0.3 GB for the demo's 3226) and augmented per batch with `augment_batch`.
@@ -252,7 +298,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
     losses = []
     xray = torch.tensor([r["modality"] == "xray" for r in train_set.rows])
-    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed, augmentation, xray):
+    neighbours = neighbour_means(train_set.rows, train_images) if AUGMENT_RANGES[augmentation].get("thick_p") else None
+    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed, augmentation, xray, neighbours):
         images, labels = images.to(device), labels.to(device)
         loss = sum(F.cross_entropy(logits, labels) for logits in aligner(images))
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +317,8 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
     summary = {"steps": steps, "augmentation": augmentation, "captions": captions, "final_loss": float(np.mean(losses[-20:])),
                "train_acc": train_acc, "val_acc": val_acc, "val_acc_per_caption": val_per_caption}
     for name, other in (also_val or {}).items():
-        other_set = ManifestDataset(other, split="val", tasks=["vqaseg"], augment=False)
+        other, split = other if isinstance(other, tuple) else (other, "val")
+        other_set = ManifestDataset(other, split=split, tasks=["vqaseg"], augment=False)
         other_set.rows = [r for r in other_set.rows if caption(r) in index]
         summary[f"val_acc_{name}"], summary[f"val_acc_per_caption_{name}"] = _accuracy(
             aligner, load_all_resized(other_set, size, num_workers), [index[caption(r)] for r in other_set.rows])

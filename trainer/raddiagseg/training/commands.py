@@ -91,7 +91,7 @@ def register(subparsers):
                         "rotation, zoom, contrast, gamma, blur/sharpen, noise, mirroring, X-ray polarity)")
     d.add_argument("--align-variation", choices=("none", "scanner", "mixed"), default=demo_recipe.ALIGN_VARIATION,
                    help=f"phantom variation of stage 0's (CLIP alignment) data (default {demo_recipe.ALIGN_VARIATION})")
-    d.add_argument("--align-augmentation", choices=("basic", "scanner"), default=demo_recipe.ALIGN_AUGMENTATION,
+    d.add_argument("--align-augmentation", choices=("basic", "scanner", "acquisition"), default=demo_recipe.ALIGN_AUGMENTATION,
                    help=f"stage 0's augmentation (default {demo_recipe.ALIGN_AUGMENTATION})")
     d.set_defaults(func=run_demo)
 

@@ -43,7 +43,7 @@ def selection_score(report, stage="finetune"):
 
 def regressions(served, candidate, tolerance, stage="finetune", bounds=None):
     """Where `candidate` may be more than `tolerance` below `served`: [{modality, metric, served, candidate, delta,
-    upper_drop?}]. Without `bounds` the observed drop is compared; with `bounds` (`drop_bounds`) the drop on the rows
+    and with bounds upper_drop, drop, rows}] (served/candidate: the reports' values). Without `bounds` the observed drop is compared; with `bounds` (`drop_bounds`) the drop on the rows
     both models were scored on and its upper confidence bound, so a candidate whose drop could exceed the tolerance on
     another sample counts as worse.
 
@@ -68,8 +68,8 @@ def regressions(served, candidate, tolerance, stage="finetune", bounds=None):
             if drop > tolerance + 1e-9:
                 entry = {"modality": modality, "metric": key, "served": round(float(old), 4),
                          "candidate": round(new, 4), "delta": round(new - float(old), 4)}
-                if bound:
-                    entry["upper_drop"] = round(drop, 4)
+                if bound:  # what was decided on: the drop on the rows compared (for Dice, both diagnosed right)
+                    entry.update(upper_drop=round(drop, 4), drop=bound["drop"], rows=bound.get("rows"))
                 worse.append(entry)
     return worse
 
