@@ -360,3 +360,25 @@ def test_compiled_decode_step_keeps_the_demo_models_answers_and_masks(monkeypatc
     assert [r.token_ids for r in fallback] == [r.token_ids for r in base]
     assert model.language_model._static_step["failed"]
     assert sum("compiled decode step unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compile_decode_says_why_a_model_decodes_uncompiled(caplog):
+    """An int8 LM cannot use the compiled step: one warning naming why, and the answers are those of the fused step."""
+    import logging
+
+    import numpy as np
+
+    from raddiagseg import load_model, templates
+    from raddiagseg.data import phantoms
+    from raddiagseg.model.quantize import quantize_model
+
+    model = load_model(DEMO).eval()
+    quantize_model(model, "int8")
+    image = phantoms.generate_xray(np.random.default_rng(2), "Normal", size=128).image / np.float32(255)
+    base = model.generate(image, templates.DEFAULT_QUESTION, max_new_tokens=24)
+    model.language_model.compile_decode = True
+    with caplog.at_level(logging.WARNING, logger="raddiagseg.model.static_decode"):
+        again = [model.generate(image, templates.DEFAULT_QUESTION, max_new_tokens=24) for _ in range(2)]
+    assert [r.token_ids for r in again] == [base.token_ids] * 2
+    said = [r.getMessage() for r in caplog.records if "cannot be compiled" in r.getMessage()]
+    assert len(said) == 1 and "int8" in said[0], said

@@ -152,9 +152,12 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
     lm = model.language_model
     plan = lm.step_plan()
     static = None  # the compiled step's decoder, built at the first step (none when drafts were kept to the end)
-    use_static = lm.compile_decode and static_decode.supported(lm, plan, rows.attention.shape[1] + config.max_new_tokens)
-    if lm.compile_decode and not use_static:
-        static_decode.log_unsupported(lm)
+    use_static = False
+    if lm.compile_decode:
+        reason = static_decode.unsupported_reason(lm, plan, rows.attention.shape[1] + config.max_new_tokens)
+        use_static = reason is None
+        if reason:
+            static_decode.log_unsupported(lm, reason)
     logits = lm.logits(last).float()
     steps = 0
     while not bool(rows.done.all()):

@@ -33,22 +33,35 @@ log = logging.getLogger(__name__)
 SLOT_BUCKET = 64  # cache lengths are rounded up to a multiple of this: fewer distinct shapes, fewer compilations
 
 
-def supported(lm, plan, cache_length):
-    """Whether a static step can replace `fused_step` for this answer: plain Linear projections (not LoRA or int8
-    modules), a plain LM head, and a cache that fits in the sliding window (where every layer attends to all of it)."""
-    if plan is None or any(not isinstance(p, tuple) for layer in plan["layers"] for p in layer[:7]):
-        return False
+def unsupported_reason(lm, plan, cache_length):
+    """None when a static step can replace `fused_step` for this answer, else why not: it needs the fused step's plan
+    (eval mode without gradients, eager attention, no hooks), plain Linear projections (not LoRA or int8 modules), a
+    plain LM head, and a cache that fits in the sliding window (where every layer attends to all of it)."""
+    if plan is None:
+        return ("the model is training or computing gradients" if lm.training or torch.is_grad_enabled() else
+                "its attention is not eager, fused decoding is off or a module has hooks")
+    if any(not isinstance(p, tuple) for layer in plan["layers"] for p in layer[:7]):
+        return "its LM has LoRA adapters (merge them first)" if lm.has_lora else "its projections are int8 or not plain Linear"
     head = lm.causal_lm.lm_head
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return "its LM head is int8 or not a plain Linear"
     window = lm.causal_lm.config.sliding_window
-    return type(head) is torch.nn.Linear and head.bias is None and (window is None or cache_length <= window)
+    if window is not None and cache_length > window:
+        return f"the answer's cache ({cache_length} positions) is longer than the sliding window ({window})"
+    return None
 
 
-def log_unsupported(lm):
-    """Say once per model that `compile_decode` is on but this model decodes with the fused step."""
-    if not getattr(lm, "_static_unsupported_logged", False):
-        lm._static_unsupported_logged = True
-        log.warning("compile_decode: this model's decode step cannot be compiled (LoRA or int8 projections, attention "
-                    "other than eager, or a cache beyond the sliding window); decoding with the fused step")
+def supported(lm, plan, cache_length):
+    """Whether a static step can replace `fused_step` for this answer (see `unsupported_reason`)."""
+    return unsupported_reason(lm, plan, cache_length) is None
+
+
+def log_unsupported(lm, reason):
+    """Say once per model and reason that `compile_decode` is on but this model decodes with the fused step."""
+    said = lm.__dict__.setdefault("_static_unsupported_logged", set())
+    if reason not in said:
+        said.add(reason)
+        log.warning("compile_decode: this decode step cannot be compiled (%s); decoding with the fused step", reason)
 
 
 def step_function(lm, plan):
