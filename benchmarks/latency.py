@@ -297,6 +297,7 @@ def main():
         if folder is None:  # --no-server on a GPU: the untrained model is built there directly
             with torch.device(device):
                 model = build_random(args.preset, serving_precision(args.preset, device, args.dtype)[0])
+            model.language_model.compile_decode = args.compile_decode
         else:
             model = load_for_serving(folder, device, args.dtype, compile_decode=args.compile_decode)  # as the server does
         model.eval()

@@ -92,7 +92,7 @@ def test_acquisition_augmentation_changes_ct_contrast_around_soft_tissue_and_x_r
     images[:, radius < 48] = CT_SOFT_TISSUE  # a round body of soft tissue (discs: rotation moves nothing)
     images[:, radius < 19] = CT_SOFT_TISSUE - 0.15  # a hypodense tumour
     xray = torch.arange(256) % 2 == 0
-    out = augment_batch(images, torch.Generator().manual_seed(5), "acquisition", xray)
+    out = augment_batch(images, torch.Generator().manual_seed(5), "acquisition", xray, ~xray)
     ct = out[~xray]  # sampled where zoom (15 %) and shift (7 px) keep each region what it was
     ring = (radius > 32) & (radius < 34)
     tissue, tumour, air = ct[:, ring].mean(1), ct[:, radius < 8].mean(1), ct[:, :3, :3].mean((1, 2))
@@ -102,7 +102,7 @@ def test_acquisition_augmentation_changes_ct_contrast_around_soft_tissue_and_x_r
     assert float(air.max()) < 0.1  # air stays black (up to noise and offset)
     level = tissue[(difference - 0.15).abs() > 0.04]  # where the contrast changed most, the tissue stayed near its level
     assert float((level - CT_SOFT_TISSUE).abs().median()) < 0.08
-    basic = augment_batch(images, torch.Generator().manual_seed(5), "basic", xray)
+    basic = augment_batch(images, torch.Generator().manual_seed(5), "basic", xray, ~xray)
     spread = [float(x[xray][:, radius < 8].mean(1).std()) for x in (out, basic)]  # mid-grey: a gamma moves it
     assert spread[0] > 1.5 * spread[1]  # X-ray gamma 0.45-2.4 against basic's 0.8-1.25
 

@@ -119,6 +119,9 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
     rows = _select(read_manifest(manifest, None if split == "all" else split, base=True), tasks, max_samples)
     if not rows:
         raise BenchmarkInputError(f"{manifest} has no rows to predict for split {split!r}")
+    if compile_decode and not isinstance(model_or_dir, (str, Path)):  # before anything is loaded, changed or skipped
+        raise BenchmarkInputError("compile_decode applies to a model folder; set "
+                                  "model.language_model.compile_decode on a model object yourself")
     writer = PredictionWriter(out)
     try:
         mixed = [r["id"] for r in rows if r["task"] == "vqaseg" and r["id"] in writer.done
@@ -138,10 +141,7 @@ def predict(model_or_dir, manifest, out, split="test", batch_size=8, amputated=F
                 from raddiagseg.model.quantize import quantize_model
 
                 quantize_model(model, quantize)
-            if compile_decode:  # on a model this call loaded (a model passed in is left as it came)
-                if not isinstance(model_or_dir, (str, Path)):
-                    raise BenchmarkInputError("compile_decode applies to a model folder; set "
-                                              "model.language_model.compile_decode on a model object yourself")
+            if compile_decode:  # on a model this call loaded (checked above: not a model passed in)
                 model.language_model.compile_decode = True
             model.eval()
             import torch

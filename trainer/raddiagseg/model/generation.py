@@ -158,7 +158,7 @@ def _decode_steps(model, last, position, cache, rows: _Rows, config: GenerationC
         use_static = reason is None
         if reason:
             static_decode.log_unsupported(lm, reason)
-    logits = lm.logits(last).float()
+    logits = lm.logits(last).float() if not bool(rows.done.all()) else None  # drafts kept to the end: no head pass
     steps = 0
     while not bool(rows.done.all()):
         steps += 1

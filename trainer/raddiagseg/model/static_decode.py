@@ -13,7 +13,7 @@ not written yet are masked out, and the batch is padded to a power of two, so on
 answer of a similar length and batch (each new pair compiles once: 4-16 s measured, a few seconds from inductor's
 on-disk cache in a later process; past torch.compile's limit of graphs per function, new shapes run uncompiled and
 the compiled ones stay). Not used (the fused step runs instead) for LoRA or int8 projections, attention other than
-eager, or a cache longer than the sliding window; `raddiagseg predict` and the app log that once. The step
+eager, or a cache longer than the sliding window; `raddiagseg predict` and the app log why, once per reason. The step
 computes what `LanguageModel.fused_step` + `LanguageModel.logits` compute, in the same dtypes; the compiler may sum in
 another order, so values can differ in the last bits (answers and masks compared in tests/test_paper_scale.py). Where the compiler is missing or fails, the same step runs uncompiled (logged once).
 """
@@ -47,7 +47,7 @@ def unsupported_reason(lm, plan, cache_length):
         return "its LM head is int8 or not a plain Linear"
     window = lm.causal_lm.config.sliding_window
     if window is not None and cache_length > window:
-        return f"the answer's cache ({cache_length} positions) is longer than the sliding window ({window})"
+        return f"an answer's cache is longer than the sliding window ({window} positions)"
     return None
 
 
@@ -112,21 +112,28 @@ def step_function(lm, plan):
     return step
 
 
+# One compiled call (and one step build) at a time in this process: dynamo and inductor are not thread-safe while they
+# compile, and two models, or one model before and after a weight change, share them.
+_COMPILE_LOCK = threading.RLock()
+
+
 def _weights_key(lm):
-    """The identity, version (bumped by in-place updates) and device of every LM weight: a model whose weights were
-    loaded, trained or moved since its step was built gets a new one, not a step that reads stale copies."""
-    return tuple((id(p), p._version, str(p.device)) for p in lm.causal_lm.parameters())
+    """The identity, version (bumped by in-place updates), storage, dtype and device of every LM weight: a model whose
+    weights were loaded, trained, cast or moved since its step was built gets a new one, not a step that reads stale
+    copies."""
+    return tuple((id(p), p._version, p.data_ptr(), p.dtype, str(p.device)) for p in lm.causal_lm.parameters())
 
 
 def compiled_step(lm, plan):
-    """The model's step, built once per state of its weights and kept on it: {"eager", "compiled", "failed", "lock"}."""
+    """The model's step, built once per state of its weights and kept on it: {"eager", "compiled", "failed", "eager_shapes"}."""
     key = _weights_key(lm)
-    cached = getattr(lm, "_static_step", None)
-    if cached is None or cached["key"] != key:
-        eager = step_function(lm, plan)
-        cached = {"key": key, "eager": eager, "failed": False, "lock": threading.Lock(),
-                  "compiled": torch.compile(eager, dynamic=False, fullgraph=True)}
-        lm._static_step = cached
+    with _COMPILE_LOCK:
+        cached = getattr(lm, "_static_step", None)
+        if cached is None or cached["key"] != key:
+            eager = step_function(lm, plan)
+            cached = {"key": key, "eager": eager, "failed": False, "eager_shapes": set(),
+                      "compiled": torch.compile(eager, dynamic=False, fullgraph=True)}
+            lm._static_step = cached
     return cached
 
 
@@ -175,17 +182,18 @@ class StaticDecoder:
 
     def _run(self, args):
         functions = self.functions
-        if functions["failed"]:
+        shape = tuple(self.mask.shape)  # (bucket, 1, 1, cache size): what a compiled graph is specialised on
+        if functions["failed"] or shape in functions["eager_shapes"]:
             return functions["eager"](*args)
-        # One compiled call at a time: the app answers requests in threads, and dynamo and inductor are not
-        # thread-safe while they compile. Guards are checked on every call (~0.05 ms).
-        with functions["lock"]:
+        # One compiled call at a time (see _COMPILE_LOCK); guards are checked on every call (~0.05 ms).
+        with _COMPILE_LOCK:
             try:
                 return functions["compiled"](*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:  # more shapes than torch.compile keeps: this one uncompiled
-                if not functions.get("limit_logged"):
-                    functions["limit_logged"] = True
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # more shapes than torch.compile keeps: this one uncompiled,
+                # from now on without asking torch.compile again (each refused call costs milliseconds and a warning)
+                if not functions["eager_shapes"]:
                     log.warning("compiled decode step: torch.compile's graph limit reached; new shapes decode uncompiled")
+                functions["eager_shapes"].add(shape)
             except Exception as error:  # no C++ compiler, an unsupported operation: the same step, uncompiled
                 functions["failed"] = True
                 log.warning("compiled decode step unavailable (%s: %s); decoding uncompiled",

@@ -142,11 +142,11 @@ def _gaussian_blur(x, sigma):
     return y[0]
 
 
-def augment_batch(images, generator, kind="basic", xray=None):
+def augment_batch(images, generator, kind="basic", xray=None, ct=None):
     """Stage 0's augmentation (`AUGMENT_RANGES[kind]`; "basic" and "scanner" are also `ManifestDataset`'s), drawn per
     image but applied to the whole (B, H, W) batch in a few tensor calls instead of one MONAI call per image.
-    `xray`: (B,) bool, which images are X-rays (polarity, exposure; the rest are CT); no caption names a side, so any
-    may mirror."""
+    `xray`, `ct`: (B,) bool, which images are X-rays (polarity, exposure) and which CT (contrast around soft tissue);
+    no caption names a side, so any may mirror."""
     r = AUGMENT_RANGES[kind]
     n = images.shape[0]
 
@@ -156,6 +156,11 @@ def augment_batch(images, generator, kind="basic", xray=None):
     def chosen(p):
         return torch.rand(n, generator=generator) < p
 
+    x = images.float()
+    if r.get("ct_contrast_p") and ct is not None:  # first, on the image as windowed: air (0) stays air; warping and
+        # blurring after it blend values the way a scanner's kernel does before windowing
+        f = torch.where(chosen(r["ct_contrast_p"]) & ct.bool(), uniform(*r["ct_contrast"]), torch.ones(n)).view(n, 1, 1)
+        x = torch.where(x > 0, CT_SOFT_TISSUE + f * (x - CT_SOFT_TISSUE), x).clamp(0.0, 1.0)
     warp = chosen(r["warp"])
     angle = torch.where(warp, uniform(-r["angle"], r["angle"]), torch.zeros(n))
     scale = torch.where(warp, uniform(1 - r["zoom"], 1 + r["zoom"]), torch.ones(n))
@@ -164,7 +169,7 @@ def augment_batch(images, generator, kind="basic", xray=None):
     mirror = torch.where(chosen(r["mirror_p"]), -torch.ones(n), torch.ones(n))
     theta = torch.stack([torch.stack([mirror * scale * angle.cos(), -scale * angle.sin(), shift[:, 0]], 1),
                          torch.stack([mirror * scale * angle.sin(), scale * angle.cos(), shift[:, 1]], 1)], 1)
-    x = images.float()[:, None]
+    x = x[:, None]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode=r["padding"], align_corners=False)[:, 0]
     per_image = (n, 1, 1)
@@ -174,9 +179,6 @@ def augment_batch(images, generator, kind="basic", xray=None):
         smooth = torch.where(sharpen > 0, x, blurred)  # a sharpened image is not also blurred
         x = smooth + sharpen * (x - _gaussian_blur(x, torch.full((n,), 1.0)))
     is_xray = torch.zeros(n, dtype=torch.bool) if xray is None else xray.bool()
-    if r.get("ct_contrast_p"):
-        f = torch.where(chosen(r["ct_contrast_p"]) & ~is_xray, uniform(*r["ct_contrast"]), torch.ones(n)).view(per_image)
-        x = torch.where(x > 0, CT_SOFT_TISSUE + f * (x - CT_SOFT_TISSUE), x).clamp(0.0, 1.0)
     factor = torch.where(chosen(0.5), uniform(*r["scale"]), torch.ones(n)).view(per_image)
     if r["around_mean"]:
         mean = x.mean((1, 2), keepdim=True)
@@ -214,7 +216,7 @@ def neighbour_means(rows, images):
     return means
 
 
-def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None, neighbours=None):
+def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None, neighbours=None, ct=None):
     """`steps` augmented batches of the resized `images` in a seeded order (whole permutations, repeated).
     `neighbours` (`neighbour_means`): with the kind's `thick_p`, a CT image becomes (slice + w · both neighbours) /
     (1 + 2w), w uniform in [0, 1] (w = 1: three slices averaged)."""
@@ -233,7 +235,8 @@ def _batches(images, labels, batch_size, steps, seed, kind="basic", xray=None, n
             w = torch.where(torch.rand(n, generator=generator) < thick_p, torch.rand(n, generator=generator),
                             torch.zeros(n)).view(n, 1, 1)
             batch = (batch + 2 * w * neighbours[index].float()) / (1 + 2 * w)
-        yield augment_batch(batch, generator, kind, None if xray is None else xray[index]), labels[index]
+        yield (augment_batch(batch, generator, kind, None if xray is None else xray[index],
+                             None if ct is None else ct[index]), labels[index])
 
 
 def _accuracy(aligner, images, labels, batch_size=64):
@@ -298,8 +301,10 @@ def align_clip_encoder(model, manifest, steps=400, batch_size=32, lr=1e-3, seed=
         bar = tqdm(total=steps, desc="CLIP alignment", unit="step")
     losses = []
     xray = torch.tensor([r["modality"] == "xray" for r in train_set.rows])
+    ct = torch.tensor([r["modality"] == "ct" for r in train_set.rows])
     neighbours = neighbour_means(train_set.rows, train_images) if AUGMENT_RANGES[augmentation].get("thick_p") else None
-    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed, augmentation, xray, neighbours):
+    for images, labels in _batches(train_images, train_labels, batch_size, steps, seed, augmentation, xray, neighbours,
+                                   ct):
         images, labels = images.to(device), labels.to(device)
         loss = sum(F.cross_entropy(logits, labels) for logits in aligner(images))
         optimizer.zero_grad(set_to_none=True)
