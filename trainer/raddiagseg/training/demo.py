@@ -45,8 +45,9 @@ FINETUNE_TRAINABLE = {"projector": False}
 # and projector are frozen after it; measured (benchmarks/RESULTS.md, "Demo rebuild with scanner variation"): stage 0
 # on scanner-variation phantoms lost the normal CTs (caption accuracy 0.635), and stage 0 on version 1 with stages 1-2
 # on variation "mixed" with "scanner" augmentation (`--variation mixed --augmentation scanner`) scored no better than
-# v7 on version-2 phantoms and lost clean Dice, so none of these is the default. benchmarks/robustness.py measures a
-# model under the shifts.
+# v7 on version-2 phantoms and lost clean Dice, and stage 0 with the "acquisition" augmentation fixed X-ray gamma and
+# mirroring but not the CT contrast shift, at a clean cost ("Stage 0 with acquisition augmentation"), so none of these
+# is the default. benchmarks/robustness.py measures a model under the shifts.
 ALIGN_VARIATION = "none"
 ALIGN_AUGMENTATION = "basic"
 TRAIN_VARIATION = "none"
