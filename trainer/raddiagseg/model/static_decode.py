@@ -51,11 +51,6 @@ def unsupported_reason(lm, plan, cache_length):
     return None
 
 
-def supported(lm, plan, cache_length):
-    """Whether a static step can replace `fused_step` for this answer (see `unsupported_reason`)."""
-    return unsupported_reason(lm, plan, cache_length) is None
-
-
 def log_unsupported(lm, reason):
     """Say once per model and reason that `compile_decode` is on but this model decodes with the fused step."""
     said = lm.__dict__.setdefault("_static_unsupported_logged", set())
